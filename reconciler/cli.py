@@ -1,0 +1,170 @@
+"""The `reconciler` command line. Exit codes: 0 all good, 1 some items failed, 2 configuration/setup error."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from reconciler.config import Config, ConfigError, load_config
+from reconciler.ledger.database import DatabaseNotMigratedError, make_engine, upgrade
+from reconciler.logs import configure_logging
+from reconciler.usage.job import CycleResult
+
+EXIT_OK, EXIT_FAILURES, EXIT_CONFIG = 0, 1, 2
+
+app = typer.Typer(
+    name="reconciler",
+    help="Keep usage-based billing honest: OpenMeter usage reported to Stripe with set semantics.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="config.yaml to use (default: $RECONCILER_CONFIG, else ./config.yaml)"),
+]
+out = Console()
+err = Console(stderr=True)
+
+
+@app.callback()
+def _main(ctx: typer.Context, config: ConfigOption = None) -> None:
+    ctx.obj = {"config": config}
+
+
+def _load(ctx: typer.Context, config: Path | None) -> Config:
+    """The command's `--config`, else the one given before the command, else the environment/default."""
+    path = config or (ctx.obj or {}).get("config")
+    try:
+        loaded = load_config(path)
+    except ConfigError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_CONFIG) from None
+    configure_logging(loaded.logging.level, loaded.logging.format, loaded.secret_values())
+    return loaded
+
+
+def _setup_error(message: str) -> typer.Exit:
+    err.print(f"error: {message}", markup=False, highlight=False)
+    return typer.Exit(EXIT_CONFIG)
+
+
+@app.command("check-config")
+def check_config(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """Validate the config and print the effective values, secrets masked."""
+    import yaml
+
+    loaded = _load(ctx, config)
+    out.print(yaml.safe_dump(loaded.masked(), sort_keys=False).rstrip(), markup=False, highlight=False)
+    for warning in loaded.warnings():
+        err.print(f"warning: {warning}", markup=False, highlight=False)
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """Create or migrate the ledger tables."""
+    loaded = _load(ctx, config)
+    engine = make_engine(loaded.database.url)
+    try:
+        before, after = upgrade(engine)
+    finally:
+        engine.dispose()
+    if before == after:
+        out.print(f"database already at revision {after}")
+    else:
+        out.print(f"database upgraded from {before or 'empty'} to revision {after}")
+
+
+@app.command("sync-usage")
+def sync_usage(
+    ctx: typer.Context,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be sent; write nothing.")] = False,
+    customer: Annotated[
+        list[str] | None, typer.Option("--customer", help="Only this Stripe customer (repeatable).")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Run one usage sync cycle now and print a summary."""
+    from reconciler.app import build_app
+
+    loaded = _load(ctx, config)
+    try:
+        application = build_app(loaded)
+    except DatabaseNotMigratedError as exc:
+        raise _setup_error(str(exc)) from None
+    try:
+        result = application.usage_sync.run_cycle(dry_run=dry_run, customers=frozenset(customer or ()))
+    finally:
+        application.close()
+    if dry_run:
+        print_plan(result, out)
+    print_summary(result, out)
+    raise typer.Exit(EXIT_OK if result.ok else EXIT_FAILURES)
+
+
+@app.command("run")
+def run(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """Run the scheduler until SIGTERM/SIGINT (the service's main process)."""
+    from reconciler.daemon import run_daemon
+
+    loaded = _load(ctx, config)
+    try:
+        code = run_daemon(loaded)
+    except DatabaseNotMigratedError as exc:
+        raise _setup_error(str(exc)) from None
+    raise typer.Exit(code)
+
+
+@app.command("demo")
+def demo() -> None:
+    """Start the built-in Stripe and OpenMeter sandbox, sync usage twice, and show what Stripe received."""
+    from reconciler.demo import run_demo
+
+    raise typer.Exit(run_demo(out))
+
+
+def print_summary(result: CycleResult, console: Console) -> None:
+    summary = result.summary
+    table = Table(title="usage sync" + (" (dry run)" if result.run_id is None else f" run {result.run_id}"))
+    for column in ("seen", "reported", "unchanged", "unmapped", "failed", "finalized", "late drift"):
+        table.add_column(column, justify="right")
+    table.add_row(*(str(v) for v in summary.as_dict().values()))
+    console.print(table)
+    for failure in summary.failures:
+        console.print(f"failed: {failure}", markup=False, highlight=False)
+    if result.interrupted:
+        console.print("interrupted: stopped before every item was synced", markup=False)
+
+
+def print_plan(result: CycleResult, console: Console) -> None:
+    table = Table(title="dry run: what would be sent")
+    for column in ("customer", "meter / price", "period", "reported", "measured", "action", "send"):
+        table.add_column(column)
+    for planned in result.plan:
+        work, decision = planned.work, planned.decision
+        send = "" if decision.quantity is None else f"{decision.quantity} @ {decision.timestamp:%Y-%m-%d %H:%M:%S}"
+        table.add_row(
+            work.stream.customer_id,
+            work.stream.stripe_target,
+            f"{work.period.start:%Y-%m-%d %H:%M} → {work.period.end:%Y-%m-%d %H:%M}",
+            str(planned.reported_total),
+            str(decision.target),
+            decision.action.value + (" (final)" if decision.final else ""),
+            send,
+        )
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

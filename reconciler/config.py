@@ -1,0 +1,284 @@
+"""The one validated, immutable configuration object, loaded once at the entry point.
+
+`load_config(path)` reads YAML, fills `${VAR}` / `${VAR:-default}` from the environment, and validates
+with pydantic. Every problem is reported as `key.path: what is wrong`, all at once, as a `ConfigError`.
+Secrets are `SecretStr`: they print as `**********` and are collected by `secret_values()` so the log
+pipeline can scrub them from anything it writes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+from reconciler.durations import format_duration, parse_duration
+
+DEFAULT_CONFIG_PATH = Path("config.yaml")
+CONFIG_ENV_VAR = "RECONCILER_CONFIG"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used. `problems` are `key.path: message` lines."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _to_timedelta(value: Any) -> Any:
+    if isinstance(value, str):
+        return parse_duration(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_to_timedelta), PlainSerializer(format_duration)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseConfig(_Section):
+    url: str = "sqlite:///reconciler.db"
+
+
+class StripeConfig(_Section):
+    api_key: SecretStr
+    api_base: str = "https://api.stripe.com"
+    legacy_api_version: str = "2025-02-24.acacia"
+    # Pinned so that an SDK upgrade never silently changes the wire format we parse.
+    api_version: str = "2026-10-28.endive"
+    max_network_retries: int = Field(default=3, ge=0, le=10)
+    invoice_grace_period: Duration = timedelta(hours=1)
+    timeout_seconds: float = Field(default=30, gt=0)
+
+    @field_validator("api_base")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+
+class OpenMeterConfig(_Section):
+    url: str = "https://openmeter.cloud"
+    token: SecretStr
+    timeout_seconds: float = Field(default=30, gt=0)
+    max_retries: int = Field(default=3, ge=0, le=10)
+
+    @field_validator("url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+
+Rounding = Literal["ceil", "round", "floor"]
+
+
+class MeterMapping(_Section):
+    """One Stripe billing target (meter `event_name`, or a legacy price id) fed by one OpenMeter meter."""
+
+    stripe: str = Field(min_length=1)
+    openmeter: str = Field(min_length=1)
+    rounding: Rounding = "ceil"
+
+
+class UsageConfig(_Section):
+    window_size: Literal["MINUTE", "HOUR", "DAY"] = "HOUR"
+    window_time_zone: str = "UTC"
+    grace_period: Duration = timedelta(minutes=30)
+    subject: str = "customer_id"
+    lookback: Duration = timedelta(days=35)
+    legacy_final_sync_before: Duration = timedelta(minutes=5)
+    meters: list[MeterMapping] = Field(default_factory=list)
+
+    @field_validator("window_time_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone name (e.g. UTC, Europe/Berlin)") from None
+        return value
+
+    @field_validator("subject")
+    @classmethod
+    def _subject_form(cls, value: str) -> str:
+        if value == "customer_id" or (value.startswith("metadata:") and len(value) > len("metadata:")):
+            return value
+        raise ValueError("must be customer_id or metadata:<key>")
+
+    @field_validator("meters")
+    @classmethod
+    def _unique_targets(cls, value: list[MeterMapping]) -> list[MeterMapping]:
+        seen: set[str] = set()
+        for mapping in value:
+            if mapping.stripe in seen:
+                raise ValueError(f"{mapping.stripe!r} is mapped twice")
+            seen.add(mapping.stripe)
+        return value
+
+    @property
+    def subject_metadata_key(self) -> str | None:
+        return self.subject.removeprefix("metadata:") if self.subject.startswith("metadata:") else None
+
+    def mapping_for(self, stripe_target: str) -> MeterMapping | None:
+        return next((m for m in self.meters if m.stripe == stripe_target), None)
+
+
+class ScheduleConfig(_Section):
+    usage_sync: str = "*/15 * * * *"
+
+    @field_validator("usage_sync")
+    @classmethod
+    def _valid_schedule(cls, value: str) -> str:
+        from reconciler.schedule import parse_schedule  # local: keeps apscheduler out of config imports
+
+        parse_schedule(value)
+        return value
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "console"] = "json"
+
+
+class Config(_Section):
+    database: DatabaseConfig = DatabaseConfig()
+    stripe: StripeConfig
+    openmeter: OpenMeterConfig
+    usage: UsageConfig = UsageConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    def secret_values(self) -> list[str]:
+        """Every secret in the config, so logs and errors can be scrubbed of them."""
+        return [s for s in (self.stripe.api_key.get_secret_value(), self.openmeter.token.get_secret_value()) if s]
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but likely to lose money; `check-config` prints them."""
+        found = []
+        if self.usage.grace_period >= self.stripe.invoice_grace_period:
+            found.append(
+                f"usage.grace_period ({format_duration(self.usage.grace_period)}) is not shorter than "
+                f"stripe.invoice_grace_period ({format_duration(self.stripe.invoice_grace_period)}): the final "
+                "sync of a period would run after Stripe finalizes its invoice, and late usage would be lost"
+            )
+        return found
+
+    def masked(self) -> dict[str, Any]:
+        """The effective config as plain data, secrets masked."""
+        return self.model_dump(mode="json")
+
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _key_path(location: tuple[str | int, ...]) -> str:
+    path = ""
+    for part in location:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def _substitute_env(node: Any, location: tuple[str | int, ...], problems: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {key: _substitute_env(value, (*location, key), problems) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_substitute_env(value, (*location, i), problems) for i, value in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        value = os.environ.get(name)
+        if value:
+            return value
+        if default is not None:
+            return default
+        problems.append(f"{_key_path(location)}: environment variable {name} is not set")
+        return ""
+
+    return _ENV_REFERENCE.sub(replace, node)
+
+
+def _describe(error: Any) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    if kind in ("literal_error", "enum"):
+        choices = re.findall(r"'([^']*)'", error["ctx"]["expected"])
+        return "must be one of " + ", ".join(choices)
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")
+
+
+def _iter_validation_problems(exc: ValidationError) -> Iterator[str]:
+    for error in exc.errors():
+        yield f"{_key_path(tuple(error['loc'])) or '(top level)'}: {_describe(error)}"
+
+
+def parse_config(raw: Any) -> Config:
+    """Validate an already-parsed YAML document (a dict)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(["(top level): must be a mapping of sections (database, stripe, openmeter, ...)"])
+    problems: list[str] = []
+    substituted = _substitute_env(raw, (), problems)
+    try:
+        config = Config.model_validate(substituted)
+    except ValidationError as exc:
+        # A variable that was unset already produced the clearer message; skip the echo of it.
+        reported = {p.split(":", 1)[0] for p in problems}
+        problems += [p for p in _iter_validation_problems(exc) if p.split(":", 1)[0] not in reported]
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def resolve_config_path(explicit: str | Path | None) -> Path:
+    """`--config`, else `$RECONCILER_CONFIG`, else `./config.yaml`."""
+    if explicit:
+        return Path(explicit)
+    from_env = os.environ.get(CONFIG_ENV_VAR)
+    return Path(from_env) if from_env else DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    config_path = resolve_config_path(path)
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            [f"{config_path}: config file not found (pass --config PATH or set {CONFIG_ENV_VAR})"]
+        ) from None
+    except OSError as exc:
+        raise ConfigError([f"{config_path}: cannot read config file: {exc.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError([f"{config_path}: not valid YAML{where}"]) from None
+    return parse_config(raw)

@@ -1,0 +1,147 @@
+"""The ledger's tables. Alembic migrations in `migrations/` create them; this module is their one description.
+
+- `usage_periods`: one row per stream and billing period: what OpenMeter measured (`target`), what Stripe
+  holds because of us (`reported_total`), and whether the period is still provisional or final.
+- `usage_reports`: one row per report *intent*, written before the Stripe call and marked after it. Its
+  `identifier` (meter event identifier / idempotency key) is derived from the period and `sequence`, so a
+  resend after a crash is recognised by Stripe and a new intent never collides with an old one.
+- `late_drift`: totals that changed after a period could no longer be reported.
+- `runs`: one row per cycle, with its outcome and counts.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in Python, naive UTC in the database, identically on SQLite and PostgreSQL."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the ledger; pass aware UTC datetimes")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class PeriodStatus:
+    PROVISIONAL = "provisional"
+    FINAL = "final"
+
+
+class IntentState:
+    PENDING = "pending"  # written, maybe sent: resend with the same identifier before anything new
+    SENT = "sent"  # Stripe accepted it
+    FAILED = "failed"  # Stripe refused it; it was not applied
+
+
+class UsagePeriod(Base):
+    __tablename__ = "usage_periods"
+    __table_args__ = (
+        UniqueConstraint("stream_key", "period_start", name="uq_usage_periods_stream_period"),
+        Index("ix_usage_periods_status_period_end", "status", "period_end"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    stream_key: Mapped[str] = mapped_column(String(255))
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    period_end: Mapped[datetime] = mapped_column(UTCDateTime)
+    kind: Mapped[str] = mapped_column(String(16))
+    customer_id: Mapped[str] = mapped_column(String(255), index=True)
+    subscription_id: Mapped[str] = mapped_column(String(255))
+    subscription_item_id: Mapped[str] = mapped_column(String(255))
+    stripe_target: Mapped[str] = mapped_column(String(255))
+    meter_id: Mapped[str | None] = mapped_column(String(255))
+    openmeter_meter: Mapped[str] = mapped_column(String(255))
+    subject: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16), default=PeriodStatus.PROVISIONAL)
+    target: Mapped[int | None] = mapped_column(BigInteger)
+    reported_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_event_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    next_sequence: Mapped[int] = mapped_column(Integer, default=1)
+    late_total: Mapped[int | None] = mapped_column(BigInteger)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finalized_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class UsageReport(Base):
+    __tablename__ = "usage_reports"
+    __table_args__ = (UniqueConstraint("period_id", "sequence", name="uq_usage_reports_period_sequence"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    period_id: Mapped[int] = mapped_column(ForeignKey("usage_periods.id"), index=True)
+    sequence: Mapped[int] = mapped_column(Integer)
+    identifier: Mapped[str] = mapped_column(String(100), unique=True)
+    quantity: Mapped[int] = mapped_column(BigInteger)
+    total_after: Mapped[int] = mapped_column(BigInteger)
+    event_timestamp: Mapped[datetime] = mapped_column(UTCDateTime)
+    final: Mapped[bool] = mapped_column(Boolean, default=False)
+    state: Mapped[str] = mapped_column(String(16), default=IntentState.PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    run_id: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class LateDrift(Base):
+    __tablename__ = "late_drift"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    period_id: Mapped[int] = mapped_column(ForeignKey("usage_periods.id"), index=True)
+    observed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    reported_total: Mapped[int] = mapped_column(BigInteger)
+    observed_total: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(Text)
+    run_id: Mapped[str] = mapped_column(String(36))
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    job: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    status: Mapped[str] = mapped_column(String(16))  # running | succeeded | partial | interrupted | failed
+    summary: Mapped[str | None] = mapped_column(Text)  # JSON counts
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)

@@ -1,0 +1,281 @@
+"""The usage ledger's operations. Each one is its own short transaction, committed before it returns, so the
+process may die between any two calls and the ledger still tells the truth:
+
+    record_intent  (committed)  ->  Stripe call  ->  mark_sent / mark_failed  (committed)
+
+A crash after `record_intent` leaves a pending intent; the next cycle resends it with the same identifier
+and idempotency key before deciding anything new, so Stripe counts it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from reconciler.ledger.schema import IntentState, LateDrift, PeriodStatus, Run, UsagePeriod, UsageReport
+from reconciler.usage.decide import NEW_PERIOD, Decision, LedgerState
+from reconciler.usage.model import BillingPeriod, Intent, Stream, StreamPeriod
+from reconciler.usage.periods import epoch_seconds
+
+MAX_IDENTIFIER_LENGTH = 100  # Stripe's limit for meter event identifiers
+
+
+class ContendedError(Exception):
+    """Another process wrote the same intent first; this one backs off for the cycle."""
+
+
+def report_identifier(stream_key: str, period_start: datetime, sequence: int) -> str:
+    """Deterministic per (stream, period, sequence): fixed across retries, new for every new intent."""
+    readable = f"{stream_key}:{epoch_seconds(period_start)}:{sequence}"
+    if len(readable) <= MAX_IDENTIFIER_LENGTH:
+        return readable
+    digest = hashlib.sha256(readable.encode()).hexdigest()[:40]
+    return f"rcn:{digest}:{sequence}"
+
+
+class UsageLedger:
+    def __init__(self, engine: Engine, clock: Callable[[], datetime]):
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._clock = clock
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def state(self, work: StreamPeriod) -> LedgerState:
+        with self._sessions() as session:
+            row = self._period(session, work.stream.key, work.period.start)
+            if row is None:
+                return NEW_PERIOD
+            return LedgerState(
+                is_final=row.status == PeriodStatus.FINAL,
+                reported_total=row.reported_total,
+                last_event_at=row.last_event_at,
+                late_total=row.late_total,
+            )
+
+    def pending_intent(self, work: StreamPeriod) -> Intent | None:
+        with self._sessions() as session:
+            row = self._period(session, work.stream.key, work.period.start)
+            if row is None:
+                return None
+            report = session.scalars(
+                select(UsageReport)
+                .where(UsageReport.period_id == row.id, UsageReport.state == IntentState.PENDING)
+                .order_by(UsageReport.sequence)
+            ).first()
+            return None if report is None else self._intent(report, work.stream)
+
+    def periods_to_revisit(
+        self, now: datetime, lookback: timedelta, skip: set[tuple[str, datetime]]
+    ) -> Iterator[UsagePeriod]:
+        """Periods Stripe no longer lists as current that still need a final sync or a late-drift check:
+        every provisional period that has ended, and final ones that ended within `lookback`."""
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(UsagePeriod)
+                .where(UsagePeriod.period_end <= now)
+                .where(
+                    (UsagePeriod.status == PeriodStatus.PROVISIONAL) | (UsagePeriod.period_end > now - lookback)
+                )
+                .order_by(UsagePeriod.id)
+            ).all()
+        for row in rows:
+            if (row.stream_key, row.period_start) not in skip:
+                yield row
+
+    # -- writing -------------------------------------------------------------------------------------
+
+    def record_intent(self, work: StreamPeriod, decision: Decision, run_id: str) -> Intent:
+        """Durably write what we are about to send. Raises ContendedError if another process beat us."""
+        assert decision.quantity is not None and decision.timestamp is not None
+        now = self._clock()
+        try:
+            with self._sessions.begin() as session:
+                row = self._period_for_update(session, work, now)
+                sequence = row.next_sequence
+                row.next_sequence = sequence + 1
+                row.target = decision.target
+                row.updated_at = now
+                report = UsageReport(
+                    period_id=row.id,
+                    sequence=sequence,
+                    identifier=report_identifier(work.stream.key, work.period.start, sequence),
+                    quantity=decision.quantity,
+                    total_after=decision.target,
+                    event_timestamp=decision.timestamp,
+                    final=decision.final,
+                    state=IntentState.PENDING,
+                    attempts=0,
+                    run_id=run_id,
+                    created_at=now,
+                )
+                session.add(report)
+                session.flush()
+                return self._intent(report, work.stream)
+        except IntegrityError as exc:
+            raise ContendedError(f"another process is reporting {work.stream.key} for this period") from exc
+
+    def mark_sent(self, intent: Intent) -> None:
+        """Stripe accepted the intent: it now holds `total_after` for the period."""
+        now = self._clock()
+        with self._sessions.begin() as session:
+            report = session.get_one(UsageReport, intent.id)
+            if report.state == IntentState.SENT:
+                return
+            report.state = IntentState.SENT
+            report.sent_at = now
+            report.attempts += 1
+            report.error = None
+            period = session.get_one(UsagePeriod, report.period_id)
+            period.reported_total = report.total_after
+            period.last_event_at = max(filter(None, (period.last_event_at, report.event_timestamp)))
+            period.failures = 0
+            period.last_error = None
+            period.updated_at = now
+            if report.final:
+                period.status = PeriodStatus.FINAL
+                period.finalized_at = now
+
+    def mark_failed(self, intent: Intent, error: str) -> None:
+        """Stripe refused the intent, so it was not applied: the next cycle decides afresh."""
+        now = self._clock()
+        with self._sessions.begin() as session:
+            report = session.get_one(UsageReport, intent.id)
+            report.state = IntentState.FAILED
+            report.attempts += 1
+            report.error = error
+            self._note_failure(session.get_one(UsagePeriod, report.period_id), error, now)
+
+    def note_attempt(self, intent: Intent, error: str) -> None:
+        """A send whose outcome is unknown: the intent stays pending and is resent next cycle."""
+        now = self._clock()
+        with self._sessions.begin() as session:
+            report = session.get_one(UsageReport, intent.id)
+            report.attempts += 1
+            report.error = error
+            self._note_failure(session.get_one(UsagePeriod, report.period_id), error, now)
+
+    def note_failure(self, work: StreamPeriod, error: str) -> None:
+        now = self._clock()
+        with self._sessions.begin() as session:
+            row = self._period(session, work.stream.key, work.period.start)
+            if row is not None:
+                self._note_failure(row, error, now)
+
+    def observe(self, work: StreamPeriod, decision: Decision, run_id: str) -> None:
+        """Record a decision that needs no Stripe call: unchanged, final, or late drift."""
+        now = self._clock()
+        with self._sessions.begin() as session:
+            row = self._period_for_update(session, work, now)
+            row.target = decision.target
+            row.updated_at = now
+            row.failures = 0
+            row.last_error = None
+            if decision.action == "late_drift":
+                session.add(
+                    LateDrift(
+                        period_id=row.id,
+                        observed_at=now,
+                        reported_total=row.reported_total,
+                        observed_total=decision.target,
+                        reason=decision.reason,
+                        run_id=run_id,
+                    )
+                )
+                row.late_total = decision.target
+            if decision.final and row.status != PeriodStatus.FINAL:
+                row.status = PeriodStatus.FINAL
+                row.finalized_at = now
+
+    # -- runs ----------------------------------------------------------------------------------------
+
+    def start_run(self, job: str) -> str:
+        run_id = str(uuid.uuid4())
+        with self._sessions.begin() as session:
+            session.add(
+                Run(id=run_id, job=job, started_at=self._clock(), status="running",
+                    host=socket.gethostname(), pid=os.getpid())
+            )
+        return run_id
+
+    def finish_run(self, run_id: str, status: str, summary: dict[str, object]) -> None:
+        with self._sessions.begin() as session:
+            run = session.get_one(Run, run_id)
+            run.status = status
+            run.finished_at = self._clock()
+            run.summary = json.dumps(summary, sort_keys=True)
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _period(session: Session, stream_key: str, period_start: datetime) -> UsagePeriod | None:
+        return session.scalars(
+            select(UsagePeriod).where(UsagePeriod.stream_key == stream_key, UsagePeriod.period_start == period_start)
+        ).one_or_none()
+
+    def _period_for_update(self, session: Session, work: StreamPeriod, now: datetime) -> UsagePeriod:
+        row = session.scalars(
+            select(UsagePeriod)
+            .where(UsagePeriod.stream_key == work.stream.key, UsagePeriod.period_start == work.period.start)
+            .with_for_update()
+        ).one_or_none()
+        if row is not None:
+            row.period_end = work.period.end  # a cancellation can shorten the period
+            return row
+        stream = work.stream
+        row = UsagePeriod(
+            stream_key=stream.key,
+            period_start=work.period.start,
+            period_end=work.period.end,
+            kind=stream.kind.value,
+            customer_id=stream.customer_id,
+            subscription_id=stream.subscription_id,
+            subscription_item_id=stream.item_id,
+            stripe_target=stream.stripe_target,
+            meter_id=stream.meter.id if stream.meter else None,
+            openmeter_meter=stream.openmeter_meter,
+            subject=stream.subject,
+            status=PeriodStatus.PROVISIONAL,
+            reported_total=0,
+            next_sequence=1,
+            failures=0,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(row)
+        session.flush()
+        return row
+
+    @staticmethod
+    def _note_failure(row: UsagePeriod, error: str, now: datetime) -> None:
+        row.failures += 1
+        row.last_error = error
+        row.updated_at = now
+
+    @staticmethod
+    def _intent(report: UsageReport, stream: Stream) -> Intent:
+        return Intent(
+            id=report.id,
+            identifier=report.identifier,
+            kind=stream.kind,
+            customer_id=stream.customer_id,
+            item_id=stream.item_id,
+            meter=stream.meter,
+            quantity=report.quantity,
+            total_after=report.total_after,
+            event_timestamp=report.event_timestamp,
+            final=report.final,
+            created_at=report.created_at,
+        )
+
+
+def stream_period_from_row(row: UsagePeriod, stream: Stream) -> StreamPeriod:
+    return StreamPeriod(stream, BillingPeriod(row.period_start, row.period_end), is_current=False)

@@ -1,0 +1,258 @@
+"""A tiny threaded loopback HTTP server plus the plumbing shared by the sandbox fakes.
+
+The fakes are plain objects with a ``handle(method, path, query, headers, body)`` method returning
+``(status, headers, body)``; :class:`LoopbackServer` serves any such object over real HTTP/1.1 on
+127.0.0.1 so the real SDKs can talk to it. Serving uses ``http.server`` threads only (no asyncio), so
+freezegun's patched clock applies to the fakes as well.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+__all__ = [
+    "App",
+    "FakeService",
+    "LoopbackServer",
+    "RecordedRequest",
+    "Response",
+]
+
+Response = tuple[int, dict[str, str], bytes]
+
+
+class App(Protocol):
+    def handle(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> Response: ...
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "reconciler-sandbox/1"
+    sys_version = ""
+    # One buffered write per response (flushed by handle_one_request) and no Nagle: avoids the
+    # 40 ms delayed-ACK stall per request on keep-alive connections.
+    wbufsize = -1
+    disable_nagle_algorithm = True
+
+    def _dispatch(self) -> None:
+        app: App = self.server.app  # type: ignore[attr-defined]
+        split = urlsplit(self.path)
+        query = parse_qs(split.query, keep_blank_values=True)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length > 0 else b""
+        headers = {k: v for k, v in self.headers.items()}
+        try:
+            status, resp_headers, resp_body = app.handle(self.command, split.path, query, headers, body)
+        except Exception as exc:  # a bug in a fake must not hang the client
+            status = 500
+            resp_headers = {"Content-Type": "text/plain; charset=utf-8"}
+            resp_body = f"sandbox handler crashed: {exc!r}".encode()
+        self.send_response(status)
+        lowered = {k.lower() for k in resp_headers}
+        for name, value in resp_headers.items():
+            if name.lower() in ("content-length", "connection", "transfer-encoding"):
+                continue
+            self.send_header(name, value)
+        if "content-type" not in lowered and resp_body:
+            self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(resp_body)))
+        self.end_headers()
+        if self.command != "HEAD" and resp_body:
+            self.wfile.write(resp_body)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _dispatch
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128  # bursts of concurrent clients must not hit SYN retransmits
+
+    def __init__(self, address: tuple[str, int], app: App) -> None:
+        self.app = app
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients closing keep-alive sockets abruptly is normal in tests: stay quiet.
+        return
+
+
+class LoopbackServer:
+    """Serves ``app`` on ``host:port`` (port 0 = any free port) from a daemon thread."""
+
+    def __init__(self, app: App, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.app = app
+        self._host = host
+        self._port = port
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> LoopbackServer:
+        if self._httpd is not None:
+            return self
+        self._httpd = _Server((self._host, self._port), self.app)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"sandbox-{type(self.app).__name__}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    @property
+    def port(self) -> int:
+        if self._httpd is None:
+            raise RuntimeError("server not started")
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._host}:{self.port}"
+
+    def stop(self) -> None:
+        httpd, thread = self._httpd, self._thread
+        self._httpd = self._thread = None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+
+    def __enter__(self) -> LoopbackServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared plumbing for the fakes: request recording and fault injection.
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # keys lower-cased
+    params: dict[str, Any]  # parsed form body / query (nested, bracket-decoded) or JSON body
+    body: bytes = b""
+
+    @property
+    def form(self) -> dict[str, Any]:
+        return self.params
+
+
+@dataclass
+class _Fault:
+    method: str
+    path_prefix: str
+    status: int
+    headers: dict[str, str] | None
+    body: Any
+    remaining: int
+    after_apply: bool
+    hits: int = field(default=0)
+
+    def matches(self, method: str, path: str) -> bool:
+        return (
+            self.remaining > 0
+            and (self.method == "*" or self.method.upper() == method.upper())
+            and path.startswith(self.path_prefix)
+        )
+
+
+class FakeService:
+    """Base class: a lock, a request log, fault injection and a clock."""
+
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self.clock: Callable[[], float] = clock if clock is not None else (lambda: time.time())
+        self.lock = threading.RLock()
+        self.requests: list[RecordedRequest] = []
+        self._faults: list[_Fault] = []
+
+    # -- fault injection -------------------------------------------------------------------------
+
+    def inject_fault(
+        self,
+        method: str,
+        path_prefix: str,
+        status: int,
+        *,
+        headers: Mapping[str, str] | None = None,
+        body: Any = None,
+        times: int = 1,
+        after_apply: bool = False,
+    ) -> None:
+        """The next ``times`` requests matching ``method`` ("*" = any) and ``path_prefix`` get ``status``.
+
+        ``body`` may be bytes, str, or a JSON-serialisable object; ``None`` gives the service's default
+        error body. With ``after_apply=True`` the request is applied first and only its response is
+        replaced (a "lost response").
+        """
+        with self.lock:
+            self._faults.append(
+                _Fault(
+                    method=method,
+                    path_prefix=path_prefix,
+                    status=status,
+                    headers=dict(headers) if headers else None,
+                    body=body,
+                    remaining=times,
+                    after_apply=after_apply,
+                )
+            )
+
+    def _take_fault(self, method: str, path: str) -> _Fault | None:
+        for fault in self._faults:
+            if fault.matches(method, path):
+                fault.remaining -= 1
+                fault.hits += 1
+                return fault
+        return None
+
+    def _fault_response(self, fault: _Fault) -> Response:
+        headers = {"Content-Type": self._default_fault_content_type()}
+        if fault.body is None:
+            body = self._default_fault_body(fault.status)
+        elif isinstance(fault.body, bytes):
+            body = fault.body
+        elif isinstance(fault.body, str):
+            body = fault.body.encode()
+        else:
+            body = json.dumps(fault.body).encode()
+        if fault.headers:
+            headers.update(fault.headers)
+        return fault.status, headers, body
+
+    def _default_fault_content_type(self) -> str:
+        return "application/json"
+
+    def _default_fault_body(self, status: int) -> bytes:  # pragma: no cover - overridden
+        return json.dumps({"error": f"injected fault {status}"}).encode()
+
+    def _record(self, req: RecordedRequest) -> None:
+        self.requests.append(req)
+
+    def _reset_base(self) -> None:
+        self.requests.clear()
+        self._faults.clear()

@@ -1,0 +1,1292 @@
+"""An in-memory, stateful fake of the slice of the Stripe API the reconciler uses.
+
+Serve it with :class:`reconciler.sandbox.httpserver.LoopbackServer` and point stripe-python at it::
+
+    fake = FakeStripe()
+    with LoopbackServer(fake) as server:
+        client = stripe.StripeClient("sk_test_sandbox", base_addresses={"api": server.url},
+                                     max_network_retries=0)
+
+Wire formats follow Stripe's public API (billing meters per the contract subset in
+``/work/shared/contracts/stripe-openapi-subset.json``; customers, prices, subscriptions and subscription
+items as of API 2025-03-31.basil and later, where the billing period lives on each item). The legacy
+usage-record endpoints are only served to requests pinned to an API version older than basil.
+
+All timestamps come from ``self.clock()`` (``time.time`` looked up at call time, so freezegun applies).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import secrets
+import string
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import parse_qsl
+
+from reconciler.sandbox.httpserver import FakeService, RecordedRequest, Response
+
+__all__ = ["FakeStripe", "MeterEvent", "StripeError", "parse_stripe_params"]
+
+LEGACY_USAGE_REMOVED_IN = "2025-03-31"
+DEFAULT_API_VERSION = "2026-07-29.dahlia"
+_SUBSCRIPTION_STATUSES = (
+    "active",
+    "past_due",
+    "unpaid",
+    "canceled",
+    "incomplete",
+    "incomplete_expired",
+    "trialing",
+    "paused",
+)
+_EMBEDDED_ITEMS_LIMIT = 10
+_MAX_EXPAND_DEPTH = 4
+_IDEMPOTENCY_TTL = 24 * 3600
+_IDENTIFIER_WINDOW = 24 * 3600
+_MAX_PAST = 35 * 86400
+_MAX_FUTURE = 5 * 60
+
+
+# --------------------------------------------------------------------------------------------------
+# Form decoding (Stripe's bracket encoding)
+
+
+class _Seq(dict):
+    """A node created for ``key[]`` / ``key[0]``: becomes a list when finalised."""
+
+
+_KEY_RE = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
+
+
+def _split_key(key: str) -> list[str]:
+    m = _KEY_RE.match(key)
+    if not m:
+        return [key]
+    return [m.group(1), *re.findall(r"\[([^\[\]]*)\]", m.group(2))]
+
+
+def _is_index(part: str) -> bool:
+    return part == "" or part.isdigit()
+
+
+def _finalise(node: Any) -> Any:
+    if isinstance(node, _Seq):
+        if all(k.isdigit() for k in node):
+            return [_finalise(node[k]) for k in sorted(node, key=int)]
+        return {k: _finalise(v) for k, v in node.items()}
+    if isinstance(node, dict):
+        return {k: _finalise(v) for k, v in node.items()}
+    return node
+
+
+def parse_stripe_params(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """Decode ``a[b][c]=x``, ``expand[0]=x`` and ``expand[]=x`` pairs into nested dicts and lists."""
+    root: dict[str, Any] = {}
+    for key, value in pairs:
+        parts = _split_key(key)
+        node: dict[str, Any] = root
+        for i, part in enumerate(parts):
+            if part == "":
+                part = str(len(node))
+            if i == len(parts) - 1:
+                node[part] = value
+                break
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = _Seq() if _is_index(parts[i + 1]) else {}
+                node[part] = child
+            node = child
+    return _finalise(root)
+
+
+def _query_pairs(query: Mapping[str, list[str]]) -> list[tuple[str, str]]:
+    return [(k, v) for k, values in query.items() for v in values]
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors and helpers
+
+
+class StripeError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"type": self.type, "message": self.message}
+        if self.param is not None:
+            err["param"] = self.param
+        if self.code is not None:
+            err["code"] = self.code
+            err["doc_url"] = f"https://stripe.com/docs/error-codes/{self.code.replace('_', '-')}"
+        return {"error": err}
+
+
+def _missing(param: str) -> StripeError:
+    return StripeError(400, f"Missing required param: {param}.", param=param, code="parameter_missing")
+
+
+def _no_such(kind: str, ident: str, param: str = "id", status: int = 404) -> StripeError:
+    return StripeError(status, f"No such {kind}: '{ident}'", param=param, code="resource_missing")
+
+
+def _int_param(params: Mapping[str, Any], name: str, *, required: bool = False) -> int | None:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        if required:
+            raise _missing(name)
+        return None
+    if isinstance(raw, int):
+        return raw
+    if not isinstance(raw, str) or not re.fullmatch(r"-?\d+", raw.strip()):
+        raise StripeError(400, f"Invalid integer: {raw}", param=name, code="parameter_invalid_integer")
+    return int(raw.strip())
+
+
+def _json_number(value: Decimal) -> int | float:
+    if value == value.to_integral_value():
+        return int(value)
+    return float(value)
+
+
+def _new_id(prefix: str, n: int = 24) -> str:
+    alphabet = string.ascii_letters + string.digits
+    return prefix + "".join(secrets.choice(alphabet) for _ in range(n))
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    if isinstance(value, dict):
+        return [str(v) for v in value.values()]
+    return [str(value)]
+
+
+@dataclass
+class MeterEvent:
+    """A meter event as stored by the fake (accepted ones in ``meter_events``)."""
+
+    event_name: str
+    identifier: str
+    timestamp: int
+    created: int
+    payload: dict[str, str]
+    customer: str | None
+    value: Decimal | None
+    seq: int
+    reason: str | None = None  # set for events in ``rejected_meter_events``
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "object": "billing.meter_event",
+            "created": self.created,
+            "event_name": self.event_name,
+            "identifier": self.identifier,
+            "livemode": False,
+            "payload": dict(self.payload),
+            "timestamp": self.timestamp,
+        }
+
+
+@dataclass
+class _IdempotencyEntry:
+    fingerprint: str
+    created: float
+    response: Response
+    request_id: str
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class FakeStripe(FakeService):
+    """Stateful Stripe fake. See the module docstring; the seeding API returns dicts as served."""
+
+    def __init__(self, api_key: str = "sk_test_sandbox", clock: Callable[[], float] | None = None) -> None:
+        super().__init__(clock)
+        self.api_key = api_key
+        self.duplicate_identifier_response = "error"  # or "ignore"
+        self.default_api_version = DEFAULT_API_VERSION  # used when a request has no Stripe-Version
+        self._routes: list[tuple[str, re.Pattern[str], Callable[..., Any]]] = [
+            ("GET", re.compile(r"/v1/customers"), self._h_list_customers),
+            ("GET", re.compile(r"/v1/customers/(?P<id>[^/]+)"), self._h_get_customer),
+            ("GET", re.compile(r"/v1/prices"), self._h_list_prices),
+            ("GET", re.compile(r"/v1/prices/(?P<id>[^/]+)"), self._h_get_price),
+            ("GET", re.compile(r"/v1/subscriptions"), self._h_list_subscriptions),
+            ("GET", re.compile(r"/v1/subscriptions/(?P<id>[^/]+)"), self._h_get_subscription),
+            ("GET", re.compile(r"/v1/subscription_items"), self._h_list_subscription_items),
+            ("GET", re.compile(r"/v1/subscription_items/(?P<id>[^/]+)"), self._h_get_subscription_item),
+            ("POST", re.compile(r"/v1/subscription_items/(?P<id>[^/]+)/usage_records"), self._h_usage_record),
+            (
+                "GET",
+                re.compile(r"/v1/subscription_items/(?P<id>[^/]+)/usage_record_summaries"),
+                self._h_usage_record_summaries,
+            ),
+            ("GET", re.compile(r"/v1/billing/meters"), self._h_list_meters),
+            ("GET", re.compile(r"/v1/billing/meters/(?P<id>[^/]+)"), self._h_get_meter),
+            ("GET", re.compile(r"/v1/billing/meters/(?P<id>[^/]+)/event_summaries"), self._h_event_summaries),
+            ("POST", re.compile(r"/v1/billing/meter_events"), self._h_create_meter_event),
+        ]
+        self._init_state()
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def _init_state(self) -> None:
+        self._seq = 0
+        self.customers: dict[str, dict[str, Any]] = {}
+        self.prices: dict[str, dict[str, Any]] = {}
+        self.meters: dict[str, dict[str, Any]] = {}
+        self.subscriptions: dict[str, dict[str, Any]] = {}  # stored without "items"
+        self.subscription_items: dict[str, dict[str, Any]] = {}  # stored with "price" as an id
+        self._sub_items: dict[str, list[str]] = {}
+        self._order: dict[str, int] = {}
+        self.meter_events: list[MeterEvent] = []
+        self.rejected_meter_events: list[MeterEvent] = []
+        self._identifiers: dict[str, MeterEvent] = {}
+        # item id -> {timestamp: quantity}
+        self.usage_records: dict[str, dict[int, int]] = {}
+        self._idempotency: dict[str, _IdempotencyEntry] = {}
+
+    def reset(self) -> None:
+        """Forget all objects, events, idempotency keys, recorded requests and pending faults."""
+        with self.lock:
+            self._reset_base()
+            self._init_state()
+
+    def _now(self) -> int:
+        return int(self.clock())
+
+    def _register(self, obj_id: str) -> None:
+        self._seq += 1
+        self._order[obj_id] = self._seq
+
+    def _newest_first(self, objs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        return sorted(objs, key=lambda o: (o.get("created", 0), self._order.get(o["id"], 0)), reverse=True)
+
+    # -- seeding ----------------------------------------------------------------------------------
+
+    def add_customer(
+        self,
+        id: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        balance: int = 0,
+        currency: str | None = "usd",
+        *,
+        email: str | None = None,
+        name: str | None = None,
+    ) -> dict[str, Any]:
+        with self.lock:
+            cid = id or _new_id("cus_", 14)
+            customer = {
+                "id": cid,
+                "object": "customer",
+                "address": None,
+                "balance": balance,
+                "created": self._now(),
+                "currency": currency,
+                "default_source": None,
+                "delinquent": False,
+                "description": None,
+                "discount": None,
+                "email": email,
+                "invoice_prefix": hashlib.sha1(cid.encode()).hexdigest()[:8].upper(),
+                "invoice_settings": {
+                    "custom_fields": None,
+                    "default_payment_method": None,
+                    "footer": None,
+                    "rendering_options": None,
+                },
+                "livemode": False,
+                "metadata": dict(metadata or {}),
+                "name": name,
+                "next_invoice_sequence": 1,
+                "phone": None,
+                "preferred_locales": [],
+                "shipping": None,
+                "tax_exempt": "none",
+                "test_clock": None,
+            }
+            self.customers[cid] = customer
+            self._register(cid)
+            return json.loads(json.dumps(customer))
+
+    def add_meter(
+        self,
+        event_name: str,
+        formula: str = "sum",
+        status: str = "active",
+        event_time_window: str | None = None,
+        customer_key: str = "stripe_customer_id",
+        value_key: str = "value",
+        id: str | None = None,
+        *,
+        display_name: str | None = None,
+    ) -> dict[str, Any]:
+        if formula not in ("sum", "count", "last"):
+            raise ValueError(f"unknown formula {formula!r}")
+        if status not in ("active", "inactive"):
+            raise ValueError(f"unknown status {status!r}")
+        if event_time_window not in (None, "hour", "day"):
+            raise ValueError(f"unknown event_time_window {event_time_window!r}")
+        with self.lock:
+            mid = id or _new_id("mtr_test_", 24)
+            now = self._now()
+            meter = {
+                "id": mid,
+                "object": "billing.meter",
+                "created": now,
+                "customer_mapping": {"event_payload_key": customer_key, "type": "by_id"},
+                "default_aggregation": {"formula": formula},
+                "display_name": display_name or event_name,
+                "event_name": event_name,
+                "event_time_window": event_time_window,
+                "livemode": False,
+                "status": status,
+                "status_transitions": {"deactivated_at": now if status == "inactive" else None},
+                "updated": now,
+                "value_settings": {"event_payload_key": value_key},
+            }
+            self.meters[mid] = meter
+            self._register(mid)
+            return json.loads(json.dumps(meter))
+
+    def set_meter_status(self, meter_id: str, status: str) -> dict[str, Any]:
+        with self.lock:
+            meter = self.meters[meter_id]
+            now = self._now()
+            meter["status"] = status
+            meter["updated"] = now
+            meter["status_transitions"] = {"deactivated_at": now if status == "inactive" else None}
+            return json.loads(json.dumps(meter))
+
+    def add_price(
+        self,
+        *,
+        meter: str | None = None,
+        usage_type: str = "metered",
+        interval: str = "month",
+        interval_count: int = 1,
+        unit_amount: int | None = 10,
+        currency: str = "usd",
+        id: str | None = None,
+        product: str | None = None,
+        active: bool = True,
+        metadata: Mapping[str, str] | None = None,
+        lookup_key: str | None = None,
+    ) -> dict[str, Any]:
+        with self.lock:
+            pid = id or _new_id("price_", 24)
+            price = {
+                "id": pid,
+                "object": "price",
+                "active": active,
+                "billing_scheme": "per_unit",
+                "created": self._now(),
+                "currency": currency,
+                "custom_unit_amount": None,
+                "livemode": False,
+                "lookup_key": lookup_key,
+                "metadata": dict(metadata or {}),
+                "nickname": None,
+                "product": product or _new_id("prod_", 14),
+                "recurring": {
+                    "interval": interval,
+                    "interval_count": interval_count,
+                    "meter": meter,
+                    "trial_period_days": None,
+                    "usage_type": usage_type,
+                },
+                "tax_behavior": "unspecified",
+                "tiers_mode": None,
+                "transform_quantity": None,
+                "type": "recurring",
+                "unit_amount": unit_amount,
+                "unit_amount_decimal": None if unit_amount is None else str(unit_amount),
+            }
+            self.prices[pid] = price
+            self._register(pid)
+            return json.loads(json.dumps(price))
+
+    def add_subscription(
+        self,
+        customer: str,
+        prices: list[str],
+        *,
+        current_period_start: int,
+        current_period_end: int,
+        status: str = "active",
+        canceled_at: int | None = None,
+        ended_at: int | None = None,
+        id: str | None = None,
+        created: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        if status not in _SUBSCRIPTION_STATUSES:
+            raise ValueError(f"unknown subscription status {status!r}")
+        with self.lock:
+            if customer not in self.customers:
+                raise KeyError(f"unknown customer {customer!r}")
+            for p in prices:
+                if p not in self.prices:
+                    raise KeyError(f"unknown price {p!r}")
+            sid = id or _new_id("sub_", 24)
+            created = created if created is not None else current_period_start
+            currency = self.prices[prices[0]]["currency"] if prices else "usd"
+            self.subscriptions[sid] = {
+                "id": sid,
+                "object": "subscription",
+                "application": None,
+                "application_fee_percent": None,
+                "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None},
+                "billing_cycle_anchor": current_period_start,
+                "billing_cycle_anchor_config": None,
+                "billing_mode": {"flexible": None, "type": "classic"},
+                "billing_thresholds": None,
+                "cancel_at": None,
+                "cancel_at_period_end": False,
+                "canceled_at": canceled_at,
+                "cancellation_details": {"comment": None, "feedback": None, "reason": None},
+                "collection_method": "charge_automatically",
+                "created": created,
+                "currency": currency,
+                "customer": customer,
+                "days_until_due": None,
+                "default_payment_method": None,
+                "default_source": None,
+                "default_tax_rates": [],
+                "description": None,
+                "discounts": [],
+                "ended_at": ended_at,
+                "invoice_settings": {"account_tax_ids": None, "issuer": {"type": "self"}},
+                "latest_invoice": None,
+                "livemode": False,
+                "metadata": dict(metadata or {}),
+                "next_pending_invoice_item_invoice": None,
+                "on_behalf_of": None,
+                "pause_collection": None,
+                "payment_settings": {
+                    "payment_method_options": None,
+                    "payment_method_types": None,
+                    "save_default_payment_method": "off",
+                },
+                "pending_invoice_item_interval": None,
+                "pending_setup_intent": None,
+                "pending_update": None,
+                "schedule": None,
+                "start_date": created,
+                "status": status,
+                "test_clock": None,
+                "transfer_data": None,
+                "trial_end": None,
+                "trial_settings": {"end_behavior": {"missing_payment_method": "create_invoice"}},
+                "trial_start": None,
+            }
+            self._register(sid)
+            self._sub_items[sid] = []
+            for p in prices:
+                self._add_item(sid, p, current_period_start, current_period_end, created)
+            return self._render_subscription(self.subscriptions[sid], set())
+
+    def _add_item(self, sid: str, price_id: str, start: int, end: int, created: int) -> str:
+        iid = _new_id("si_", 14)
+        self.subscription_items[iid] = {
+            "id": iid,
+            "object": "subscription_item",
+            "billing_thresholds": None,
+            "created": created,
+            "current_period_end": end,
+            "current_period_start": start,
+            "discounts": [],
+            "metadata": {},
+            "price": price_id,
+            "subscription": sid,
+            "tax_rates": [],
+        }
+        self._register(iid)
+        self._sub_items[sid].append(iid)
+        return iid
+
+    def add_subscription_item(
+        self,
+        subscription: str,
+        price: str,
+        *,
+        current_period_start: int | None = None,
+        current_period_end: int | None = None,
+    ) -> dict[str, Any]:
+        """Add an item to an existing subscription (period defaults to the first item's)."""
+        with self.lock:
+            items = self._sub_items[subscription]
+            if price not in self.prices:
+                raise KeyError(f"unknown price {price!r}")
+            first = self.subscription_items[items[0]] if items else {}
+            start = (
+                current_period_start if current_period_start is not None else first["current_period_start"]
+            )
+            end = current_period_end if current_period_end is not None else first["current_period_end"]
+            iid = self._add_item(subscription, price, start, end, self._now())
+            return self._render_item(self.subscription_items[iid])
+
+    def update_subscription(self, id: str, **fields: Any) -> dict[str, Any]:
+        """Overwrite fields of a subscription (status, canceled_at, ended_at, metadata, ...).
+
+        ``current_period_start`` / ``current_period_end`` are applied to every item of the subscription.
+        """
+        with self.lock:
+            sub = self.subscriptions[id]
+            start = fields.pop("current_period_start", None)
+            end = fields.pop("current_period_end", None)
+            if "status" in fields and fields["status"] not in _SUBSCRIPTION_STATUSES:
+                raise ValueError(f"unknown subscription status {fields['status']!r}")
+            sub.update(fields)
+            for iid in self._sub_items[id]:
+                item = self.subscription_items[iid]
+                if start is not None:
+                    item["current_period_start"] = start
+                if end is not None:
+                    item["current_period_end"] = end
+            return self._render_subscription(sub, set())
+
+    def set_item_period(self, item_id: str, start: int, end: int) -> dict[str, Any]:
+        with self.lock:
+            item = self.subscription_items[item_id]
+            item["current_period_start"] = start
+            item["current_period_end"] = end
+            return self._render_item(item)
+
+    # -- rendering --------------------------------------------------------------------------------
+
+    def _render_price(self, price_id: str) -> dict[str, Any]:
+        return json.loads(json.dumps(self.prices[price_id]))
+
+    def _render_plan(self, price: dict[str, Any]) -> dict[str, Any]:
+        rec = price["recurring"]
+        return {
+            "id": price["id"],
+            "object": "plan",
+            "active": price["active"],
+            "amount": price["unit_amount"],
+            "amount_decimal": price["unit_amount_decimal"],
+            "billing_scheme": price["billing_scheme"],
+            "created": price["created"],
+            "currency": price["currency"],
+            "interval": rec["interval"],
+            "interval_count": rec["interval_count"],
+            "livemode": False,
+            "metadata": dict(price["metadata"]),
+            "meter": rec["meter"],
+            "nickname": price["nickname"],
+            "product": price["product"],
+            "tiers_mode": None,
+            "transform_usage": None,
+            "trial_period_days": None,
+            "usage_type": rec["usage_type"],
+        }
+
+    def _render_item(self, item: dict[str, Any]) -> dict[str, Any]:
+        out = json.loads(json.dumps(item))
+        price = self._render_price(item["price"])
+        out["price"] = price
+        out["plan"] = self._render_plan(price)
+        if price["recurring"]["usage_type"] != "metered":
+            out["quantity"] = item.get("quantity", 1)
+        return dict(sorted(out.items()))
+
+    def _render_subscription(self, sub: dict[str, Any], expand: set[str]) -> dict[str, Any]:
+        out = json.loads(json.dumps(sub))
+        item_ids = self._sub_items[sub["id"]]
+        items = self._newest_first_items(item_ids)
+        out["items"] = {
+            "object": "list",
+            "data": [self._render_item(self.subscription_items[i]) for i in items[:_EMBEDDED_ITEMS_LIMIT]],
+            "has_more": len(items) > _EMBEDDED_ITEMS_LIMIT,
+            "total_count": len(items),
+            "url": f"/v1/subscription_items?subscription={sub['id']}",
+        }
+        if "customer" in expand:
+            out["customer"] = json.loads(json.dumps(self.customers[sub["customer"]]))
+        return dict(sorted(out.items()))
+
+    def _newest_first_items(self, item_ids: list[str]) -> list[str]:
+        # Stripe lists a subscription's items in creation order.
+        return sorted(
+            item_ids,
+            key=lambda i: (self.subscription_items[i]["created"], self._order.get(i, 0)),
+        )
+
+    # -- HTTP entry point -------------------------------------------------------------------------
+
+    def handle(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> Response:
+        method = method.upper()
+        hdrs = {k.lower(): v for k, v in headers.items()}
+        pairs = _query_pairs(query)
+        ctype = hdrs.get("content-type", "")
+        if body and (not ctype or ctype.startswith("application/x-www-form-urlencoded")):
+            pairs += parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+        params = parse_stripe_params(pairs)
+        with self.lock:
+            self._record(
+                RecordedRequest(
+                    method=method,
+                    path=path,
+                    query={k: list(v) for k, v in query.items()},
+                    headers=hdrs,
+                    params=params,
+                    body=bytes(body),
+                )
+            )
+            fault = self._take_fault(method, path)
+            if fault is not None and not fault.after_apply:
+                response = self._with_request_id(self._fault_response(fault))
+            else:
+                response = self._handle_locked(method, path, params, hdrs)
+                if fault is not None:
+                    response = self._with_request_id(self._fault_response(fault))
+            # Stripe echoes the API version the request was served with.
+            response[1]["Stripe-Version"] = hdrs.get("stripe-version") or self.default_api_version
+            return response
+
+    def _with_request_id(self, response: Response, extra: Mapping[str, str] | None = None) -> Response:
+        status, headers, body = response
+        headers = dict(headers)
+        headers["Request-Id"] = _new_id("req_", 14)
+        if extra:
+            headers.update(extra)
+        return status, headers, body
+
+    def _default_fault_body(self, status: int) -> bytes:
+        if status == 429:
+            err = StripeError(
+                429,
+                "Too many requests hit the API too quickly.",
+                type="invalid_request_error",
+                code="rate_limit",
+            )
+        else:
+            err = StripeError(status, f"Sandbox injected fault ({status}).", type="api_error")
+        return json.dumps(err.body()).encode()
+
+    @staticmethod
+    def _json(status: int, payload: Any) -> Response:
+        return status, {"Content-Type": "application/json"}, json.dumps(payload, indent=2).encode()
+
+    def _authenticate(self, hdrs: Mapping[str, str]) -> None:
+        auth = hdrs.get("authorization", "")
+        key = ""
+        if auth.lower().startswith("bearer "):
+            key = auth[7:].strip()
+        elif auth.lower().startswith("basic "):
+            try:
+                key = base64.b64decode(auth[6:].strip()).decode().split(":", 1)[0]
+            except (ValueError, UnicodeDecodeError):
+                key = ""
+        if not key:
+            raise StripeError(
+                401,
+                "You did not provide an API key. You need to provide your API key in the Authorization "
+                "header, using Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY').",
+            )
+        if key != self.api_key:
+            masked = key[:8] + "*" * max(0, len(key) - 12) + key[-4:] if len(key) > 12 else "****"
+            raise StripeError(401, f"Invalid API Key provided: {masked}", code="api_key_invalid")
+
+    def _handle_locked(
+        self, method: str, path: str, params: dict[str, Any], hdrs: Mapping[str, str]
+    ) -> Response:
+        try:
+            self._authenticate(hdrs)
+        except StripeError as e:
+            return self._with_request_id(self._json(e.status, e.body()))
+
+        idem_key = hdrs.get("idempotency-key") if method == "POST" else None
+        fingerprint = ""
+        if idem_key:
+            now = self.clock()
+            for k in [k for k, v in self._idempotency.items() if now - v.created > _IDEMPOTENCY_TTL]:
+                del self._idempotency[k]
+            fingerprint = json.dumps([method, path, params], sort_keys=True)
+            entry = self._idempotency.get(idem_key)
+            if entry is not None:
+                if entry.fingerprint != fingerprint:
+                    err = StripeError(
+                        400,
+                        "Keys for idempotent requests can only be used with the same parameters they were "
+                        f"first used with. Try using a key other than '{idem_key}' if you meant to execute "
+                        "a different request.",
+                        type="idempotency_error",
+                    )
+                    return self._with_request_id(self._json(400, err.body()))
+                return self._with_request_id(
+                    entry.response,
+                    {
+                        "Idempotent-Replayed": "true",
+                        "Original-Request": entry.request_id,
+                        "Idempotency-Key": idem_key,
+                    },
+                )
+
+        response = self._with_request_id(self._route(method, path, params, hdrs))
+        if idem_key and 200 <= response[0] < 300:
+            self._idempotency[idem_key] = _IdempotencyEntry(
+                fingerprint=fingerprint,
+                created=self.clock(),
+                response=(
+                    response[0],
+                    {k: v for k, v in response[1].items() if k != "Request-Id"},
+                    response[2],
+                ),
+                request_id=response[1]["Request-Id"],
+            )
+        if idem_key:
+            response[1]["Idempotency-Key"] = idem_key
+        return response
+
+    def _route(self, method: str, path: str, params: dict[str, Any], hdrs: Mapping[str, str]) -> Response:
+        for route_method, pattern, handler in self._routes:
+            m = pattern.fullmatch(path)
+            if m and route_method == method:
+                try:
+                    return self._json(200, handler(params, hdrs, **m.groupdict()))
+                except StripeError as e:
+                    return self._json(e.status, e.body())
+        err = StripeError(404, f"Unrecognized request URL ({method}: {path}).")
+        return self._json(404, err.body())
+
+    # -- list helpers -----------------------------------------------------------------------------
+
+    def _paginate(
+        self,
+        objs: list[dict[str, Any]],
+        params: Mapping[str, Any],
+        url: str,
+        kind: str,
+        render: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        limit = _int_param(params, "limit")
+        if limit is None:
+            limit = 10
+        if limit < 1 or limit > 100:
+            raise StripeError(
+                400,
+                "Invalid limit: must be between 1 and 100.",
+                param="limit",
+                code="parameter_invalid_integer",
+            )
+        ids = [o["id"] for o in objs]
+        starting_after = params.get("starting_after")
+        ending_before = params.get("ending_before")
+        if starting_after:
+            if starting_after not in ids:
+                raise _no_such(kind, starting_after, param="starting_after", status=400)
+            window = objs[ids.index(starting_after) + 1 :]
+            page, has_more = window[:limit], len(window) > limit
+        elif ending_before:
+            if ending_before not in ids:
+                raise _no_such(kind, ending_before, param="ending_before", status=400)
+            window = objs[: ids.index(ending_before)]
+            page, has_more = window[-limit:], len(window) > limit
+        else:
+            page, has_more = objs[:limit], len(objs) > limit
+        data = [render(o) if render else json.loads(json.dumps(o)) for o in page]
+        return {"object": "list", "data": data, "has_more": has_more, "url": url}
+
+    @staticmethod
+    def _expand(params: Mapping[str, Any], allowed: set[str]) -> set[str]:
+        requested = _as_list(params.get("expand"))
+        for path in requested:
+            if len(path.split(".")) > _MAX_EXPAND_DEPTH:
+                raise StripeError(
+                    400,
+                    f"You cannot expand more than {_MAX_EXPAND_DEPTH} levels of a property. Property: {path}",
+                    param="expand",
+                )
+            if path not in allowed:
+                raise StripeError(400, f"This property cannot be expanded ({path}).", param="expand")
+        return set(requested)
+
+    # -- customers & prices -----------------------------------------------------------------------
+
+    def _h_list_customers(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
+        self._expand(params, set())
+        objs = self._newest_first(self.customers.values())
+        if params.get("email"):
+            objs = [c for c in objs if c["email"] == params["email"]]
+        return self._paginate(objs, params, "/v1/customers", "customer")
+
+    def _h_get_customer(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
+        self._expand(params, set())
+        if id not in self.customers:
+            raise _no_such("customer", id)
+        return json.loads(json.dumps(self.customers[id]))
+
+    def _h_list_prices(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
+        self._expand(params, set())
+        objs = self._newest_first(self.prices.values())
+        return self._paginate(objs, params, "/v1/prices", "price")
+
+    def _h_get_price(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
+        self._expand(params, set())
+        if id not in self.prices:
+            raise _no_such("price", id)
+        return self._render_price(id)
+
+    # -- subscriptions ----------------------------------------------------------------------------
+
+    def _h_list_subscriptions(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
+        expand = self._expand(
+            params,
+            {"data.customer", "data.items", "data.items.data", "data.items.data.price"},
+        )
+        status = params.get("status")
+        if status is not None and status not in (*_SUBSCRIPTION_STATUSES, "all", "ended"):
+            raise StripeError(
+                400,
+                f"Invalid status: must be one of {', '.join((*_SUBSCRIPTION_STATUSES, 'ended', 'all'))}",
+                param="status",
+            )
+        subs = list(self.subscriptions.values())
+        if status is None:
+            subs = [s for s in subs if s["status"] not in ("canceled", "incomplete_expired")]
+        elif status == "ended":
+            subs = [s for s in subs if s["status"] in ("canceled", "incomplete_expired")]
+        elif status != "all":
+            subs = [s for s in subs if s["status"] == status]
+        customer = params.get("customer")
+        if customer:
+            subs = [s for s in subs if s["customer"] == customer]
+        price = params.get("price")
+        if price:
+            subs = [
+                s
+                for s in subs
+                if any(self.subscription_items[i]["price"] == price for i in self._sub_items[s["id"]])
+            ]
+        cust_expand = {"customer"} if "data.customer" in expand else set()
+        return self._paginate(
+            self._newest_first(subs),
+            params,
+            "/v1/subscriptions",
+            "subscription",
+            lambda s: self._render_subscription(s, cust_expand),
+        )
+
+    def _h_get_subscription(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
+        expand = self._expand(params, {"customer", "items", "items.data", "items.data.price"})
+        if id not in self.subscriptions:
+            raise _no_such("subscription", id)
+        return self._render_subscription(self.subscriptions[id], {"customer"} & expand)
+
+    def _h_list_subscription_items(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
+        self._expand(params, {"data.price"})
+        sid = params.get("subscription")
+        if not sid:
+            raise _missing("subscription")
+        if sid not in self.subscriptions:
+            raise _no_such("subscription", sid, param="subscription", status=400)
+        items = [self.subscription_items[i] for i in self._newest_first_items(self._sub_items[sid])]
+        return self._paginate(
+            items,
+            params,
+            f"/v1/subscription_items?subscription={sid}",
+            "subscription item",
+            self._render_item,
+        )
+
+    def _h_get_subscription_item(
+        self, params: dict[str, Any], hdrs: Mapping[str, str], id: str
+    ) -> dict[str, Any]:
+        self._expand(params, {"price"})
+        if id not in self.subscription_items:
+            raise _no_such("subscription item", id)
+        return self._render_item(self.subscription_items[id])
+
+    # -- billing meters ---------------------------------------------------------------------------
+
+    def _h_list_meters(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
+        self._expand(params, set())
+        status = params.get("status")
+        if status is not None and status not in ("active", "inactive"):
+            raise StripeError(400, "Invalid status: must be one of active, inactive", param="status")
+        meters = [m for m in self.meters.values() if status is None or m["status"] == status]
+        return self._paginate(self._newest_first(meters), params, "/v1/billing/meters", "billing meter")
+
+    def _h_get_meter(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
+        self._expand(params, set())
+        if id not in self.meters:
+            raise _no_such("billing meter", id)
+        return json.loads(json.dumps(self.meters[id]))
+
+    def _active_meter_for(self, event_name: str) -> dict[str, Any] | None:
+        for meter in self.meters.values():
+            if meter["event_name"] == event_name and meter["status"] == "active":
+                return meter
+        return None
+
+    def _h_create_meter_event(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
+        allowed = {"event_name", "payload", "identifier", "timestamp", "expand"}
+        for key in params:
+            if key not in allowed:
+                raise StripeError(
+                    400, f"Received unknown parameter: {key}", param=key, code="parameter_unknown"
+                )
+        event_name = params.get("event_name")
+        if not event_name:
+            raise _missing("event_name")
+        if not isinstance(event_name, str) or len(event_name) > 100:
+            raise StripeError(
+                400,
+                "Invalid event_name: must be at most 100 characters",
+                param="event_name",
+                code="parameter_invalid_string",
+            )
+        payload = params.get("payload")
+        if payload is None or payload == "":
+            raise _missing("payload")
+        if not isinstance(payload, dict):
+            raise StripeError(400, "Invalid object", param="payload", code="parameter_invalid_object")
+        for k, v in payload.items():
+            if not isinstance(v, str):
+                raise StripeError(
+                    400, "Invalid string: payload values must be strings", param=f"payload[{k}]"
+                )
+        identifier = params.get("identifier")
+        if identifier is not None and (
+            not isinstance(identifier, str) or identifier == "" or len(identifier) > 100
+        ):
+            raise StripeError(
+                400,
+                "Invalid identifier: must be between 1 and 100 characters",
+                param="identifier",
+                code="parameter_invalid_string",
+            )
+        now = self._now()
+        timestamp = _int_param(params, "timestamp")
+        if timestamp is None:
+            timestamp = now
+        if timestamp < now - _MAX_PAST:
+            raise StripeError(
+                400,
+                "The timestamp for this meter event is too far in the past: meter events must have a "
+                "timestamp within the past 35 days.",
+                param="timestamp",
+                code="timestamp_too_far_in_past",
+            )
+        if timestamp > now + _MAX_FUTURE:
+            raise StripeError(
+                400,
+                "The timestamp for this meter event is too far in the future: meter events must have a "
+                "timestamp at most 5 minutes in the future.",
+                param="timestamp",
+                code="timestamp_in_future",
+            )
+        meter = self._active_meter_for(event_name)
+        customer: str | None = None
+        value: Decimal | None = None
+        if meter is not None:
+            ckey = meter["customer_mapping"]["event_payload_key"]
+            vkey = meter["value_settings"]["event_payload_key"]
+            if ckey not in payload:
+                raise StripeError(
+                    400,
+                    f"The payload is missing the customer mapping key `{ckey}`.",
+                    param=f"payload[{ckey}]",
+                    code="parameter_missing",
+                )
+            customer = payload[ckey]
+            if meter["default_aggregation"]["formula"] != "count" or vkey in payload:
+                if vkey not in payload:
+                    raise StripeError(
+                        400,
+                        f"The payload is missing the value key `{vkey}`.",
+                        param=f"payload[{vkey}]",
+                        code="parameter_missing",
+                    )
+                value = _parse_value(payload[vkey], f"payload[{vkey}]")
+            else:
+                value = Decimal(1)
+        else:
+            customer = payload.get("stripe_customer_id")
+            raw = payload.get("value")
+            if raw is not None:
+                try:
+                    value = _parse_value(raw, "payload[value]")
+                except StripeError:
+                    value = None
+
+        if identifier is not None:
+            previous = self._identifiers.get(identifier)
+            if previous is not None and now - previous.created < _IDENTIFIER_WINDOW:
+                if self.duplicate_identifier_response == "ignore":
+                    return previous.to_api()
+                raise StripeError(
+                    400,
+                    f"An event with identifier '{identifier}' already exists.",
+                    param="identifier",
+                    code="duplicate_meter_event",
+                )
+        else:
+            identifier = str(uuid.uuid4())
+
+        self._seq += 1
+        event = MeterEvent(
+            event_name=event_name,
+            identifier=identifier,
+            timestamp=timestamp,
+            created=now,
+            payload=dict(payload),
+            customer=customer,
+            value=value,
+            seq=self._seq,
+        )
+        if meter is None:
+            event.reason = "no_meter"
+            self.rejected_meter_events.append(event)
+        elif customer not in self.customers:
+            event.reason = "meter_event_customer_not_found"
+            self.rejected_meter_events.append(event)
+        else:
+            self.meter_events.append(event)
+        self._identifiers[identifier] = event
+        return event.to_api()
+
+    def _aggregate(self, meter: Mapping[str, Any], customer: str, start: int, end: int) -> Decimal:
+        events = [
+            e
+            for e in self.meter_events
+            if e.event_name == meter["event_name"] and e.customer == customer and start <= e.timestamp < end
+        ]
+        window = meter.get("event_time_window")
+        if window:
+            size = 3600 if window == "hour" else 86400
+            newest: dict[int, MeterEvent] = {}
+            for e in events:
+                key = e.timestamp // size
+                cur = newest.get(key)
+                if cur is None or (e.created, e.seq) > (cur.created, cur.seq):
+                    newest[key] = e
+            events = list(newest.values())
+        formula = meter["default_aggregation"]["formula"]
+        if formula == "count":
+            return Decimal(len(events))
+        if formula == "last":
+            if not events:
+                return Decimal(0)
+            latest = max(events, key=lambda e: (e.timestamp, e.created, e.seq))
+            return latest.value or Decimal(0)
+        return sum((e.value or Decimal(0) for e in events), Decimal(0))
+
+    def _h_event_summaries(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
+        self._expand(params, set())
+        meter = self.meters.get(id)
+        if meter is None:
+            raise _no_such("billing meter", id)
+        customer = params.get("customer")
+        if not customer:
+            raise _missing("customer")
+        start = _int_param(params, "start_time", required=True)
+        end = _int_param(params, "end_time", required=True)
+        assert start is not None and end is not None
+        for name, value in (("start_time", start), ("end_time", end)):
+            if value % 60:
+                raise StripeError(
+                    400,
+                    f"Invalid {name}: must be aligned with minute boundaries.",
+                    param=name,
+                    code="parameter_invalid_integer",
+                )
+        if start >= end:
+            raise StripeError(400, "start_time must be before end_time.", param="start_time")
+        grouping = params.get("value_grouping_window")
+        if grouping is not None and grouping not in ("hour", "day"):
+            raise StripeError(
+                400, "Invalid value_grouping_window: must be one of day, hour", param="value_grouping_window"
+            )
+        if customer not in self.customers:
+            raise _no_such("customer", customer, param="customer", status=400)
+
+        def summary(s: int, e: int, value: Decimal) -> dict[str, Any]:
+            digest = hashlib.sha1(f"{id}|{customer}|{s}|{e}".encode()).hexdigest()
+            return {
+                "id": f"mtrusg_test_{digest}",
+                "object": "billing.meter_event_summary",
+                "aggregated_value": _json_number(value),
+                "end_time": e,
+                "livemode": False,
+                "meter": id,
+                "start_time": s,
+            }
+
+        if grouping is None:
+            summaries = [summary(start, end, self._aggregate(meter, customer, start, end))]
+        else:
+            size = 3600 if grouping == "hour" else 86400
+            for name, value in (("start_time", start), ("end_time", end)):
+                if value % size:
+                    raise StripeError(
+                        400,
+                        f"Invalid {name}: with value_grouping_window={grouping} it must be aligned with "
+                        f"{'hour' if grouping == 'hour' else 'UTC day'} boundaries.",
+                        param=name,
+                    )
+            summaries = []
+            with_data = {
+                e.timestamp // size
+                for e in self.meter_events
+                if e.event_name == meter["event_name"]
+                and e.customer == customer
+                and start <= e.timestamp < end
+            }
+            for bucket in sorted(with_data, reverse=True):  # newest window first, like Stripe
+                s, e = bucket * size, (bucket + 1) * size
+                summaries.append(summary(s, e, self._aggregate(meter, customer, s, e)))
+        return self._paginate(
+            summaries, params, f"/v1/billing/meters/{id}/event_summaries", "meter event summary"
+        )
+
+    # -- legacy usage records ---------------------------------------------------------------------
+
+    def _legacy_item(self, hdrs: Mapping[str, str], item_id: str, what: str) -> dict[str, Any]:
+        version = hdrs.get("stripe-version") or self.default_api_version
+        if version[:10] >= LEGACY_USAGE_REMOVED_IN:
+            raise StripeError(
+                400,
+                f"The {what} endpoint was removed in API version 2025-03-31.basil (this request uses "
+                f"{version}). Usage records of legacy metered prices can only be created with an older "
+                "API version; use Billing Meters (/v1/billing/meter_events) instead.",
+                code="api_version_unsupported",
+            )
+        item = self.subscription_items.get(item_id)
+        if item is None:
+            raise _no_such("subscription item", item_id)
+        price = self.prices[item["price"]]
+        if price["recurring"]["usage_type"] != "metered" or price["recurring"]["meter"] is not None:
+            raise StripeError(
+                400,
+                f"Usage records can only be created for subscription items with a legacy metered price "
+                f"(usage_type=metered and no meter); price '{price['id']}' does not qualify.",
+                param="subscription_item",
+            )
+        return item
+
+    def _h_usage_record(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
+        item = self._legacy_item(hdrs, id, "usage records")
+        quantity = _int_param(params, "quantity", required=True)
+        assert quantity is not None
+        if quantity < 0:
+            raise StripeError(
+                400,
+                "Invalid quantity: must be greater than or equal to 0",
+                param="quantity",
+                code="parameter_invalid_integer",
+            )
+        action = params.get("action") or "increment"
+        if action not in ("set", "increment"):
+            raise StripeError(400, "Invalid action: must be one of increment, set", param="action")
+        now = self._now()
+        ts_raw = params.get("timestamp")
+        timestamp = now if ts_raw in (None, "", "now") else _int_param(params, "timestamp")
+        assert timestamp is not None
+        if not (item["current_period_start"] < timestamp < item["current_period_end"]) or timestamp > now:
+            raise StripeError(
+                400,
+                "Cannot create the usage record with this timestamp because timestamps must be after the "
+                "subscription's last invoice period (or current period start time).",
+                param="timestamp",
+            )
+        records = self.usage_records.setdefault(id, {})
+        if action == "set":
+            records[timestamp] = quantity
+        else:
+            records[timestamp] = records.get(timestamp, 0) + quantity
+        return {
+            "id": _new_id("mbur_", 14),
+            "object": "usage_record",
+            "livemode": False,
+            "quantity": quantity,
+            "subscription_item": id,
+            "timestamp": timestamp,
+        }
+
+    def _h_usage_record_summaries(
+        self, params: dict[str, Any], hdrs: Mapping[str, str], id: str
+    ) -> dict[str, Any]:
+        item = self._legacy_item(hdrs, id, "usage record summaries")
+        summary = {
+            "id": "sis_" + hashlib.sha1(f"{id}|{item['current_period_start']}".encode()).hexdigest()[:24],
+            "object": "usage_record_summary",
+            "invoice": None,
+            "livemode": False,
+            "period": {"start": item["current_period_start"], "end": item["current_period_end"]},
+            "subscription_item": id,
+            "total_usage": self._usage_total(item),
+        }
+        return self._paginate(
+            [summary],
+            params,
+            f"/v1/subscription_items/{id}/usage_record_summaries",
+            "usage record summary",
+        )
+
+    def _usage_total(self, item: Mapping[str, Any]) -> int:
+        records = self.usage_records.get(item["id"], {})
+        start, end = item["current_period_start"], item["current_period_end"]
+        return sum(q for ts, q in records.items() if start <= ts < end)
+
+    # -- test helpers -----------------------------------------------------------------------------
+
+    def meter_total(self, customer: str, event_name: str, start: int, end: int) -> Decimal:
+        """Aggregate accepted events of ``event_name`` for ``customer`` with start ≤ timestamp < end."""
+        with self.lock:
+            meters = [m for m in self.meters.values() if m["event_name"] == event_name]
+            if not meters:
+                raise KeyError(f"no meter for event_name {event_name!r}")
+            meter = next((m for m in meters if m["status"] == "active"), meters[0])
+            return self._aggregate(meter, customer, start, end)
+
+    def usage_record_total(self, item_id: str) -> int:
+        """Sum of the stored legacy usage quantities in the item's current period."""
+        with self.lock:
+            return self._usage_total(self.subscription_items[item_id])
+
+
+def _parse_value(raw: str, param: str) -> Decimal:
+    try:
+        value = Decimal(raw.strip())
+    except (InvalidOperation, AttributeError):
+        value = None
+    if value is None or not value.is_finite() or raw.strip() != raw:
+        raise StripeError(
+            400,
+            f"Invalid value `{raw}`: meter event values must be numbers (decimal strings).",
+            param=param,
+            code="parameter_invalid_string",
+        )
+    return value

@@ -1,0 +1,44 @@
+"""What can go wrong when talking to an upstream API, in the terms our code branches on.
+
+    UpstreamError                 any failed call; `.api` names the upstream, `.status` the HTTP status
+    ├── PermanentError            the request was refused and was not applied: fix the input, don't retry
+    └── TransientError            may succeed if tried again later
+        ├── RateLimitedError      429: wait `.retry_after` seconds (or back off) before the next call
+        └── OutcomeUnknownError   the request may or may not have been applied (dropped connection, 5xx,
+                                  timeout): only ever resend it with the same idempotency key/identifier
+
+The adapters translate SDK exceptions into these; the adapters' callers never see an SDK type.
+"""
+
+from __future__ import annotations
+
+
+class UpstreamError(Exception):
+    def __init__(self, api: str, message: str, *, status: int | None = None, request_id: str | None = None):
+        self.api = api
+        self.status = status
+        self.request_id = request_id
+        detail = f"{api}: {message}"
+        if status is not None:
+            detail += f" (HTTP {status})"
+        if request_id:
+            detail += f" [request {request_id}]"
+        super().__init__(detail)
+
+
+class PermanentError(UpstreamError):
+    """Refused and not applied; retrying the same request cannot help."""
+
+
+class TransientError(UpstreamError):
+    """Worth trying again later."""
+
+
+class RateLimitedError(TransientError):
+    def __init__(self, api: str, message: str, *, retry_after: float | None = None, **kwargs: object):
+        super().__init__(api, message, **kwargs)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class OutcomeUnknownError(TransientError):
+    """The request may have been applied; resend only with the same idempotency key."""

@@ -1,0 +1,83 @@
+"""OpenMeter, through the official `openmeter` SDK, returning our own types.
+
+The SDK's defaults are traps for a daemon: 300 s timeouts and its own retry loop. Both are set explicitly;
+retries go through reconciler.upstream.retry so one budget covers every attempt.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import openmeter
+from corehttp.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
+
+from reconciler.config import OpenMeterConfig
+from reconciler.upstream.errors import PermanentError, RateLimitedError, TransientError, UpstreamError
+from reconciler.upstream.retry import call_with_retries
+from reconciler.usage.model import UsageWindow
+
+API = "openmeter"
+
+
+def _problem_detail(exc: HttpResponseError) -> str:
+    """The `detail` (or `title`) of an application/problem+json body, else the exception's message."""
+    try:
+        body = json.loads(exc.response.text())
+        return str(body.get("detail") or body.get("title") or exc.reason)
+    except Exception:
+        return str(exc.reason or exc.message)
+
+
+def translate_error(exc: Exception, meter: str) -> UpstreamError:
+    if isinstance(exc, HttpResponseError) and exc.status_code is not None:
+        status = exc.status_code
+        detail = _problem_detail(exc)
+        if status == 429:
+            retry_after = exc.response.headers.get("Retry-After")
+            wait = float(retry_after) if retry_after and retry_after.isdigit() else None
+            return RateLimitedError(API, detail, status=status, retry_after=wait)
+        if status >= 500 or status == 408:
+            return TransientError(API, detail, status=status)
+        if status == 404:
+            return PermanentError(API, f"meter {meter!r} not found: {detail}", status=status)
+        if status in (401, 403):
+            return PermanentError(API, f"token refused: {detail}", status=status)
+        return PermanentError(API, f"query on meter {meter!r} refused: {detail}", status=status)
+    if isinstance(exc, ServiceRequestError | ServiceResponseError):
+        return TransientError(API, f"connection failed: {type(exc).__name__}")
+    return TransientError(API, f"{type(exc).__name__}: {exc}")
+
+
+class OpenMeterGateway:
+    def __init__(self, config: OpenMeterConfig):
+        self._config = config
+        self._client = openmeter.Client(
+            endpoint=config.url,
+            token=config.token.get_secret_value(),
+            retry_total=0,
+            connection_timeout=config.timeout_seconds,
+            read_timeout=config.timeout_seconds,
+        )
+
+    def query_total(self, meter: str, subject: str, window: UsageWindow) -> Decimal:
+        """The subject's usage on `meter` over `[window.start, window.end)`, one value for the whole window.
+
+        No `windowSize`: OpenMeter aggregates the whole range itself, which is right for every aggregation
+        (summing windows would be wrong for MAX, LATEST, UNIQUE_COUNT, ...). No rows means no usage.
+        """
+
+        def attempt() -> Decimal:
+            try:
+                result = self._client.meters.query_json(
+                    meter, from_parameter=window.start, to=window.end, subject=[subject]
+                )
+            except (HttpResponseError, ServiceRequestError, ServiceResponseError) as exc:
+                raise translate_error(exc, meter) from None
+            return sum((Decimal(repr(row.value)) for row in result.data if row.subject in (subject, None)),
+                       Decimal(0))
+
+        return call_with_retries(attempt, max_retries=self._config.max_retries, what=f"openmeter query {meter}")
+
+    def close(self) -> None:
+        self._client.close()

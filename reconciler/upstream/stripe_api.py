@@ -1,0 +1,198 @@
+"""Stripe, through stripe-python's `StripeClient`, returning our own types.
+
+SDK traps avoided here (see shared/api-notes.md):
+- `max_network_retries=0`: our retry loop (reconciler.upstream.retry) is the single budget, and it also
+  handles 429s, which the SDK retries only with `Stripe-Should-Retry: true` and without `Retry-After`.
+- Every POST carries our deterministic idempotency key, so a retry, even from a restarted process, is one
+  request to Stripe.
+- `StripeObject` is not a dict: responses are converted with `to_dict()` at this edge.
+- The API version is pinned in the config, and legacy usage records go through `raw_request` with the old
+  version they still exist in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import stripe
+
+from reconciler.config import StripeConfig
+from reconciler.upstream.errors import (
+    OutcomeUnknownError,
+    PermanentError,
+    RateLimitedError,
+    UpstreamError,
+)
+from reconciler.upstream.retry import call_with_retries
+from reconciler.usage.model import BillingPeriod, Intent, Meter, MeteredItem
+from reconciler.usage.periods import epoch_seconds, from_epoch_seconds
+
+API = "stripe"
+PAGE_SIZE = 100
+T = TypeVar("T")
+
+
+def _retry_after(headers: Any) -> float | None:
+    value = (headers or {}).get("Retry-After") or (headers or {}).get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def translate_error(exc: stripe.StripeError) -> UpstreamError:
+    """Map a stripe-python exception onto our taxonomy (reconciler.upstream.errors)."""
+    status = exc.http_status
+    headers = exc.headers or {}
+    request_id = exc.request_id
+    message = exc.user_message or type(exc).__name__
+    if isinstance(exc, stripe.APIConnectionError):
+        return OutcomeUnknownError(API, f"connection failed: {message}")
+    if status == 429 or isinstance(exc, stripe.RateLimitError):
+        return RateLimitedError(API, message, status=status, request_id=request_id, retry_after=_retry_after(headers))
+    if str(headers.get("Stripe-Should-Retry", "")).lower() == "false":
+        return PermanentError(API, message, status=status, request_id=request_id)
+    if status is None or status >= 500 or status == 409:
+        return OutcomeUnknownError(API, message, status=status, request_id=request_id)
+    return PermanentError(API, message, status=status, request_id=request_id)
+
+
+def _is_duplicate_identifier(exc: stripe.StripeError) -> bool:
+    """Stripe's answer to an identifier it has already recorded (unverified wording: match loosely)."""
+    code = (exc.code or "").lower()
+    message = (exc.user_message or "").lower()
+    return exc.http_status == 400 and ("duplicate" in code or ("identifier" in message and "already" in message))
+
+
+class StripeGateway:
+    def __init__(self, config: StripeConfig):
+        self._config = config
+        self._client = stripe.StripeClient(
+            config.api_key.get_secret_value(),
+            base_addresses={"api": config.api_base},
+            stripe_version=config.api_version,
+            max_network_retries=0,
+            http_client=stripe.RequestsClient(timeout=config.timeout_seconds),
+        )
+
+    def _call(self, what: str, operation: Callable[[], T]) -> T:
+        def attempt() -> T:
+            try:
+                return operation()
+            except stripe.StripeError as exc:
+                raise translate_error(exc) from None
+
+        return call_with_retries(attempt, max_retries=self._config.max_network_retries, what=f"stripe {what}")
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def list_meters(self) -> dict[str, Meter]:
+        meters: dict[str, Meter] = {}
+        for raw in self._pages("list meters", self._client.v1.billing.meters.list, {}):
+            meters[raw["id"]] = Meter(
+                id=raw["id"],
+                event_name=raw["event_name"],
+                formula=raw["default_aggregation"]["formula"],
+                status=raw["status"],
+                event_time_window=raw.get("event_time_window"),
+                customer_key=raw["customer_mapping"]["event_payload_key"],
+                value_key=raw["value_settings"]["event_payload_key"],
+            )
+        return meters
+
+    def metered_items(self, *, with_customer: bool, customer: str | None = None) -> Iterator[MeteredItem]:
+        """Every metered item of every subscription (all statuses), page by page."""
+        expand = ["data.items.data.price"] + (["data.customer"] if with_customer else [])
+        params: dict[str, Any] = {"status": "all", "expand": expand}
+        if customer:
+            params["customer"] = customer
+        for subscription in self._pages("list subscriptions", self._client.v1.subscriptions.list, params):
+            yield from self._metered_items_of(subscription)
+
+    def _metered_items_of(self, subscription: dict[str, Any]) -> Iterator[MeteredItem]:
+        customer = subscription["customer"]
+        customer_id = customer if isinstance(customer, str) else customer["id"]
+        metadata = None if isinstance(customer, str) else dict(customer.get("metadata") or {})
+        embedded = subscription["items"]
+        items = list(embedded["data"])
+        if embedded.get("has_more"):
+            items = list(
+                self._pages(
+                    "list subscription items",
+                    self._client.v1.subscription_items.list,
+                    {"subscription": subscription["id"]},
+                )
+            )
+        ended_at = subscription.get("ended_at")
+        for item in items:
+            price = item["price"]
+            recurring = price.get("recurring") or {}
+            if recurring.get("usage_type") != "metered":
+                continue
+            # Since API 2025-03-31 the period lives on the item; older versions kept it on the subscription.
+            start = item.get("current_period_start") or subscription.get("current_period_start")
+            end = item.get("current_period_end") or subscription.get("current_period_end")
+            yield MeteredItem(
+                item_id=item["id"],
+                subscription_id=subscription["id"],
+                subscription_status=subscription["status"],
+                customer_id=customer_id,
+                price_id=price["id"],
+                meter_id=recurring.get("meter"),
+                period=BillingPeriod(from_epoch_seconds(start), from_epoch_seconds(end)),
+                ended_at=from_epoch_seconds(ended_at) if ended_at else None,
+                customer_metadata=metadata,
+            )
+
+    def _pages(self, what: str, list_method: Callable[..., Any], params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Page through a list endpoint with `starting_after`, one retried request per page."""
+        cursor: str | None = None
+        while True:
+            page_params = {**params, "limit": PAGE_SIZE, **({"starting_after": cursor} if cursor else {})}
+            page = self._call(what, lambda p=page_params: list_method(params=p)).to_dict()  # type: ignore[misc]
+            data = page["data"]
+            yield from data
+            if not page.get("has_more") or not data:
+                return
+            cursor = data[-1]["id"]
+
+    # -- writing -------------------------------------------------------------------------------------
+
+    def send_meter_event(self, intent: Intent) -> None:
+        meter = intent.meter
+        assert meter is not None
+        params = {
+            "event_name": meter.event_name,
+            "identifier": intent.identifier,
+            "timestamp": epoch_seconds(intent.event_timestamp),
+            "payload": {meter.customer_key: intent.customer_id, meter.value_key: str(intent.quantity)},
+        }
+
+        def create() -> None:
+            try:
+                self._client.v1.billing.meter_events.create(
+                    params=params,  # type: ignore[arg-type]
+                    options={"idempotency_key": intent.idempotency_key},
+                )
+            except stripe.StripeError as exc:
+                if _is_duplicate_identifier(exc):
+                    return  # Stripe already holds this very event: the earlier attempt was applied
+                raise
+
+        self._call("create meter event", create)
+
+    def send_usage_record(self, intent: Intent) -> None:
+        self._call(
+            "create usage record",
+            lambda: self._client.raw_request(
+                "post",
+                f"/v1/subscription_items/{intent.item_id}/usage_records",
+                quantity=intent.quantity,
+                action="set",
+                timestamp=epoch_seconds(intent.event_timestamp),
+                stripe_version=self._config.legacy_api_version,
+                idempotency_key=intent.idempotency_key,
+            ),
+        )
+

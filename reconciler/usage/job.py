@@ -1,0 +1,294 @@
+"""The usage sync cycle: the imperative shell around `decide`.
+
+For every stream period: resend a pending intent first (a crash left it), ask OpenMeter for the rounded
+window's total, decide, then write the intent, call Stripe, and mark it done. One stream's failure is
+logged with its context and counted; the cycle goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Protocol
+from zoneinfo import ZoneInfo
+
+import structlog
+
+from reconciler.config import Config
+from reconciler.ledger.schema import UsagePeriod
+from reconciler.ledger.usage_ledger import ContendedError, UsageLedger, stream_period_from_row
+from reconciler.upstream.errors import PermanentError, TransientError, UpstreamError
+from reconciler.usage.decide import Action, Decision, LedgerState, Timing, decide
+from reconciler.usage.model import (
+    CycleSummary,
+    Intent,
+    Meter,
+    MeteredItem,
+    Refusal,
+    Stream,
+    StreamKind,
+    StreamPeriod,
+    UsageWindow,
+)
+from reconciler.usage.periods import usage_window
+from reconciler.usage.rounding import round_quantity
+from reconciler.usage.streams import build_work, meter_problem
+
+log = structlog.get_logger(__name__)
+
+# Stripe deduplicates meter event identifiers for "at least 24 hours". A pending `sum` intent older than this
+# can no longer be resent safely: if the first attempt was applied, a resend would count it twice.
+IDENTIFIER_SAFE_RESEND = timedelta(hours=23)
+
+
+class StripePort(Protocol):
+    def list_meters(self) -> dict[str, Meter]: ...
+    def metered_items(self, *, with_customer: bool, customer: str | None = None) -> object: ...
+    def send_meter_event(self, intent: Intent) -> None: ...
+    def send_usage_record(self, intent: Intent) -> None: ...
+
+
+class OpenMeterPort(Protocol):
+    def query_total(self, meter: str, subject: str, window: UsageWindow) -> object: ...
+
+
+@dataclass(frozen=True)
+class PlannedReport:
+    """One line of a dry run: what would be sent, and why."""
+
+    work: StreamPeriod
+    decision: Decision
+    reported_total: int
+
+
+@dataclass
+class CycleResult:
+    run_id: str | None
+    summary: CycleSummary
+    plan: list[PlannedReport] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.summary.failed == 0 and not self.interrupted
+
+
+class UsageSync:
+    def __init__(
+        self,
+        config: Config,
+        stripe: StripePort,
+        openmeter: OpenMeterPort,
+        ledger: UsageLedger,
+        clock: Callable[[], datetime],
+        stop_requested: Callable[[], bool] = lambda: False,
+    ):
+        self._config = config
+        self._stripe = stripe
+        self._openmeter = openmeter
+        self._ledger = ledger
+        self._clock = clock
+        self._stop_requested = stop_requested
+        self._zone = ZoneInfo(config.usage.window_time_zone)
+        self._timing = Timing(
+            grace_period=config.usage.grace_period,
+            invoice_grace_period=config.stripe.invoice_grace_period,
+            legacy_final_sync_before=config.usage.legacy_final_sync_before,
+        )
+
+    def run_cycle(self, *, dry_run: bool = False, customers: frozenset[str] = frozenset()) -> CycleResult:
+        now = self._clock()
+        run_id = None if dry_run else self._ledger.start_run("usage_sync")
+        result = CycleResult(run_id=run_id, summary=CycleSummary())
+        with structlog.contextvars.bound_contextvars(run_id=run_id, dry_run=dry_run):
+            log.info("usage sync started", now=now.isoformat())
+            try:
+                work, refusals = self._collect_work(now, customers)
+            except UpstreamError as exc:
+                log.error("usage sync could not list Stripe subscriptions or meters", error=str(exc))
+                result.summary.failed += 1
+                result.summary.failures.append(f"listing: {exc}")
+                self._finish(result, "failed")
+                return result
+            for refusal in refusals:
+                self._refuse(refusal, result.summary)
+            for unit in work:
+                if self._stop_requested():
+                    result.interrupted = True
+                    log.warning("stop requested: ending the cycle after the item in flight")
+                    break
+                self._sync_one(unit, now, run_id, dry_run, result)
+            self._finish(result, "interrupted" if result.interrupted else "succeeded" if result.ok else "partial")
+        return result
+
+    # -- collecting ----------------------------------------------------------------------------------
+
+    def _collect_work(self, now: datetime, customers: frozenset[str]) -> tuple[list[StreamPeriod], list[Refusal]]:
+        meters = self._stripe.list_meters()
+        with_customer = self._config.usage.subject_metadata_key is not None
+        items: list[MeteredItem] = []
+        for customer in sorted(customers) or [None]:
+            items += self._stripe.metered_items(with_customer=with_customer, customer=customer)  # type: ignore[arg-type]
+        work, refusals = build_work(items, meters, self._config.usage, now)
+        listed = {(sp.stream.key, sp.period.start) for sp in work}
+        for row in self._ledger.periods_to_revisit(now, self._config.usage.lookback, listed):
+            if customers and row.customer_id not in customers:
+                continue
+            revisit = self._revisit(row, meters)
+            if isinstance(revisit, Refusal):
+                refusals.append(revisit)
+            else:
+                work.append(revisit)
+        return work, refusals
+
+    def _revisit(self, row: UsagePeriod, meters: dict[str, Meter]) -> StreamPeriod | Refusal:
+        """A period only the ledger still remembers (the item moved on): rebuild its stream from the row."""
+        mapping = self._config.usage.mapping_for(row.stripe_target)
+        meter = meters.get(row.meter_id) if row.meter_id else None
+        problem = None
+        if mapping is None:
+            problem = f"{row.stripe_target!r} is no longer in usage.meters; its open period cannot be finished"
+        elif row.meter_id and meter is None:
+            problem = f"meter {row.meter_id} is no longer listed by Stripe"
+        elif meter is not None:
+            problem = meter_problem(meter)
+        if problem or mapping is None:
+            return Refusal(row.customer_id, row.subscription_item_id, row.stripe_target, problem or "")
+        stream = Stream(
+            kind=StreamKind(row.kind),
+            customer_id=row.customer_id,
+            subscription_id=row.subscription_id,
+            item_id=row.subscription_item_id,
+            stripe_target=row.stripe_target,
+            openmeter_meter=mapping.openmeter,
+            subject=row.subject,
+            rounding=mapping.rounding,
+            meter=meter,
+        )
+        return stream_period_from_row(row, stream)
+
+    # -- one stream period ---------------------------------------------------------------------------
+
+    def _sync_one(self, work: StreamPeriod, now: datetime, run_id: str | None, dry_run: bool,
+                  result: CycleResult) -> None:
+        stream, summary = work.stream, result.summary
+        summary.seen += 1
+        with structlog.contextvars.bound_contextvars(
+            customer=stream.customer_id,
+            subscription_item=stream.item_id,
+            meter=stream.stripe_target,
+            period_start=work.period.start.isoformat(),
+            period_end=work.period.end.isoformat(),
+        ):
+            try:
+                if not dry_run:
+                    self._resend_pending(work, now)
+                state = self._ledger.state(work)
+                target = self._measure(work, now)
+                decision = decide(work, state, target, now, self._timing)
+                if dry_run:
+                    result.plan.append(PlannedReport(work, decision, state.reported_total))
+                    self._count(decision, summary)
+                    return
+                assert run_id is not None
+                self._apply(work, state, decision, run_id)
+                self._count(decision, summary)
+            except ContendedError as exc:
+                summary.unchanged += 1
+                log.info("skipped: another process holds this period", reason=str(exc))
+            except UpstreamError as exc:
+                self._fail(work, str(exc), summary, dry_run)
+            except Exception as exc:  # a bug for one customer must not stop billing for the others
+                log.exception("unexpected error")
+                self._fail(work, f"unexpected error: {type(exc).__name__}: {exc}", summary, dry_run)
+
+    def _measure(self, work: StreamPeriod, now: datetime) -> int:
+        window = usage_window(work.period, now, self._config.usage.window_size, self._zone)
+        if window.is_empty:
+            return 0  # OpenMeter answers 400 to equal bounds; an empty window holds no usage anyway
+        total = self._openmeter.query_total(work.stream.openmeter_meter, work.stream.subject, window)
+        return round_quantity(total, work.stream.rounding)  # type: ignore[arg-type]
+
+    def _resend_pending(self, work: StreamPeriod, now: datetime) -> None:
+        """Finish what a crashed or failed cycle started, with the same identifier and idempotency key."""
+        intent = self._ledger.pending_intent(work)
+        if intent is None:
+            return
+        if intent.kind is StreamKind.METER_SUM and now - intent.created_at > IDENTIFIER_SAFE_RESEND:
+            raise PermanentError(
+                "reconciler",
+                f"intent {intent.identifier} (+{intent.quantity}) has an unknown outcome and is older than "
+                "Stripe's identifier deduplication window; resending could bill it twice. Check the meter's "
+                "event summaries in Stripe before resolving it",
+            )
+        log.info("resending pending intent", identifier=intent.identifier, quantity=intent.quantity)
+        self._send(intent)
+
+    def _apply(self, work: StreamPeriod, state: LedgerState, decision: Decision, run_id: str) -> None:
+        if decision.action is Action.FAIL:
+            raise PermanentError("reconciler", decision.reason)
+        if decision.action is not Action.REPORT:
+            self._ledger.observe(work, decision, run_id)
+            if decision.action is Action.LATE_DRIFT:
+                log.warning("late drift", reported_total=state.reported_total, measured_total=decision.target,
+                            reason=decision.reason)
+            elif decision.action is Action.FINALIZE:
+                log.info("period final", total=decision.target)
+            return
+        intent = self._ledger.record_intent(work, decision, run_id)
+        log.info("reporting", identifier=intent.identifier, quantity=intent.quantity, total=intent.total_after,
+                 previous_total=state.reported_total, final=intent.final)
+        self._send(intent)
+
+    def _send(self, intent: Intent) -> None:
+        send = self._stripe.send_usage_record if intent.kind is StreamKind.LEGACY else self._stripe.send_meter_event
+        try:
+            send(intent)
+        except PermanentError as exc:
+            self._ledger.mark_failed(intent, str(exc))
+            raise
+        except TransientError as exc:
+            self._ledger.note_attempt(intent, str(exc))  # stays pending: resent next cycle, same identifier
+            raise
+        self._ledger.mark_sent(intent)
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _count(decision: Decision, summary: CycleSummary) -> None:
+        if decision.action is Action.REPORT:
+            summary.reported += 1
+        elif decision.action is Action.FAIL:
+            summary.failed += 1
+            summary.failures.append(decision.reason)
+        else:
+            summary.unchanged += 1
+        if decision.final and decision.action is not Action.FAIL:
+            summary.finalized += 1
+        if decision.action is Action.LATE_DRIFT:
+            summary.late_drift += 1
+
+    def _fail(self, work: StreamPeriod, error: str, summary: CycleSummary, dry_run: bool) -> None:
+        summary.failed += 1
+        summary.failures.append(f"{work.stream.customer_id} {work.stream.stripe_target}: {error}")
+        log.error("stream failed", error=error)
+        if not dry_run:
+            self._ledger.note_failure(work, error)
+
+    def _refuse(self, refusal: Refusal, summary: CycleSummary) -> None:
+        fields = {"customer": refusal.customer_id, "subscription_item": refusal.item_id,
+                  "meter": refusal.stripe_target, "reason": refusal.reason}
+        summary.seen += 1
+        if refusal.unmapped:
+            summary.unmapped += 1
+            log.warning("unmapped metered item skipped", **fields)
+        else:
+            summary.failed += 1
+            summary.failures.append(f"{refusal.customer_id} {refusal.stripe_target}: {refusal.reason}")
+            log.error("metered item refused", **fields)
+
+    def _finish(self, result: CycleResult, status: str) -> None:
+        log.info("usage sync finished", status=status, **result.summary.as_dict())
+        if result.run_id is not None:
+            self._ledger.finish_run(result.run_id, status, result.summary.as_dict())

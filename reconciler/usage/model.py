@@ -1,0 +1,154 @@
+"""Our own small types for the usage job. The upstream adapters return these; the core only sees these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+
+@dataclass(frozen=True)
+class BillingPeriod:
+    """A half-open billing period `[start, end)` as Stripe reports it (aware UTC datetimes)."""
+
+    start: datetime
+    end: datetime
+
+
+@dataclass(frozen=True)
+class UsageWindow:
+    """The part of a period sent to OpenMeter: `[start, end)`, both on window boundaries."""
+
+    start: datetime
+    end: datetime
+
+    @property
+    def is_empty(self) -> bool:
+        return self.start >= self.end
+
+
+@dataclass(frozen=True)
+class Meter:
+    """A Stripe billing meter."""
+
+    id: str
+    event_name: str
+    formula: str  # sum | count | last
+    status: str  # active | inactive
+    event_time_window: str | None  # hour | day | None
+    customer_key: str
+    value_key: str
+
+
+@dataclass(frozen=True)
+class MeteredItem:
+    """A subscription item on a metered price, with the billing period it is in now."""
+
+    item_id: str
+    subscription_id: str
+    subscription_status: str
+    customer_id: str
+    price_id: str
+    meter_id: str | None  # None: a legacy metered price (usage records)
+    period: BillingPeriod
+    ended_at: datetime | None = None  # set once the subscription has ended (canceled)
+    customer_metadata: dict[str, str] | None = None  # present when the subject comes from metadata
+
+
+class StreamKind(StrEnum):
+    """How Stripe aggregates what we send for one stream, which decides what we send."""
+
+    METER_LAST = "last"  # send the period-to-date total; the newest event wins
+    METER_SUM = "sum"  # send the signed difference against what the ledger says is reported
+    LEGACY = "legacy"  # usage record with action=set at one fixed timestamp per period
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One quantity Stripe holds per period, and where its usage comes from.
+
+    Meter events belong to (customer, meter), not to an item, so a meter stream is keyed by both; a legacy
+    usage record belongs to one subscription item.
+    """
+
+    kind: StreamKind
+    customer_id: str
+    subscription_id: str
+    item_id: str
+    stripe_target: str  # meter event_name, or legacy price id
+    openmeter_meter: str
+    subject: str
+    rounding: str
+    meter: Meter | None = None
+
+    @property
+    def key(self) -> str:
+        if self.meter is not None:
+            return f"meter:{self.meter.id}:{self.customer_id}"
+        return f"legacy:{self.item_id}"
+
+
+@dataclass(frozen=True)
+class StreamPeriod:
+    """One unit of work: a stream in one billing period."""
+
+    stream: Stream
+    period: BillingPeriod
+    is_current: bool  # the item's current period per Stripe (legacy records can only go there)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A metered item we will not report, and why (config or Stripe setup the user must fix)."""
+
+    customer_id: str
+    item_id: str
+    stripe_target: str
+    reason: str
+    unmapped: bool = False  # no entry in usage.meters: skipped, not a failure
+
+
+@dataclass(frozen=True)
+class Intent:
+    """A report written to the ledger before it is sent to Stripe."""
+
+    id: int
+    identifier: str
+    kind: StreamKind
+    customer_id: str
+    item_id: str
+    meter: Meter | None
+    quantity: int
+    total_after: int
+    event_timestamp: datetime
+    final: bool
+    created_at: datetime
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"reconciler-{self.identifier}"
+
+
+@dataclass
+class CycleSummary:
+    """Counts for one cycle; printed by the CLI and stored on the run row."""
+
+    seen: int = 0
+    reported: int = 0
+    unchanged: int = 0
+    unmapped: int = 0
+    failed: int = 0
+    finalized: int = 0
+    late_drift: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "seen": self.seen,
+            "reported": self.reported,
+            "unchanged": self.unchanged,
+            "unmapped": self.unmapped,
+            "failed": self.failed,
+            "finalized": self.finalized,
+            "late_drift": self.late_drift,
+        }

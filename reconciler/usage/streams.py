@@ -1,0 +1,112 @@
+"""From Stripe's metered items to the streams we report: pure, with a reason for everything refused."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from reconciler.config import UsageConfig
+from reconciler.usage.model import BillingPeriod, Meter, MeteredItem, Refusal, Stream, StreamKind, StreamPeriod
+
+# Subscriptions whose current period Stripe will invoice usage for.
+LIVE_STATUSES = frozenset({"active", "trialing", "past_due"})
+
+
+def item_period(item: MeteredItem) -> BillingPeriod:
+    """The item's period, cut short at `ended_at` for a subscription canceled mid-period."""
+    if item.ended_at is not None and item.ended_at < item.period.end:
+        return BillingPeriod(item.period.start, max(item.period.start, item.ended_at))
+    return item.period
+
+
+def is_in_scope(item: MeteredItem, now: datetime, lookback: timedelta) -> bool:
+    """Live subscriptions, and canceled ones whose last period ended inside `usage.lookback`."""
+    if item.subscription_status in LIVE_STATUSES:
+        return True
+    return item.subscription_status == "canceled" and item_period(item).end > now - lookback
+
+
+def _stream_for(item: MeteredItem, meters: dict[str, Meter], usage: UsageConfig) -> Stream | Refusal:
+    meter = meters.get(item.meter_id) if item.meter_id else None
+    if item.meter_id and meter is None:
+        return Refusal(item.customer_id, item.item_id, item.meter_id,
+                       f"price {item.price_id} points at meter {item.meter_id}, which Stripe did not list")
+    target = meter.event_name if meter else item.price_id
+    mapping = usage.mapping_for(target)
+    if mapping is None:
+        what = f"meter event_name {target!r}" if meter else f"legacy price {target!r}"
+        return Refusal(item.customer_id, item.item_id, target, f"{what} has no entry in usage.meters", unmapped=True)
+
+    if meter is None:
+        kind = StreamKind.LEGACY
+    else:
+        problem = meter_problem(meter)
+        if problem:
+            return Refusal(item.customer_id, item.item_id, target, problem)
+        kind = StreamKind.METER_LAST if meter.formula == "last" else StreamKind.METER_SUM
+
+    metadata_key = usage.subject_metadata_key
+    if metadata_key is None:
+        subject = item.customer_id
+    else:
+        subject = (item.customer_metadata or {}).get(metadata_key, "")
+        if not subject:
+            return Refusal(item.customer_id, item.item_id, target,
+                           f"customer has no metadata key {metadata_key!r} to name its OpenMeter subject")
+    return Stream(kind=kind, customer_id=item.customer_id, subscription_id=item.subscription_id,
+                  item_id=item.item_id, stripe_target=target, openmeter_meter=mapping.openmeter,
+                  subject=subject, rounding=mapping.rounding, meter=meter)
+
+
+def meter_problem(meter: Meter) -> str | None:
+    """Why we cannot keep a total on this meter with set semantics, or None if we can."""
+    name = f"meter {meter.event_name!r} ({meter.id})"
+    if meter.status != "active":
+        return f"{name} is {meter.status}; Stripe ignores events for it"
+    if meter.event_time_window:
+        return (f"{name} is pre-aggregated per {meter.event_time_window} (event_time_window): Stripe keeps only "
+                "the newest event per window, so period totals cannot be expressed")
+    if meter.formula == "count":
+        return f"{name} aggregates with count, which counts events and cannot express a usage total"
+    if meter.formula not in ("sum", "last"):
+        return f"{name} has an unknown aggregation formula {meter.formula!r}"
+    return None
+
+
+def build_work(
+    items: Iterable[MeteredItem], meters: dict[str, Meter], usage: UsageConfig, now: datetime
+) -> tuple[list[StreamPeriod], list[Refusal]]:
+    """The stream periods to sync this cycle, and the items refused with a reason."""
+    refusals: list[Refusal] = []
+    by_key: dict[str, list[StreamPeriod]] = defaultdict(list)
+    for item in items:
+        if not is_in_scope(item, now, usage.lookback):
+            continue
+        stream = _stream_for(item, meters, usage)
+        if isinstance(stream, Refusal):
+            refusals.append(stream)
+            continue
+        is_current = item.subscription_status in LIVE_STATUSES
+        by_key[stream.key].append(StreamPeriod(stream, item_period(item), is_current=is_current))
+
+    work: list[StreamPeriod] = []
+    for group in by_key.values():
+        clash = _overlapping(group)
+        if clash:
+            first = group[0].stream
+            refusals += [
+                Refusal(sp.stream.customer_id, sp.stream.item_id, first.stripe_target,
+                        f"customer has {len(group)} subscription items on meter {first.stripe_target!r} in "
+                        f"overlapping periods ({', '.join(sorted(s.stream.item_id for s in group))}); meter "
+                        "events belong to the customer and meter, so their usage cannot be told apart")
+                for sp in group
+            ]
+        else:
+            work += group
+    return work, refusals
+
+
+def _overlapping(group: list[StreamPeriod]) -> bool:
+    ordered = sorted(group, key=lambda sp: sp.period.start)
+    return any(later.period.start < earlier.period.end for earlier, later in zip(ordered, ordered[1:], strict=False))

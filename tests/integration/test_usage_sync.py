@@ -1,0 +1,321 @@
+"""The usage sync end to end: real SDKs over real HTTP against the sandbox fakes, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from freezegun import freeze_time
+
+from reconciler.upstream.errors import OutcomeUnknownError
+from tests.conftest import Harness, ts, utc
+
+PERIOD_START = utc(2026, 3, 1, 13, 45)
+PERIOD_END = utc(2026, 4, 1, 13, 45)
+MID = utc(2026, 3, 10, 12, 30)
+
+
+def seed(h: Harness, *, customer: str = "cus_A", event_name: str = "api_calls", formula: str = "sum",
+         om_meter: str = "api_requests", legacy: bool = False, status: str = "active",
+         event_time_window: str | None = None, start=PERIOD_START, end=PERIOD_END) -> dict:
+    """A customer with one metered subscription item; returns the item."""
+    if customer not in h.stripe.customers:
+        h.stripe.add_customer(id=customer)
+    if legacy:
+        price = h.stripe.add_price(id=event_name)
+    else:
+        meter = next((m for m in h.stripe.meters.values() if m["event_name"] == event_name), None)
+        meter = meter or h.stripe.add_meter(event_name, formula=formula, status=status,
+                                            event_time_window=event_time_window)
+        price = h.stripe.add_price(meter=meter["id"])
+    if om_meter not in h.openmeter.meters:
+        h.openmeter.add_meter(om_meter)
+    subscription = h.stripe.add_subscription(customer, [price["id"]], current_period_start=ts(start),
+                                             current_period_end=ts(end))
+    return subscription["items"]["data"][0]
+
+
+def use(h: Harness, at, value, *, customer: str = "cus_A", meter: str = "api_requests") -> None:
+    h.openmeter.ingest(meter, customer, at, value)
+
+
+def stripe_total(h: Harness, customer: str = "cus_A", event_name: str = "api_calls", start=PERIOD_START,
+                 end=PERIOD_END) -> Decimal:
+    return h.stripe.meter_total(customer, event_name, ts(start), ts(end))
+
+
+def posts(h: Harness, prefix: str = "/v1/billing/meter_events") -> list:
+    return [r for r in h.stripe.requests if r.method == "POST" and r.path.startswith(prefix)]
+
+
+def test_last_meter_sends_the_total_then_nothing_then_the_new_total(harness):
+    h = harness
+    seed(h, formula="last")
+    use(h, utc(2026, 3, 2), 7)
+    use(h, utc(2026, 3, 5), 3.2)
+    with freeze_time(MID) as clock:
+        first = h.cycle()
+        assert (first.summary.reported, first.summary.failed) == (1, 0)
+        assert [p.params["payload"]["value"] for p in posts(h)] == ["11"]  # 10.2 rounded up
+        assert stripe_total(h) == 11
+
+        clock.tick(timedelta(minutes=15))
+        second = h.cycle()
+        assert (second.summary.reported, second.summary.unchanged) == (0, 1)
+        assert len(posts(h)) == 1  # no Stripe call at all for an unchanged total
+
+        use(h, utc(2026, 3, 10, 11), 5)
+        clock.tick(timedelta(minutes=15))
+        h.cycle()
+        assert [p.params["payload"]["value"] for p in posts(h)] == ["11", "16"]
+        assert stripe_total(h) == 16
+        timestamps = [int(p.params["timestamp"]) for p in posts(h)]
+        assert timestamps == sorted(timestamps) and len(set(timestamps)) == 2
+
+
+def test_sum_meter_matches_openmeter_through_increase_decrease_and_repeated_totals(harness):
+    h = harness
+    seed(h, formula="sum")
+    deltas = [10, 2, -2, 2, 0, -12, 5]  # totals 10, 12, 10, 12, 12, 0, 5
+    with freeze_time(MID) as clock:
+        for i, delta in enumerate(deltas):
+            if delta:
+                use(h, utc(2026, 3, 2, i), delta)
+            result = h.cycle()
+            assert result.summary.failed == 0, result.summary.failures
+            assert stripe_total(h) == sum(deltas[: i + 1])
+            clock.tick(timedelta(minutes=15))
+    identifiers = [p.params["identifier"] for p in posts(h)]
+    assert len(identifiers) == 6  # one per change; the unchanged cycle sent nothing
+    assert len(set(identifiers)) == len(identifiers)  # 10 -> 12 -> 10 -> 12 never reuses an identifier
+    values = [int(p.params["payload"]["value"]) for p in posts(h)]
+    assert values == [10, 2, -2, 2, -12, 5]
+
+
+def test_legacy_price_uses_usage_records_with_action_set_and_the_pinned_version(harness):
+    h = harness
+    item = seed(h, legacy=True, event_name="price_legacy")
+    use(h, utc(2026, 3, 2), 4)
+    with freeze_time(MID) as clock:
+        h.cycle()
+        use(h, utc(2026, 3, 3), 3)
+        clock.tick(timedelta(minutes=15))
+        h.cycle()
+        clock.tick(timedelta(minutes=15))
+        h.cycle()  # unchanged: no call
+    records = posts(h, f"/v1/subscription_items/{item['id']}/usage_records")
+    assert [r.params["quantity"] for r in records] == ["4", "7"]
+    assert {r.params["action"] for r in records} == {"set"}
+    assert {r.params["timestamp"] for r in records} == {str(ts(PERIOD_START) + 1)}
+    assert {r.headers["stripe-version"] for r in records} == {"2025-02-24.acacia"}
+    assert all(r.headers.get("idempotency-key") for r in records)
+    assert h.stripe.usage_record_total(item["id"]) == 7  # set, not increment
+    # Everything else uses the pinned current version.
+    others = [r for r in h.stripe.requests if "usage_records" not in r.path]
+    assert {r.headers["stripe-version"] for r in others} == {"2026-10-28.endive"}
+
+
+class ProcessKilled(BaseException):
+    """Stands in for SIGKILL: nothing after it in the process runs, not even `except Exception`."""
+
+
+@pytest.mark.parametrize("stripe_applied_it", [False, True], ids=["killed-before-send", "killed-after-send"])
+def test_crash_between_intent_and_stripe_answer_never_double_counts(harness, stripe_applied_it):
+    h = harness
+    seed(h, formula="sum")
+    use(h, utc(2026, 3, 2), 10)
+    real_send = h.stripe_gateway.send_meter_event
+
+    def dying_send(intent):
+        if stripe_applied_it:
+            real_send(intent)
+        raise ProcessKilled
+
+    with freeze_time(MID) as clock:
+        h.stripe_gateway.send_meter_event = dying_send
+        with pytest.raises(ProcessKilled):
+            h.cycle()
+        assert [r.state for r in h.rows("select state from usage_reports")] == ["pending"]
+
+        h.configure()  # a fresh process: new gateways, same database
+        clock.tick(timedelta(minutes=15))
+        use(h, utc(2026, 3, 3), 5)
+        result = h.cycle()
+        assert result.summary.failed == 0, result.summary.failures
+    assert stripe_total(h) == 15
+    assert len(h.stripe.meter_events) == 2  # the +10 once (resent with its identifier), then +5
+    assert [r.state for r in h.rows("select state from usage_reports order by sequence")] == ["sent", "sent"]
+
+
+def test_lost_response_is_resent_with_the_same_identifier_and_counted_once(harness):
+    h = harness
+    seed(h, formula="sum")
+    use(h, utc(2026, 3, 2), 10)
+    # Stripe applies the event, but every answer in this cycle is lost (3 attempts = 1 + max_network_retries).
+    h.stripe.inject_fault("POST", "/v1/billing/meter_events", 500, times=3, after_apply=True)
+    with freeze_time(MID) as clock:
+        first = h.cycle()
+        assert first.summary.failed == 1
+        clock.tick(timedelta(minutes=15))
+        second = h.cycle()
+        assert second.summary.failed == 0
+    assert stripe_total(h) == 10
+    sent = {p.params["identifier"] for p in posts(h)}
+    assert len(sent) == 1  # every attempt, across both cycles, carried the same identifier
+
+
+def test_rate_limit_and_server_errors_are_retried_within_the_cycle(harness):
+    h = harness
+    seed(h, formula="sum")
+    use(h, utc(2026, 3, 2), 3)
+    h.stripe.inject_fault("POST", "/v1/billing/meter_events", 429, headers={"Retry-After": "0"})
+    h.openmeter.inject_fault("GET", "/api/v1/meters/api_requests/query", 503)
+    with freeze_time(MID):
+        result = h.cycle()
+    assert (result.summary.reported, result.summary.failed) == (1, 0)
+    assert stripe_total(h) == 3
+
+
+def test_bad_meters_are_reported_clearly_while_other_customers_sync(harness):
+    h = harness
+    seed(h, customer="cus_good", formula="sum")
+    seed(h, customer="cus_count", event_name="logins", formula="count", om_meter="logins")
+    seed(h, customer="cus_off", event_name="seats", status="inactive", om_meter="seats")
+    seed(h, customer="cus_hourly", event_name="storage", event_time_window="hour", om_meter="storage")
+    seed(h, customer="cus_unmapped", event_name="not_in_config", om_meter="other")
+    h.configure(usage={"meters": [
+        {"stripe": "api_calls", "openmeter": "api_requests"},
+        {"stripe": "logins", "openmeter": "logins"},
+        {"stripe": "seats", "openmeter": "seats"},
+        {"stripe": "storage", "openmeter": "storage"},
+    ]})
+    use(h, utc(2026, 3, 2), 4, customer="cus_good")
+    with freeze_time(MID):
+        result = h.cycle()
+    summary = result.summary
+    assert (summary.reported, summary.failed, summary.unmapped) == (1, 3, 1)
+    assert stripe_total(h, customer="cus_good") == 4
+    failures = "\n".join(summary.failures)
+    assert "cus_count" in failures and "'logins'" in failures and "count" in failures
+    assert "cus_off" in failures and "inactive" in failures
+    assert "cus_hourly" in failures and "pre-aggregated" in failures
+
+
+def test_unknown_openmeter_meter_fails_that_customer_only(harness):
+    h = harness
+    seed(h, customer="cus_good", formula="sum")
+    seed(h, customer="cus_bad", event_name="tokens", om_meter="tokens")
+    del h.openmeter.meters["tokens"]
+    use(h, utc(2026, 3, 2), 2, customer="cus_good")
+    with freeze_time(MID):
+        result = h.cycle()
+    assert (result.summary.reported, result.summary.failed) == (1, 1)
+    assert "tokens" in result.summary.failures[0] and "not found" in result.summary.failures[0]
+    assert h.rows("select last_error from usage_periods where customer_id = 'cus_bad'") == []  # nothing written
+    assert stripe_total(h, customer="cus_good") == 2
+
+
+def test_empty_window_sends_nothing_and_never_queries_equal_bounds(harness):
+    h = harness
+    seed(h, formula="sum")
+    with freeze_time(PERIOD_START + timedelta(minutes=10)):  # 13:55, window [13:00, 13:00)
+        result = h.cycle()
+    assert result.summary.failed == 0
+    assert [r for r in h.openmeter.requests if r.path.endswith("/query")] == []
+    assert posts(h) == []
+
+
+def test_provisional_then_final_after_grace_then_late_drift(harness):
+    h = harness
+    item = seed(h, formula="sum")
+    use(h, utc(2026, 3, 5), 10)
+    with freeze_time(MID) as clock:
+        h.cycle()
+        assert stripe_total(h) == 10
+
+        # The period ends; Stripe rolls the item over to the next period.
+        next_end = utc(2026, 5, 1, 13, 45)
+        clock.move_to(PERIOD_END + timedelta(minutes=10))
+        h.stripe.set_item_period(item["id"], ts(PERIOD_END), ts(next_end))
+        use(h, utc(2026, 4, 1, 12, 30), 2)  # inside the last full window of the old period
+        result = h.cycle()
+        assert result.summary.finalized == 0
+        statuses = [row[0] for row in h.rows("select status from usage_periods order by period_start")]
+        assert statuses == ["provisional", "provisional"]  # the ended period and the new one
+        assert stripe_total(h) == 12
+
+        clock.move_to(PERIOD_END + timedelta(minutes=31))
+        use(h, utc(2026, 4, 1, 12, 40), 1)
+        result = h.cycle()
+        assert result.summary.finalized == 1
+        assert stripe_total(h) == 13
+        final_event = posts(h)[-1]
+        assert int(final_event.params["timestamp"]) == ts(PERIOD_END) - 1
+
+        clock.move_to(PERIOD_END + timedelta(hours=3))
+        use(h, utc(2026, 4, 1, 12, 50), 4)  # arrives after the period is final
+        result = h.cycle()
+        assert result.summary.late_drift == 1
+        clock.tick(timedelta(minutes=15))
+        assert h.cycle().summary.late_drift == 0  # recorded once per new value
+    assert stripe_total(h) == 13  # never sent into the closed period
+    drift = h.rows("select reported_total, observed_total from late_drift")
+    assert [tuple(row) for row in drift] == [(13, 17)]
+
+
+def test_two_items_on_one_meter_refuse_that_customer(harness):
+    h = harness
+    seed(h, customer="cus_twice")
+    seed(h, customer="cus_twice")
+    seed(h, customer="cus_once")
+    use(h, utc(2026, 3, 2), 1, customer="cus_once")
+    with freeze_time(MID):
+        result = h.cycle()
+    assert (result.summary.reported, result.summary.failed) == (1, 2)
+    assert all("cus_twice" in f for f in result.summary.failures)
+
+
+def test_dry_run_writes_nothing_anywhere(harness):
+    h = harness
+    seed(h, formula="sum")
+    use(h, utc(2026, 3, 2), 10)
+    with freeze_time(MID):
+        result = h.cycle(dry_run=True)
+    assert [(p.decision.action.value, p.decision.quantity) for p in result.plan] == [("report", 10)]
+    assert posts(h) == []
+    assert h.stripe.meter_events == []
+    for table in ("usage_periods", "usage_reports", "runs", "late_drift"):
+        assert h.rows(f"select count(*) from {table}")[0][0] == 0
+
+
+def test_customer_filter_syncs_only_that_customer(harness):
+    h = harness
+    seed(h, customer="cus_A")
+    seed(h, customer="cus_B")
+    use(h, utc(2026, 3, 2), 1, customer="cus_A")
+    use(h, utc(2026, 3, 2), 2, customer="cus_B")
+    with freeze_time(MID):
+        result = h.cycle(customers=frozenset({"cus_B"}))
+    assert result.summary.seen == 1
+    assert stripe_total(h, customer="cus_B") == 2
+    assert stripe_total(h, customer="cus_A") == 0
+
+
+def test_a_pending_sum_intent_older_than_the_dedupe_window_is_not_resent(harness):
+    h = harness
+    seed(h, formula="sum")
+    use(h, utc(2026, 3, 2), 10)
+
+    def unreachable(intent):
+        raise OutcomeUnknownError("stripe", "connection failed")
+
+    with freeze_time(MID) as clock:
+        h.stripe_gateway.send_meter_event = unreachable
+        h.cycle()
+        h.configure()
+        clock.tick(timedelta(hours=25))
+        result = h.cycle()
+    assert result.summary.failed == 1
+    assert "deduplication window" in result.summary.failures[0]
+    assert h.stripe.meter_events == []

@@ -1,0 +1,280 @@
+"""FakeOpenMeter driven through the real openmeter SDK over HTTP."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+
+import openmeter
+import pytest
+from corehttp.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
+from freezegun import freeze_time
+
+from reconciler.sandbox.httpserver import LoopbackServer
+from reconciler.sandbox.openmeter_fake import FakeOpenMeter
+
+TOKEN = "om_sandbox_token"
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def fake() -> FakeOpenMeter:
+    return FakeOpenMeter()
+
+
+@pytest.fixture
+def server(fake: FakeOpenMeter) -> Iterator[LoopbackServer]:
+    with LoopbackServer(fake) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server: LoopbackServer) -> Iterator[openmeter.Client]:
+    with openmeter.Client(
+        endpoint=server.url, token=TOKEN, retry_total=0, connection_timeout=5, read_timeout=5
+    ) as c:
+        yield c
+
+
+def _raw(server: LoopbackServer, path: str, params: list[tuple[str, str]] | None = None, token: str = TOKEN):
+    url = server.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, resp.headers.get("Content-Type"), json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, err.headers.get("Content-Type"), json.loads(err.read())
+
+
+def _rows(result) -> list[tuple]:
+    return [(r.subject, dict(r.group_by), r.window_start, r.window_end, r.value) for r in result.data]
+
+
+def test_meters_list_and_get(client: openmeter.Client, fake: FakeOpenMeter):
+    fake.add_meter("tokens_total", aggregation="SUM", event_type="prompt", group_by={"model": "$.model"})
+    fake.add_meter("api_requests", aggregation="COUNT")
+    meters = client.meters.list()
+    assert {m.slug for m in meters} == {"tokens_total", "api_requests"}
+    meter = client.meters.get("tokens_total")
+    assert meter.aggregation == "SUM" and meter.event_type == "prompt"
+    assert meter.value_property == "$.value" and meter.group_by == {"model": "$.model"}
+    assert len(meter.id) == 26
+    assert client.meters.get(meter.id).slug == "tokens_total"  # id works as well as slug
+
+
+def test_query_subjects_bounds_and_shape(client: openmeter.Client, fake: FakeOpenMeter, server):
+    fake.add_meter("tokens_total")
+    fake.ingest("tokens_total", "cus_a", T0, 5)  # at `from`: included
+    fake.ingest("tokens_total", "cus_a", T0 + timedelta(minutes=30), 7)
+    fake.ingest("tokens_total", "cus_b", T0 + timedelta(minutes=10), 1)
+    fake.ingest("tokens_total", "cus_a", T0 + timedelta(hours=1), 100)  # at `to`: excluded
+    fake.ingest("tokens_total", "cus_c", T0 - timedelta(seconds=1), 100)  # before `from`
+    to = T0 + timedelta(hours=1)
+    res = client.meters.query_json("tokens_total", from_parameter=T0, to=to, subject=["cus_a", "cus_b"])
+    assert _rows(res) == [("cus_a", {}, T0, to, 12.0), ("cus_b", {}, T0, to, 1.0)]
+    # Without a subject filter all subjects are aggregated together, subject null.
+    res = client.meters.query_json("tokens_total", from_parameter=T0, to=to)
+    assert _rows(res) == [(None, {}, T0, to, 13.0)]
+    query = fake.requests[-2].query
+    assert query["subject"] == ["cus_a", "cus_b"]
+    status, ctype, body = _raw(
+        server,
+        "/api/v1/meters/tokens_total/query",
+        [("from", "2026-01-01T00:00:00Z"), ("to", "2026-01-01T01:00:00Z")],
+    )
+    assert status == 200 and ctype == "application/json"
+    assert body == {
+        "from": "2026-01-01T00:00:00Z",
+        "to": "2026-01-01T01:00:00Z",
+        "data": [
+            {
+                "value": 13.0,
+                "windowStart": "2026-01-01T00:00:00Z",
+                "windowEnd": "2026-01-01T01:00:00Z",
+                "subject": None,
+                "groupBy": {},
+            }
+        ],
+    }
+
+
+def test_query_group_by(client: openmeter.Client, fake: FakeOpenMeter):
+    fake.add_meter("tokens_total", group_by={"model": "$.model"})
+    fake.ingest("tokens_total", "s1", T0, 2, {"model": "gpt"})
+    fake.ingest("tokens_total", "s1", T0, 3, {"model": "claude"})
+    fake.ingest("tokens_total", "s2", T0, 4, {"model": "gpt"})
+    to = T0 + timedelta(days=1)
+    res = client.meters.query_json("tokens_total", from_parameter=T0, to=to, group_by=["model"])
+    assert [(r.subject, dict(r.group_by), r.value) for r in res.data] == [
+        (None, {"model": "claude"}, 3.0),
+        (None, {"model": "gpt"}, 6.0),
+    ]
+    res = client.meters.query_json("tokens_total", from_parameter=T0, to=to, group_by=["subject", "model"])
+    assert [(r.subject, r.group_by["model"], r.value) for r in res.data] == [
+        ("s1", "claude", 3.0),
+        ("s1", "gpt", 2.0),
+        ("s2", "gpt", 4.0),
+    ]
+    with pytest.raises(HttpResponseError) as exc:
+        client.meters.query_json("tokens_total", from_parameter=T0, to=to, group_by=["nope"])
+    assert exc.value.status_code == 400
+
+
+def test_query_windows_and_time_zone(client: openmeter.Client, fake: FakeOpenMeter):
+    fake.add_meter("tokens_total")
+    fake.ingest("tokens_total", "s", T0 + timedelta(hours=1, minutes=5), 1)
+    fake.ingest("tokens_total", "s", T0 + timedelta(hours=1, minutes=55), 2)
+    fake.ingest("tokens_total", "s", T0 + timedelta(hours=7), 4)
+    to = T0 + timedelta(days=1)
+    res = client.meters.query_json("tokens_total", from_parameter=T0, to=to, window_size="HOUR")
+    assert res.window_size == "HOUR"
+    assert [(r.window_start, r.window_end, r.value) for r in res.data] == [
+        (T0 + timedelta(hours=1), T0 + timedelta(hours=2), 3.0),
+        (T0 + timedelta(hours=7), T0 + timedelta(hours=8), 4.0),
+    ]
+    # New York is UTC-5 in January: the local day boundary is 05:00Z.
+    res = client.meters.query_json(
+        "tokens_total", from_parameter=T0, to=to, window_size="DAY", window_time_zone="America/New_York"
+    )
+    ny_midnight = datetime(2026, 1, 1, 5, tzinfo=UTC)
+    assert [(r.window_start, r.window_end, r.value) for r in res.data] == [
+        (ny_midnight - timedelta(days=1), ny_midnight, 3.0),
+        (ny_midnight, ny_midnight + timedelta(days=1), 4.0),
+    ]
+    res = client.meters.query_json(
+        "tokens_total", from_parameter=T0, to=to, window_size="HOUR", window_time_zone="Asia/Kolkata"
+    )
+    assert res.data[0].window_start == T0 + timedelta(minutes=30)  # +05:30 aligns hours at :30 UTC
+    res = client.meters.query_json("tokens_total", from_parameter=T0, to=to, window_size="MONTH")
+    assert [(r.window_start, r.window_end, r.value) for r in res.data] == [
+        (T0, datetime(2026, 2, 1, tzinfo=UTC), 7.0)
+    ]
+
+
+def test_query_empty_range_returns_empty_data(client: openmeter.Client, fake: FakeOpenMeter):
+    fake.add_meter("tokens_total")
+    fake.ingest("tokens_total", "s", T0, 1)
+    res = client.meters.query_json(
+        "tokens_total", from_parameter=T0 + timedelta(days=1), to=T0 + timedelta(days=2), subject=["s"]
+    )
+    assert res.data == []
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "values", "expected"),
+    [
+        ("SUM", [1, 2.5, 3], 6.5),
+        ("COUNT", [1, 2, 3], 3.0),
+        ("MAX", [1, 9, 3], 9.0),
+        ("MIN", [4, 2, 3], 2.0),
+        ("AVG", [1, 2, 6], 3.0),
+        ("LATEST", [10, 20, 5], 5.0),
+        ("UNIQUE_COUNT", ["a", "b", "a"], 2.0),
+    ],
+)
+def test_aggregations(client: openmeter.Client, fake: FakeOpenMeter, aggregation, values, expected):
+    fake.add_meter("m", aggregation=aggregation)
+    for i, v in enumerate(values):
+        fake.ingest("m", "s", T0 + timedelta(minutes=i), v)
+    res = client.meters.query_json("m", from_parameter=T0, to=T0 + timedelta(hours=1), subject=["s"])
+    assert [r.value for r in res.data] == [expected]
+
+
+def test_bad_ranges_are_400_problems(client: openmeter.Client, fake: FakeOpenMeter, server):
+    fake.add_meter("tokens_total")
+    for start, end in ((T0, T0), (T0 + timedelta(hours=1), T0)):
+        with pytest.raises(HttpResponseError) as exc:
+            client.meters.query_json("tokens_total", from_parameter=start, to=end)
+        assert exc.value.status_code == 400
+    status, ctype, body = _raw(
+        server,
+        "/api/v1/meters/tokens_total/query",
+        [("from", "2026-01-01T00:00:00Z"), ("to", "2026-01-01T00:00:00Z")],
+    )
+    assert status == 400 and ctype == "application/problem+json"
+    assert body["status"] == 400 and body["title"] == "Bad Request"
+    assert {"type", "title", "detail", "instance"} <= set(body)
+    status, _, _ = _raw(server, "/api/v1/meters/tokens_total/query", [("from", "yesterday")])
+    assert status == 400
+    status, _, _ = _raw(server, "/api/v1/meters/tokens_total/query", [("windowTimeZone", "Mars/Olympus")])
+    assert status == 400
+
+
+def test_rfc3339_offsets_and_fractions(fake: FakeOpenMeter, server):
+    fake.add_meter("tokens_total")
+    fake.ingest("tokens_total", "s", datetime(2026, 1, 1, 0, 0, 0, 400000, tzinfo=UTC), 1)  # before from
+    fake.ingest("tokens_total", "s", datetime(2026, 1, 1, 0, 0, 0, 600000, tzinfo=UTC), 2)
+    fake.ingest("tokens_total", "s", datetime(2026, 1, 1, 0, 59, tzinfo=UTC), 4)
+    status, _, body = _raw(
+        server,
+        "/api/v1/meters/tokens_total/query",
+        [("from", "2026-01-01T01:00:00.5+01:00"), ("to", "2025-12-31T19:59:00.000000000-05:00")],
+    )
+    assert status == 200
+    assert body["from"] == "2026-01-01T00:00:00.5Z" and body["to"] == "2026-01-01T00:59:00Z"
+    assert [row["value"] for row in body["data"]] == [2.0]
+
+
+def test_unknown_meter_is_404(client: openmeter.Client, fake: FakeOpenMeter):
+    with pytest.raises(ResourceNotFoundError) as exc:
+        client.meters.query_json("missing", from_parameter=T0, to=T0 + timedelta(hours=1))
+    assert exc.value.status_code == 404
+    with pytest.raises(ResourceNotFoundError):
+        client.meters.get("missing")
+
+
+def test_bad_token_is_401(server: LoopbackServer, fake: FakeOpenMeter):
+    fake.add_meter("tokens_total")
+    with (
+        openmeter.Client(endpoint=server.url, token="wrong", retry_total=0) as bad,
+        pytest.raises(ClientAuthenticationError) as exc,
+    ):
+        bad.meters.query_json("tokens_total", from_parameter=T0, to=T0 + timedelta(hours=1))
+    assert exc.value.status_code == 401
+    status, ctype, body = _raw(server, "/api/v1/meters", token="")
+    assert (status, ctype, body["status"]) == (401, "application/problem+json", 401)
+
+
+def test_fault_injection(client: openmeter.Client, fake: FakeOpenMeter):
+    fake.add_meter("tokens_total")
+    fake.ingest("tokens_total", "s", T0, 3)
+    fake.inject_fault("GET", "/api/v1/meters/tokens_total/query", 503, times=2)
+    for _ in range(2):
+        with pytest.raises(HttpResponseError) as exc:
+            client.meters.query_json("tokens_total", from_parameter=T0, to=T0 + timedelta(hours=1))
+        assert exc.value.status_code == 503
+    res = client.meters.query_json("tokens_total", from_parameter=T0, to=T0 + timedelta(hours=1))
+    assert [r.value for r in res.data] == [3.0]
+    fake.inject_fault("GET", "/api/v1/meters", 500, body={"detail": "boom"}, after_apply=True)
+    with pytest.raises(HttpResponseError) as exc:
+        client.meters.list()
+    assert exc.value.status_code == 500
+    assert len([r for r in fake.requests if r.path.endswith("/query")]) == 3
+
+
+def test_default_to_follows_fake_clock(client: openmeter.Client, fake: FakeOpenMeter):
+    fake.add_meter("tokens_total")
+    fake.ingest("tokens_total", "s", T0 + timedelta(minutes=1), 1)
+    fake.ingest("tokens_total", "s", T0 + timedelta(minutes=20), 2)
+    with freeze_time("2026-01-01 00:10:00"):
+        res = client.meters.query_json("tokens_total", from_parameter=T0)
+    assert [(r.value, r.window_end) for r in res.data] == [(1.0, T0 + timedelta(minutes=10))]
+
+
+def test_ingest_accepts_offsets_and_reset(fake: FakeOpenMeter, client: openmeter.Client):
+    fake.add_meter("tokens_total")
+    plus_two = timezone(timedelta(hours=2))
+    fake.ingest("tokens_total", "s", datetime(2026, 1, 1, 2, 30, tzinfo=plus_two), 1)  # 00:30Z
+    res = client.meters.query_json(
+        "tokens_total", from_parameter=T0, to=T0 + timedelta(hours=1), window_size="MINUTE"
+    )
+    assert res.data[0].window_start == T0 + timedelta(minutes=30)
+    fake.reset()
+    assert fake.requests == [] and fake.meters == {}
+    with pytest.raises(ResourceNotFoundError):
+        client.meters.get("tokens_total")

@@ -1,0 +1,112 @@
+"""Loading and validating config.yaml: key paths in every message, secrets from the environment only."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reconciler.config import ConfigError, load_config, parse_config
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MINIMAL = {"stripe": {"api_key": "sk_test_abc"}, "openmeter": {"token": "om_token"}}
+
+
+def problems_of(raw) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw)
+    return caught.value.problems
+
+
+def test_the_documented_sample_is_valid(monkeypatch):
+    monkeypatch.setenv("STRIPE_API_KEY", "sk_test_sample")
+    monkeypatch.setenv("OPENMETER_API_TOKEN", "om_sample")
+    monkeypatch.delenv("RECONCILER_DATABASE_URL", raising=False)
+    config = load_config(REPO_ROOT / "config.yaml")
+    assert config.database.url == "sqlite:///reconciler.db"
+    assert config.stripe.api_key.get_secret_value() == "sk_test_sample"
+    assert config.usage.window_size == "HOUR"
+    assert config.usage.meters[0].openmeter == "api_requests"
+
+
+def test_wrong_enum_names_the_key_path_and_the_choices():
+    raw = {**MINIMAL, "usage": {"window_size": "WEEK"}}
+    assert problems_of(raw) == ["usage.window_size: must be one of MINUTE, HOUR, DAY"]
+
+
+def test_unknown_key_and_wrong_type_are_reported_together():
+    raw = {**MINIMAL, "usage": {"windowsize": "HOUR", "meters": [{"stripe": "a", "openmeter": "b", "rounding": 3}]}}
+    problems = problems_of(raw)
+    assert "usage.windowsize: unknown key" in problems
+    assert any(p.startswith("usage.meters[0].rounding: must be one of ceil, round, floor") for p in problems)
+
+
+def test_missing_secret_names_the_environment_variable(monkeypatch):
+    monkeypatch.delenv("RECONCILER_TEST_UNSET_KEY", raising=False)
+    raw = {"stripe": {"api_key": "${RECONCILER_TEST_UNSET_KEY}"}, "openmeter": {"token": "t"}}
+    assert problems_of(raw) == ["stripe.api_key: environment variable RECONCILER_TEST_UNSET_KEY is not set"]
+
+
+def test_missing_section_names_the_key():
+    assert "openmeter: required key is missing" in problems_of({"stripe": {"api_key": "k"}})
+
+
+def test_env_default_is_used_when_the_variable_is_unset(monkeypatch):
+    monkeypatch.delenv("RECONCILER_TEST_DB", raising=False)
+    config = parse_config({**MINIMAL, "database": {"url": "${RECONCILER_TEST_DB:-sqlite:///x.db}"}})
+    assert config.database.url == "sqlite:///x.db"
+    monkeypatch.setenv("RECONCILER_TEST_DB", "postgresql+psycopg://u@h/db")
+    config = parse_config({**MINIMAL, "database": {"url": "${RECONCILER_TEST_DB:-sqlite:///x.db}"}})
+    assert config.database.url == "postgresql+psycopg://u@h/db"
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "expected"),
+    [
+        ({"usage": {"grace_period": "half an hour"}}, None, "usage.grace_period: 'half an hour' is not a duration"),
+        ({"usage": {"window_time_zone": "Mars/Olympus"}}, None, "usage.window_time_zone: 'Mars/Olympus' is not"),
+        ({"usage": {"subject": "email"}}, None, "usage.subject: must be customer_id or metadata:<key>"),
+        ({"schedule": {"usage_sync": "every so often"}}, None, "schedule.usage_sync: 'every so often' is neither"),
+        ({"stripe": {"api_key": "k", "max_network_retries": "many"}}, None, "stripe.max_network_retries:"),
+    ],
+)
+def test_invalid_values_name_their_key(section, value, expected):
+    raw = {**MINIMAL, **section}
+    assert any(p.startswith(expected) for p in problems_of(raw)), problems_of(raw)
+
+
+def test_durations_and_schedules_parse():
+    config = parse_config({**MINIMAL, "usage": {"grace_period": "45m", "lookback": "10d"},
+                           "schedule": {"usage_sync": "5m"}})
+    assert config.usage.grace_period.total_seconds() == 45 * 60
+    assert config.usage.lookback.days == 10
+
+
+def test_secrets_are_masked_in_the_effective_config():
+    config = parse_config(MINIMAL)
+    dumped = yaml.safe_dump(config.masked())
+    assert "sk_test_abc" not in dumped and "om_token" not in dumped
+    assert "**********" in dumped
+    assert "sk_test_abc" not in repr(config)
+
+
+def test_grace_period_not_shorter_than_invoice_grace_is_warned_about():
+    ok = parse_config(MINIMAL)
+    risky = parse_config({**MINIMAL, "usage": {"grace_period": "2h"}})
+    assert ok.warnings() == []
+    assert "usage.grace_period" in risky.warnings()[0]
+
+
+def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stripe: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_config_path_falls_back_to_the_environment_variable(tmp_path, monkeypatch):
+    path = tmp_path / "elsewhere.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "usage": {"window_size": "DAY"}}))
+    monkeypatch.setenv("RECONCILER_CONFIG", str(path))
+    assert load_config(None).usage.window_size == "DAY"
