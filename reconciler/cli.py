@@ -31,8 +31,8 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="config.yaml to use (default: $RECONCILER_CONFIG, else ./config.yaml)"),
 ]
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 @app.callback()
@@ -129,6 +129,39 @@ def demo() -> None:
     from reconciler.demo import run_demo
 
     raise typer.Exit(run_demo(out))
+
+
+@app.command("sandbox")
+def sandbox(
+    stripe_port: Annotated[int, typer.Option(help="Port for the fake Stripe API.")] = 12111,
+    openmeter_port: Annotated[int, typer.Option(help="Port for the fake OpenMeter API.")] = 12112,
+) -> None:
+    """Serve the seeded Stripe and OpenMeter fakes on loopback until Ctrl-C, to try `reconciler run` locally."""
+    import signal
+    import threading
+
+    from reconciler.clock import utc_now
+    from reconciler.sandbox.seed import seed_sandbox
+    from reconciler.sandbox.server import SANDBOX_OPENMETER_TOKEN, SANDBOX_STRIPE_KEY, Sandbox
+
+    served = Sandbox.start(stripe_port=stripe_port, openmeter_port=openmeter_port)
+    seed_sandbox(served.stripe, served.openmeter, utc_now())
+    out.print("Sandbox running. Point config.yaml at it with:", markup=False)
+    for name, value in (
+        ("STRIPE_API_BASE", served.stripe_server.url),
+        ("STRIPE_API_KEY", SANDBOX_STRIPE_KEY),
+        ("OPENMETER_URL", served.openmeter_server.url),
+        ("OPENMETER_API_TOKEN", SANDBOX_OPENMETER_TOKEN),
+    ):
+        out.print(f"  export {name}={value}", markup=False, highlight=False)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        served.stop()
 
 
 def print_summary(result: CycleResult, console: Console) -> None:

@@ -11,19 +11,17 @@ from typing import Any
 import structlog
 from structlog.typing import EventDict, Processor
 
-MASK = "**********"
+from reconciler.redact import redact
 
 
 class SecretScrubber:
     """A processor that replaces any occurrence of a known secret in any string value of an event."""
 
     def __init__(self, secrets: Iterable[str]):
-        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._secrets = list(secrets)
 
     def scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, MASK)
-        return text
+        return redact(text, self._secrets)
 
     def __call__(self, _logger: Any, _method: str, event: EventDict) -> EventDict:
         for key, value in event.items():

@@ -84,11 +84,13 @@ def sandbox_config(stripe_url: str, openmeter_url: str, database_url: str, **sec
         "database": {"url": database_url},
         "stripe": {"api_key": STRIPE_KEY, "api_base": stripe_url, "max_network_retries": 2},
         "openmeter": {"url": openmeter_url, "token": OPENMETER_TOKEN, "max_retries": 2},
-        "usage": {"meters": [
-            {"stripe": "api_calls", "openmeter": "api_requests"},
-            {"stripe": "tokens", "openmeter": "tokens"},
-            {"stripe": "price_legacy", "openmeter": "api_requests"},
-        ]},
+        "usage": {
+            "meters": [
+                {"stripe": "api_calls", "openmeter": "api_requests"},
+                {"stripe": "tokens", "openmeter": "tokens"},
+                {"stripe": "price_legacy", "openmeter": "api_requests"},
+            ]
+        },
         "logging": {"level": "DEBUG", "format": "console"},
     }
     for section, values in sections.items():
@@ -99,8 +101,9 @@ def sandbox_config(stripe_url: str, openmeter_url: str, database_url: str, **sec
 class Harness:
     """The real usage sync (real SDKs, real HTTP, real database) wired to the sandbox fakes."""
 
-    def __init__(self, stripe: FakeStripe, stripe_url: str, openmeter: FakeOpenMeter, openmeter_url: str,
-                 database_url: str):
+    def __init__(
+        self, stripe: FakeStripe, stripe_url: str, openmeter: FakeOpenMeter, openmeter_url: str, database_url: str
+    ):
         self.stripe = stripe
         self.openmeter = openmeter
         self.stripe_url = stripe_url
@@ -114,8 +117,9 @@ class Harness:
         self.config = sandbox_config(self.stripe_url, self.openmeter_url, self.database_url, **sections)
         self.ledger = UsageLedger(self.engine, utc_now)
         self.stripe_gateway = StripeGateway(self.config.stripe)
-        self.sync = UsageSync(self.config, self.stripe_gateway, OpenMeterGateway(self.config.openmeter),
-                              self.ledger, clock=utc_now)
+        self.sync = UsageSync(
+            self.config, self.stripe_gateway, OpenMeterGateway(self.config.openmeter), self.ledger, clock=utc_now
+        )
 
     def cycle(self, **kwargs: Any) -> CycleResult:
         return self.sync.run_cycle(**kwargs)

@@ -47,7 +47,12 @@ def upgrade() -> None:
     op.create_table(
         "usage_reports",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
-        sa.Column("period_id", sa.Integer(), sa.ForeignKey("usage_periods.id", name="fk_usage_reports_period_id_usage_periods"), nullable=False),
+        sa.Column(
+            "period_id",
+            sa.Integer(),
+            sa.ForeignKey("usage_periods.id", name="fk_usage_reports_period_id_usage_periods"),
+            nullable=False,
+        ),
         sa.Column("sequence", sa.Integer(), nullable=False),
         sa.Column("identifier", sa.String(100), nullable=False),
         sa.Column("quantity", sa.BigInteger(), nullable=False),
@@ -68,7 +73,12 @@ def upgrade() -> None:
     op.create_table(
         "late_drift",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
-        sa.Column("period_id", sa.Integer(), sa.ForeignKey("usage_periods.id", name="fk_late_drift_period_id_usage_periods"), nullable=False),
+        sa.Column(
+            "period_id",
+            sa.Integer(),
+            sa.ForeignKey("usage_periods.id", name="fk_late_drift_period_id_usage_periods"),
+            nullable=False,
+        ),
         sa.Column("observed_at", sa.DateTime(), nullable=False),
         sa.Column("reported_total", sa.BigInteger(), nullable=False),
         sa.Column("observed_total", sa.BigInteger(), nullable=False),

@@ -69,6 +69,5 @@ def require_migrated(engine: Engine) -> None:
     if current != head:
         state = "has no reconciler tables" if current is None else f"is at revision {current}, not {head}"
         raise DatabaseNotMigratedError(
-            f"the database {engine.url.render_as_string(hide_password=True)} {state}: "
-            "run `reconciler db upgrade` first"
+            f"the database {engine.url.render_as_string(hide_password=True)} {state}: run `reconciler db upgrade` first"
         )

@@ -82,9 +82,7 @@ class UsageLedger:
             rows = session.scalars(
                 select(UsagePeriod)
                 .where(UsagePeriod.period_end <= now)
-                .where(
-                    (UsagePeriod.status == PeriodStatus.PROVISIONAL) | (UsagePeriod.period_end > now - lookback)
-                )
+                .where((UsagePeriod.status == PeriodStatus.PROVISIONAL) | (UsagePeriod.period_end > now - lookback))
                 .order_by(UsagePeriod.id)
             ).all()
         for row in rows:
@@ -201,8 +199,14 @@ class UsageLedger:
         run_id = str(uuid.uuid4())
         with self._sessions.begin() as session:
             session.add(
-                Run(id=run_id, job=job, started_at=self._clock(), status="running",
-                    host=socket.gethostname(), pid=os.getpid())
+                Run(
+                    id=run_id,
+                    job=job,
+                    started_at=self._clock(),
+                    status="running",
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                )
             )
         return run_id
 

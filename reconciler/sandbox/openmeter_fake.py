@@ -248,9 +248,7 @@ class FakeOpenMeter(FakeService):
         body = json.dumps(self._problem_body(status, detail)).encode()
         return status, {"Content-Type": "application/problem+json"}, body
 
-    def _handle_locked(
-        self, method: str, path: str, query: dict[str, list[str]], hdrs: Mapping[str, str]
-    ) -> Response:
+    def _handle_locked(self, method: str, path: str, query: dict[str, list[str]], hdrs: Mapping[str, str]) -> Response:
         auth = hdrs.get("authorization", "")
         if not auth.lower().startswith("bearer ") or auth[7:].strip() != self.token:
             return self._problem(401, "unauthorized: missing or invalid bearer token")
@@ -341,9 +339,7 @@ class FakeOpenMeter(FakeService):
             raise Problem(400, "invalid time range: from must be before to")
         window_size = one("windowSize")
         if window_size is not None and window_size not in WINDOW_SIZES:
-            raise Problem(
-                400, f"invalid windowSize {window_size!r}: must be one of {', '.join(WINDOW_SIZES)}"
-            )
+            raise Problem(400, f"invalid windowSize {window_size!r}: must be one of {', '.join(WINDOW_SIZES)}")
         tz_name = one("windowTimeZone") or "UTC"
         try:
             tz = ZoneInfo(tz_name)

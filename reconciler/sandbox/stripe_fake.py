@@ -541,9 +541,7 @@ class FakeStripe(FakeService):
             if price not in self.prices:
                 raise KeyError(f"unknown price {price!r}")
             first = self.subscription_items[items[0]] if items else {}
-            start = (
-                current_period_start if current_period_start is not None else first["current_period_start"]
-            )
+            start = current_period_start if current_period_start is not None else first["current_period_start"]
             end = current_period_end if current_period_end is not None else first["current_period_end"]
             iid = self._add_item(subscription, price, start, end, self._now())
             return self._render_item(self.subscription_items[iid])
@@ -718,9 +716,7 @@ class FakeStripe(FakeService):
             masked = key[:8] + "*" * max(0, len(key) - 12) + key[-4:] if len(key) > 12 else "****"
             raise StripeError(401, f"Invalid API Key provided: {masked}", code="api_key_invalid")
 
-    def _handle_locked(
-        self, method: str, path: str, params: dict[str, Any], hdrs: Mapping[str, str]
-    ) -> Response:
+    def _handle_locked(self, method: str, path: str, params: dict[str, Any], hdrs: Mapping[str, str]) -> Response:
         try:
             self._authenticate(hdrs)
         except StripeError as e:
@@ -885,9 +881,7 @@ class FakeStripe(FakeService):
         price = params.get("price")
         if price:
             subs = [
-                s
-                for s in subs
-                if any(self.subscription_items[i]["price"] == price for i in self._sub_items[s["id"]])
+                s for s in subs if any(self.subscription_items[i]["price"] == price for i in self._sub_items[s["id"]])
             ]
         cust_expand = {"customer"} if "data.customer" in expand else set()
         return self._paginate(
@@ -920,9 +914,7 @@ class FakeStripe(FakeService):
             self._render_item,
         )
 
-    def _h_get_subscription_item(
-        self, params: dict[str, Any], hdrs: Mapping[str, str], id: str
-    ) -> dict[str, Any]:
+    def _h_get_subscription_item(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
         self._expand(params, {"price"})
         if id not in self.subscription_items:
             raise _no_such("subscription item", id)
@@ -954,9 +946,7 @@ class FakeStripe(FakeService):
         allowed = {"event_name", "payload", "identifier", "timestamp", "expand"}
         for key in params:
             if key not in allowed:
-                raise StripeError(
-                    400, f"Received unknown parameter: {key}", param=key, code="parameter_unknown"
-                )
+                raise StripeError(400, f"Received unknown parameter: {key}", param=key, code="parameter_unknown")
         event_name = params.get("event_name")
         if not event_name:
             raise _missing("event_name")
@@ -974,13 +964,9 @@ class FakeStripe(FakeService):
             raise StripeError(400, "Invalid object", param="payload", code="parameter_invalid_object")
         for k, v in payload.items():
             if not isinstance(v, str):
-                raise StripeError(
-                    400, "Invalid string: payload values must be strings", param=f"payload[{k}]"
-                )
+                raise StripeError(400, "Invalid string: payload values must be strings", param=f"payload[{k}]")
         identifier = params.get("identifier")
-        if identifier is not None and (
-            not isinstance(identifier, str) or identifier == "" or len(identifier) > 100
-        ):
+        if identifier is not None and (not isinstance(identifier, str) or identifier == "" or len(identifier) > 100):
             raise StripeError(
                 400,
                 "Invalid identifier: must be between 1 and 100 characters",
@@ -1160,16 +1146,12 @@ class FakeStripe(FakeService):
             with_data = {
                 e.timestamp // size
                 for e in self.meter_events
-                if e.event_name == meter["event_name"]
-                and e.customer == customer
-                and start <= e.timestamp < end
+                if e.event_name == meter["event_name"] and e.customer == customer and start <= e.timestamp < end
             }
             for bucket in sorted(with_data, reverse=True):  # newest window first, like Stripe
                 s, e = bucket * size, (bucket + 1) * size
                 summaries.append(summary(s, e, self._aggregate(meter, customer, s, e)))
-        return self._paginate(
-            summaries, params, f"/v1/billing/meters/{id}/event_summaries", "meter event summary"
-        )
+        return self._paginate(summaries, params, f"/v1/billing/meters/{id}/event_summaries", "meter event summary")
 
     # -- legacy usage records ---------------------------------------------------------------------
 
@@ -1235,9 +1217,7 @@ class FakeStripe(FakeService):
             "timestamp": timestamp,
         }
 
-    def _h_usage_record_summaries(
-        self, params: dict[str, Any], hdrs: Mapping[str, str], id: str
-    ) -> dict[str, Any]:
+    def _h_usage_record_summaries(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
         item = self._legacy_item(hdrs, id, "usage record summaries")
         summary = {
             "id": "sis_" + hashlib.sha1(f"{id}|{item['current_period_start']}".encode()).hexdigest()[:24],

@@ -13,6 +13,7 @@ import openmeter
 from corehttp.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
 
 from reconciler.config import OpenMeterConfig
+from reconciler.redact import redact
 from reconciler.upstream.errors import PermanentError, RateLimitedError, TransientError, UpstreamError
 from reconciler.upstream.retry import call_with_retries
 from reconciler.usage.model import UsageWindow
@@ -29,10 +30,11 @@ def _problem_detail(exc: HttpResponseError) -> str:
         return str(exc.reason or exc.message)
 
 
-def translate_error(exc: Exception, meter: str) -> UpstreamError:
+def translate_error(exc: Exception, meter: str, secrets: tuple[str, ...] = ()) -> UpstreamError:
+    """Map an SDK/corehttp exception onto our taxonomy (reconciler.upstream.errors), secrets removed."""
     if isinstance(exc, HttpResponseError) and exc.status_code is not None:
         status = exc.status_code
-        detail = _problem_detail(exc)
+        detail = redact(_problem_detail(exc), secrets)
         if status == 429:
             retry_after = exc.response.headers.get("Retry-After")
             wait = float(retry_after) if retry_after and retry_after.isdigit() else None
@@ -46,7 +48,7 @@ def translate_error(exc: Exception, meter: str) -> UpstreamError:
         return PermanentError(API, f"query on meter {meter!r} refused: {detail}", status=status)
     if isinstance(exc, ServiceRequestError | ServiceResponseError):
         return TransientError(API, f"connection failed: {type(exc).__name__}")
-    return TransientError(API, f"{type(exc).__name__}: {exc}")
+    return TransientError(API, redact(f"{type(exc).__name__}: {exc}", secrets))
 
 
 class OpenMeterGateway:
@@ -73,9 +75,8 @@ class OpenMeterGateway:
                     meter, from_parameter=window.start, to=window.end, subject=[subject]
                 )
             except (HttpResponseError, ServiceRequestError, ServiceResponseError) as exc:
-                raise translate_error(exc, meter) from None
-            return sum((Decimal(repr(row.value)) for row in result.data if row.subject in (subject, None)),
-                       Decimal(0))
+                raise translate_error(exc, meter, (self._config.token.get_secret_value(),)) from None
+            return sum((Decimal(repr(row.value)) for row in result.data if row.subject in (subject, None)), Decimal(0))
 
         return call_with_retries(attempt, max_retries=self._config.max_retries, what=f"openmeter query {meter}")
 

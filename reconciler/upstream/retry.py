@@ -11,7 +11,13 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import structlog
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
 from reconciler.upstream.errors import RateLimitedError, TransientError
 

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import stripe
 
 from reconciler.config import StripeConfig
+from reconciler.redact import redact
 from reconciler.upstream.errors import (
     OutcomeUnknownError,
     PermanentError,
@@ -41,12 +42,12 @@ def _retry_after(headers: Any) -> float | None:
         return None
 
 
-def translate_error(exc: stripe.StripeError) -> UpstreamError:
-    """Map a stripe-python exception onto our taxonomy (reconciler.upstream.errors)."""
+def translate_error(exc: stripe.StripeError, secrets: tuple[str, ...] = ()) -> UpstreamError:
+    """Map a stripe-python exception onto our taxonomy (reconciler.upstream.errors), secrets removed."""
     status = exc.http_status
     headers = exc.headers or {}
     request_id = exc.request_id
-    message = exc.user_message or type(exc).__name__
+    message = redact(exc.user_message or type(exc).__name__, secrets)
     if isinstance(exc, stripe.APIConnectionError):
         return OutcomeUnknownError(API, f"connection failed: {message}")
     if status == 429 or isinstance(exc, stripe.RateLimitError):
@@ -81,7 +82,7 @@ class StripeGateway:
             try:
                 return operation()
             except stripe.StripeError as exc:
-                raise translate_error(exc) from None
+                raise translate_error(exc, (self._config.api_key.get_secret_value(),)) from None
 
         return call_with_retries(attempt, max_retries=self._config.max_network_retries, what=f"stripe {what}")
 
@@ -195,4 +196,3 @@ class StripeGateway:
                 idempotency_key=intent.idempotency_key,
             ),
         )
-

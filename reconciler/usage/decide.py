@@ -106,5 +106,11 @@ def decide(work: StreamPeriod, ledger: LedgerState, target: int, now: datetime, 
             target,
         )
     quantity = target if kind is StreamKind.METER_LAST else target - reported
-    return Decision(Action.REPORT, "report total" if kind is StreamKind.METER_LAST else "report difference",
-                    target, quantity=quantity, timestamp=timestamp, final=final_due)
+    return Decision(
+        Action.REPORT,
+        "report total" if kind is StreamKind.METER_LAST else "report difference",
+        target,
+        quantity=quantity,
+        timestamp=timestamp,
+        final=final_due,
+    )

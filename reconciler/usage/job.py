@@ -18,6 +18,7 @@ import structlog
 from reconciler.config import Config
 from reconciler.ledger.schema import UsagePeriod
 from reconciler.ledger.usage_ledger import ContendedError, UsageLedger, stream_period_from_row
+from reconciler.redact import redact
 from reconciler.upstream.errors import PermanentError, TransientError, UpstreamError
 from reconciler.usage.decide import Action, Decision, LedgerState, Timing, decide
 from reconciler.usage.model import (
@@ -170,8 +171,9 @@ class UsageSync:
 
     # -- one stream period ---------------------------------------------------------------------------
 
-    def _sync_one(self, work: StreamPeriod, now: datetime, run_id: str | None, dry_run: bool,
-                  result: CycleResult) -> None:
+    def _sync_one(
+        self, work: StreamPeriod, now: datetime, run_id: str | None, dry_run: bool, result: CycleResult
+    ) -> None:
         stream, summary = work.stream, result.summary
         summary.seen += 1
         with structlog.contextvars.bound_contextvars(
@@ -231,14 +233,24 @@ class UsageSync:
         if decision.action is not Action.REPORT:
             self._ledger.observe(work, decision, run_id)
             if decision.action is Action.LATE_DRIFT:
-                log.warning("late drift", reported_total=state.reported_total, measured_total=decision.target,
-                            reason=decision.reason)
+                log.warning(
+                    "late drift",
+                    reported_total=state.reported_total,
+                    measured_total=decision.target,
+                    reason=decision.reason,
+                )
             elif decision.action is Action.FINALIZE:
                 log.info("period final", total=decision.target)
             return
         intent = self._ledger.record_intent(work, decision, run_id)
-        log.info("reporting", identifier=intent.identifier, quantity=intent.quantity, total=intent.total_after,
-                 previous_total=state.reported_total, final=intent.final)
+        log.info(
+            "reporting",
+            identifier=intent.identifier,
+            quantity=intent.quantity,
+            total=intent.total_after,
+            previous_total=state.reported_total,
+            final=intent.final,
+        )
         self._send(intent)
 
     def _send(self, intent: Intent) -> None:
@@ -270,6 +282,7 @@ class UsageSync:
             summary.late_drift += 1
 
     def _fail(self, work: StreamPeriod, error: str, summary: CycleSummary, dry_run: bool) -> None:
+        error = redact(error, self._config.secret_values())  # it goes to the ledger and the CLI's output
         summary.failed += 1
         summary.failures.append(f"{work.stream.customer_id} {work.stream.stripe_target}: {error}")
         log.error("stream failed", error=error)
@@ -277,8 +290,12 @@ class UsageSync:
             self._ledger.note_failure(work, error)
 
     def _refuse(self, refusal: Refusal, summary: CycleSummary) -> None:
-        fields = {"customer": refusal.customer_id, "subscription_item": refusal.item_id,
-                  "meter": refusal.stripe_target, "reason": refusal.reason}
+        fields = {
+            "customer": refusal.customer_id,
+            "subscription_item": refusal.item_id,
+            "meter": refusal.stripe_target,
+            "reason": refusal.reason,
+        }
         summary.seen += 1
         if refusal.unmapped:
             summary.unmapped += 1

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from reconciler.config import UsageConfig
-from reconciler.usage.model import BillingPeriod, Meter, MeteredItem, Refusal, Stream, StreamKind, StreamPeriod
+from reconciler.usage.model import (
+    BillingPeriod,
+    Meter,
+    MeteredItem,
+    Refusal,
+    Stream,
+    StreamKind,
+    StreamPeriod,
+)
 
 # Subscriptions whose current period Stripe will invoice usage for.
 LIVE_STATUSES = frozenset({"active", "trialing", "past_due"})
@@ -30,8 +39,12 @@ def is_in_scope(item: MeteredItem, now: datetime, lookback: timedelta) -> bool:
 def _stream_for(item: MeteredItem, meters: dict[str, Meter], usage: UsageConfig) -> Stream | Refusal:
     meter = meters.get(item.meter_id) if item.meter_id else None
     if item.meter_id and meter is None:
-        return Refusal(item.customer_id, item.item_id, item.meter_id,
-                       f"price {item.price_id} points at meter {item.meter_id}, which Stripe did not list")
+        return Refusal(
+            item.customer_id,
+            item.item_id,
+            item.meter_id,
+            f"price {item.price_id} points at meter {item.meter_id}, which Stripe did not list",
+        )
     target = meter.event_name if meter else item.price_id
     mapping = usage.mapping_for(target)
     if mapping is None:
@@ -52,11 +65,23 @@ def _stream_for(item: MeteredItem, meters: dict[str, Meter], usage: UsageConfig)
     else:
         subject = (item.customer_metadata or {}).get(metadata_key, "")
         if not subject:
-            return Refusal(item.customer_id, item.item_id, target,
-                           f"customer has no metadata key {metadata_key!r} to name its OpenMeter subject")
-    return Stream(kind=kind, customer_id=item.customer_id, subscription_id=item.subscription_id,
-                  item_id=item.item_id, stripe_target=target, openmeter_meter=mapping.openmeter,
-                  subject=subject, rounding=mapping.rounding, meter=meter)
+            return Refusal(
+                item.customer_id,
+                item.item_id,
+                target,
+                f"customer has no metadata key {metadata_key!r} to name its OpenMeter subject",
+            )
+    return Stream(
+        kind=kind,
+        customer_id=item.customer_id,
+        subscription_id=item.subscription_id,
+        item_id=item.item_id,
+        stripe_target=target,
+        openmeter_meter=mapping.openmeter,
+        subject=subject,
+        rounding=mapping.rounding,
+        meter=meter,
+    )
 
 
 def meter_problem(meter: Meter) -> str | None:
@@ -65,8 +90,10 @@ def meter_problem(meter: Meter) -> str | None:
     if meter.status != "active":
         return f"{name} is {meter.status}; Stripe ignores events for it"
     if meter.event_time_window:
-        return (f"{name} is pre-aggregated per {meter.event_time_window} (event_time_window): Stripe keeps only "
-                "the newest event per window, so period totals cannot be expressed")
+        return (
+            f"{name} is pre-aggregated per {meter.event_time_window} (event_time_window): Stripe keeps only "
+            "the newest event per window, so period totals cannot be expressed"
+        )
     if meter.formula == "count":
         return f"{name} aggregates with count, which counts events and cannot express a usage total"
     if meter.formula not in ("sum", "last"):
@@ -96,10 +123,14 @@ def build_work(
         if clash:
             first = group[0].stream
             refusals += [
-                Refusal(sp.stream.customer_id, sp.stream.item_id, first.stripe_target,
-                        f"customer has {len(group)} subscription items on meter {first.stripe_target!r} in "
-                        f"overlapping periods ({', '.join(sorted(s.stream.item_id for s in group))}); meter "
-                        "events belong to the customer and meter, so their usage cannot be told apart")
+                Refusal(
+                    sp.stream.customer_id,
+                    sp.stream.item_id,
+                    first.stripe_target,
+                    f"customer has {len(group)} subscription items on meter {first.stripe_target!r} in "
+                    f"overlapping periods ({', '.join(sorted(s.stream.item_id for s in group))}); meter "
+                    "events belong to the customer and meter, so their usage cannot be told apart",
+                )
                 for sp in group
             ]
         else:
@@ -109,4 +140,4 @@ def build_work(
 
 def _overlapping(group: list[StreamPeriod]) -> bool:
     ordered = sorted(group, key=lambda sp: sp.period.start)
-    return any(later.period.start < earlier.period.end for earlier, later in zip(ordered, ordered[1:], strict=False))
+    return any(later.period.start < earlier.period.end for earlier, later in itertools.pairwise(ordered))

@@ -16,9 +16,19 @@ PERIOD_END = utc(2026, 4, 1, 13, 45)
 MID = utc(2026, 3, 10, 12, 30)
 
 
-def seed(h: Harness, *, customer: str = "cus_A", event_name: str = "api_calls", formula: str = "sum",
-         om_meter: str = "api_requests", legacy: bool = False, status: str = "active",
-         event_time_window: str | None = None, start=PERIOD_START, end=PERIOD_END) -> dict:
+def seed(
+    h: Harness,
+    *,
+    customer: str = "cus_A",
+    event_name: str = "api_calls",
+    formula: str = "sum",
+    om_meter: str = "api_requests",
+    legacy: bool = False,
+    status: str = "active",
+    event_time_window: str | None = None,
+    start=PERIOD_START,
+    end=PERIOD_END,
+) -> dict:
     """A customer with one metered subscription item; returns the item."""
     if customer not in h.stripe.customers:
         h.stripe.add_customer(id=customer)
@@ -26,13 +36,15 @@ def seed(h: Harness, *, customer: str = "cus_A", event_name: str = "api_calls", 
         price = h.stripe.add_price(id=event_name)
     else:
         meter = next((m for m in h.stripe.meters.values() if m["event_name"] == event_name), None)
-        meter = meter or h.stripe.add_meter(event_name, formula=formula, status=status,
-                                            event_time_window=event_time_window)
+        meter = meter or h.stripe.add_meter(
+            event_name, formula=formula, status=status, event_time_window=event_time_window
+        )
         price = h.stripe.add_price(meter=meter["id"])
     if om_meter not in h.openmeter.meters:
         h.openmeter.add_meter(om_meter)
-    subscription = h.stripe.add_subscription(customer, [price["id"]], current_period_start=ts(start),
-                                             current_period_end=ts(end))
+    subscription = h.stripe.add_subscription(
+        customer, [price["id"]], current_period_start=ts(start), current_period_end=ts(end)
+    )
     return subscription["items"]["data"][0]
 
 
@@ -40,8 +52,9 @@ def use(h: Harness, at, value, *, customer: str = "cus_A", meter: str = "api_req
     h.openmeter.ingest(meter, customer, at, value)
 
 
-def stripe_total(h: Harness, customer: str = "cus_A", event_name: str = "api_calls", start=PERIOD_START,
-                 end=PERIOD_END) -> Decimal:
+def stripe_total(
+    h: Harness, customer: str = "cus_A", event_name: str = "api_calls", start=PERIOD_START, end=PERIOD_END
+) -> Decimal:
     return h.stripe.meter_total(customer, event_name, ts(start), ts(end))
 
 
@@ -184,12 +197,16 @@ def test_bad_meters_are_reported_clearly_while_other_customers_sync(harness):
     seed(h, customer="cus_off", event_name="seats", status="inactive", om_meter="seats")
     seed(h, customer="cus_hourly", event_name="storage", event_time_window="hour", om_meter="storage")
     seed(h, customer="cus_unmapped", event_name="not_in_config", om_meter="other")
-    h.configure(usage={"meters": [
-        {"stripe": "api_calls", "openmeter": "api_requests"},
-        {"stripe": "logins", "openmeter": "logins"},
-        {"stripe": "seats", "openmeter": "seats"},
-        {"stripe": "storage", "openmeter": "storage"},
-    ]})
+    h.configure(
+        usage={
+            "meters": [
+                {"stripe": "api_calls", "openmeter": "api_requests"},
+                {"stripe": "logins", "openmeter": "logins"},
+                {"stripe": "seats", "openmeter": "seats"},
+                {"stripe": "storage", "openmeter": "storage"},
+            ]
+        }
+    )
     use(h, utc(2026, 3, 2), 4, customer="cus_good")
     with freeze_time(MID):
         result = h.cycle()

@@ -34,9 +34,7 @@ def server(fake: FakeOpenMeter) -> Iterator[LoopbackServer]:
 
 @pytest.fixture
 def client(server: LoopbackServer) -> Iterator[openmeter.Client]:
-    with openmeter.Client(
-        endpoint=server.url, token=TOKEN, retry_total=0, connection_timeout=5, read_timeout=5
-    ) as c:
+    with openmeter.Client(endpoint=server.url, token=TOKEN, retry_total=0, connection_timeout=5, read_timeout=5) as c:
         yield c
 
 
@@ -151,9 +149,7 @@ def test_query_windows_and_time_zone(client: openmeter.Client, fake: FakeOpenMet
     )
     assert res.data[0].window_start == T0 + timedelta(minutes=30)  # +05:30 aligns hours at :30 UTC
     res = client.meters.query_json("tokens_total", from_parameter=T0, to=to, window_size="MONTH")
-    assert [(r.window_start, r.window_end, r.value) for r in res.data] == [
-        (T0, datetime(2026, 2, 1, tzinfo=UTC), 7.0)
-    ]
+    assert [(r.window_start, r.window_end, r.value) for r in res.data] == [(T0, datetime(2026, 2, 1, tzinfo=UTC), 7.0)]
 
 
 def test_query_empty_range_returns_empty_data(client: openmeter.Client, fake: FakeOpenMeter):
@@ -270,9 +266,7 @@ def test_ingest_accepts_offsets_and_reset(fake: FakeOpenMeter, client: openmeter
     fake.add_meter("tokens_total")
     plus_two = timezone(timedelta(hours=2))
     fake.ingest("tokens_total", "s", datetime(2026, 1, 1, 2, 30, tzinfo=plus_two), 1)  # 00:30Z
-    res = client.meters.query_json(
-        "tokens_total", from_parameter=T0, to=T0 + timedelta(hours=1), window_size="MINUTE"
-    )
+    res = client.meters.query_json("tokens_total", from_parameter=T0, to=T0 + timedelta(hours=1), window_size="MINUTE")
     assert res.data[0].window_start == T0 + timedelta(minutes=30)
     fake.reset()
     assert fake.requests == [] and fake.meters == {}

@@ -46,9 +46,7 @@ def client(server: LoopbackServer) -> Iterator[stripe.StripeClient]:
     http.close()
 
 
-def _raw(
-    server: LoopbackServer, method: str, path: str, *, key: str = "sk_test_sandbox", data: bytes | None = None
-):
+def _raw(server: LoopbackServer, method: str, path: str, *, key: str = "sk_test_sandbox", data: bytes | None = None):
     req = urllib.request.Request(server.url + path, method=method, data=data)
     req.add_header("Authorization", f"Bearer {key}")
     if data is not None:
@@ -223,9 +221,7 @@ def test_subscription_status_filter(client: stripe.StripeClient, fake: FakeStrip
 def test_many_items_are_truncated_and_pageable(client: stripe.StripeClient, fake: FakeStripe):
     fake.add_customer(id="cus_1")
     prices = [fake.add_price(usage_type="licensed", unit_amount=100 + i)["id"] for i in range(12)]
-    sub = fake.add_subscription(
-        "cus_1", prices, current_period_start=PERIOD_START, current_period_end=PERIOD_END
-    )
+    sub = fake.add_subscription("cus_1", prices, current_period_start=PERIOD_START, current_period_end=PERIOD_END)
     listed = client.v1.subscriptions.list().data[0]
     assert len(listed["items"].data) == 10 and listed["items"].has_more is True
     assert listed["items"].data[0]["quantity"] == 1  # licensed items carry a quantity
@@ -520,9 +516,7 @@ def test_legacy_usage_set_and_increment(client: stripe.StripeClient, fake: FakeS
     _usage(client, item, quantity=1, action="increment", timestamp="now")
     assert fake.usage_record_total(item) == 8
     summaries = client.deserialize(
-        client.raw_request(
-            "get", f"/v1/subscription_items/{item}/usage_record_summaries", stripe_version=LEGACY
-        ),
+        client.raw_request("get", f"/v1/subscription_items/{item}/usage_record_summaries", stripe_version=LEGACY),
         api_mode="V1",
     )
     (summary,) = summaries.data
@@ -536,9 +530,7 @@ def test_legacy_usage_timestamp_and_price_rules(client: stripe.StripeClient, fak
     for bad_ts in (PERIOD_START, PERIOD_START - 1, NOW + 60):
         with pytest.raises(stripe.InvalidRequestError) as exc:
             _usage(client, item, quantity=1, action="set", timestamp=bad_ts)
-        assert "timestamps must be after the subscription's last invoice period" in str(
-            exc.value.user_message
-        )
+        assert "timestamps must be after the subscription's last invoice period" in str(exc.value.user_message)
     with pytest.raises(stripe.InvalidRequestError):
         _usage(client, item, quantity=-1, timestamp=NOW)
     with pytest.raises(stripe.InvalidRequestError):

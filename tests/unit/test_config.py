@@ -75,8 +75,9 @@ def test_invalid_values_name_their_key(section, value, expected):
 
 
 def test_durations_and_schedules_parse():
-    config = parse_config({**MINIMAL, "usage": {"grace_period": "45m", "lookback": "10d"},
-                           "schedule": {"usage_sync": "5m"}})
+    config = parse_config(
+        {**MINIMAL, "usage": {"grace_period": "45m", "lookback": "10d"}, "schedule": {"usage_sync": "5m"}}
+    )
     assert config.usage.grace_period.total_seconds() == 45 * 60
     assert config.usage.lookback.days == 10
 

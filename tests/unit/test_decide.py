@@ -13,8 +13,11 @@ def utc(*args: int) -> datetime:
 
 
 PERIOD = BillingPeriod(utc(2026, 3, 1), utc(2026, 4, 1))
-TIMING = Timing(grace_period=timedelta(minutes=30), invoice_grace_period=timedelta(hours=1),
-                legacy_final_sync_before=timedelta(minutes=5))
+TIMING = Timing(
+    grace_period=timedelta(minutes=30),
+    invoice_grace_period=timedelta(hours=1),
+    legacy_final_sync_before=timedelta(minutes=5),
+)
 MID_PERIOD = utc(2026, 3, 15, 12)
 
 
@@ -22,14 +25,23 @@ def work(kind: StreamKind, *, is_current: bool = True) -> StreamPeriod:
     meter = None
     if kind is not StreamKind.LEGACY:
         meter = Meter("mtr_1", "api_calls", kind.value, "active", None, "stripe_customer_id", "value")
-    stream = Stream(kind=kind, customer_id="cus_1", subscription_id="sub_1", item_id="si_1",
-                    stripe_target="api_calls", openmeter_meter="api_requests", subject="cus_1",
-                    rounding="ceil", meter=meter)
+    stream = Stream(
+        kind=kind,
+        customer_id="cus_1",
+        subscription_id="sub_1",
+        item_id="si_1",
+        stripe_target="api_calls",
+        openmeter_meter="api_requests",
+        subject="cus_1",
+        rounding="ceil",
+        meter=meter,
+    )
     return StreamPeriod(stream, PERIOD, is_current=is_current)
 
 
-def state(reported: int, *, final: bool = False, last_event_at: datetime | None = None,
-          late_total: int | None = None) -> LedgerState:
+def state(
+    reported: int, *, final: bool = False, last_event_at: datetime | None = None, late_total: int | None = None
+) -> LedgerState:
     return LedgerState(is_final=final, reported_total=reported, last_event_at=last_event_at, late_total=late_total)
 
 
@@ -72,8 +84,9 @@ def test_between_period_end_and_grace_reports_stay_provisional():
 
 def test_after_grace_the_final_report_is_dated_one_second_before_the_end():
     now = PERIOD.end + timedelta(minutes=31)
-    decision = decide(work(StreamKind.METER_SUM), state(10, last_event_at=PERIOD.end - timedelta(seconds=120)), 12,
-                      now, TIMING)
+    decision = decide(
+        work(StreamKind.METER_SUM), state(10, last_event_at=PERIOD.end - timedelta(seconds=120)), 12, now, TIMING
+    )
     assert (decision.action, decision.quantity, decision.final) == (Action.REPORT, 2, True)
     assert decision.timestamp == PERIOD.end - timedelta(seconds=1)
 
@@ -108,8 +121,9 @@ def test_legacy_final_sync_runs_shortly_before_period_end():
 
 
 def test_legacy_period_after_rollover_cannot_be_written():
-    decision = decide(work(StreamKind.LEGACY, is_current=False), state(10), 12, PERIOD.end + timedelta(minutes=1),
-                      TIMING)
+    decision = decide(
+        work(StreamKind.LEGACY, is_current=False), state(10), 12, PERIOD.end + timedelta(minutes=1), TIMING
+    )
     assert (decision.action, decision.final) == (Action.LATE_DRIFT, True)
 
 

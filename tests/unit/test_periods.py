@@ -1,5 +1,6 @@
 """Window rounding and billing-period arithmetic (pure functions, no I/O)."""
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -77,7 +78,7 @@ def month_end_periods() -> list[BillingPeriod]:
         utc(2028, 3, 31, 13, 45),
         utc(2028, 4, 30, 13, 45),
     ]
-    return [BillingPeriod(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [BillingPeriod(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 def test_month_end_anchor_clamps_to_february_and_rounds_both_ends():
@@ -91,7 +92,7 @@ def test_month_end_anchor_clamps_to_february_and_rounds_both_ends():
 def test_consecutive_periods_partition_time(window_size, zone):
     periods = month_end_periods()
     windows = [usage_window(p, now=utc(2029, 1, 1), window_size=window_size, zone=zone) for p in periods]
-    for earlier, later in zip(windows, windows[1:], strict=False):
+    for earlier, later in itertools.pairwise(windows):
         assert earlier.end == later.start  # no gap, no overlap
     # Every instant between the first start and the last end belongs to exactly one window.
     instant = windows[0].start

@@ -1,0 +1,57 @@
+"""Sample customers, meters and usage for the sandbox: what `reconciler demo` and `reconciler sandbox` serve."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from reconciler.sandbox.openmeter_fake import FakeOpenMeter
+from reconciler.sandbox.stripe_fake import FakeStripe
+
+# What the sandbox's config maps: Stripe meter event_name / legacy price id -> OpenMeter meter slug.
+DEMO_METERS: list[dict[str, str]] = [
+    {"stripe": "api_calls", "openmeter": "api_requests", "rounding": "ceil"},
+    {"stripe": "storage_gb", "openmeter": "storage_gb", "rounding": "ceil"},
+    {"stripe": "price_legacy_sms", "openmeter": "sms_sent", "rounding": "ceil"},
+]
+
+
+def seed_sandbox(stripe: FakeStripe, openmeter: FakeOpenMeter, now: datetime) -> dict[str, Any]:
+    """Three customers in the middle of a monthly period, one per kind of price, with usage so far."""
+    start = (now - timedelta(days=10)).replace(minute=45, second=0, microsecond=0)
+    end = start + timedelta(days=30)
+    period = {"current_period_start": int(start.timestamp()), "current_period_end": int(end.timestamp())}
+
+    api_calls = stripe.add_meter("api_calls", formula="sum", display_name="API calls")
+    storage = stripe.add_meter("storage_gb", formula="last", display_name="Storage (GB, latest)")
+    stripe.add_meter("support_tickets", formula="count", display_name="Support tickets")
+    api_price = stripe.add_price(meter=api_calls["id"], unit_amount=1)
+    storage_price = stripe.add_price(meter=storage["id"], unit_amount=20)
+    stripe.add_price(id="price_legacy_sms", unit_amount=5)
+
+    openmeter.add_meter("api_requests", aggregation="SUM", value_property="$.count")
+    openmeter.add_meter("storage_gb", aggregation="MAX", value_property="$.gb")
+    openmeter.add_meter("sms_sent", aggregation="COUNT", value_property=None)
+
+    customers = {
+        "cus_sandbox_acme": api_price["id"],
+        "cus_sandbox_globex": storage_price["id"],
+        "cus_sandbox_initech": "price_legacy_sms",
+    }
+    for customer, price in customers.items():
+        stripe.add_customer(id=customer, metadata={"tenant": customer.removeprefix("cus_sandbox_")})
+        stripe.add_subscription(customer, [price], **period)
+
+    add_usage(openmeter, now, hours=10 * 24)
+    return {"period_start": start, "period_end": end, "customers": sorted(customers)}
+
+
+def add_usage(openmeter: FakeOpenMeter, now: datetime, hours: int) -> None:
+    """Usage for the sandbox customers over the `hours` before `now`, deterministic."""
+    for hour in range(hours, 0, -1):
+        at = now - timedelta(hours=hour)
+        openmeter.ingest("api_requests", "cus_sandbox_acme", at, 40 + (hour * 7) % 23)
+        if hour % 6 == 0:
+            openmeter.ingest("storage_gb", "cus_sandbox_globex", at, 12.5 + (hours - hour) / 24)
+        if hour % 3 == 0:
+            openmeter.ingest("sms_sent", "cus_sandbox_initech", at, 1)

@@ -1,0 +1,208 @@
+"""The `reconciler` command as an operator runs it: a real subprocess, real config file, real HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import create_engine, text
+
+from reconciler.clock import utc_now
+from reconciler.sandbox.server import SANDBOX_OPENMETER_TOKEN, SANDBOX_STRIPE_KEY, Sandbox
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def sandbox():
+    served = Sandbox.start()
+    yield served
+    served.stop()
+
+
+def reconciler(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "reconciler", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def customer_with_usage(sandbox: Sandbox, customer: str = "cus_cli", value: float = 42) -> None:
+    now = utc_now()
+    meter = next((m for m in sandbox.stripe.meters.values() if m["event_name"] == "api_calls"), None)
+    meter = meter or sandbox.stripe.add_meter("api_calls", formula="sum")
+    price = sandbox.stripe.add_price(meter=meter["id"])
+    sandbox.stripe.add_customer(id=customer)
+    sandbox.stripe.add_subscription(
+        customer,
+        [price["id"]],
+        current_period_start=int((now - timedelta(days=3)).timestamp()),
+        current_period_end=int((now + timedelta(days=27)).timestamp()),
+    )
+    if "api_requests" not in sandbox.openmeter.meters:
+        sandbox.openmeter.add_meter("api_requests")
+    sandbox.openmeter.ingest("api_requests", customer, now - timedelta(days=2), value)
+
+
+@pytest.fixture
+def config_file(sandbox, tmp_path) -> Path:
+    raw = sandbox.config_dict(
+        f"sqlite:///{tmp_path / 'ledger.db'}", meters=[{"stripe": "api_calls", "openmeter": "api_requests"}]
+    )
+    raw["logging"] = {"level": "DEBUG", "format": "json"}
+    return write_config(tmp_path / "config.yaml", raw)
+
+
+def test_sync_usage_end_to_end_with_config_before_or_after_the_command(sandbox, config_file, tmp_path):
+    customer_with_usage(sandbox)
+    assert reconciler("--config", str(config_file), "db", "upgrade").returncode == 0
+    first = reconciler("sync-usage", "--config", str(config_file))
+    assert first.returncode == 0, first.stderr
+    assert "reported" in first.stdout
+    assert sandbox.stripe.meter_events[0].value == 42
+    time.sleep(1.1)
+    second = reconciler("--config", str(config_file), "sync-usage")  # from $RECONCILER_CONFIG works too
+    assert second.returncode == 0
+    assert len(sandbox.stripe.meter_events) == 1  # unchanged: nothing sent
+    third = reconciler("sync-usage", env={"RECONCILER_CONFIG": str(config_file)})
+    assert third.returncode == 0
+    runs = create_engine(f"sqlite:///{tmp_path / 'ledger.db'}").connect().execute(text("select count(*) from runs"))
+    assert runs.scalar() == 3
+
+
+def test_failed_items_exit_1_and_are_named(sandbox, config_file):
+    customer_with_usage(sandbox, "cus_fine")
+    counting = sandbox.stripe.add_meter("logins", formula="count")
+    sandbox.stripe.add_customer(id="cus_counted")
+    now = utc_now()
+    sandbox.stripe.add_subscription(
+        "cus_counted",
+        [sandbox.stripe.add_price(meter=counting["id"])["id"]],
+        current_period_start=int((now - timedelta(days=1)).timestamp()),
+        current_period_end=int((now + timedelta(days=29)).timestamp()),
+    )
+    raw = yaml.safe_load(config_file.read_text())
+    raw["usage"]["meters"].append({"stripe": "logins", "openmeter": "api_requests"})
+    write_config(config_file, raw)
+    reconciler("db", "upgrade", "--config", str(config_file))
+    result = reconciler("sync-usage", "--config", str(config_file))
+    assert result.returncode == 1
+    assert "cus_counted" in result.stdout and "count" in result.stdout
+    assert sandbox.stripe.meter_events[0].customer == "cus_fine"  # the others still synced
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(sandbox, config_file, tmp_path):
+    customer_with_usage(sandbox, value=7)
+    reconciler("db", "upgrade", "--config", str(config_file))
+    result = reconciler("sync-usage", "--dry-run", "--config", str(config_file))
+    assert result.returncode == 0, result.stderr
+    assert "cus_cli" in result.stdout and "report" in result.stdout and "7 @" in result.stdout
+    assert sandbox.stripe.meter_events == []
+    with create_engine(f"sqlite:///{tmp_path / 'ledger.db'}").connect() as connection:
+        assert connection.execute(text("select count(*) from runs")).scalar() == 0
+        assert connection.execute(text("select count(*) from usage_periods")).scalar() == 0
+
+
+def test_bad_config_exits_2_naming_the_key_path(tmp_path):
+    path = write_config(
+        tmp_path / "config.yaml",
+        {"stripe": {"api_key": "sk_test_x"}, "openmeter": {"token": "t"}, "usage": {"window_size": "WEEK"}},
+    )
+    result = reconciler("check-config", "--config", str(path))
+    assert result.returncode == 2
+    assert "usage.window_size: must be one of MINUTE, HOUR, DAY" in result.stderr
+
+
+def test_missing_secret_names_the_environment_variable(tmp_path):
+    result = reconciler("sync-usage", "--config", str(REPO_ROOT / "config.yaml"))
+    assert result.returncode == 2
+    assert "stripe.api_key: environment variable STRIPE_API_KEY is not set" in result.stderr
+    assert "openmeter.token: environment variable OPENMETER_API_TOKEN is not set" in result.stderr
+
+
+def test_check_config_masks_secrets_and_warns_about_grace(tmp_path):
+    secret = "sk_live_do_not_print_me"
+    path = write_config(
+        tmp_path / "config.yaml",
+        {
+            "stripe": {"api_key": "${MY_KEY}"},
+            "openmeter": {"token": "om_do_not_print"},
+            "usage": {"grace_period": "2h"},
+        },
+    )
+    result = reconciler("check-config", "--config", str(path), env={"MY_KEY": secret})
+    assert result.returncode == 0
+    assert "window_size: HOUR" in result.stdout
+    assert secret not in result.stdout + result.stderr and "om_do_not_print" not in result.stdout + result.stderr
+    assert "warning: usage.grace_period (2h) is not shorter than stripe.invoice_grace_period (1h)" in result.stderr
+
+
+def test_an_unmigrated_database_is_refused_with_the_command_to_run(sandbox, config_file):
+    result = reconciler("sync-usage", "--config", str(config_file))
+    assert result.returncode == 2
+    assert "reconciler db upgrade" in result.stderr
+
+
+def test_secrets_never_reach_logs_even_when_upstream_echoes_them(sandbox, config_file):
+    customer_with_usage(sandbox)
+    reconciler("db", "upgrade", "--config", str(config_file))
+    echo = f"Invalid API Key provided: {SANDBOX_STRIPE_KEY} / token {SANDBOX_OPENMETER_TOKEN}"
+    sandbox.stripe.inject_fault(
+        "POST", "/v1/billing/meter_events", 400, body={"error": {"type": "invalid_request_error", "message": echo}}
+    )
+    result = reconciler("sync-usage", "--config", str(config_file))
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "Invalid API Key provided" in output  # the error itself is reported...
+    assert SANDBOX_STRIPE_KEY not in output and SANDBOX_OPENMETER_TOKEN not in output  # ...without the secrets
+
+
+def test_run_daemon_syncs_on_schedule_and_exits_0_on_sigterm(sandbox, config_file, tmp_path):
+    customer_with_usage(sandbox, value=5)
+    raw = yaml.safe_load(config_file.read_text())
+    raw["schedule"] = {"usage_sync": "1s"}
+    write_config(config_file, raw)
+    reconciler("db", "upgrade", "--config", str(config_file))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "run", "--config", str(config_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sandbox.stripe.meter_events and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [e.value for e in sandbox.stripe.meter_events] == [5]
+        sandbox.openmeter.ingest("api_requests", "cus_cli", utc_now() - timedelta(days=1), 3)
+        while len(sandbox.stripe.meter_events) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        daemon.send_signal(signal.SIGTERM)
+        _, stderr = daemon.communicate(timeout=30)
+    finally:
+        daemon.kill()
+    assert daemon.returncode == 0, stderr
+    assert [e.value for e in sandbox.stripe.meter_events] == [5, 3]
+    assert "reconciler stopped" in stderr
