@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -22,15 +22,42 @@ from reconciler.schedule import parse_schedule
 log = structlog.get_logger(__name__)
 
 
+# Wake up this long after a final-sync deadline, so the cycle surely sees it as due.
+DEADLINE_MARGIN = timedelta(seconds=5)
+
+
 def run_daemon(config: Config) -> int:
     stop = threading.Event()
+    one_cycle_at_a_time = threading.Lock()
     application = build_app(config, stop_requested=stop.is_set)
 
     def usage_cycle() -> None:
-        try:
-            application.usage_sync.run_cycle()
-        except Exception:  # the scheduler must outlive one bad cycle; the next tick tries again
-            log.exception("usage sync cycle crashed")
+        with one_cycle_at_a_time:
+            if stop.is_set():
+                return
+            try:
+                result = application.usage_sync.run_cycle()
+            except Exception:  # the scheduler must outlive one bad cycle; the next tick tries again
+                log.exception("usage sync cycle crashed")
+                return
+        if result.next_final_sync is not None:
+            wake_for_deadline(result.next_final_sync + DEADLINE_MARGIN)
+
+    def wake_for_deadline(when: datetime) -> None:
+        """A final sync is due before the next regular tick (legacy prices' last sync before period end,
+        meter periods' final sync after grace): run an extra cycle then rather than miss it."""
+        regular = scheduler.get_job("usage_sync")
+        if regular is not None and regular.next_run_time is not None and regular.next_run_time <= when:
+            return
+        scheduler.add_job(
+            usage_cycle,
+            trigger="date",
+            run_date=when,
+            id="usage_sync_deadline",
+            name="usage sync (final-sync deadline)",
+            replace_existing=True,
+        )
+        log.info("extra cycle scheduled for a final-sync deadline", at=when.isoformat())
 
     def request_stop(signum: int, _frame: object) -> None:
         log.info("stop requested", signal=signal.Signals(signum).name)

@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.ledger.schema import IntentState, LateDrift, PeriodStatus, Run, UsagePeriod, UsageReport
-from reconciler.usage.decide import NEW_PERIOD, Decision, LedgerState
+from reconciler.usage.decide import NEW_PERIOD, Action, Decision, LedgerState
 from reconciler.usage.model import BillingPeriod, Intent, Stream, StreamPeriod
 from reconciler.usage.periods import epoch_seconds
 
@@ -59,6 +59,8 @@ class UsageLedger:
                 reported_total=row.reported_total,
                 last_event_at=row.last_event_at,
                 late_total=row.late_total,
+                recorded_target=row.target,
+                has_error=row.last_error is not None,
             )
 
     def pending_intent(self, work: StreamPeriod) -> Intent | None:
@@ -177,7 +179,7 @@ class UsageLedger:
             row.updated_at = now
             row.failures = 0
             row.last_error = None
-            if decision.action == "late_drift":
+            if decision.action is Action.LATE_DRIFT:
                 session.add(
                     LateDrift(
                         period_id=row.id,

@@ -35,6 +35,8 @@ class LedgerState:
     reported_total: int
     last_event_at: datetime | None
     late_total: int | None
+    recorded_target: int | None = None  # the last measured total written to the ledger
+    has_error: bool = False  # the last attempt failed; a success must clear it
 
 
 NEW_PERIOD = LedgerState(is_final=False, reported_total=0, last_event_at=None, late_total=None)
@@ -114,3 +116,12 @@ def decide(work: StreamPeriod, ledger: LedgerState, target: int, now: datetime, 
         timestamp=timestamp,
         final=final_due,
     )
+
+
+def final_sync_due_at(work: StreamPeriod, ledger: LedgerState, timing: Timing) -> datetime | None:
+    """When this period's final sync must run (a scheduler wakes up then), or None once it is final."""
+    if ledger.is_final:
+        return None
+    if work.stream.kind is StreamKind.LEGACY:
+        return work.period.end - timing.legacy_final_sync_before if work.is_current else None
+    return work.period.end + timing.grace_period

@@ -20,7 +20,7 @@ from reconciler.ledger.schema import UsagePeriod
 from reconciler.ledger.usage_ledger import ContendedError, UsageLedger, stream_period_from_row
 from reconciler.redact import redact
 from reconciler.upstream.errors import PermanentError, TransientError, UpstreamError
-from reconciler.usage.decide import Action, Decision, LedgerState, Timing, decide
+from reconciler.usage.decide import Action, Decision, LedgerState, Timing, decide, final_sync_due_at
 from reconciler.usage.model import (
     CycleSummary,
     Intent,
@@ -69,6 +69,7 @@ class CycleResult:
     summary: CycleSummary
     plan: list[PlannedReport] = field(default_factory=list)
     interrupted: bool = False
+    next_final_sync: datetime | None = None  # the earliest upcoming final-sync deadline seen this cycle
 
     @property
     def ok(self) -> bool:
@@ -189,6 +190,7 @@ class UsageSync:
                 state = self._ledger.state(work)
                 target = self._measure(work, now)
                 decision = decide(work, state, target, now, self._timing)
+                self._note_deadline(work, state, decision, now, result)
                 if dry_run:
                     result.plan.append(PlannedReport(work, decision, state.reported_total))
                     self._count(decision, summary)
@@ -227,9 +229,18 @@ class UsageSync:
         log.info("resending pending intent", identifier=intent.identifier, quantity=intent.quantity)
         self._send(intent)
 
+    def _note_deadline(
+        self, work: StreamPeriod, state: LedgerState, decision: Decision, now: datetime, result: CycleResult
+    ) -> None:
+        due = None if decision.final else final_sync_due_at(work, state, self._timing)
+        if due is not None and due > now and (result.next_final_sync is None or due < result.next_final_sync):
+            result.next_final_sync = due
+
     def _apply(self, work: StreamPeriod, state: LedgerState, decision: Decision, run_id: str) -> None:
         if decision.action is Action.FAIL:
             raise PermanentError("reconciler", decision.reason)
+        if decision.action is Action.UNCHANGED and state.recorded_target == decision.target and not state.has_error:
+            return  # nothing new to record: no write at all
         if decision.action is not Action.REPORT:
             self._ledger.observe(work, decision, run_id)
             if decision.action is Action.LATE_DRIFT:

@@ -206,3 +206,46 @@ def test_run_daemon_syncs_on_schedule_and_exits_0_on_sigterm(sandbox, config_fil
     assert daemon.returncode == 0, stderr
     assert [e.value for e in sandbox.stripe.meter_events] == [5, 3]
     assert "reconciler stopped" in stderr
+
+
+def test_run_daemon_wakes_up_for_a_legacy_final_sync_between_ticks(sandbox, config_file):
+    now = utc_now()
+    sandbox.stripe.add_customer(id="cus_legacy")
+    sandbox.stripe.add_price(id="price_legacy")
+    # The period ends 5 min + 3 s from now: its final sync is due in 3 s, long before the next tick.
+    period_end = now + timedelta(minutes=5, seconds=3)
+    subscription = sandbox.stripe.add_subscription(
+        "cus_legacy",
+        ["price_legacy"],
+        current_period_start=int((now - timedelta(days=2)).timestamp()),
+        current_period_end=int(period_end.timestamp()),
+    )
+    sandbox.openmeter.add_meter("api_requests")
+    sandbox.openmeter.ingest("api_requests", "cus_legacy", now - timedelta(days=1), 2)
+    raw = yaml.safe_load(config_file.read_text())
+    raw["usage"]["meters"] = [{"stripe": "price_legacy", "openmeter": "api_requests"}]
+    raw["schedule"] = {"usage_sync": "0 0 1 1 *"}  # once a year: only the deadline can trigger a 2nd cycle
+    write_config(config_file, raw)
+    reconciler("db", "upgrade", "--config", str(config_file))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "run", "--config", str(config_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    item = subscription["items"]["data"][0]["id"]
+    try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and not sandbox.stripe.usage_records.get(item):
+            time.sleep(0.1)
+        sandbox.openmeter.ingest("api_requests", "cus_legacy", now - timedelta(hours=3), 1)
+        while time.monotonic() < deadline and sandbox.stripe.usage_record_total(item) != 3:
+            time.sleep(0.2)
+        daemon.send_signal(signal.SIGTERM)
+        _, stderr = daemon.communicate(timeout=30)
+    finally:
+        daemon.kill()
+    assert sandbox.stripe.usage_record_total(item) == 3, stderr
+    assert "extra cycle scheduled for a final-sync deadline" in stderr

@@ -336,3 +336,25 @@ def test_a_pending_sum_intent_older_than_the_dedupe_window_is_not_resent(harness
     assert result.summary.failed == 1
     assert "deduplication window" in result.summary.failures[0]
     assert h.stripe.meter_events == []
+
+
+def test_an_unchanged_cycle_writes_nothing_to_the_ledger(harness):
+    h = harness
+    seed(h, formula="sum")
+    use(h, utc(2026, 3, 2), 3)
+    with freeze_time(MID) as clock:
+        h.cycle()
+        before = [tuple(r) for r in h.rows("select id, updated_at, target from usage_periods")]
+        clock.tick(timedelta(minutes=15))
+        h.cycle()
+    assert [tuple(r) for r in h.rows("select id, updated_at, target from usage_periods")] == before
+
+
+def test_the_cycle_names_the_next_final_sync_deadline(harness):
+    h = harness
+    seed(h, formula="sum")
+    seed(h, customer="cus_L", legacy=True, event_name="price_legacy")
+    with freeze_time(MID):
+        result = h.cycle()
+    # The legacy item's last sync (5 min before its end) comes before the meter's (30 min after its end).
+    assert result.next_final_sync == PERIOD_END - timedelta(minutes=5)

@@ -4,7 +4,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from reconciler.usage.decide import NEW_PERIOD, Action, LedgerState, Timing, decide
+from reconciler.usage.decide import NEW_PERIOD, Action, LedgerState, Timing, decide, final_sync_due_at
 from reconciler.usage.model import BillingPeriod, Meter, Stream, StreamKind, StreamPeriod
 
 
@@ -137,3 +137,10 @@ def test_a_meter_event_that_cannot_be_dated_fails_instead_of_going_out_of_order(
     decision = decide(work(StreamKind.METER_LAST), state(10, last_event_at=MID_PERIOD), 12, MID_PERIOD, TIMING)
     assert decision.action is Action.FAIL
     assert "timestamp" in decision.reason
+
+
+def test_final_sync_deadlines():
+    assert final_sync_due_at(work(StreamKind.METER_SUM), state(1), TIMING) == PERIOD.end + timedelta(minutes=30)
+    assert final_sync_due_at(work(StreamKind.LEGACY), state(1), TIMING) == PERIOD.end - timedelta(minutes=5)
+    assert final_sync_due_at(work(StreamKind.LEGACY, is_current=False), state(1), TIMING) is None
+    assert final_sync_due_at(work(StreamKind.METER_LAST), state(1, final=True), TIMING) is None
