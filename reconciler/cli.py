@@ -1,8 +1,10 @@
-"""The `reconciler` command line. Exit codes: 0 all good, 1 some items failed, 2 configuration/setup error."""
+"""The `reconciler` command line. Exit codes: 0 all good, 1 some items failed, 2 configuration/setup error,
+3 uncorrected balance drift (with `reconcile-balances --fail-on-drift`)."""
 
 from __future__ import annotations
 
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +17,13 @@ from reconciler.ledger.database import DatabaseNotMigratedError, make_engine, up
 from reconciler.logs import configure_logging
 from reconciler.usage.job import CycleResult
 
-EXIT_OK, EXIT_FAILURES, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILURES, EXIT_CONFIG, EXIT_DRIFT = 0, 1, 2, 3
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    json = "json"
+
 
 app = typer.Typer(
     name="reconciler",
@@ -108,6 +116,57 @@ def sync_usage(
         print_plan(result, out)
     print_summary(result, out)
     raise typer.Exit(EXIT_OK if result.ok else EXIT_FAILURES)
+
+
+@app.command("reconcile-balances")
+def reconcile_balances(
+    ctx: typer.Context,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be sent; send and write nothing.")
+    ] = False,
+    customer: Annotated[
+        list[str] | None, typer.Option("--customer", help="Only this Stripe customer (repeatable).")
+    ] = None,
+    output_format: Annotated[OutputFormat, typer.Option("--format", help="table or json.")] = OutputFormat.table,
+    output: Annotated[Path | None, typer.Option("--output", help="Write the report to this file.")] = None,
+    fail_on_drift: Annotated[
+        bool, typer.Option("--fail-on-drift", help="Exit 3 when uncorrected drift remains.")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Forward top-ups and refunds to Moesif, compare balances, correct drift (one cycle)."""
+    from reconciler.app import build_app
+    from reconciler.balances.report import render_json, render_table
+
+    loaded = _load(ctx, config)
+    if not loaded.balances.enabled:
+        raise _setup_error("balances.enabled is false: set it (and the moesif section) to reconcile balances")
+    try:
+        application = build_app(loaded)
+    except DatabaseNotMigratedError as exc:
+        raise _setup_error(str(exc)) from None
+    assert application.balance_sync is not None
+    try:
+        result = application.balance_sync.run_cycle(dry_run=dry_run, customers=frozenset(customer or ()))
+    finally:
+        application.close()
+    if output_format is OutputFormat.json:
+        text = render_json(result)
+        if output:
+            output.write_text(text + "\n", encoding="utf-8")
+        else:
+            typer.echo(text)
+    else:
+        if output:
+            with output.open("w", encoding="utf-8") as handle:
+                render_table(result, Console(file=handle, width=160, soft_wrap=True))
+        else:
+            render_table(result, out)
+    if result.failed:
+        raise typer.Exit(EXIT_FAILURES)
+    if fail_on_drift and result.uncorrected_drift:
+        raise typer.Exit(EXIT_DRIFT)
+    raise typer.Exit(EXIT_OK)
 
 
 @app.command("run")

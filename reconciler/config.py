@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Iterator
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -143,10 +144,65 @@ class UsageConfig(_Section):
         return next((m for m in self.meters if m.stripe == stripe_target), None)
 
 
+class MoesifConfig(_Section):
+    url: str = "https://api.moesif.com"
+    management_token: SecretStr
+    max_requests_per_minute: int = Field(default=250, gt=0, le=500)
+    timeout_seconds: float = Field(default=30, gt=0)
+    max_retries: int = Field(default=3, ge=0, le=10)
+
+    @field_validator("url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @property
+    def authorization(self) -> str:
+        """The Authorization header value; a token pasted with its `Bearer ` prefix is not doubled."""
+        token = self.management_token.get_secret_value().strip()
+        return token if token.lower().startswith("bearer ") else f"Bearer {token}"
+
+
+CurrencyAmounts = dict[str, Decimal]
+
+
+def _lower_currency_keys(value: Any) -> Any:
+    return {str(k).lower(): v for k, v in value.items()} if isinstance(value, dict) else value
+
+
+class TopupsConfig(_Section):
+    enabled: bool = True
+    payment_intent_metadata: dict[str, str] = Field(default_factory=dict)
+    lookback: Duration = timedelta(days=35)
+
+
+class BalancesConfig(_Section):
+    enabled: bool = False
+    stripe_source: Literal["credit_grants", "customer_balance", "none"] = "credit_grants"
+    moesif_balance_field: Literal["current_balance", "available_balance"] = "current_balance"
+    tolerance: Annotated[CurrencyAmounts, BeforeValidator(_lower_currency_keys)] = Field(
+        default_factory=lambda: {"usd": Decimal("0.01"), "eur": Decimal("0.01"), "jpy": Decimal("1")}
+    )
+    auto_correct: bool = False
+    max_auto_correction: Annotated[CurrencyAmounts, BeforeValidator(_lower_currency_keys)] = Field(default_factory=dict)
+    settle_delay: Duration = timedelta(minutes=10)
+    subscription_metadata_key: str | None = "moesif_subscription_id"
+    topups: TopupsConfig = TopupsConfig()
+
+    @field_validator("tolerance", "max_auto_correction")
+    @classmethod
+    def _non_negative(cls, value: CurrencyAmounts) -> CurrencyAmounts:
+        for currency, amount in value.items():
+            if amount < 0:
+                raise ValueError(f"{currency}: must not be negative")
+        return value
+
+
 class ScheduleConfig(_Section):
     usage_sync: str = "*/15 * * * *"
+    balance_reconcile: str = "0 * * * *"
 
-    @field_validator("usage_sync")
+    @field_validator("usage_sync", "balance_reconcile")
     @classmethod
     def _valid_schedule(cls, value: str) -> str:
         from reconciler.schedule import parse_schedule  # local: keeps apscheduler out of config imports
@@ -165,12 +221,33 @@ class Config(_Section):
     stripe: StripeConfig
     openmeter: OpenMeterConfig
     usage: UsageConfig = UsageConfig()
+    moesif: MoesifConfig | None = None
+    balances: BalancesConfig = BalancesConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     logging: LoggingConfig = LoggingConfig()
 
+    def cross_field_problems(self) -> list[str]:
+        """Combinations of valid values that cannot work together, as `key.path: message` lines."""
+        problems = []
+        balances = self.balances
+        if balances.enabled and self.moesif is None:
+            problems.append("moesif: required when balances.enabled is true (url, management_token)")
+        if balances.enabled and balances.stripe_source == "none" and balances.auto_correct:
+            # With no Stripe balance to compare against, every Moesif balance would look like drift.
+            problems.append(
+                "balances.auto_correct: needs a Stripe balance to compare with; with stripe_source: none the "
+                "balance diff is off and forwarding every top-up exactly once is the reconciliation"
+            )
+        if balances.enabled and balances.stripe_source == "none" and not balances.topups.enabled:
+            problems.append("balances.topups.enabled: with stripe_source: none, disabling top-ups leaves nothing to do")
+        return problems
+
     def secret_values(self) -> list[str]:
         """Every secret in the config, so logs and errors can be scrubbed of them."""
-        return [s for s in (self.stripe.api_key.get_secret_value(), self.openmeter.token.get_secret_value()) if s]
+        secrets = [self.stripe.api_key, self.openmeter.token]
+        if self.moesif is not None:
+            secrets.append(self.moesif.management_token)
+        return [s.get_secret_value() for s in secrets if s.get_secret_value()]
 
     def warnings(self) -> list[str]:
         """Settings that are valid but likely to lose money; `check-config` prints them."""
@@ -252,6 +329,7 @@ def parse_config(raw: Any) -> Config:
         reported = {p.split(":", 1)[0] for p in problems}
         problems += [p for p in _iter_validation_problems(exc) if p.split(":", 1)[0] not in reported]
         raise ConfigError(problems) from None
+    problems += config.cross_field_problems()
     if problems:
         raise ConfigError(problems)
     return config

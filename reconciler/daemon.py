@@ -77,8 +77,28 @@ def run_daemon(config: Config) -> int:
         name="usage sync",
         next_run_time=datetime.now(UTC),  # one cycle right away, then on schedule
     )
+    if application.balance_sync is not None:
+        balance_sync = application.balance_sync
+
+        def balance_cycle() -> None:
+            try:
+                balance_sync.run_cycle()
+            except Exception:
+                log.exception("balance reconcile cycle crashed")
+
+        scheduler.add_job(
+            balance_cycle,
+            trigger=parse_schedule(config.schedule.balance_reconcile),
+            id="balance_reconcile",
+            name="balance reconcile",
+            next_run_time=datetime.now(UTC),
+        )
     scheduler.start()
-    log.info("reconciler running", usage_sync=config.schedule.usage_sync)
+    log.info(
+        "reconciler running",
+        usage_sync=config.schedule.usage_sync,
+        balance_reconcile=config.schedule.balance_reconcile if application.balance_sync else "disabled",
+    )
     try:
         while not stop.wait(timeout=1.0):
             pass

@@ -16,8 +16,10 @@ from sqlalchemy.engine import make_url
 from reconciler.clock import utc_now
 from reconciler.config import Config, parse_config
 from reconciler.ledger.database import make_engine, upgrade
+from reconciler.ledger.runs import RunLog
 from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.sandbox.httpserver import LoopbackServer
+from reconciler.sandbox.moesif_fake import FakeMoesif
 from reconciler.sandbox.openmeter_fake import FakeOpenMeter
 from reconciler.sandbox.stripe_fake import FakeStripe
 from reconciler.upstream.openmeter_api import OpenMeterGateway
@@ -27,6 +29,7 @@ from reconciler.usage.job import CycleResult, UsageSync
 POSTGRES_URL = os.environ.get("RECONCILER_TEST_POSTGRES_URL")
 STRIPE_KEY = "sk_test_sandbox"
 OPENMETER_TOKEN = "om_sandbox_token"
+MOESIF_TOKEN = "moesif_sandbox_token"
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +44,22 @@ def _openmeter_server() -> Iterator[tuple[FakeOpenMeter, LoopbackServer]]:
     fake = FakeOpenMeter(token=OPENMETER_TOKEN)
     with LoopbackServer(fake) as server:
         yield fake, server
+
+
+@pytest.fixture(scope="session")
+def _moesif_server() -> Iterator[tuple[FakeMoesif, LoopbackServer]]:
+    fake = FakeMoesif(token=MOESIF_TOKEN)
+    with LoopbackServer(fake) as server:
+        yield fake, server
+
+
+@pytest.fixture
+def moesif_fake(_moesif_server) -> FakeMoesif:
+    fake, _ = _moesif_server
+    fake.reset()
+    fake.visibility_delay_seconds = 0.0
+    fake.dedupe_transaction_ids = True
+    return fake
 
 
 @pytest.fixture
@@ -117,8 +136,14 @@ class Harness:
         self.config = sandbox_config(self.stripe_url, self.openmeter_url, self.database_url, **sections)
         self.ledger = UsageLedger(self.engine, utc_now)
         self.stripe_gateway = StripeGateway(self.config.stripe)
+        self.runs = RunLog(self.engine, utc_now)
         self.sync = UsageSync(
-            self.config, self.stripe_gateway, OpenMeterGateway(self.config.openmeter), self.ledger, clock=utc_now
+            self.config,
+            self.stripe_gateway,
+            OpenMeterGateway(self.config.openmeter),
+            self.ledger,
+            self.runs,
+            clock=utc_now,
         )
 
     def cycle(self, **kwargs: Any) -> CycleResult:

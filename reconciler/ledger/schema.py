@@ -145,3 +145,53 @@ class Run(Base):
     summary: Mapped[str | None] = mapped_column(Text)  # JSON counts
     host: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
+
+
+class MoesifTransaction(Base):
+    """One balance transaction we send to Moesif, written before it is sent.
+
+    `transaction_id` is the PaymentIntent id (top-up credit), the refund id (debit), or derived from the drift
+    observation (correction): one id, one amount, for ever. `outcome_unknown` marks a transaction an attempt of
+    which may have been applied without an answer: if Moesif does not deduplicate ids, a person checks it.
+    """
+
+    __tablename__ = "moesif_transactions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    transaction_id: Mapped[str] = mapped_column(String(255), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # topup | refund | correction
+    source_id: Mapped[str] = mapped_column(String(255), index=True)
+    customer_id: Mapped[str] = mapped_column(String(255), index=True)
+    subscription_id: Mapped[str] = mapped_column(String(255), index=True)
+    currency: Mapped[str] = mapped_column(String(8))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)  # positive; `type` gives the direction
+    type: Mapped[str] = mapped_column(String(8))  # credit | debit
+    state: Mapped[str] = mapped_column(String(16), index=True)  # pending | sent | failed
+    outcome_unknown: Mapped[bool] = mapped_column(Boolean, default=False)
+    verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # corrections seen landed in Moesif
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    run_id: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class BalanceObservation(Base):
+    """Every comparison of a customer's Stripe credit with Moesif's balance, in minor units."""
+
+    __tablename__ = "balance_observations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(36))
+    observed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    customer_id: Mapped[str] = mapped_column(String(255), index=True)
+    subscription_id: Mapped[str] = mapped_column(String(255))
+    currency: Mapped[str] = mapped_column(String(8))
+    stripe_credit_minor: Mapped[int] = mapped_column(BigInteger)
+    open_usage_minor: Mapped[int] = mapped_column(BigInteger)
+    expected_minor: Mapped[int] = mapped_column(BigInteger)
+    moesif_minor: Mapped[int] = mapped_column(BigInteger)
+    difference_minor: Mapped[int] = mapped_column(BigInteger)  # expected − Moesif
+    action: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    correction_transaction_id: Mapped[str | None] = mapped_column(String(255))

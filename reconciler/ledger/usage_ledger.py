@@ -10,10 +10,6 @@ and idempotency key before deciding anything new, so Stripe counts it once.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import socket
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 
@@ -21,7 +17,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from reconciler.ledger.schema import IntentState, LateDrift, PeriodStatus, Run, UsagePeriod, UsageReport
+from reconciler.ledger.schema import IntentState, LateDrift, PeriodStatus, UsagePeriod, UsageReport
 from reconciler.usage.decide import NEW_PERIOD, Action, Decision, LedgerState
 from reconciler.usage.model import BillingPeriod, Intent, Stream, StreamPeriod
 from reconciler.usage.periods import epoch_seconds
@@ -194,30 +190,6 @@ class UsageLedger:
             if decision.final and row.status != PeriodStatus.FINAL:
                 row.status = PeriodStatus.FINAL
                 row.finalized_at = now
-
-    # -- runs ----------------------------------------------------------------------------------------
-
-    def start_run(self, job: str) -> str:
-        run_id = str(uuid.uuid4())
-        with self._sessions.begin() as session:
-            session.add(
-                Run(
-                    id=run_id,
-                    job=job,
-                    started_at=self._clock(),
-                    status="running",
-                    host=socket.gethostname(),
-                    pid=os.getpid(),
-                )
-            )
-        return run_id
-
-    def finish_run(self, run_id: str, status: str, summary: dict[str, object]) -> None:
-        with self._sessions.begin() as session:
-            run = session.get_one(Run, run_id)
-            run.status = status
-            run.finished_at = self._clock()
-            run.summary = json.dumps(summary, sort_keys=True)
 
     # -- helpers -------------------------------------------------------------------------------------
 

@@ -12,6 +12,10 @@ Wire formats follow Stripe's public API (billing meters per the contract subset 
 items as of API 2025-03-31.basil and later, where the billing period lives on each item). The legacy
 usage-record endpoints are only served to requests pinned to an API version older than basil.
 
+Balances (read-only, seeded through helpers): PaymentIntents with their charges, refunds and disputes, the
+customer cash balance (``customer.balance``, minor units, negative = credit) with its balance transactions,
+and billing credit grants with ``/v1/billing/credit_balance_summary``.
+
 All timestamps come from ``self.clock()`` (``time.time`` looked up at call time, so freezegun applies).
 """
 
@@ -52,6 +56,22 @@ _IDEMPOTENCY_TTL = 24 * 3600
 _IDENTIFIER_WINDOW = 24 * 3600
 _MAX_PAST = 35 * 86400
 _MAX_FUTURE = 5 * 60
+_PAYMENT_INTENT_STATUSES = (
+    "requires_payment_method",
+    "requires_confirmation",
+    "requires_action",
+    "processing",
+    "requires_capture",
+    "canceled",
+    "succeeded",
+)
+# PaymentIntent status -> status of the charge it made (statuses absent here have no charge yet).
+_CHARGE_STATUS_FOR = {"succeeded": "succeeded", "processing": "pending", "requires_capture": "succeeded"}
+_REFUND_STATUSES = ("pending", "requires_action", "succeeded", "failed", "canceled")
+_REFUND_REASONS = ("duplicate", "fraudulent", "requested_by_customer", "expired_uncaptured_charge")
+# Refunds in these states count towards ``charge.amount_refunded`` (failed/canceled ones are reversed).
+_REFUND_COUNTED = ("pending", "requires_action", "succeeded")
+_CREDIT_GRANT_DEFAULT_PRIORITY = 50
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,6 +267,25 @@ class FakeStripe(FakeService):
             ("GET", re.compile(r"/v1/billing/meters/(?P<id>[^/]+)"), self._h_get_meter),
             ("GET", re.compile(r"/v1/billing/meters/(?P<id>[^/]+)/event_summaries"), self._h_event_summaries),
             ("POST", re.compile(r"/v1/billing/meter_events"), self._h_create_meter_event),
+            (
+                "GET",
+                re.compile(r"/v1/customers/(?P<id>[^/]+)/balance_transactions"),
+                self._h_list_balance_transactions,
+            ),
+            (
+                "GET",
+                re.compile(r"/v1/customers/(?P<id>[^/]+)/balance_transactions/(?P<txn>[^/]+)"),
+                self._h_get_balance_transaction,
+            ),
+            ("GET", re.compile(r"/v1/payment_intents"), self._h_list_payment_intents),
+            ("GET", re.compile(r"/v1/payment_intents/(?P<id>[^/]+)"), self._h_get_payment_intent),
+            ("GET", re.compile(r"/v1/charges"), self._h_list_charges),
+            ("GET", re.compile(r"/v1/charges/(?P<id>[^/]+)"), self._h_get_charge),
+            ("GET", re.compile(r"/v1/refunds"), self._h_list_refunds),
+            ("GET", re.compile(r"/v1/refunds/(?P<id>[^/]+)"), self._h_get_refund),
+            ("GET", re.compile(r"/v1/billing/credit_grants"), self._h_list_credit_grants),
+            ("GET", re.compile(r"/v1/billing/credit_grants/(?P<id>[^/]+)"), self._h_get_credit_grant),
+            ("GET", re.compile(r"/v1/billing/credit_balance_summary"), self._h_credit_balance_summary),
         ]
         self._init_state()
 
@@ -267,6 +306,14 @@ class FakeStripe(FakeService):
         # item id -> {timestamp: quantity}
         self.usage_records: dict[str, dict[int, int]] = {}
         self._idempotency: dict[str, _IdempotencyEntry] = {}
+        self.payment_intents: dict[str, dict[str, Any]] = {}  # stored with "latest_charge" as an id
+        self.charges: dict[str, dict[str, Any]] = {}
+        self.refunds: dict[str, dict[str, Any]] = {}
+        self.customer_balance_transactions: dict[str, list[dict[str, Any]]] = {}  # customer id -> oldest first
+        self.credit_grants: dict[str, dict[str, Any]] = {}
+        # grant id -> minor units applied to finalized invoices / held on draft invoices
+        self._grant_used: dict[str, int] = {}
+        self._grant_held: dict[str, int] = {}
 
     def reset(self) -> None:
         """Forget all objects, events, idempotency keys, recorded requests and pending faults."""
@@ -329,6 +376,10 @@ class FakeStripe(FakeService):
             }
             self.customers[cid] = customer
             self._register(cid)
+            self.customer_balance_transactions[cid] = []
+            if balance:
+                # Stripe records a starting balance as an "initial" balance transaction.
+                self._append_balance_transaction(cid, balance, "initial", None)
             return json.loads(json.dumps(customer))
 
     def add_meter(
@@ -572,6 +623,376 @@ class FakeStripe(FakeService):
             item["current_period_start"] = start
             item["current_period_end"] = end
             return self._render_item(item)
+
+    # -- seeding: payments, customer balance, credit grants ---------------------------------------
+
+    def add_payment_intent(
+        self,
+        customer: str | None,
+        amount: int,
+        currency: str = "usd",
+        *,
+        status: str = "succeeded",
+        metadata: Mapping[str, str] | None = None,
+        created: int | None = None,
+        id: str | None = None,
+        description: str | None = None,
+    ) -> dict[str, Any]:
+        """A PaymentIntent (and, once it has been attempted, its charge): a top-up as Stripe serves it."""
+        if status not in _PAYMENT_INTENT_STATUSES:
+            raise ValueError(f"unknown payment intent status {status!r}")
+        if amount < 1:
+            raise ValueError("amount must be a positive integer in minor units")
+        with self.lock:
+            if customer is not None and customer not in self.customers:
+                raise KeyError(f"unknown customer {customer!r}")
+            pid = id or _new_id("pi_", 24)
+            created = created if created is not None else self._now()
+            payment_method = _new_id("pm_", 24)
+            charge_id: str | None = None
+            charge_status = _CHARGE_STATUS_FOR.get(status)
+            if charge_status is not None:
+                charge_id = _new_id("ch_", 24)
+                captured = status == "succeeded"
+                self.charges[charge_id] = {
+                    "id": charge_id,
+                    "object": "charge",
+                    "amount": amount,
+                    "amount_captured": amount if captured else 0,
+                    "amount_refunded": 0,
+                    "application": None,
+                    "application_fee": None,
+                    "application_fee_amount": None,
+                    "balance_transaction": _new_id("txn_", 24) if captured else None,
+                    "billing_details": {"address": None, "email": None, "name": None, "phone": None},
+                    "calculated_statement_descriptor": "SANDBOX",
+                    "captured": captured,
+                    "created": created,
+                    "currency": currency,
+                    "customer": customer,
+                    "description": description,
+                    "disputed": False,
+                    "failure_balance_transaction": None,
+                    "failure_code": None,
+                    "failure_message": None,
+                    "fraud_details": {},
+                    "livemode": False,
+                    "metadata": dict(metadata or {}),
+                    "on_behalf_of": None,
+                    "outcome": {
+                        "network_status": "approved_by_network",
+                        "reason": None,
+                        "risk_level": "normal",
+                        "seller_message": "Payment complete.",
+                        "type": "authorized",
+                    },
+                    "paid": charge_status == "succeeded",
+                    "payment_intent": pid,
+                    "payment_method": payment_method,
+                    "payment_method_details": {
+                        "card": {"brand": "visa", "country": "US", "exp_month": 12, "exp_year": 2034, "last4": "4242"},
+                        "type": "card",
+                    },
+                    "receipt_email": None,
+                    "receipt_number": None,
+                    "receipt_url": None,
+                    "refunded": False,
+                    "review": None,
+                    "shipping": None,
+                    "source_transfer": None,
+                    "statement_descriptor": None,
+                    "statement_descriptor_suffix": None,
+                    "status": charge_status,
+                    "transfer_data": None,
+                    "transfer_group": None,
+                }
+                self._register(charge_id)
+            self.payment_intents[pid] = {
+                "id": pid,
+                "object": "payment_intent",
+                "amount": amount,
+                "amount_capturable": amount if status == "requires_capture" else 0,
+                "amount_details": {"tip": {}},
+                "amount_received": amount if status == "succeeded" else 0,
+                "application": None,
+                "application_fee_amount": None,
+                "automatic_payment_methods": {"allow_redirects": "always", "enabled": True},
+                "canceled_at": created if status == "canceled" else None,
+                "cancellation_reason": "requested_by_customer" if status == "canceled" else None,
+                "capture_method": "automatic_async",
+                "client_secret": f"{pid}_secret_{_new_id('', 25)}",
+                "confirmation_method": "automatic",
+                "created": created,
+                "currency": currency,
+                "customer": customer,
+                "description": description,
+                "last_payment_error": None,
+                "latest_charge": charge_id,
+                "livemode": False,
+                "metadata": dict(metadata or {}),
+                "next_action": None,
+                "on_behalf_of": None,
+                "payment_method": payment_method if charge_id else None,
+                "payment_method_configuration_details": None,
+                "payment_method_options": {},
+                "payment_method_types": ["card"],
+                "processing": None,
+                "receipt_email": None,
+                "review": None,
+                "setup_future_usage": None,
+                "shipping": None,
+                "source": None,
+                "statement_descriptor": None,
+                "statement_descriptor_suffix": None,
+                "status": status,
+                "transfer_data": None,
+                "transfer_group": None,
+            }
+            self._register(pid)
+            return self._render_payment_intent(self.payment_intents[pid], set())
+
+    def dispute_charge(self, payment_intent_id: str) -> dict[str, Any]:
+        """Mark the PaymentIntent's latest charge as disputed (``charge.disputed = true``)."""
+        with self.lock:
+            charge = self._charge_of(payment_intent_id)
+            charge["disputed"] = True
+            return json.loads(json.dumps(charge))
+
+    def add_refund(
+        self,
+        payment_intent: str,
+        amount: int | None = None,
+        *,
+        status: str = "succeeded",
+        created: int | None = None,
+        id: str | None = None,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Refund ``amount`` (default: all that is left) of the PaymentIntent's charge."""
+        if status not in _REFUND_STATUSES:
+            raise ValueError(f"unknown refund status {status!r}")
+        if reason is not None and reason not in _REFUND_REASONS:
+            raise ValueError(f"unknown refund reason {reason!r}")
+        with self.lock:
+            charge = self._charge_of(payment_intent)
+            remaining = charge["amount_captured"] - charge["amount_refunded"]
+            amount = remaining if amount is None else amount
+            if amount < 1 or amount > remaining:
+                raise ValueError(
+                    f"refund amount {amount} is not within 1..{remaining} (charge {charge['id']} has "
+                    f"{charge['amount_refunded']} of {charge['amount_captured']} refunded)"
+                )
+            rid = id or _new_id("re_", 24)
+            refund = {
+                "id": rid,
+                "object": "refund",
+                "amount": amount,
+                "balance_transaction": _new_id("txn_", 24) if status == "succeeded" else None,
+                "charge": charge["id"],
+                "created": created if created is not None else self._now(),
+                "currency": charge["currency"],
+                "destination_details": {"card": {"reference_status": "pending", "type": "refund"}, "type": "card"},
+                "metadata": dict(metadata or {}),
+                "payment_intent": payment_intent,
+                "reason": reason,
+                "receipt_number": None,
+                "source_transfer_reversal": None,
+                "status": status,
+                "transfer_reversal": None,
+            }
+            self.refunds[rid] = refund
+            self._register(rid)
+            self._update_refunded(charge)
+            return json.loads(json.dumps(refund))
+
+    def set_refund_status(self, refund_id: str, status: str) -> dict[str, Any]:
+        """Move a refund to another status (a failed or canceled refund no longer counts on the charge)."""
+        if status not in _REFUND_STATUSES:
+            raise ValueError(f"unknown refund status {status!r}")
+        with self.lock:
+            refund = self.refunds[refund_id]
+            refund["status"] = status
+            self._update_refunded(self.charges[refund["charge"]])
+            return json.loads(json.dumps(refund))
+
+    def _charge_of(self, payment_intent_id: str) -> dict[str, Any]:
+        pi = self.payment_intents[payment_intent_id]
+        if pi["latest_charge"] is None:
+            raise ValueError(f"payment intent {payment_intent_id!r} (status {pi['status']}) has no charge")
+        return self.charges[pi["latest_charge"]]
+
+    def _update_refunded(self, charge: dict[str, Any]) -> None:
+        refunded = sum(
+            r["amount"] for r in self.refunds.values() if r["charge"] == charge["id"] and r["status"] in _REFUND_COUNTED
+        )
+        charge["amount_refunded"] = refunded
+        charge["refunded"] = refunded > 0 and refunded >= charge["amount_captured"]
+
+    def adjust_customer_balance(
+        self,
+        customer: str,
+        amount: int,
+        description: str | None = None,
+        *,
+        currency: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Append an ``adjustment`` balance transaction (minor units; negative = credit to the customer)."""
+        with self.lock:
+            cust = self.customers[customer]
+            if currency is not None and cust["currency"] not in (None, currency):
+                raise ValueError(f"customer {customer!r} has currency {cust['currency']!r}, not {currency!r}")
+            if cust["currency"] is None:
+                cust["currency"] = currency or "usd"
+            return self._append_balance_transaction(customer, amount, "adjustment", description, metadata)
+
+    def _append_balance_transaction(
+        self,
+        customer: str,
+        amount: int,
+        type: str,
+        description: str | None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        cust = self.customers[customer]
+        ending = (cust["balance"] if type != "initial" else 0) + amount
+        cust["balance"] = ending
+        txn = {
+            "id": _new_id("cbtxn_", 24),
+            "object": "customer_balance_transaction",
+            "amount": amount,
+            "checkout_session": None,
+            "created": self._now(),
+            "credit_note": None,
+            "currency": cust["currency"] or "usd",
+            "customer": customer,
+            "customer_account": None,
+            "description": description,
+            "ending_balance": ending,
+            "invoice": None,
+            "livemode": False,
+            "metadata": dict(metadata or {}),
+            "type": type,
+        }
+        self.customer_balance_transactions.setdefault(customer, []).append(txn)
+        self._register(txn["id"])
+        return json.loads(json.dumps(txn))
+
+    def add_credit_grant(
+        self,
+        customer: str,
+        value: int,
+        currency: str = "usd",
+        *,
+        category: str = "paid",
+        scope_price_type: str = "metered",
+        effective_at: int | None = None,
+        expires_at: int | None = None,
+        id: str | None = None,
+        name: str | None = None,
+        priority: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """A billing credit grant of ``value`` minor units (``effective_at`` defaults to now)."""
+        if category not in ("paid", "promotional"):
+            raise ValueError(f"unknown credit grant category {category!r}")
+        if scope_price_type != "metered":
+            raise ValueError("credit grants only apply to price_type 'metered'")
+        if value < 1:
+            raise ValueError("value must be a positive integer in minor units")
+        with self.lock:
+            if customer not in self.customers:
+                raise KeyError(f"unknown customer {customer!r}")
+            gid = id or _new_id("credgr_test_", 24)
+            now = self._now()
+            grant = {
+                "id": gid,
+                "object": "billing.credit_grant",
+                "amount": {"monetary": {"currency": currency, "value": value}, "type": "monetary"},
+                "applicability_config": {"scope": {"price_type": scope_price_type}},
+                "category": category,
+                "created": now,
+                "customer": customer,
+                "customer_account": None,
+                "effective_at": effective_at if effective_at is not None else now,
+                "expires_at": expires_at,
+                "livemode": False,
+                "metadata": dict(metadata or {}),
+                "name": name,
+                "priority": priority if priority is not None else _CREDIT_GRANT_DEFAULT_PRIORITY,
+                "test_clock": None,
+                "updated": now,
+                "voided_at": None,
+            }
+            self.credit_grants[gid] = grant
+            self._grant_used[gid] = 0
+            self._grant_held[gid] = 0
+            self._register(gid)
+            return json.loads(json.dumps(grant))
+
+    def void_credit_grant(self, grant_id: str) -> dict[str, Any]:
+        with self.lock:
+            grant = self.credit_grants[grant_id]
+            now = self._now()
+            grant["voided_at"] = now
+            grant["updated"] = now
+            return json.loads(json.dumps(grant))
+
+    def consume_credit(self, customer: str, value: int, currency: str = "usd", *, draft: bool = False) -> int:
+        """Apply up to ``value`` minor units of credit as an invoice would; returns the amount applied.
+
+        Grants are drawn in Stripe's order (priority, soonest expiry, promotional before paid, earliest
+        effective). ``draft=True`` holds the credit on a draft invoice: the available balance drops, the
+        ledger balance does not.
+        """
+        if value < 0:
+            raise ValueError("value must not be negative")
+        with self.lock:
+            if customer not in self.customers:
+                raise KeyError(f"unknown customer {customer!r}")
+            now = self._now()
+            grants = [
+                g
+                for g in self.credit_grants.values()
+                if g["customer"] == customer
+                and g["amount"]["monetary"]["currency"] == currency
+                and self._grant_live(g, now)
+            ]
+            grants.sort(
+                key=lambda g: (
+                    g["priority"],
+                    g["expires_at"] if g["expires_at"] is not None else float("inf"),
+                    0 if g["category"] == "promotional" else 1,
+                    g["effective_at"],
+                    self._order[g["id"]],
+                )
+            )
+            left = value
+            for grant in grants:
+                take = min(left, self._grant_available(grant))
+                if take <= 0:
+                    continue
+                (self._grant_held if draft else self._grant_used)[grant["id"]] += take
+                left -= take
+                if left == 0:
+                    break
+            return value - left
+
+    @staticmethod
+    def _grant_live(grant: Mapping[str, Any], now: int) -> bool:
+        return (
+            grant["voided_at"] is None
+            and grant["effective_at"] <= now
+            and (grant["expires_at"] is None or now < grant["expires_at"])
+        )
+
+    def _grant_available(self, grant: Mapping[str, Any]) -> int:
+        gid = grant["id"]
+        return grant["amount"]["monetary"]["value"] - self._grant_used[gid] - self._grant_held[gid]
+
+    def _grant_ledger(self, grant: Mapping[str, Any]) -> int:
+        return grant["amount"]["monetary"]["value"] - self._grant_used[grant["id"]]
 
     # -- rendering --------------------------------------------------------------------------------
 
@@ -1153,6 +1574,177 @@ class FakeStripe(FakeService):
                 summaries.append(summary(s, e, self._aggregate(meter, customer, s, e)))
         return self._paginate(summaries, params, f"/v1/billing/meters/{id}/event_summaries", "meter event summary")
 
+    # -- payments, refunds, customer balance ------------------------------------------------------
+
+    def _render_payment_intent(self, pi: dict[str, Any], expand: set[str]) -> dict[str, Any]:
+        out = json.loads(json.dumps(pi))
+        if "latest_charge" in expand and pi["latest_charge"] is not None:
+            out["latest_charge"] = json.loads(json.dumps(self.charges[pi["latest_charge"]]))
+        return out
+
+    def _h_list_payment_intents(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
+        expand = self._expand(params, {"data.latest_charge"})
+        objs = list(self.payment_intents.values())
+        customer = params.get("customer")
+        if customer:
+            objs = [o for o in objs if o["customer"] == customer]
+        objs = _filter_created(objs, params)
+        charge_expand = {"latest_charge"} if "data.latest_charge" in expand else set()
+        return self._paginate(
+            self._newest_first(objs),
+            params,
+            "/v1/payment_intents",
+            "payment_intent",
+            lambda o: self._render_payment_intent(o, charge_expand),
+        )
+
+    def _h_get_payment_intent(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
+        expand = self._expand(params, {"latest_charge"})
+        if id not in self.payment_intents:
+            raise _no_such("payment_intent", id, param="intent")
+        return self._render_payment_intent(self.payment_intents[id], expand)
+
+    def _h_list_charges(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
+        self._expand(params, set())
+        objs = list(self.charges.values())
+        for name in ("customer", "payment_intent"):
+            if params.get(name):
+                objs = [o for o in objs if o[name] == params[name]]
+        objs = _filter_created(objs, params)
+        return self._paginate(self._newest_first(objs), params, "/v1/charges", "charge")
+
+    def _h_get_charge(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
+        self._expand(params, set())
+        if id not in self.charges:
+            raise _no_such("charge", id, param="charge")
+        return json.loads(json.dumps(self.charges[id]))
+
+    def _h_list_refunds(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
+        self._expand(params, set())
+        objs = list(self.refunds.values())
+        for name in ("payment_intent", "charge"):
+            if params.get(name):
+                objs = [o for o in objs if o[name] == params[name]]
+        objs = _filter_created(objs, params)
+        return self._paginate(self._newest_first(objs), params, "/v1/refunds", "refund")
+
+    def _h_get_refund(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
+        self._expand(params, set())
+        if id not in self.refunds:
+            raise _no_such("refund", id, param="refund")
+        return json.loads(json.dumps(self.refunds[id]))
+
+    def _h_list_balance_transactions(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
+        self._expand(params, set())
+        if id not in self.customers:
+            raise _no_such("customer", id)
+        objs = _filter_created(self.customer_balance_transactions.get(id, []), params)
+        return self._paginate(
+            self._newest_first(objs),
+            params,
+            f"/v1/customers/{id}/balance_transactions",
+            "customer balance transaction",
+        )
+
+    def _h_get_balance_transaction(
+        self, params: dict[str, Any], hdrs: Mapping[str, str], id: str, txn: str
+    ) -> dict[str, Any]:
+        self._expand(params, set())
+        if id not in self.customers:
+            raise _no_such("customer", id)
+        for t in self.customer_balance_transactions.get(id, []):
+            if t["id"] == txn:
+                return json.loads(json.dumps(t))
+        raise _no_such("customer balance transaction", txn)
+
+    # -- billing credits --------------------------------------------------------------------------
+
+    def _h_list_credit_grants(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
+        self._expand(params, set())
+        objs = list(self.credit_grants.values())
+        customer = params.get("customer")
+        if customer:
+            if customer not in self.customers:
+                raise _no_such("customer", customer, param="customer", status=400)
+            objs = [g for g in objs if g["customer"] == customer]
+        return self._paginate(self._newest_first(objs), params, "/v1/billing/credit_grants", "billing.credit_grant")
+
+    def _h_get_credit_grant(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
+        self._expand(params, set())
+        if id not in self.credit_grants:
+            raise _no_such("billing.credit_grant", id)
+        return json.loads(json.dumps(self.credit_grants[id]))
+
+    def _h_credit_balance_summary(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
+        expand = self._expand(params, {"customer"})
+        customer = params.get("customer")
+        if not customer:
+            raise _missing("customer")
+        flt = params.get("filter")
+        if flt is None or flt == "":
+            raise _missing("filter")
+        if not isinstance(flt, dict):
+            raise StripeError(400, "Invalid object", param="filter", code="parameter_invalid_object")
+        ftype = flt.get("type")
+        if not ftype:
+            raise _missing("filter[type]")
+        if ftype not in ("applicability_scope", "credit_grant"):
+            raise StripeError(
+                400, "Invalid filter[type]: must be one of applicability_scope or credit_grant", param="filter[type]"
+            )
+        if customer not in self.customers:
+            raise _no_such("customer", customer, param="customer", status=400)
+        grants = [g for g in self.credit_grants.values() if g["customer"] == customer]
+        if ftype == "applicability_scope":
+            scope = flt.get("applicability_scope")
+            if not isinstance(scope, dict) or not scope:
+                raise _missing("filter[applicability_scope]")
+            if "prices" in scope:
+                raise StripeError(
+                    400,
+                    "The sandbox supports only filter[applicability_scope][price_type]=metered.",
+                    param="filter[applicability_scope][prices]",
+                )
+            if scope.get("price_type") != "metered":
+                raise StripeError(
+                    400,
+                    "Invalid filter[applicability_scope][price_type]: must be one of metered",
+                    param="filter[applicability_scope][price_type]",
+                )
+            grants = [g for g in grants if g["applicability_config"]["scope"].get("price_type") == "metered"]
+        else:
+            grant_id = flt.get("credit_grant")
+            if not grant_id:
+                raise _missing("filter[credit_grant]")
+            grant = self.credit_grants.get(grant_id)
+            if grant is None or grant["customer"] != customer:
+                raise _no_such("billing.credit_grant", grant_id, param="filter[credit_grant]", status=400)
+            grants = [grant]
+        now = self._now()
+        available: dict[str, int] = {}
+        ledger: dict[str, int] = {}
+        for g in grants:
+            cur = g["amount"]["monetary"]["currency"]
+            available.setdefault(cur, 0)
+            ledger.setdefault(cur, 0)
+            if self._grant_live(g, now):
+                available[cur] += self._grant_available(g)
+                ledger[cur] += self._grant_ledger(g)
+
+        def money(currency: str, value: int) -> dict[str, Any]:
+            return {"monetary": {"currency": currency, "value": value}, "type": "monetary"}
+
+        return {
+            "object": "billing.credit_balance_summary",
+            "balances": [
+                {"available_balance": money(cur, available[cur]), "ledger_balance": money(cur, ledger[cur])}
+                for cur in sorted(available)
+            ],
+            "customer": (json.loads(json.dumps(self.customers[customer])) if "customer" in expand else customer),
+            "customer_account": None,
+            "livemode": False,
+        }
+
     # -- legacy usage records ---------------------------------------------------------------------
 
     def _legacy_item(self, hdrs: Mapping[str, str], item_id: str, what: str) -> dict[str, Any]:
@@ -1270,3 +1862,30 @@ def _parse_value(raw: str, param: str) -> Decimal:
             code="parameter_invalid_string",
         )
     return value
+
+
+def _filter_created(objs: Iterable[dict[str, Any]], params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Apply Stripe's ``created`` list filter: an exact timestamp or ``created[gt|gte|lt|lte]``."""
+    raw = params.get("created")
+    objs = list(objs)
+    if raw is None or raw == "":
+        return objs
+    if not isinstance(raw, dict):
+        exact = _int_param(params, "created")
+        return [o for o in objs if o["created"] == exact]
+    checks: list[Callable[[int], bool]] = []
+    for op, value in raw.items():
+        name = f"created[{op}]"
+        if op not in ("gt", "gte", "lt", "lte"):
+            raise StripeError(400, f"Received unknown parameter: {name}", param=name, code="parameter_unknown")
+        bound = _int_param({name: value}, name, required=True)
+        assert bound is not None
+        checks.append(
+            {
+                "gt": lambda t, b=bound: t > b,
+                "gte": lambda t, b=bound: t >= b,
+                "lt": lambda t, b=bound: t < b,
+                "lte": lambda t, b=bound: t <= b,
+            }[op]
+        )
+    return [o for o in objs if all(check(o["created"]) for check in checks)]

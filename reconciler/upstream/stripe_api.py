@@ -13,10 +13,13 @@ SDK traps avoided here (see shared/api-notes.md):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import datetime
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import stripe
 
+from reconciler.balances.model import Refund, TopUp
 from reconciler.config import StripeConfig
 from reconciler.redact import redact
 from reconciler.upstream.errors import (
@@ -64,6 +67,37 @@ def _is_duplicate_identifier(exc: stripe.StripeError) -> bool:
     code = (exc.code or "").lower()
     message = (exc.user_message or "").lower()
     return exc.http_status == 400 and ("duplicate" in code or ("identifier" in message and "already" in message))
+
+
+def _id_of(value: Any) -> str | None:
+    """An expandable field's id, whether Stripe sent the id or the expanded object."""
+    if value is None or isinstance(value, str):
+        return value
+    return value.get("id")
+
+
+def _top_up(raw: dict[str, Any]) -> TopUp:
+    charge = raw.get("latest_charge")
+    return TopUp(
+        payment_intent_id=raw["id"],
+        customer_id=_id_of(raw.get("customer")),
+        amount_minor=int(raw.get("amount_received") or 0),
+        currency=raw["currency"].lower(),
+        created=from_epoch_seconds(raw["created"]),
+        metadata=dict(raw.get("metadata") or {}),
+        disputed=bool(isinstance(charge, dict) and charge.get("disputed")),
+    )
+
+
+def _per_unit_amount(price: dict[str, Any]) -> Decimal | None:
+    """Minor units per unit for a plain per-unit price; None for tiered or transformed prices."""
+    if price.get("billing_scheme", "per_unit") != "per_unit" or price.get("transform_quantity"):
+        return None
+    exact = price.get("unit_amount_decimal")
+    if exact is not None:
+        return Decimal(str(exact))
+    amount = price.get("unit_amount")
+    return None if amount is None else Decimal(amount)
 
 
 class StripeGateway:
@@ -126,6 +160,7 @@ class StripeGateway:
                 )
             )
         ended_at = subscription.get("ended_at")
+        created = subscription.get("created")
         for item in items:
             price = item["price"]
             recurring = price.get("recurring") or {}
@@ -144,6 +179,9 @@ class StripeGateway:
                 period=BillingPeriod(from_epoch_seconds(start), from_epoch_seconds(end)),
                 ended_at=from_epoch_seconds(ended_at) if ended_at else None,
                 customer_metadata=metadata,
+                subscription_created=from_epoch_seconds(created) if created else None,
+                currency=(price.get("currency") or subscription.get("currency") or "usd").lower(),
+                unit_amount=_per_unit_amount(price),
             )
 
     def _pages(self, what: str, list_method: Callable[..., Any], params: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -157,6 +195,57 @@ class StripeGateway:
             if not page.get("has_more") or not data:
                 return
             cursor = data[-1]["id"]
+
+    # -- balances ------------------------------------------------------------------------------------
+
+    def succeeded_payment_intents(self, customer: str, created_since: datetime) -> Iterator[TopUp]:
+        params = {
+            "customer": customer,
+            "created": {"gte": epoch_seconds(created_since)},
+            "expand": ["data.latest_charge"],
+        }
+        for raw in self._pages("list payment intents", self._client.v1.payment_intents.list, params):
+            if raw.get("status") == "succeeded":
+                yield _top_up(raw)
+
+    def payment_intent(self, payment_intent_id: str) -> TopUp:
+        raw = self._call(
+            "retrieve payment intent",
+            lambda: self._client.v1.payment_intents.retrieve(payment_intent_id, params={"expand": ["latest_charge"]}),
+        ).to_dict()
+        return _top_up(raw)
+
+    def refunds(self, created_since: datetime) -> Iterator[Refund]:
+        params = {"created": {"gte": epoch_seconds(created_since)}}
+        for raw in self._pages("list refunds", self._client.v1.refunds.list, params):
+            yield Refund(
+                refund_id=raw["id"],
+                payment_intent_id=_id_of(raw.get("payment_intent")),
+                amount_minor=int(raw["amount"]),
+                currency=raw["currency"].lower(),
+                created=from_epoch_seconds(raw["created"]),
+                status=raw.get("status") or "succeeded",
+            )
+
+    def metered_credit_balance(self, customer: str, currency: str) -> int:
+        """Available billing credit for metered prices, in minor units of `currency`."""
+        params = {
+            "customer": customer,
+            "filter": {"type": "applicability_scope", "applicability_scope": {"price_type": "metered"}},
+        }
+        summary = self._call(
+            "credit balance summary", lambda: self._client.v1.billing.credit_balance_summary.retrieve(params=params)
+        ).to_dict()
+        for balance in summary.get("balances", []):
+            monetary = (balance.get("available_balance") or {}).get("monetary") or {}
+            if str(monetary.get("currency", "")).lower() == currency:
+                return int(monetary.get("value", 0))
+        return 0
+
+    def customer_credit(self, customer: str) -> tuple[int, str | None]:
+        """The customer balance as credit (minor units; Stripe stores credit as a negative balance)."""
+        raw = self._call("retrieve customer", lambda: self._client.v1.customers.retrieve(customer)).to_dict()
+        return -int(raw.get("balance") or 0), raw.get("currency")
 
     # -- writing -------------------------------------------------------------------------------------
 

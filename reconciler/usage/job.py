@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from reconciler.config import Config
+from reconciler.ledger.runs import RunLog
 from reconciler.ledger.schema import UsagePeriod
 from reconciler.ledger.usage_ledger import ContendedError, UsageLedger, stream_period_from_row
 from reconciler.redact import redact
@@ -83,6 +84,7 @@ class UsageSync:
         stripe: StripePort,
         openmeter: OpenMeterPort,
         ledger: UsageLedger,
+        runs: RunLog,
         clock: Callable[[], datetime],
         stop_requested: Callable[[], bool] = lambda: False,
     ):
@@ -90,6 +92,7 @@ class UsageSync:
         self._stripe = stripe
         self._openmeter = openmeter
         self._ledger = ledger
+        self._runs = runs
         self._clock = clock
         self._stop_requested = stop_requested
         self._zone = ZoneInfo(config.usage.window_time_zone)
@@ -101,7 +104,7 @@ class UsageSync:
 
     def run_cycle(self, *, dry_run: bool = False, customers: frozenset[str] = frozenset()) -> CycleResult:
         now = self._clock()
-        run_id = None if dry_run else self._ledger.start_run("usage_sync")
+        run_id = None if dry_run else self._runs.start("usage_sync")
         result = CycleResult(run_id=run_id, summary=CycleSummary())
         with structlog.contextvars.bound_contextvars(run_id=run_id, dry_run=dry_run):
             log.info("usage sync started", now=now.isoformat())
@@ -319,4 +322,4 @@ class UsageSync:
     def _finish(self, result: CycleResult, status: str) -> None:
         log.info("usage sync finished", status=status, **result.summary.as_dict())
         if result.run_id is not None:
-            self._ledger.finish_run(result.run_id, status, result.summary.as_dict())
+            self._runs.finish(result.run_id, status, result.summary.as_dict())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from enum import StrEnum
 
 
@@ -52,7 +53,10 @@ class MeteredItem:
     meter_id: str | None  # None: a legacy metered price (usage records)
     period: BillingPeriod
     ended_at: datetime | None = None  # set once the subscription has ended (canceled)
-    customer_metadata: dict[str, str] | None = None  # present when the subject comes from metadata
+    customer_metadata: dict[str, str] | None = None  # present when the listing expanded the customer
+    subscription_created: datetime | None = None
+    currency: str = "usd"
+    unit_amount: Decimal | None = None  # minor units per unit; None when the price is not simple per-unit
 
 
 class StreamKind(StrEnum):

@@ -1,0 +1,58 @@
+"""Which Moesif subscription stands for which Stripe customer, and what their open usage costs: pure."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
+
+from reconciler.balances.model import BalanceAccount
+from reconciler.ledger.balance_ledger import OpenUsage
+from reconciler.usage.model import MeteredItem
+from reconciler.usage.streams import LIVE_STATUSES
+
+_EPOCH = datetime.min.replace(tzinfo=UTC)
+
+
+@dataclass
+class CustomerAccount:
+    account: BalanceAccount
+    # meter id (meter prices) or price id (legacy prices) -> minor units per unit; None if not per-unit
+    unit_prices: dict[str, Decimal | None] = field(default_factory=dict)
+
+
+def map_accounts(items: Iterable[MeteredItem], metadata_key: str | None) -> dict[str, CustomerAccount]:
+    """Moesif `company_id` = Stripe customer; `subscription_id` = the customer's oldest live subscription with
+    metered items, unless the customer's metadata names one under `metadata_key`."""
+    by_customer: dict[str, list[MeteredItem]] = {}
+    for item in items:
+        if item.subscription_status in LIVE_STATUSES:
+            by_customer.setdefault(item.customer_id, []).append(item)
+    accounts = {}
+    for customer, live in by_customer.items():
+        oldest = min(live, key=lambda i: (i.subscription_created or _EPOCH, i.subscription_id))
+        override = (oldest.customer_metadata or {}).get(metadata_key or "") if metadata_key else None
+        account = BalanceAccount(customer, override or oldest.subscription_id, oldest.currency)
+        prices = {(i.meter_id or i.price_id): i.unit_amount for i in live}
+        accounts[customer] = CustomerAccount(account, prices)
+    return accounts
+
+
+class UnpricedUsageError(Exception):
+    """Open usage on a price whose cost we cannot compute (tiered, transformed, or unknown)."""
+
+
+def open_usage_cost_minor(open_usage: list[OpenUsage], unit_prices: dict[str, Decimal | None]) -> int:
+    """What the reported-but-not-invoiced usage costs, in minor units (Moesif has burned it already)."""
+    total = Decimal(0)
+    for usage in open_usage:
+        key = usage.meter_id or usage.stripe_target
+        price = unit_prices.get(key)
+        if price is None:
+            raise UnpricedUsageError(
+                f"cannot price the open usage of {usage.stripe_target!r} (item {usage.subscription_item_id}): "
+                "only plain per-unit prices can be priced"
+            )
+        total += price * usage.reported_total
+    return int(total.to_integral_value(rounding=ROUND_HALF_UP))

@@ -1,0 +1,428 @@
+"""The balance cycle: forward Stripe top-ups and refunds to Moesif exactly once, then compare balances.
+
+Per mapped customer: resend what a crash left pending (same transaction id, flagged), forward every succeeded
+top-up PaymentIntent not yet forwarded (credit, `transaction_id` = PaymentIntent id) and every refund of a
+top-up (debit, `transaction_id` = refund id), then compare Stripe's credit with Moesif's balance
+(reconciler.balances.drift) and, when allowed, send one correction. One customer's failure is logged with its
+context and counted; the cycle goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+import structlog
+
+from reconciler.balances.accounts import CustomerAccount, UnpricedUsageError, map_accounts, open_usage_cost_minor
+from reconciler.balances.drift import UNCORRECTED, Assessment, DriftAction, DriftPolicy, assess
+from reconciler.balances.model import Refund, TopUp
+from reconciler.balances.money import to_minor, to_minor_rounded, to_units
+from reconciler.config import Config
+from reconciler.ledger.balance_ledger import (
+    AlreadyRecordedError,
+    BalanceLedger,
+    PlannedTransaction,
+    StoredTransaction,
+)
+from reconciler.ledger.runs import RunLog
+from reconciler.redact import redact
+from reconciler.upstream.errors import OutcomeUnknownError, PermanentError, UpstreamError
+from reconciler.upstream.moesif_api import BalanceTransaction, MoesifGateway
+from reconciler.upstream.stripe_api import StripeGateway
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class CustomerReport:
+    """One line of the balance report."""
+
+    customer_id: str
+    subscription_id: str
+    currency: str
+    stripe_expected: Decimal | None = None  # Stripe credit minus open usage, currency units
+    moesif: Decimal | None = None
+    difference: Decimal | None = None
+    action: str = ""
+    reason: str = ""
+    forwarded: list[str] = field(default_factory=list)  # "credit 25.00 pi_..." lines, sent or planned
+    flags: list[str] = field(default_factory=list)  # things a person must look at
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        def number(value: Decimal | None) -> str | None:
+            return None if value is None else str(value)
+
+        return {
+            "customer": self.customer_id,
+            "subscription": self.subscription_id,
+            "currency": self.currency,
+            "stripe_expected": number(self.stripe_expected),
+            "moesif": number(self.moesif),
+            "difference": number(self.difference),
+            "action": self.action,
+            "reason": self.reason,
+            "forwarded": self.forwarded,
+            "flags": self.flags,
+            "error": self.error,
+        }
+
+
+@dataclass
+class BalanceResult:
+    run_id: str | None
+    dry_run: bool
+    customers: list[CustomerReport] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+    @property
+    def uncorrected_drift(self) -> int:
+        return sum(1 for c in self.customers if c.action in UNCORRECTED)
+
+    def summary(self) -> dict[str, object]:
+        actions = [c.action for c in self.customers]
+        return {
+            "customers": len(self.customers),
+            "forwarded": sum(len(c.forwarded) for c in self.customers),
+            "in_sync": actions.count(DriftAction.IN_SYNC.value),
+            "corrected": actions.count(DriftAction.CORRECT.value),
+            "settling": actions.count(DriftAction.SETTLING.value),
+            "uncorrected_drift": self.uncorrected_drift,
+            "flagged": sum(len(c.flags) for c in self.customers),
+            "failed": self.failed,
+        }
+
+
+class BalanceSync:
+    def __init__(
+        self,
+        config: Config,
+        stripe: StripeGateway,
+        moesif: MoesifGateway,
+        ledger: BalanceLedger,
+        runs: RunLog,
+        clock: Callable[[], datetime],
+        stop_requested: Callable[[], bool] = lambda: False,
+    ):
+        self._config = config
+        self._settings = config.balances
+        self._stripe = stripe
+        self._moesif = moesif
+        self._ledger = ledger
+        self._runs = runs
+        self._clock = clock
+        self._stop_requested = stop_requested
+
+    def run_cycle(self, *, dry_run: bool = False, customers: frozenset[str] = frozenset()) -> BalanceResult:
+        now = self._clock()
+        run_id = None if dry_run else self._runs.start("balance_reconcile")
+        result = BalanceResult(run_id=run_id, dry_run=dry_run)
+        with structlog.contextvars.bound_contextvars(run_id=run_id, dry_run=dry_run, job="balance_reconcile"):
+            log.info("balance reconcile started")
+            try:
+                accounts = self._accounts(customers)
+                refunds = self._refunds_by_payment_intent(now) if self._settings.topups.enabled else {}
+            except UpstreamError as exc:
+                result.failures.append(f"listing: {self._redact(str(exc))}")
+                log.error("balance reconcile could not list Stripe data", error=self._redact(str(exc)))
+                self._finish(result)
+                return result
+            for customer_id in sorted(accounts):
+                if self._stop_requested():
+                    break
+                result.customers.append(self._reconcile_one(accounts[customer_id], refunds, now, run_id))
+                if result.customers[-1].error:
+                    result.failures.append(f"{customer_id}: {result.customers[-1].error}")
+            self._finish(result)
+        return result
+
+    # -- collecting ----------------------------------------------------------------------------------
+
+    def _accounts(self, customers: frozenset[str]) -> dict[str, CustomerAccount]:
+        items = []
+        for customer in sorted(customers) or [None]:
+            items += self._stripe.metered_items(with_customer=True, customer=customer)
+        return map_accounts(items, self._settings.subscription_metadata_key)
+
+    def _refunds_by_payment_intent(self, now: datetime) -> dict[str, list[Refund]]:
+        """Refunds are listed by their own creation date, so a refund of an old top-up is still seen."""
+        by_intent: dict[str, list[Refund]] = {}
+        for refund in self._stripe.refunds(now - self._settings.topups.lookback):
+            if refund.status == "succeeded" and refund.payment_intent_id:
+                by_intent.setdefault(refund.payment_intent_id, []).append(refund)
+        return by_intent
+
+    # -- one customer --------------------------------------------------------------------------------
+
+    def _reconcile_one(
+        self, customer: CustomerAccount, refunds: dict[str, list[Refund]], now: datetime, run_id: str | None
+    ) -> CustomerReport:
+        account = customer.account
+        report = CustomerReport(account.customer_id, account.subscription_id, account.currency)
+        with structlog.contextvars.bound_contextvars(
+            customer=account.customer_id, subscription=account.subscription_id
+        ):
+            try:
+                if run_id is not None:
+                    for stored in self._ledger.pending(account.customer_id):
+                        report.flags.append(
+                            f"resending {stored.planned.kind} {stored.planned.transaction_id}: an earlier attempt's "
+                            "outcome is unknown; check Moesif if it does not deduplicate transaction ids"
+                        )
+                        self._send(stored, report)
+                if self._settings.topups.enabled:
+                    self._forward_money(customer, refunds, now, run_id, report)
+                if self._settings.stripe_source != "none":
+                    self._compare(customer, now, run_id, report)
+                else:
+                    report.action = "forward_only"
+                    report.reason = "stripe_source: none; top-ups forwarded exactly once are the reconciliation"
+            except (UpstreamError, UnpricedUsageError) as exc:
+                report.error = self._redact(str(exc))
+                log.error("customer failed", error=report.error)
+            except Exception as exc:  # one customer's bug must not stop the others
+                log.exception("unexpected error")
+                report.error = self._redact(f"unexpected error: {type(exc).__name__}: {exc}")
+        return report
+
+    def _forward_money(
+        self,
+        customer: CustomerAccount,
+        refunds: dict[str, list[Refund]],
+        now: datetime,
+        run_id: str | None,
+        report: CustomerReport,
+    ) -> None:
+        account = customer.account
+        top_ups = {
+            t.payment_intent_id: t
+            for t in self._stripe.succeeded_payment_intents(account.customer_id, now - self._settings.topups.lookback)
+            if self._is_top_up(t)
+        }
+        plans: list[PlannedTransaction | None] = []
+        forwarded_already = self._ledger.known_sources("topup", list(top_ups))
+        for top_up in top_ups.values():
+            if top_up.disputed:
+                report.flags.append(f"top-up {top_up.payment_intent_id} is disputed: not debited automatically")
+            if top_up.payment_intent_id in forwarded_already or top_up.disputed:
+                continue
+            plans.append(
+                self._plan(
+                    "topup",
+                    top_up.payment_intent_id,
+                    customer,
+                    top_up.amount_minor,
+                    top_up.currency,
+                    "credit",
+                    f"Stripe top-up {top_up.payment_intent_id}",
+                )
+            )
+
+        own_refunds = self._customer_refunds(account.customer_id, refunds, top_ups)
+        refunded_already = self._ledger.known_sources("refund", [r.refund_id for r in own_refunds])
+        for refund in own_refunds:
+            if refund.refund_id not in refunded_already:
+                plans.append(
+                    self._plan(
+                        "refund",
+                        refund.refund_id,
+                        customer,
+                        refund.amount_minor,
+                        refund.currency,
+                        "debit",
+                        f"Stripe refund {refund.refund_id} of {refund.payment_intent_id}",
+                    )
+                )
+
+        for planned in plans:
+            if planned is None:
+                continue
+            line = f"{planned.type} {to_units(planned.amount_minor, account.currency)} {planned.transaction_id}"
+            report.forwarded.append(line)
+            if run_id is None:
+                continue
+            try:
+                stored = self._ledger.record(planned, run_id)
+            except AlreadyRecordedError:
+                continue  # another replica recorded it first and sends it
+            self._send(stored, report)
+
+    def _customer_refunds(
+        self, customer_id: str, refunds: dict[str, list[Refund]], top_ups: dict[str, TopUp]
+    ) -> list[Refund]:
+        """Refunds of this customer's top-ups, including top-ups older than the look-back (fetched by id)."""
+        mine = []
+        for payment_intent_id, its_refunds in refunds.items():
+            top_up = top_ups.get(payment_intent_id)
+            if top_up is None:
+                top_up = self._stripe.payment_intent(payment_intent_id)
+                if top_up.customer_id != customer_id or not self._is_top_up(top_up):
+                    continue
+                top_ups[payment_intent_id] = top_up
+            mine += its_refunds
+        return mine
+
+    def _is_top_up(self, payment_intent: TopUp) -> bool:
+        wanted = self._settings.topups.payment_intent_metadata
+        return all(payment_intent.metadata.get(k) == v for k, v in wanted.items())
+
+    def _plan(
+        self,
+        kind: str,
+        source_id: str,
+        customer: CustomerAccount,
+        amount_minor: int,
+        currency: str,
+        direction: str,
+        description: str,
+    ) -> PlannedTransaction | None:
+        if currency != customer.account.currency:
+            log.warning(
+                f"{kind} in another currency than the Moesif subscription: skipped",
+                source=source_id,
+                currency=currency,
+                subscription_currency=customer.account.currency,
+            )
+            return None
+        return PlannedTransaction(kind, source_id, source_id, customer.account, amount_minor, direction, description)
+
+    def _send(self, stored: StoredTransaction, report: CustomerReport) -> None:
+        planned = stored.planned
+        transaction = BalanceTransaction(
+            company_id=planned.account.customer_id,
+            subscription_id=planned.account.subscription_id,
+            amount=to_units(planned.amount_minor, planned.account.currency),
+            currency=planned.account.currency,
+            type=planned.type,
+            transaction_id=planned.transaction_id,
+            description=planned.description,
+        )
+        try:
+            outcome = self._moesif.post_transaction(transaction)
+        except PermanentError as exc:
+            self._ledger.mark_failed(stored, self._redact(str(exc)))
+            raise
+        except OutcomeUnknownError as exc:
+            self._ledger.note_unknown_outcome(stored, self._redact(str(exc)))
+            report.flags.append(f"{planned.transaction_id}: outcome unknown, will be resent with the same id")
+            raise
+        except UpstreamError as exc:
+            self._ledger.note_unknown_outcome(stored, self._redact(str(exc)))
+            raise
+        self._ledger.mark_sent(stored, outcome_was_unknown=outcome.had_unknown_outcome)
+        if outcome.had_unknown_outcome:
+            report.flags.append(
+                f"{planned.transaction_id}: an attempt's outcome was unknown and it was resent with the same id; "
+                "check Moesif if it does not deduplicate"
+            )
+        log.info(
+            "moesif transaction sent",
+            transaction_id=planned.transaction_id,
+            type=planned.type,
+            amount=str(transaction.amount),
+            kind=planned.kind,
+        )
+
+    # -- balance comparison --------------------------------------------------------------------------
+
+    def _compare(self, customer: CustomerAccount, now: datetime, run_id: str | None, report: CustomerReport) -> None:
+        account = customer.account
+        currency = account.currency
+        if self._settings.stripe_source == "credit_grants":
+            credit_minor = self._stripe.metered_credit_balance(account.customer_id, currency)
+        else:
+            credit_minor, balance_currency = self._stripe.customer_credit(account.customer_id)
+            if balance_currency and balance_currency.lower() != currency:
+                raise PermanentError(
+                    "reconciler", f"customer balance is in {balance_currency}, subscription in {currency}"
+                )
+        open_usage = self._ledger.open_usage(account.customer_id, now, self._config.stripe.invoice_grace_period)
+        open_minor = open_usage_cost_minor(open_usage, customer.unit_prices)
+        moesif = self._moesif.balance(account.subscription_id).field(self._settings.moesif_balance_field)
+        moesif_minor = to_minor_rounded(moesif, currency)
+
+        policy = DriftPolicy(
+            tolerance=self._settings.tolerance.get(currency, to_units(1, currency)),
+            max_auto_correction=self._settings.max_auto_correction.get(currency),
+            auto_correct=self._settings.auto_correct,
+            settle_delay=self._settings.settle_delay,
+        )
+        recent = self._ledger.recent(account.subscription_id, now - self._settings.settle_delay)
+        assessment = assess(
+            stripe_credit=to_units(credit_minor, currency),
+            open_usage_cost=to_units(open_minor, currency),
+            moesif_balance=to_units(moesif_minor, currency),
+            recent=recent,
+            policy=policy,
+            now=now,
+        )
+        report.stripe_expected, report.moesif, report.difference = (
+            assessment.expected,
+            to_units(moesif_minor, currency),
+            assessment.difference,
+        )
+        report.action, report.reason = assessment.action.value, assessment.reason
+        log.info(
+            "balance compared",
+            stripe_expected=str(assessment.expected),
+            moesif=str(moesif),
+            difference=str(assessment.difference),
+            action=assessment.action.value,
+        )
+        if run_id is None:
+            return
+        observation = self._ledger.observe(
+            account,
+            run_id,
+            stripe_credit_minor=credit_minor,
+            open_usage_minor=open_minor,
+            moesif_minor=moesif_minor,
+            assessment=assessment,
+        )
+        if assessment.action is DriftAction.IN_SYNC:
+            self._ledger.verify_corrections(account.subscription_id)
+        elif assessment.action is DriftAction.CORRECT:
+            self._correct(customer, assessment, observation, run_id, report)
+
+    def _correct(
+        self, customer: CustomerAccount, assessment: Assessment, observation: int, run_id: str, report: CustomerReport
+    ) -> None:
+        account = customer.account
+        correction = assessment.correction
+        assert correction is not None
+        transaction_id = f"reconciler-drift-{account.customer_id}-{observation}"
+        planned = PlannedTransaction(
+            kind="correction",
+            source_id=str(observation),
+            transaction_id=transaction_id,
+            account=account,
+            amount_minor=abs(to_minor(correction, account.currency)),
+            type="credit" if correction > 0 else "debit",
+            description=f"reconciler drift correction (observation {observation})",
+        )
+        self._ledger.link_correction(observation, transaction_id)
+        stored = self._ledger.record(planned, run_id)
+        report.forwarded.append(f"{planned.type} {abs(correction)} {transaction_id}")
+        self._send(stored, report)
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._moesif.close()
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self._config.secret_values())
+
+    def _finish(self, result: BalanceResult) -> None:
+        summary = result.summary()
+        status = "succeeded" if not result.failures else "partial"
+        log.info("balance reconcile finished", status=status, **summary)
+        if result.run_id is not None:
+            self._runs.finish(result.run_id, status, summary)

@@ -1,0 +1,49 @@
+"""Our own small types for the balance job; the adapters return these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+
+@dataclass(frozen=True)
+class TopUp:
+    """A succeeded PaymentIntent: money the customer paid in, to be credited in Moesif."""
+
+    payment_intent_id: str
+    customer_id: str | None
+    amount_minor: int  # amount_received
+    currency: str
+    created: datetime
+    metadata: dict[str, str]
+    disputed: bool
+
+
+@dataclass(frozen=True)
+class Refund:
+    refund_id: str
+    payment_intent_id: str | None
+    amount_minor: int
+    currency: str
+    created: datetime
+    status: str
+
+
+@dataclass(frozen=True)
+class BalanceAccount:
+    """A Stripe customer as Moesif knows it: company = customer, subscription = the mapped subscription."""
+
+    customer_id: str
+    subscription_id: str
+    currency: str
+
+
+@dataclass(frozen=True)
+class MoesifBalance:
+    current_balance: Decimal
+    available_balance: Decimal
+    pending_activity: Decimal
+
+    def field(self, name: str) -> Decimal:
+        return {"current_balance": self.current_balance, "available_balance": self.available_balance}[name]

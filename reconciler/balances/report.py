@@ -1,0 +1,52 @@
+"""The balance report, for people (a table) and for machines (JSON)."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from reconciler.balances.job import BalanceResult
+
+
+def render_json(result: BalanceResult) -> str:
+    return json.dumps(
+        {
+            "run_id": result.run_id,
+            "dry_run": result.dry_run,
+            "summary": result.summary(),
+            "customers": [c.as_dict() for c in result.customers],
+            "failures": result.failures,
+        },
+        indent=2,
+    )
+
+
+def render_table(result: BalanceResult, console: Console) -> None:
+    title = "balance reconcile" + (" (dry run: nothing sent or written)" if result.dry_run else f" run {result.run_id}")
+    table = Table(title=title)
+    for column in ("customer", "subscription", "cur", "Stripe expected", "Moesif", "difference", "action"):
+        table.add_column(column, justify="right" if column in ("Stripe expected", "Moesif", "difference") else "left")
+    for c in result.customers:
+        table.add_row(
+            c.customer_id,
+            c.subscription_id,
+            c.currency.upper(),
+            "" if c.stripe_expected is None else str(c.stripe_expected),
+            "" if c.moesif is None else str(c.moesif),
+            "" if c.difference is None else f"{c.difference:+}",
+            "failed" if c.error else c.action,
+        )
+    console.print(table)
+    for c in result.customers:
+        for line in c.forwarded:
+            console.print(f"{c.customer_id}: {'would send' if result.dry_run else 'sent'} {line}", markup=False)
+        if c.action and c.reason and c.action not in ("in_sync",):
+            console.print(f"{c.customer_id}: {c.action}: {c.reason}", markup=False)
+        for flag in c.flags:
+            console.print(f"{c.customer_id}: CHECK: {flag}", markup=False)
+        if c.error:
+            console.print(f"{c.customer_id}: failed: {c.error}", markup=False)
+    summary = result.summary()
+    console.print(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary.items()), markup=False)

@@ -1,0 +1,229 @@
+"""The balance ledger's operations: every Moesif transaction is written before it is sent, so a top-up, a
+refund or a correction is forwarded at most once per transaction id, whatever crashes in between."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import sessionmaker
+
+from reconciler.balances.drift import Assessment, RecentTransaction
+from reconciler.balances.model import BalanceAccount
+from reconciler.balances.money import to_units
+from reconciler.ledger.schema import BalanceObservation, IntentState, MoesifTransaction, UsagePeriod
+
+
+class AlreadyRecordedError(Exception):
+    """Another run already recorded this transaction id."""
+
+
+@dataclass(frozen=True)
+class PlannedTransaction:
+    kind: str  # topup | refund | correction
+    source_id: str
+    transaction_id: str
+    account: BalanceAccount
+    amount_minor: int  # positive
+    type: str  # credit | debit
+    description: str
+
+
+@dataclass(frozen=True)
+class StoredTransaction:
+    id: int
+    planned: PlannedTransaction
+    state: str
+    outcome_unknown: bool
+
+
+@dataclass(frozen=True)
+class OpenUsage:
+    """Usage reported to Stripe in a period whose invoice has not finalized: Moesif burned it already."""
+
+    stripe_target: str
+    meter_id: str | None
+    kind: str
+    subscription_item_id: str
+    reported_total: int
+
+
+class BalanceLedger:
+    def __init__(self, engine: Engine, clock: Callable[[], datetime]):
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._clock = clock
+
+    # -- Moesif transactions -------------------------------------------------------------------------
+
+    def known_sources(self, kind: str, source_ids: list[str]) -> set[str]:
+        """Which of these top-ups/refunds already have a transaction (in any state)."""
+        if not source_ids:
+            return set()
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(MoesifTransaction.source_id).where(
+                    MoesifTransaction.kind == kind, MoesifTransaction.source_id.in_(source_ids)
+                )
+            )
+            return set(rows)
+
+    def pending(self, customer_id: str) -> list[StoredTransaction]:
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(MoesifTransaction)
+                .where(MoesifTransaction.customer_id == customer_id, MoesifTransaction.state == IntentState.PENDING)
+                .order_by(MoesifTransaction.id)
+            ).all()
+            return [_stored(row) for row in rows]
+
+    def record(self, planned: PlannedTransaction, run_id: str) -> StoredTransaction:
+        now = self._clock()
+        try:
+            with self._sessions.begin() as session:
+                row = MoesifTransaction(
+                    transaction_id=planned.transaction_id,
+                    kind=planned.kind,
+                    source_id=planned.source_id,
+                    customer_id=planned.account.customer_id,
+                    subscription_id=planned.account.subscription_id,
+                    currency=planned.account.currency,
+                    amount_minor=planned.amount_minor,
+                    type=planned.type,
+                    state=IntentState.PENDING,
+                    outcome_unknown=False,
+                    attempts=0,
+                    run_id=run_id,
+                    created_at=now,
+                )
+                session.add(row)
+                session.flush()
+                return _stored(row)
+        except IntegrityError:
+            raise AlreadyRecordedError(planned.transaction_id) from None
+
+    def mark_sent(self, stored: StoredTransaction, *, outcome_was_unknown: bool) -> None:
+        with self._sessions.begin() as session:
+            row = session.get_one(MoesifTransaction, stored.id)
+            row.state = IntentState.SENT
+            row.sent_at = self._clock()
+            row.attempts += 1
+            row.outcome_unknown = row.outcome_unknown or outcome_was_unknown
+            row.error = None
+
+    def mark_failed(self, stored: StoredTransaction, error: str) -> None:
+        with self._sessions.begin() as session:
+            row = session.get_one(MoesifTransaction, stored.id)
+            row.state = IntentState.FAILED
+            row.attempts += 1
+            row.error = error
+
+    def note_unknown_outcome(self, stored: StoredTransaction, error: str) -> None:
+        """Stays pending (resent with the same id next cycle) and is flagged for a person."""
+        with self._sessions.begin() as session:
+            row = session.get_one(MoesifTransaction, stored.id)
+            row.attempts += 1
+            row.outcome_unknown = True
+            row.error = error
+
+    def recent(self, subscription_id: str, since: datetime) -> list[RecentTransaction]:
+        """Our transactions that may still be settling in Moesif, and corrections not yet seen landing."""
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(MoesifTransaction).where(
+                    MoesifTransaction.subscription_id == subscription_id,
+                    MoesifTransaction.state == IntentState.SENT,
+                    (MoesifTransaction.sent_at >= since)
+                    | ((MoesifTransaction.kind == "correction") & MoesifTransaction.verified_at.is_(None)),
+                )
+            ).all()
+        return [
+            RecentTransaction(
+                amount=to_units(row.amount_minor if row.type == "credit" else -row.amount_minor, row.currency),
+                sent_at=row.sent_at or row.created_at,
+                is_correction=row.kind == "correction",
+            )
+            for row in rows
+        ]
+
+    def verify_corrections(self, subscription_id: str) -> None:
+        """The balances agree: every correction sent so far has landed."""
+        now = self._clock()
+        with self._sessions.begin() as session:
+            rows = session.scalars(
+                select(MoesifTransaction).where(
+                    MoesifTransaction.subscription_id == subscription_id,
+                    MoesifTransaction.kind == "correction",
+                    MoesifTransaction.state == IntentState.SENT,
+                    MoesifTransaction.verified_at.is_(None),
+                )
+            )
+            for row in rows:
+                row.verified_at = now
+
+    # -- observations --------------------------------------------------------------------------------
+
+    def observe(
+        self,
+        account: BalanceAccount,
+        run_id: str,
+        *,
+        stripe_credit_minor: int,
+        open_usage_minor: int,
+        moesif_minor: int,
+        assessment: Assessment,
+    ) -> int:
+        with self._sessions.begin() as session:
+            row = BalanceObservation(
+                run_id=run_id,
+                observed_at=self._clock(),
+                customer_id=account.customer_id,
+                subscription_id=account.subscription_id,
+                currency=account.currency,
+                stripe_credit_minor=stripe_credit_minor,
+                open_usage_minor=open_usage_minor,
+                expected_minor=stripe_credit_minor - open_usage_minor,
+                moesif_minor=moesif_minor,
+                difference_minor=stripe_credit_minor - open_usage_minor - moesif_minor,
+                action=assessment.action.value,
+                reason=assessment.reason,
+            )
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def link_correction(self, observation_id: int, transaction_id: str) -> None:
+        with self._sessions.begin() as session:
+            session.get_one(BalanceObservation, observation_id).correction_transaction_id = transaction_id
+
+    # -- usage Moesif has burned but Stripe has not invoiced -----------------------------------------
+
+    def open_usage(self, customer_id: str, now: datetime, invoice_grace_period: timedelta) -> list[OpenUsage]:
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(UsagePeriod).where(
+                    UsagePeriod.customer_id == customer_id,
+                    UsagePeriod.period_end > now - invoice_grace_period,
+                    UsagePeriod.reported_total != 0,
+                )
+            ).all()
+        return [
+            OpenUsage(row.stripe_target, row.meter_id, row.kind, row.subscription_item_id, row.reported_total)
+            for row in rows
+        ]
+
+
+def _stored(row: MoesifTransaction) -> StoredTransaction:
+    account = BalanceAccount(row.customer_id, row.subscription_id, row.currency)
+    planned = PlannedTransaction(
+        kind=row.kind,
+        source_id=row.source_id,
+        transaction_id=row.transaction_id,
+        account=account,
+        amount_minor=row.amount_minor,
+        type=row.type,
+        description=f"{row.kind} {row.source_id}",
+    )
+    return StoredTransaction(id=row.id, planned=planned, state=row.state, outcome_unknown=row.outcome_unknown)

@@ -1,0 +1,141 @@
+"""Moesif's Management API over httpx (Moesif has no Python SDK for it), returning our own types.
+
+Moesif answers a balance transaction with 204 and no body, and does not document what it does with a repeated
+`transaction_id`: we only ever repeat one for retries of the same transaction, and report every transaction
+whose first outcome was unknown so a person can check it if Moesif does not deduplicate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import httpx
+
+from reconciler.balances.model import MoesifBalance
+from reconciler.balances.money import moesif_number
+from reconciler.config import MoesifConfig
+from reconciler.redact import redact
+from reconciler.upstream.errors import (
+    OutcomeUnknownError,
+    PermanentError,
+    RateLimitedError,
+    TransientError,
+    UpstreamError,
+)
+from reconciler.upstream.rate_limit import RateLimiter
+from reconciler.upstream.retry import call_with_retries
+
+API = "moesif"
+
+
+@dataclass(frozen=True)
+class BalanceTransaction:
+    company_id: str
+    subscription_id: str
+    amount: Decimal  # currency units, positive
+    currency: str
+    type: str  # credit | debit
+    transaction_id: str
+    description: str
+
+
+@dataclass(frozen=True)
+class PostOutcome:
+    """How a POST went: `had_unknown_outcome` when an attempt failed in a way that may have applied it."""
+
+    had_unknown_outcome: bool
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
+class MoesifGateway:
+    def __init__(self, config: MoesifConfig, *, limiter: RateLimiter | None = None):
+        self._config = config
+        self._limiter = limiter or RateLimiter(config.max_requests_per_minute, 60.0)
+        self._client = httpx.Client(
+            base_url=f"{config.url}/v1",
+            headers={"Authorization": config.authorization, "Accept": "application/json"},
+            timeout=config.timeout_seconds,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _secrets(self) -> tuple[str, ...]:
+        return (self._config.management_token.get_secret_value(), self._config.authorization)
+
+    def _request(self, method: str, path: str, *, json: Any = None, unknown_if_lost: bool) -> httpx.Response:
+        self._limiter.acquire()
+        try:
+            response = self._client.request(method, path, json=json)
+        except httpx.TimeoutException as exc:
+            error_class = OutcomeUnknownError if unknown_if_lost else TransientError
+            raise error_class(API, f"{method} {path} timed out: {type(exc).__name__}") from None
+        except httpx.TransportError as exc:
+            error_class = OutcomeUnknownError if unknown_if_lost else TransientError
+            raise error_class(API, f"{method} {path} failed: {type(exc).__name__}") from None
+        if response.status_code < 300:
+            return response
+        detail = redact(response.text[:300], self._secrets())
+        status = response.status_code
+        if status == 429:
+            wait = _retry_after(response)
+            if wait:
+                self._limiter.hold_off(wait)
+            raise RateLimitedError(API, f"{method} {path} rate limited", status=status, retry_after=wait)
+        if status >= 500 or status == 408:
+            error_class = OutcomeUnknownError if unknown_if_lost else TransientError
+            raise error_class(API, f"{method} {path}: {detail}", status=status)
+        if status in (401, 403):
+            raise PermanentError(API, f"{method} {path}: management token refused: {detail}", status=status)
+        raise PermanentError(API, f"{method} {path}: {detail}", status=status)
+
+    def balance(self, subscription_id: str) -> MoesifBalance:
+        path = f"/search/~/subscriptions/{subscription_id}"
+        response = call_with_retries(
+            lambda: self._request("GET", path, unknown_if_lost=False),
+            max_retries=self._config.max_retries,
+            what="moesif get subscription",
+        )
+        balance = (response.json() or {}).get("balance") or {}
+
+        def amount(name: str) -> Decimal:
+            return Decimal(str(balance.get(name) or 0))
+
+        return MoesifBalance(amount("current_balance"), amount("available_balance"), amount("pending_activity"))
+
+    def post_transaction(self, transaction: BalanceTransaction) -> PostOutcome:
+        body = {
+            "company_id": transaction.company_id,
+            "subscription_id": transaction.subscription_id,
+            "amount": moesif_number(transaction.amount, transaction.currency),
+            "type": transaction.type,
+            "transaction_id": transaction.transaction_id,
+            "description": transaction.description,
+        }
+        unknown = False
+
+        def attempt() -> httpx.Response:
+            nonlocal unknown
+            try:
+                return self._request("POST", "/~/billing/reports/balance_transactions", json=body, unknown_if_lost=True)
+            except OutcomeUnknownError:
+                unknown = True
+                raise
+
+        try:
+            call_with_retries(attempt, max_retries=self._config.max_retries, what="moesif balance transaction")
+        except UpstreamError as exc:
+            if unknown and not isinstance(exc, OutcomeUnknownError):
+                # A later attempt was refused, but an earlier one may have been applied.
+                raise OutcomeUnknownError(API, f"{exc} (an earlier attempt's outcome is unknown)") from None
+            raise
+        return PostOutcome(had_unknown_outcome=unknown)

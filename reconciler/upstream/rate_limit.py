@@ -1,0 +1,38 @@
+"""A client-side request budget: at most N requests per period, spaced evenly, shared by threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+
+class RateLimiter:
+    """Spaces requests at least `period / max_requests` apart; `acquire` sleeps until the next slot."""
+
+    def __init__(
+        self,
+        max_requests: int,
+        per_seconds: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self._interval = per_seconds / max_requests
+        self._clock = clock
+        self._sleep = sleep
+        self._next_slot = 0.0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:
+            now = self._clock()
+            slot = max(now, self._next_slot)
+            self._next_slot = slot + self._interval
+        if slot > now:
+            self._sleep(slot - now)
+
+    def hold_off(self, seconds: float) -> None:
+        """After a 429: no request from any thread before `seconds` from now."""
+        with self._lock:
+            self._next_slot = max(self._next_slot, self._clock() + seconds)

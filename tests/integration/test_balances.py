@@ -1,0 +1,323 @@
+"""The balance job end to end: Stripe and Moesif fakes over real HTTP, ledger on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import structlog
+from freezegun import freeze_time
+from sqlalchemy import text
+
+from reconciler.balances.job import BalanceSync
+from reconciler.clock import utc_now
+from reconciler.config import parse_config
+from reconciler.ledger.balance_ledger import BalanceLedger
+from reconciler.ledger.database import make_engine, upgrade
+from reconciler.ledger.runs import RunLog
+from reconciler.logs import configure_logging
+from reconciler.upstream.moesif_api import MoesifGateway
+from reconciler.upstream.stripe_api import StripeGateway
+from tests.conftest import MOESIF_TOKEN, OPENMETER_TOKEN, STRIPE_KEY, ts, utc
+
+NOW = utc(2026, 3, 10, 12, 0)
+PERIOD = (utc(2026, 3, 1), utc(2026, 4, 1))
+
+
+class BalanceHarness:
+    def __init__(self, stripe, stripe_url, moesif, moesif_url, database_url):
+        self.stripe, self.moesif = stripe, moesif
+        self.stripe_url, self.moesif_url, self.database_url = stripe_url, moesif_url, database_url
+        self.engine = make_engine(database_url)
+        upgrade(self.engine)
+        self.configure()
+
+    def configure(self, token: str = MOESIF_TOKEN, **balances: Any) -> None:
+        settings = {
+            "enabled": True,
+            "stripe_source": "credit_grants",
+            "auto_correct": True,
+            "max_auto_correction": {"usd": 100, "jpy": 10000},
+            "settle_delay": "10m",
+            **balances,
+        }
+        self.config = parse_config(
+            {
+                "database": {"url": self.database_url},
+                "stripe": {"api_key": STRIPE_KEY, "api_base": self.stripe_url, "max_network_retries": 2},
+                "openmeter": {"url": "http://127.0.0.1:9", "token": OPENMETER_TOKEN},
+                "moesif": {
+                    "url": self.moesif_url,
+                    "management_token": token,
+                    "max_retries": 2,
+                    "max_requests_per_minute": 500,
+                },
+                "balances": settings,
+                "logging": {"level": "DEBUG", "format": "console"},
+            }
+        )
+        self.gateway = MoesifGateway(self.config.moesif)
+        self.sync = BalanceSync(
+            self.config,
+            StripeGateway(self.config.stripe),
+            self.gateway,
+            BalanceLedger(self.engine, utc_now),
+            RunLog(self.engine, utc_now),
+            clock=utc_now,
+        )
+
+    def cycle(self, **kwargs):
+        return self.sync.run_cycle(**kwargs)
+
+    def customer(self, customer="cus_M", *, currency="usd", moesif_balance=0.0, grant=None, subscription="sub_M"):
+        """A customer with a metered subscription (what maps it to Moesif) and its Moesif subscription."""
+        meter = next(iter(self.stripe.meters.values()), None) or self.stripe.add_meter("api_calls")
+        price = self.stripe.add_price(meter=meter["id"], currency=currency, unit_amount=1)
+        self.stripe.add_customer(id=customer, currency=currency)
+        self.stripe.add_subscription(
+            customer,
+            [price["id"]],
+            id=subscription,
+            current_period_start=ts(PERIOD[0]),
+            current_period_end=ts(PERIOD[1]),
+            created=ts(PERIOD[0]) - 86400,
+        )
+        self.moesif.add_subscription(subscription, customer, currency=currency, current_balance=moesif_balance)
+        if grant is not None:
+            self.stripe.add_credit_grant(customer, grant, currency=currency, effective_at=ts(PERIOD[0]))
+
+    def posts(self) -> list[dict]:
+        return [
+            json.loads(r.body)
+            for r in self.moesif.requests
+            if r.method == "POST" and r.path.endswith("/balance_transactions")
+        ]
+
+    def rows(self, sql: str) -> list[Any]:
+        with self.engine.connect() as connection:
+            return list(connection.execute(text(sql)))
+
+
+@pytest.fixture
+def bh(stripe_fake, moesif_fake, _stripe_server, _moesif_server, database_url):
+    harness = BalanceHarness(stripe_fake, _stripe_server[1].url, moesif_fake, _moesif_server[1].url, database_url)
+    yield harness
+    harness.gateway.close()
+    harness.engine.dispose()
+
+
+def test_top_ups_post_currency_units_not_cents(bh):
+    bh.configure(stripe_source="none", auto_correct=False)
+    bh.customer("cus_usd", subscription="sub_usd")
+    bh.customer("cus_jpy", currency="jpy", subscription="sub_jpy")
+    bh.stripe.add_payment_intent("cus_usd", 2500, "usd", created=ts(NOW - timedelta(days=1)), id="pi_usd")
+    bh.stripe.add_payment_intent("cus_jpy", 500, "jpy", created=ts(NOW - timedelta(days=1)), id="pi_jpy")
+    with freeze_time(NOW):
+        result = bh.cycle()
+    assert result.failed == 0, result.failures
+    posts = {p["transaction_id"]: p for p in bh.posts()}
+    assert posts["pi_usd"]["amount"] == 25.0 and isinstance(posts["pi_usd"]["amount"], float)
+    assert posts["pi_jpy"]["amount"] == 500 and isinstance(posts["pi_jpy"]["amount"], int)
+    assert {p["type"] for p in posts.values()} == {"credit"}
+    assert (posts["pi_usd"]["company_id"], posts["pi_usd"]["subscription_id"]) == ("cus_usd", "sub_usd")
+    assert bh.moesif.balance("sub_usd") == 25.0 and bh.moesif.balance("sub_jpy") == 500
+
+
+def test_a_missed_top_up_is_forwarded_once_even_through_a_moesif_500(bh):
+    bh.configure(stripe_source="none", auto_correct=False)
+    bh.customer()
+    bh.stripe.add_payment_intent("cus_M", 1000, created=ts(NOW - timedelta(hours=2)), id="pi_missed")
+    bh.stripe.add_payment_intent("cus_M", 700, status="requires_payment_method", created=ts(NOW), id="pi_unpaid")
+    bh.moesif.inject_fault("POST", "/v1/~/billing/reports/balance_transactions", 500)
+    with freeze_time(NOW) as clock:
+        first = bh.cycle()
+        clock.tick(timedelta(minutes=5))
+        second = bh.cycle()
+    assert first.failed == 0 and second.failed == 0
+    assert [p["transaction_id"] for p in bh.posts()] == ["pi_missed", "pi_missed"]  # the 500, then the retry
+    assert bh.moesif.balance("sub_M") == 10.0
+    assert second.customers[0].forwarded == []  # re-running forwards nothing more
+    assert [tuple(r) for r in bh.rows("select transaction_id, state from moesif_transactions")] == [
+        ("pi_missed", "sent")
+    ]
+
+
+def test_a_refund_becomes_one_debit_even_when_its_top_up_is_older_than_the_lookback(bh):
+    bh.configure(stripe_source="none", auto_correct=False, topups={"lookback": "35d"})
+    bh.customer(moesif_balance=40.0)
+    bh.stripe.add_payment_intent("cus_M", 4000, created=ts(NOW - timedelta(days=90)), id="pi_old")
+    bh.stripe.add_refund("pi_old", 1500, created=ts(NOW - timedelta(days=1)), id="re_1")
+    with freeze_time(NOW) as clock:
+        bh.cycle()
+        clock.tick(timedelta(hours=1))
+        bh.cycle()
+    posts = bh.posts()
+    assert [(p["transaction_id"], p["type"], p["amount"]) for p in posts] == [("re_1", "debit", 15.0)]
+    assert bh.moesif.balance("sub_M") == 25.0
+
+
+def test_drift_within_tolerance_needs_no_action(bh):
+    bh.customer(moesif_balance=49.995, grant=5000)
+    with freeze_time(NOW):
+        result = bh.cycle()
+    assert result.customers[0].action == "in_sync"
+    assert bh.posts() == []
+    assert [tuple(r) for r in bh.rows("select expected_minor, moesif_minor, action from balance_observations")] == [
+        (5000, 5000, "in_sync")
+    ]
+
+
+@pytest.mark.parametrize(("moesif_balance", "direction", "amount"), [(42.0, "credit", 8.0), (61.5, "debit", 11.5)])
+def test_drift_is_corrected_once_and_verified_after_moesif_shows_it(bh, moesif_balance, direction, amount):
+    bh.customer(moesif_balance=moesif_balance, grant=5000)
+    bh.moesif.visibility_delay_seconds = 300  # Moesif shows new transactions five minutes late
+    with freeze_time(NOW) as clock:
+        first = bh.cycle()
+        assert first.customers[0].action == "correct"
+        assert [(p["type"], p["amount"]) for p in bh.posts()] == [(direction, amount)]
+
+        clock.tick(timedelta(minutes=2))  # not visible yet: no second correction
+        assert bh.cycle().customers[0].action == "settling"
+        assert len(bh.posts()) == 1
+
+        clock.tick(timedelta(minutes=10))  # now it is
+        third = bh.cycle()
+    assert third.customers[0].action == "in_sync"
+    assert len(bh.posts()) == 1
+    assert bh.moesif.balance("sub_M") == 50.0
+    verified = bh.rows("select verified_at from moesif_transactions where kind = 'correction'")
+    assert verified[0][0] is not None
+
+
+def test_drift_over_the_limit_or_in_an_unlisted_currency_is_reported_not_corrected(bh):
+    bh.customer("cus_big", moesif_balance=0.0, grant=50000, subscription="sub_big")  # $500 off, limit $100
+    bh.customer("cus_eur", currency="eur", moesif_balance=0.0, grant=1000, subscription="sub_eur")
+    with freeze_time(NOW):
+        result = bh.cycle()
+    actions = {c.customer_id: (c.action, c.reason) for c in result.customers}
+    assert actions["cus_big"][0] == "over_limit" and "max_auto_correction" in actions["cus_big"][1]
+    assert actions["cus_eur"][0] == "over_limit" and "no balances.max_auto_correction entry" in actions["cus_eur"][1]
+    assert bh.posts() == []
+    assert result.uncorrected_drift == 2
+
+
+def test_usage_moesif_burned_but_stripe_has_not_invoiced_is_not_drift(bh):
+    bh.customer(moesif_balance=40.0, grant=5000)
+    # The usage ledger says 1,000 units at 1 cent were reported in the open period: $10 Moesif already burned.
+    with bh.engine.begin() as connection:
+        connection.execute(
+            text(
+                "insert into usage_periods (stream_key, period_start, period_end, kind, customer_id, subscription_id,"
+                " subscription_item_id, stripe_target, meter_id, openmeter_meter, subject, status, reported_total,"
+                " next_sequence, failures, created_at, updated_at) values (:key, :start, :end, 'sum', 'cus_M', 'sub_M',"
+                " 'si_1', 'api_calls', :meter, 'api_requests', 'cus_M', 'provisional', 1000, 2, 0, :start, :start)"
+            ),
+            {
+                "key": "meter:x:cus_M",
+                "start": PERIOD[0].replace(tzinfo=None),
+                "end": PERIOD[1].replace(tzinfo=None),
+                "meter": next(iter(bh.stripe.meters)),
+            },
+        )
+    with freeze_time(NOW):
+        result = bh.cycle()
+    report = result.customers[0]
+    assert (report.action, report.stripe_expected, report.moesif) == ("in_sync", Decimal("40.00"), Decimal("40.00"))
+
+
+def test_customer_balance_source_reads_negative_balance_as_credit(bh):
+    bh.configure(stripe_source="customer_balance")
+    bh.customer(moesif_balance=20.0)
+    bh.stripe.adjust_customer_balance("cus_M", -2000)
+    with freeze_time(NOW):
+        result = bh.cycle()
+    assert (result.customers[0].action, result.customers[0].stripe_expected) == ("in_sync", Decimal("20.00"))
+
+
+def test_dry_run_sends_and_writes_nothing(bh):
+    bh.customer(moesif_balance=10.0, grant=5000)
+    bh.stripe.add_payment_intent("cus_M", 1000, created=ts(NOW - timedelta(hours=1)), id="pi_1")
+    with freeze_time(NOW):
+        result = bh.cycle(dry_run=True)
+    report = result.customers[0]
+    assert report.forwarded == ["credit 10.00 pi_1"]
+    assert report.action == "correct"
+    assert bh.posts() == []
+    for table in ("moesif_transactions", "balance_observations", "runs"):
+        assert bh.rows(f"select count(*) from {table}")[0][0] == 0
+
+
+@pytest.fixture
+def product_logging():
+    """Undo the product's logging setup after a test that configured it (it binds the stderr of that moment)."""
+    yield configure_logging
+    structlog.reset_defaults()
+
+
+def test_a_bearer_prefixed_token_is_sent_once_and_never_logged(bh, product_logging, capsys):
+    product_logging("DEBUG", "json", [MOESIF_TOKEN])  # inside the test: capsys swaps stderr after fixture setup
+    bh.configure(token=f"Bearer {MOESIF_TOKEN}", stripe_source="none", auto_correct=False)
+    bh.customer()
+    bh.stripe.add_payment_intent("cus_M", 1000, created=ts(NOW - timedelta(hours=1)), id="pi_1")
+    with freeze_time(NOW):
+        result = bh.cycle()
+    assert result.failed == 0, result.failures
+    assert {r.headers["authorization"] for r in bh.moesif.requests} == {f"Bearer {MOESIF_TOKEN}"}
+    captured = capsys.readouterr()
+    assert MOESIF_TOKEN not in captured.out + captured.err
+    assert "moesif transaction sent" in captured.err
+
+
+def test_moesif_429_with_retry_after_is_waited_out(bh):
+    bh.configure(stripe_source="none", auto_correct=False)
+    bh.customer()
+    bh.stripe.add_payment_intent("cus_M", 1000, created=ts(NOW - timedelta(hours=1)), id="pi_1")
+    bh.moesif.inject_fault("POST", "/v1/~/billing/reports/balance_transactions", 429, headers={"Retry-After": "1"})
+    with freeze_time(NOW):
+        result = bh.cycle()
+    assert result.failed == 0
+    assert bh.moesif.balance("sub_M") == 10.0
+    assert [tuple(r) for r in bh.rows("select state, outcome_unknown from moesif_transactions")] == [("sent", False)]
+
+
+def test_a_lost_response_is_resent_with_the_same_id_and_flagged(bh):
+    bh.configure(stripe_source="none", auto_correct=False)
+    bh.customer()
+    bh.moesif.dedupe_transaction_ids = True
+    bh.stripe.add_payment_intent("cus_M", 1000, created=ts(NOW - timedelta(hours=1)), id="pi_1")
+    bh.moesif.inject_fault("POST", "/v1/~/billing/reports/balance_transactions", 503, after_apply=True)
+    with freeze_time(NOW):
+        result = bh.cycle()
+    assert bh.moesif.balance("sub_M") == 10.0  # Moesif deduplicated the resend
+    assert [p["transaction_id"] for p in bh.posts()] == ["pi_1", "pi_1"]
+    assert any("outcome was unknown" in flag for flag in result.customers[0].flags)
+    assert [tuple(r) for r in bh.rows("select state, outcome_unknown from moesif_transactions")] == [("sent", True)]
+
+
+def test_a_disputed_top_up_is_flagged_not_debited(bh):
+    bh.configure(stripe_source="none", auto_correct=False)
+    bh.customer()
+    bh.stripe.add_payment_intent("cus_M", 1000, created=ts(NOW - timedelta(hours=2)), id="pi_1")
+    with freeze_time(NOW) as clock:
+        bh.cycle()
+        bh.stripe.dispute_charge("pi_1")
+        clock.tick(timedelta(hours=1))
+        result = bh.cycle()
+    assert [p["type"] for p in bh.posts()] == ["credit"]
+    assert any("disputed" in flag for flag in result.customers[0].flags)
+
+
+def test_one_failing_customer_does_not_stop_the_others(bh):
+    bh.configure(stripe_source="none", auto_correct=False)
+    bh.customer("cus_ok", subscription="sub_ok")
+    bh.customer("cus_gone", subscription="sub_gone")
+    del bh.moesif._subscriptions["sub_gone"]
+    for customer in ("cus_ok", "cus_gone"):
+        bh.stripe.add_payment_intent(customer, 1000, created=ts(NOW - timedelta(hours=1)), id=f"pi_{customer}")
+    with freeze_time(NOW):
+        result = bh.cycle()
+    assert result.failed == 1 and "cus_gone" in result.failures[0]
+    assert bh.moesif.balance("sub_ok") == 10.0
