@@ -194,6 +194,7 @@ def demo() -> None:
 def sandbox(
     stripe_port: Annotated[int, typer.Option(help="Port for the fake Stripe API.")] = 12111,
     openmeter_port: Annotated[int, typer.Option(help="Port for the fake OpenMeter API.")] = 12112,
+    moesif_port: Annotated[int, typer.Option(help="Port for the fake Moesif API.")] = 12113,
 ) -> None:
     """Serve the seeded Stripe and OpenMeter fakes on loopback until Ctrl-C, to try `reconciler run` locally."""
     import signal
@@ -201,10 +202,14 @@ def sandbox(
 
     from reconciler.clock import utc_now
     from reconciler.sandbox.seed import seed_sandbox
-    from reconciler.sandbox.server import SANDBOX_OPENMETER_TOKEN, SANDBOX_STRIPE_KEY, Sandbox
+    from reconciler.sandbox.server import (
+        SANDBOX_OPENMETER_TOKEN,
+        SANDBOX_STRIPE_KEY,
+        Sandbox,
+    )
 
-    served = Sandbox.start(stripe_port=stripe_port, openmeter_port=openmeter_port)
-    seed_sandbox(served.stripe, served.openmeter, utc_now())
+    served = Sandbox.start(stripe_port=stripe_port, openmeter_port=openmeter_port, moesif_port=moesif_port)
+    seed_sandbox(served.stripe, served.openmeter, served.moesif, utc_now())
     out.print("Sandbox running. Point config.yaml at it with:", markup=False)
     for name, value in (
         ("STRIPE_API_BASE", served.stripe_server.url),

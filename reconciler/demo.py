@@ -1,8 +1,9 @@
 """`reconciler demo`: the product working end to end in one command, on the built-in sandbox.
 
-It starts the Stripe and OpenMeter fakes on loopback, seeds three customers (a `sum` meter, a `last` meter and
-a legacy metered price), and runs three usage sync cycles against a temporary SQLite ledger: the first
-reports the period-to-date totals, the second only what changed, the third nothing at all.
+It starts the Stripe, OpenMeter and Moesif fakes on loopback, seeds three customers (a `sum` meter, a `last`
+meter and a legacy metered price, each with prepaid credit), and runs against a temporary SQLite ledger:
+three usage sync cycles (the period-to-date totals, then only what changed, then nothing at all), then two
+balance cycles (a lost top-up forwarded and a drift corrected, then everything in sync).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import tempfile
 import time
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from reconciler.app import build_app
+from reconciler.balances.report import render_table
 from reconciler.clock import utc_now
 from reconciler.config import parse_config
 from reconciler.ledger.database import make_engine, upgrade
@@ -40,7 +43,7 @@ def _demo(console: Console, sandbox: Sandbox, database: Path) -> int:
     engine = make_engine(config.database.url)
     upgrade(engine)
     engine.dispose()
-    seeded = seed_sandbox(sandbox.stripe, sandbox.openmeter, utc_now())
+    seeded = seed_sandbox(sandbox.stripe, sandbox.openmeter, sandbox.moesif, utc_now())
     console.print(
         f"[bold]Sandbox[/bold]: Stripe at {sandbox.stripe_server.url}, OpenMeter at {sandbox.openmeter_server.url}, "
         f"ledger {database}\nBilling period {seeded['period_start']:%Y-%m-%d %H:%M} → "
@@ -66,10 +69,44 @@ def _demo(console: Console, sandbox: Sandbox, database: Path) -> int:
             failed |= not result.ok
             console.print(f"[bold]{title}[/bold]")
             _print_cycle(console, result, sandbox, sent_before)
+        console.print("Every total above equals OpenMeter's, however often the cycle runs: that is set semantics.\n")
+
+        _moesif_burns_usage(sandbox, seeded)
+        assert app.balance_sync is not None
+        for title in (
+            "Balance cycle 1: globex's lost top-up is forwarded; Moesif lost $20 of acme's credit, so it is corrected",
+            "Balance cycle 2: Stripe and Moesif agree; nothing is sent",
+        ):
+            balance = app.balance_sync.run_cycle()
+            failed |= bool(balance.failed)
+            console.print(f"[bold]{title}[/bold]")
+            render_table(balance, console)
+            console.print()
     finally:
         app.close()
-    console.print("Every total above equals OpenMeter's, however often the cycle runs: that is set semantics.")
     return 1 if failed else 0
+
+
+def _moesif_burns_usage(sandbox: Sandbox, seeded: dict) -> None:
+    """Moesif burns prepaid credit as usage arrives (Stripe only applies it at invoice time); and, to show
+    drift being found, Moesif loses $20 of acme's credit."""
+    start, end = int(seeded["period_start"].timestamp()), int(seeded["period_end"].timestamp())
+    stripe = sandbox.stripe
+    for subscription in stripe.subscriptions.values():
+        customer = subscription["customer"]
+        cost = Decimal(0)
+        for item_id in [
+            i for i, item in stripe.subscription_items.items() if item["subscription"] == subscription["id"]
+        ]:
+            price = stripe.prices[stripe.subscription_items[item_id]["price"]]
+            meter_id = price["recurring"]["meter"]
+            if meter_id:
+                quantity = stripe.meter_total(customer, stripe.meters[meter_id]["event_name"], start, end)
+            else:
+                quantity = Decimal(stripe.usage_record_total(item_id))
+            cost += quantity * Decimal(price["unit_amount"]) / 100
+        lost = Decimal(20) if customer == "cus_sandbox_acme" else Decimal(0)
+        sandbox.moesif.consume(subscription["id"], float(cost + lost))
 
 
 def _late_batch(sandbox: Sandbox) -> None:

@@ -26,12 +26,14 @@ def render_json(result: BalanceResult) -> str:
 def render_table(result: BalanceResult, console: Console) -> None:
     title = "balance reconcile" + (" (dry run: nothing sent or written)" if result.dry_run else f" run {result.run_id}")
     table = Table(title=title)
-    for column in ("customer", "subscription", "cur", "Stripe expected", "Moesif", "difference", "action"):
-        table.add_column(column, justify="right" if column in ("Stripe expected", "Moesif", "difference") else "left")
+    table.add_column("customer", no_wrap=True)
+    table.add_column("cur")
+    for column in ("Stripe expected", "Moesif", "difference"):
+        table.add_column(column, justify="right")
+    table.add_column("action")
     for c in result.customers:
         table.add_row(
             c.customer_id,
-            c.subscription_id,
             c.currency.upper(),
             "" if c.stripe_expected is None else str(c.stripe_expected),
             "" if c.moesif is None else str(c.moesif),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+from reconciler.sandbox.moesif_fake import FakeMoesif
 from reconciler.sandbox.openmeter_fake import FakeOpenMeter
 from reconciler.sandbox.stripe_fake import FakeStripe
 
@@ -16,8 +17,14 @@ DEMO_METERS: list[dict[str, str]] = [
 ]
 
 
-def seed_sandbox(stripe: FakeStripe, openmeter: FakeOpenMeter, now: datetime) -> dict[str, Any]:
-    """Three customers in the middle of a monthly period, one per kind of price, with usage so far."""
+# Prepaid credit per sandbox customer, in cents: a Stripe credit grant and the Moesif balance it started from.
+PREPAID_CREDIT = {"cus_sandbox_acme": 20000, "cus_sandbox_globex": 2500, "cus_sandbox_initech": 1000}
+
+
+def seed_sandbox(stripe: FakeStripe, openmeter: FakeOpenMeter, moesif: FakeMoesif, now: datetime) -> dict[str, Any]:
+    """Three customers in the middle of a monthly period, one per kind of price, with usage so far and prepaid
+    credit: a Stripe credit grant each, mirrored by a Moesif subscription (globex's top-up webhook was lost, so
+    Moesif never heard of its $25)."""
     start = (now - timedelta(days=10)).replace(minute=45, second=0, microsecond=0)
     end = start + timedelta(days=30)
     period = {"current_period_start": int(start.timestamp()), "current_period_end": int(end.timestamp())}
@@ -40,7 +47,12 @@ def seed_sandbox(stripe: FakeStripe, openmeter: FakeOpenMeter, now: datetime) ->
     }
     for customer, price in customers.items():
         stripe.add_customer(id=customer, metadata={"tenant": customer.removeprefix("cus_sandbox_")})
-        stripe.add_subscription(customer, [price], **period)
+        subscription = stripe.add_subscription(customer, [price], **period)
+        credit = PREPAID_CREDIT[customer]
+        stripe.add_credit_grant(customer, credit, effective_at=int(start.timestamp()))
+        forwarded = customer != "cus_sandbox_globex"
+        moesif.add_subscription(subscription["id"], customer, current_balance=credit / 100 if forwarded else 0.0)
+    stripe.add_payment_intent("cus_sandbox_globex", 2500, created=int((now - timedelta(days=2)).timestamp()))
 
     add_usage(openmeter, now, hours=10 * 24)
     return {"period_start": start, "period_end": end, "customers": sorted(customers)}

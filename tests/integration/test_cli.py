@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -249,3 +250,64 @@ def test_run_daemon_wakes_up_for_a_legacy_final_sync_between_ticks(sandbox, conf
         daemon.kill()
     assert sandbox.stripe.usage_record_total(item) == 3, stderr
     assert "extra cycle scheduled for a final-sync deadline" in stderr
+
+
+def balance_customer(sandbox: Sandbox, *, grant: int, moesif_balance: float) -> None:
+    customer_with_usage(sandbox, "cus_bal", value=0)
+    subscription = next(s for s in sandbox.stripe.subscriptions.values() if s["customer"] == "cus_bal")
+    sandbox.stripe.add_credit_grant("cus_bal", grant, effective_at=subscription["created"])
+    sandbox.moesif.add_subscription(subscription["id"], "cus_bal", current_balance=moesif_balance)
+
+
+def test_reconcile_balances_writes_a_json_report_and_corrects_drift(sandbox, config_file, tmp_path):
+    balance_customer(sandbox, grant=5000, moesif_balance=45.0)
+    reconciler("db", "upgrade", "--config", str(config_file))
+    report = tmp_path / "report.json"
+    result = reconciler("reconcile-balances", "--format", "json", "--output", str(report), "--config", str(config_file))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    [line] = data["customers"]
+    assert (line["customer"], line["stripe_expected"], line["moesif"], line["difference"], line["action"]) == (
+        "cus_bal",
+        "50.00",
+        "45.00",
+        "5.00",
+        "correct",
+    )
+    assert sandbox.moesif.balance(line["subscription"]) == 50.0
+
+
+def test_fail_on_drift_exits_3_when_drift_is_left_uncorrected(sandbox, config_file):
+    balance_customer(sandbox, grant=5000, moesif_balance=45.0)
+    raw = yaml.safe_load(config_file.read_text())
+    raw["balances"]["auto_correct"] = False
+    write_config(config_file, raw)
+    reconciler("db", "upgrade", "--config", str(config_file))
+    plain = reconciler("reconcile-balances", "--config", str(config_file))
+    strict = reconciler("reconcile-balances", "--fail-on-drift", "--config", str(config_file))
+    assert plain.returncode == 0 and strict.returncode == 3
+    assert "cus_bal" in strict.stdout and "report" in strict.stdout and "+5.00" in strict.stdout
+    assert sandbox.moesif.balance(next(iter(sandbox.moesif._subscriptions))) == 45.0
+
+
+def test_balance_config_that_would_make_everything_drift_is_refused(tmp_path):
+    path = write_config(
+        tmp_path / "config.yaml",
+        {
+            "stripe": {"api_key": "k"},
+            "openmeter": {"token": "t"},
+            "moesif": {"management_token": "m"},
+            "balances": {"enabled": True, "stripe_source": "none", "auto_correct": True},
+        },
+    )
+    result = reconciler("check-config", "--config", str(path))
+    assert result.returncode == 2
+    assert "balances.auto_correct: needs a Stripe balance to compare with" in result.stderr
+
+
+def test_reconcile_balances_needs_balances_enabled(sandbox, config_file):
+    raw = yaml.safe_load(config_file.read_text())
+    raw["balances"]["enabled"] = False
+    write_config(config_file, raw)
+    result = reconciler("reconcile-balances", "--config", str(config_file))
+    assert result.returncode == 2 and "balances.enabled is false" in result.stderr

@@ -20,12 +20,35 @@ def problems_of(raw) -> list[str]:
 def test_the_documented_sample_is_valid(monkeypatch):
     monkeypatch.setenv("STRIPE_API_KEY", "sk_test_sample")
     monkeypatch.setenv("OPENMETER_API_TOKEN", "om_sample")
+    monkeypatch.setenv("MOESIF_MANAGEMENT_TOKEN", "Bearer moesif_sample")
     monkeypatch.delenv("RECONCILER_DATABASE_URL", raising=False)
     config = load_config(REPO_ROOT / "config.yaml")
     assert config.database.url == "sqlite:///reconciler.db"
     assert config.stripe.api_key.get_secret_value() == "sk_test_sample"
     assert config.usage.window_size == "HOUR"
     assert config.usage.meters[0].openmeter == "api_requests"
+    assert config.balances.enabled and config.balances.tolerance["jpy"] == 1
+    assert config.moesif is not None and config.moesif.authorization == "Bearer moesif_sample"
+
+
+def test_balances_without_a_moesif_section_or_with_nothing_to_compare_are_refused():
+    assert problems_of({**MINIMAL, "balances": {"enabled": True}}) == [
+        "moesif: required when balances.enabled is true (url, management_token)"
+    ]
+    raw = {
+        **MINIMAL,
+        "moesif": {"management_token": "m"},
+        "balances": {"enabled": True, "stripe_source": "none", "auto_correct": True},
+    }
+    assert problems_of(raw)[0].startswith("balances.auto_correct: needs a Stripe balance to compare with")
+
+
+def test_moesif_token_is_a_secret_and_never_doubles_its_bearer_prefix():
+    bare = parse_config({**MINIMAL, "moesif": {"management_token": "m0esif_s3cret"}})
+    prefixed = parse_config({**MINIMAL, "moesif": {"management_token": "Bearer m0esif_s3cret"}})
+    assert bare.moesif.authorization == prefixed.moesif.authorization == "Bearer m0esif_s3cret"
+    assert "m0esif_s3cret" in bare.secret_values()
+    assert "m0esif_s3cret" not in yaml.safe_dump(bare.masked())
 
 
 def test_wrong_enum_names_the_key_path_and_the_choices():
