@@ -146,9 +146,7 @@ class BalanceSync:
     # -- collecting ----------------------------------------------------------------------------------
 
     def _accounts(self, customers: frozenset[str]) -> dict[str, CustomerAccount]:
-        items = []
-        for customer in sorted(customers) or [None]:
-            items += self._stripe.metered_items(with_customer=True, customer=customer)
+        items = self._stripe.metered_items(with_customer=True, customers=customers)
         return map_accounts(items, self._settings.subscription_metadata_key)
 
     def _refunds_by_payment_intent(self, now: datetime) -> dict[str, list[Refund]]:

@@ -24,9 +24,9 @@ API = "openmeter"
 def _problem_detail(exc: HttpResponseError) -> str:
     """The `detail` (or `title`) of an application/problem+json body, else the exception's message."""
     try:
-        body = json.loads(exc.response.text())
+        body = json.loads(exc.response.text()) if exc.response is not None else {}
         return str(body.get("detail") or body.get("title") or exc.reason)
-    except Exception:
+    except (ValueError, AttributeError):
         return str(exc.reason or exc.message)
 
 
@@ -36,7 +36,7 @@ def translate_error(exc: Exception, meter: str, secrets: tuple[str, ...] = ()) -
         status = exc.status_code
         detail = redact(_problem_detail(exc), secrets)
         if status == 429:
-            retry_after = exc.response.headers.get("Retry-After")
+            retry_after = exc.response.headers.get("Retry-After") if exc.response is not None else None
             wait = float(retry_after) if retry_after and retry_after.isdigit() else None
             return RateLimitedError(API, detail, status=status, retry_after=wait)
         if status >= 500 or status == 408:

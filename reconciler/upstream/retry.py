@@ -7,6 +7,7 @@ budget is the only one: a call is tried at most `1 + max_retries` times, never `
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -63,6 +64,6 @@ def call_with_retries(
         wait=_wait(wait_random_exponential(multiplier=base_delay, max=MAX_BACKOFF_SECONDS)),
         before_sleep=before_sleep,
         reraise=True,
-        **({"sleep": sleep} if sleep else {}),
+        sleep=sleep or time.sleep,
     )
     return retrying(operation)

@@ -136,14 +136,15 @@ class StripeGateway:
             )
         return meters
 
-    def metered_items(self, *, with_customer: bool, customer: str | None = None) -> Iterator[MeteredItem]:
-        """Every metered item of every subscription (all statuses), page by page."""
+    def metered_items(self, *, with_customer: bool, customers: frozenset[str] = frozenset()) -> Iterator[MeteredItem]:
+        """Every metered item of every subscription (all statuses), page by page; only `customers`' if given.
+        `with_customer` expands the customer, for its metadata."""
         expand = ["data.items.data.price"] + (["data.customer"] if with_customer else [])
-        params: dict[str, Any] = {"status": "all", "expand": expand}
-        if customer:
-            params["customer"] = customer
-        for subscription in self._pages("list subscriptions", self._client.v1.subscriptions.list, params):
-            yield from self._metered_items_of(subscription)
+        filters: list[dict[str, Any]] = [{"customer": c} for c in sorted(customers)] or [{}]
+        for extra in filters:
+            params: dict[str, Any] = {"status": "all", "expand": expand, **extra}
+            for subscription in self._pages("list subscriptions", self._client.v1.subscriptions.list, params):
+                yield from self._metered_items_of(subscription)
 
     def _metered_items_of(self, subscription: dict[str, Any]) -> Iterator[MeteredItem]:
         customer = subscription["customer"]

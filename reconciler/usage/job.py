@@ -7,7 +7,7 @@ logged with its context and counted; the cycle goes on.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -46,7 +46,7 @@ IDENTIFIER_SAFE_RESEND = timedelta(hours=23)
 
 class StripePort(Protocol):
     def list_meters(self) -> dict[str, Meter]: ...
-    def metered_items(self, *, with_customer: bool, customer: str | None = None) -> object: ...
+    def metered_items(self, *, with_customer: bool, customers: frozenset[str] = ...) -> Iterable[MeteredItem]: ...
     def send_meter_event(self, intent: Intent) -> None: ...
     def send_usage_record(self, intent: Intent) -> None: ...
 
@@ -132,9 +132,7 @@ class UsageSync:
     def _collect_work(self, now: datetime, customers: frozenset[str]) -> tuple[list[StreamPeriod], list[Refusal]]:
         meters = self._stripe.list_meters()
         with_customer = self._config.usage.subject_metadata_key is not None
-        items: list[MeteredItem] = []
-        for customer in sorted(customers) or [None]:
-            items += self._stripe.metered_items(with_customer=with_customer, customer=customer)  # type: ignore[arg-type]
+        items = self._stripe.metered_items(with_customer=with_customer, customers=customers)
         work, refusals = build_work(items, meters, self._config.usage, now)
         listed = {(sp.stream.key, sp.period.start) for sp in work}
         for row in self._ledger.periods_to_revisit(now, self._config.usage.lookback, listed):
