@@ -14,6 +14,7 @@ from reconciler.ledger.balance_ledger import BalanceLedger
 from reconciler.ledger.database import make_engine, require_migrated
 from reconciler.ledger.runs import RunLog
 from reconciler.ledger.usage_ledger import UsageLedger
+from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.upstream.moesif_api import MoesifGateway
 from reconciler.upstream.openmeter_api import OpenMeterGateway
 from reconciler.upstream.stripe_api import StripeGateway
@@ -33,34 +34,49 @@ class App:
         self.engine.dispose()
 
 
-def build_app(config: Config, stop_requested: Callable[[], bool] = lambda: False) -> App:
-    """Everything a command needs. Refuses a database that `reconciler db upgrade` has not migrated."""
+def open_database(config: Config) -> Engine:
+    """An engine on the configured database, refusing one that `reconciler db upgrade` has not migrated."""
     engine = make_engine(config.database.url)
     try:
         require_migrated(engine)
     except Exception:
         engine.dispose()
         raise
-    ledger = UsageLedger(engine, utc_now)
+    return engine
+
+
+def build_app(
+    config: Config,
+    stop_requested: Callable[[], bool] = lambda: False,
+    *,
+    engine: Engine | None = None,
+    metrics: Metrics = NO_METRICS,
+) -> App:
+    """Everything a command needs, on `engine` if given (a reload keeps the daemon's), else a new one."""
+    engine = engine or open_database(config)
+    runs = RunLog(engine, utc_now)
+    stripe = StripeGateway(config.stripe, metrics)
     usage_sync = UsageSync(
         config,
-        StripeGateway(config.stripe),
-        OpenMeterGateway(config.openmeter),
-        ledger,
-        RunLog(engine, utc_now),
+        stripe,
+        OpenMeterGateway(config.openmeter, metrics),
+        UsageLedger(engine, utc_now),
+        runs,
         clock=utc_now,
         stop_requested=stop_requested,
+        metrics=metrics,
     )
     balance_sync = None
     if config.balances.enabled:
         assert config.moesif is not None  # guaranteed by Config.cross_field_problems
         balance_sync = BalanceSync(
             config,
-            StripeGateway(config.stripe),
-            MoesifGateway(config.moesif),
+            stripe,
+            MoesifGateway(config.moesif, metrics=metrics),
             BalanceLedger(engine, utc_now),
-            RunLog(engine, utc_now),
+            runs,
             clock=utc_now,
             stop_requested=stop_requested,
+            metrics=metrics,
         )
     return App(config=config, engine=engine, usage_sync=usage_sync, balance_sync=balance_sync)

@@ -171,15 +171,52 @@ def reconcile_balances(
 
 @app.command("run")
 def run(ctx: typer.Context, config: ConfigOption = None) -> None:
-    """Run the scheduler until SIGTERM/SIGINT (the service's main process)."""
-    from reconciler.daemon import run_daemon
+    """Run the scheduler and the operations server until SIGTERM/SIGINT (the service's main process)."""
+    from reconciler.config import resolve_config_path
+    from reconciler.daemon import AlreadyRunningError, run_daemon
+
+    loaded = _load(ctx, config)
+    path = resolve_config_path(config or (ctx.obj or {}).get("config"))
+    try:
+        code = run_daemon(loaded, path)
+    except (DatabaseNotMigratedError, AlreadyRunningError) as exc:
+        raise _setup_error(str(exc)) from None
+    raise typer.Exit(code)
+
+
+@app.command("healthcheck")
+def healthcheck(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """Exit 0 if the local `reconciler run` answers /healthz (the container's HEALTHCHECK)."""
+    import httpx
+
+    loaded = _load(ctx, config)
+    host = "127.0.0.1" if loaded.server.host in ("0.0.0.0", "::", "") else loaded.server.host
+    try:
+        response = httpx.get(f"http://{host}:{loaded.server.port}/healthz", timeout=5)
+    except httpx.HTTPError as exc:
+        err.print(f"unhealthy: {type(exc).__name__}", markup=False)
+        raise typer.Exit(EXIT_FAILURES) from None
+    if response.status_code != 200:
+        err.print(f"unhealthy: HTTP {response.status_code} {response.text}", markup=False)
+        raise typer.Exit(EXIT_FAILURES)
+    out.print("healthy")
+
+
+@app.command("status")
+def status(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """Jobs with their last and next runs, pending and failed items, from the ledger."""
+    from reconciler.app import open_database
+    from reconciler.status import print_status
 
     loaded = _load(ctx, config)
     try:
-        code = run_daemon(loaded)
+        engine = open_database(loaded)
     except DatabaseNotMigratedError as exc:
         raise _setup_error(str(exc)) from None
-    raise typer.Exit(code)
+    try:
+        print_status(loaded, engine, out)
+    finally:
+        engine.dispose()
 
 
 @app.command("demo")

@@ -211,6 +211,20 @@ class ScheduleConfig(_Section):
         return value
 
 
+class ServerConfig(_Section):
+    """The operations HTTP server inside `reconciler run`: /healthz, /readyz, /metrics."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_cycle_age: Duration = timedelta(hours=2)  # /readyz turns unready when a job's last success is older
+    shutdown_timeout: Duration = timedelta(seconds=30)
+
+
+class LedgerConfig(_Section):
+    retention: Duration = timedelta(days=400)  # closed ledger rows older than this are pruned by the daemon
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "console"] = "json"
@@ -224,6 +238,8 @@ class Config(_Section):
     moesif: MoesifConfig | None = None
     balances: BalancesConfig = BalancesConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    server: ServerConfig = ServerConfig()
+    ledger: LedgerConfig = LedgerConfig()
     logging: LoggingConfig = LoggingConfig()
 
     def cross_field_problems(self) -> list[str]:
@@ -240,6 +256,12 @@ class Config(_Section):
             )
         if balances.enabled and balances.stripe_source == "none" and not balances.topups.enabled:
             problems.append("balances.topups.enabled: with stripe_source: none, disabling top-ups leaves nothing to do")
+        longest_lookback = max(self.usage.lookback, balances.topups.lookback)
+        if self.ledger.retention <= longest_lookback:
+            # Pruning what a look-back still reads would forward a top-up twice or re-open a closed period.
+            problems.append(
+                f"ledger.retention: must be longer than the longest look-back ({format_duration(longest_lookback)})"
+            )
         return problems
 
     def secret_values(self) -> list[str]:

@@ -1,56 +1,118 @@
-"""`reconciler run`: APScheduler 3 as a ticker, coordination in our own tables.
+"""`reconciler run`: the service. APScheduler 3 as a ticker, coordination in our own tables.
 
 The in-memory job store is deliberate: APScheduler 3 does not support sharing a persistent job store between
 processes, and the ledger already makes every cycle safe to repeat. `coalesce` and `max_instances=1` mean a
-slow cycle is never run twice at once and missed ticks collapse into one. SIGTERM/SIGINT stop the cycle
-after the item in flight, wait for it, and exit 0.
+slow cycle is never run twice at once and missed ticks collapse into one.
+
+Signals: SIGTERM/SIGINT stop the cycle after the item in flight, wait for it (at most
+`server.shutdown_timeout`) and exit 0. SIGHUP re-reads the config file: schedules, budgets, tolerances and
+meter mappings change without a restart; an invalid file is logged with its key paths and the running config
+stays.
 """
 
 from __future__ import annotations
 
+import fcntl
+import queue
 import signal
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
 
-from reconciler.app import build_app
-from reconciler.config import Config
+from reconciler.app import App, build_app, open_database
+from reconciler.clock import utc_now
+from reconciler.config import Config, ConfigError, load_config
+from reconciler.ledger.retention import prune_ledger
+from reconciler.ledger.schema import IntentState, MoesifTransaction, UsageReport
+from reconciler.logs import configure_logging
+from reconciler.metrics import GaugeCallback, Metrics
 from reconciler.schedule import parse_schedule
+from reconciler.service.ops_server import OpsServer, Probes, build_ops_app
 
 log = structlog.get_logger(__name__)
 
-
 # Wake up this long after a final-sync deadline, so the cycle surely sees it as due.
 DEADLINE_MARGIN = timedelta(seconds=5)
+PRUNE_SCHEDULE = "17 3 * * *"  # daily, off the hour
 
 
-def run_daemon(config: Config) -> int:
-    stop = threading.Event()
-    one_cycle_at_a_time = threading.Lock()
-    application = build_app(config, stop_requested=stop.is_set)
+class AlreadyRunningError(Exception):
+    """Another `reconciler run` holds this SQLite database."""
 
-    def usage_cycle() -> None:
-        with one_cycle_at_a_time:
-            if stop.is_set():
+
+def hold_sqlite_lock(database_url: str) -> IO[str] | None:
+    """SQLite has no row locks to share work with: allow one daemon per database file (a second refuses to
+    start). The lock is an flock on `<db>.lock`, released by the kernel even if the process is killed."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    lock_file = open(f"{url.database}.lock", "a+")  # noqa: SIM115 - held open for the process's lifetime
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        raise AlreadyRunningError(
+            f"another `reconciler run` is already using {url.database}: SQLite supports one daemon per database; "
+            "use PostgreSQL to run replicas"
+        ) from None
+    return lock_file
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: Path | None):
+        self.config = config
+        self.config_path = config_path
+        self.stop = threading.Event()
+        self.reload_requested = threading.Event()
+        self.metrics = Metrics()
+        self._usage_lock = threading.Lock()  # one usage cycle at a time (ticks and deadline wake-ups)
+        self._deadline_requests: queue.SimpleQueue[datetime] = queue.SimpleQueue()
+        self._lock_file = hold_sqlite_lock(config.database.url)
+        self.engine = open_database(config)
+        self.app: App = build_app(config, self.stop.is_set, engine=self.engine, metrics=self.metrics)
+        self.metrics.add_collector(
+            GaugeCallback(
+                "reconciler_pending_intents",
+                "Reports and Moesif transactions written but not yet acknowledged.",
+                self._pending_intents,
+            )
+        )
+        self.scheduler = BackgroundScheduler(
+            timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 300}
+        )
+        self.ops_server: OpsServer | None = None
+
+    # -- jobs ----------------------------------------------------------------------------------------
+
+    def usage_cycle(self) -> None:
+        with self._usage_lock:
+            if self.stop.is_set():
                 return
             try:
-                result = application.usage_sync.run_cycle()
+                result = self.app.usage_sync.run_cycle()
             except Exception:  # the scheduler must outlive one bad cycle; the next tick tries again
                 log.exception("usage sync cycle crashed")
                 return
         if result.next_final_sync is not None:
-            wake_for_deadline(result.next_final_sync + DEADLINE_MARGIN)
+            # Scheduling happens on the main thread: a job thread touching the scheduler can deadlock with
+            # its shutdown, which holds the job store lock while it waits for running jobs.
+            self._deadline_requests.put(result.next_final_sync + DEADLINE_MARGIN)
 
-    def wake_for_deadline(when: datetime) -> None:
-        """A final sync is due before the next regular tick (legacy prices' last sync before period end,
-        meter periods' final sync after grace): run an extra cycle then rather than miss it."""
-        regular = scheduler.get_job("usage_sync")
+    def wake_for_deadline(self, when: datetime) -> None:
+        """A final sync is due before the next regular tick (legacy prices' last sync before period end, meter
+        periods' final sync after grace): run an extra cycle then rather than miss it."""
+        regular = self.scheduler.get_job("usage_sync")
         if regular is not None and regular.next_run_time is not None and regular.next_run_time <= when:
             return
-        scheduler.add_job(
-            usage_cycle,
+        self.scheduler.add_job(
+            self.usage_cycle,
             trigger="date",
             run_date=when,
             id="usage_sync_deadline",
@@ -59,51 +121,143 @@ def run_daemon(config: Config) -> int:
         )
         log.info("extra cycle scheduled for a final-sync deadline", at=when.isoformat())
 
-    def request_stop(signum: int, _frame: object) -> None:
-        log.info("stop requested", signal=signal.Signals(signum).name)
-        stop.set()
+    def balance_cycle(self) -> None:
+        balance_sync = self.app.balance_sync
+        if balance_sync is None or self.stop.is_set():
+            return
+        try:
+            balance_sync.run_cycle()
+        except Exception:
+            log.exception("balance reconcile cycle crashed")
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    def prune(self) -> None:
+        try:
+            pruned = prune_ledger(self.engine, utc_now() - self.config.ledger.retention)
+            log.info("ledger pruned", **pruned)
+        except Exception:
+            log.exception("ledger pruning failed")
 
-    scheduler = BackgroundScheduler(
-        timezone=UTC,
-        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 300},
-    )
-    scheduler.add_job(
-        usage_cycle,
-        trigger=parse_schedule(config.schedule.usage_sync),
-        id="usage_sync",
-        name="usage sync",
-        next_run_time=datetime.now(UTC),  # one cycle right away, then on schedule
-    )
-    if application.balance_sync is not None:
-        balance_sync = application.balance_sync
+    def _schedule_jobs(self, *, first_run_now: bool) -> None:
+        now = datetime.now(UTC)
+        jobs: list[tuple[str, str, Callable[[], None], bool]] = [
+            ("usage_sync", self.config.schedule.usage_sync, self.usage_cycle, True),
+            (
+                "balance_reconcile",
+                self.config.schedule.balance_reconcile,
+                self.balance_cycle,
+                self.config.balances.enabled,
+            ),
+            ("prune_ledger", PRUNE_SCHEDULE, self.prune, True),
+        ]
+        for job_id, schedule, function, enabled in jobs:
+            existing = self.scheduler.get_job(job_id)
+            if not enabled:
+                if existing:
+                    existing.remove()
+                continue
+            trigger = parse_schedule(schedule)
+            if existing:
+                existing.reschedule(trigger=trigger)
+            else:
+                run_now = {"next_run_time": now} if first_run_now and job_id != "prune_ledger" else {}
+                self.scheduler.add_job(function, trigger=trigger, id=job_id, name=job_id.replace("_", " "), **run_now)
 
-        def balance_cycle() -> None:
-            try:
-                balance_sync.run_cycle()
-            except Exception:
-                log.exception("balance reconcile cycle crashed")
+    def enabled_jobs(self) -> list[str]:
+        return ["usage_sync"] + (["balance_reconcile"] if self.config.balances.enabled else [])
 
-        scheduler.add_job(
-            balance_cycle,
-            trigger=parse_schedule(config.schedule.balance_reconcile),
-            id="balance_reconcile",
-            name="balance reconcile",
-            next_run_time=datetime.now(UTC),
+    def _pending_intents(self) -> float:
+        with self.engine.connect() as connection:
+            usage = connection.execute(
+                select(func.count()).select_from(UsageReport).where(UsageReport.state == IntentState.PENDING)
+            ).scalar_one()
+            moesif = connection.execute(
+                select(func.count())
+                .select_from(MoesifTransaction)
+                .where(MoesifTransaction.state == IntentState.PENDING)
+            ).scalar_one()
+        return float(usage + moesif)
+
+    # -- reload --------------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: swap in a new config if it is valid; keep the running one otherwise."""
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("config reload rejected; the running config stays", problems=exc.problems)
+            return
+        if new.database.url != self.config.database.url:
+            log.warning("database.url changed: that takes a restart; the rest of the new config applies")
+            new = new.model_copy(update={"database": self.config.database})
+        if (new.server.host, new.server.port) != (self.config.server.host, self.config.server.port):
+            log.warning("server.host/port changed: that takes a restart")
+        configure_logging(new.logging.level, new.logging.format, new.secret_values())
+        self.config = new
+        self.app = build_app(new, self.stop.is_set, engine=self.engine, metrics=self.metrics)
+        self._schedule_jobs(first_run_now=False)
+        log.info(
+            "config reloaded",
+            usage_sync=new.schedule.usage_sync,
+            balance_reconcile=new.schedule.balance_reconcile if new.balances.enabled else "disabled",
         )
-    scheduler.start()
-    log.info(
-        "reconciler running",
-        usage_sync=config.schedule.usage_sync,
-        balance_reconcile=config.schedule.balance_reconcile if application.balance_sync else "disabled",
-    )
-    try:
-        while not stop.wait(timeout=1.0):
-            pass
-    finally:
-        scheduler.shutdown(wait=True)  # lets the running cycle finish its item in flight
-        application.close()
-    log.info("reconciler stopped")
-    return 0
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        def request_stop(signum: int, _frame: object) -> None:
+            log.info("stop requested", signal=signal.Signals(signum).name)
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
+
+        self._schedule_jobs(first_run_now=True)
+        self.scheduler.start()
+        if self.config.server.enabled:
+            probes = Probes(
+                engine=self.engine,
+                metrics=self.metrics,
+                scheduler_running=lambda: self.scheduler.running and not self.stop.is_set(),
+                jobs=self.enabled_jobs,
+                max_cycle_age=lambda: self.config.server.max_cycle_age,
+                clock=utc_now,
+            )
+            self.ops_server = OpsServer(build_ops_app(probes), self.config.server.host, self.config.server.port)
+            self.ops_server.start()
+        log.info(
+            "reconciler running", jobs=self.enabled_jobs(), ops_port=self.ops_server.port if self.ops_server else None
+        )
+        try:
+            while not self.stop.wait(timeout=0.5):
+                if self.reload_requested.is_set():
+                    self.reload_requested.clear()
+                    self.reload()
+                while not self._deadline_requests.empty():
+                    self.wake_for_deadline(self._deadline_requests.get())
+        finally:
+            self._shut_down()
+        log.info("reconciler stopped")
+        return 0
+
+    def _shut_down(self) -> None:
+        """Let the running cycles finish their item in flight, within `server.shutdown_timeout`."""
+        waiter = threading.Thread(target=self.scheduler.shutdown, kwargs={"wait": True}, daemon=True)
+        waiter.start()
+        waiter.join(self.config.server.shutdown_timeout.total_seconds())
+        if waiter.is_alive():
+            log.error(
+                "cycles still running after server.shutdown_timeout; exiting anyway (intents stay pending "
+                "and are resent by the next run)"
+            )
+        if self.ops_server is not None:
+            self.ops_server.stop()
+        if self.app.balance_sync is not None:
+            self.app.balance_sync.close()
+        self.engine.dispose()
+        if self._lock_file is not None:
+            self._lock_file.close()
+
+
+def run_daemon(config: Config, config_path: Path | None = None) -> int:
+    return Daemon(config, config_path).run()

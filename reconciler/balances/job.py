@@ -9,6 +9,7 @@ context and counted; the cycle goes on.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,6 +29,7 @@ from reconciler.ledger.balance_ledger import (
     StoredTransaction,
 )
 from reconciler.ledger.runs import RunLog
+from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.redact import redact
 from reconciler.upstream.errors import OutcomeUnknownError, PermanentError, UpstreamError
 from reconciler.upstream.moesif_api import BalanceTransaction, MoesifGateway
@@ -110,8 +112,10 @@ class BalanceSync:
         runs: RunLog,
         clock: Callable[[], datetime],
         stop_requested: Callable[[], bool] = lambda: False,
+        metrics: Metrics = NO_METRICS,
     ):
         self._config = config
+        self._metrics = metrics
         self._settings = config.balances
         self._stripe = stripe
         self._moesif = moesif
@@ -121,6 +125,17 @@ class BalanceSync:
         self._stop_requested = stop_requested
 
     def run_cycle(self, *, dry_run: bool = False, customers: frozenset[str] = frozenset()) -> BalanceResult:
+        started = time.perf_counter()
+        result = self._cycle(dry_run, customers)
+        if not dry_run:
+            outcome = "succeeded" if not result.failures else "partial"
+            self._metrics.cycle_finished("balance_reconcile", outcome, time.perf_counter() - started, succeeded=True)
+            for c in result.customers:
+                if c.difference is not None and c.action not in ("in_sync", "settling", ""):
+                    self._metrics.drift(c.currency, c.difference, corrected=c.action == DriftAction.CORRECT.value)
+        return result
+
+    def _cycle(self, dry_run: bool, customers: frozenset[str]) -> BalanceResult:
         now = self._clock()
         run_id = None if dry_run else self._runs.start("balance_reconcile")
         result = BalanceResult(run_id=run_id, dry_run=dry_run)

@@ -16,6 +16,7 @@ import httpx
 from reconciler.balances.model import MoesifBalance
 from reconciler.balances.money import moesif_number
 from reconciler.config import MoesifConfig
+from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.redact import redact
 from reconciler.upstream.errors import (
     OutcomeUnknownError,
@@ -57,8 +58,9 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 class MoesifGateway:
-    def __init__(self, config: MoesifConfig, *, limiter: RateLimiter | None = None):
+    def __init__(self, config: MoesifConfig, *, limiter: RateLimiter | None = None, metrics: Metrics = NO_METRICS):
         self._config = config
+        self._metrics = metrics
         self._limiter = limiter or RateLimiter(config.max_requests_per_minute, 60.0)
         self._client = httpx.Client(
             base_url=f"{config.url}/v1",
@@ -74,6 +76,10 @@ class MoesifGateway:
 
     def _request(self, method: str, path: str, *, json: Any = None, unknown_if_lost: bool) -> httpx.Response:
         self._limiter.acquire()
+        with self._metrics.upstream_call(API):
+            return self._attempt(method, path, json=json, unknown_if_lost=unknown_if_lost)
+
+    def _attempt(self, method: str, path: str, *, json: Any, unknown_if_lost: bool) -> httpx.Response:
         try:
             response = self._client.request(method, path, json=json)
         except httpx.TimeoutException as exc:

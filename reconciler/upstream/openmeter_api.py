@@ -13,6 +13,7 @@ import openmeter
 from corehttp.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
 
 from reconciler.config import OpenMeterConfig
+from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.redact import redact
 from reconciler.upstream.errors import PermanentError, RateLimitedError, TransientError, UpstreamError
 from reconciler.upstream.retry import call_with_retries
@@ -52,8 +53,9 @@ def translate_error(exc: Exception, meter: str, secrets: tuple[str, ...] = ()) -
 
 
 class OpenMeterGateway:
-    def __init__(self, config: OpenMeterConfig):
+    def __init__(self, config: OpenMeterConfig, metrics: Metrics = NO_METRICS):
         self._config = config
+        self._metrics = metrics
         self._client = openmeter.Client(
             endpoint=config.url,
             token=config.token.get_secret_value(),
@@ -70,12 +72,13 @@ class OpenMeterGateway:
         """
 
         def attempt() -> Decimal:
-            try:
-                result = self._client.meters.query_json(
-                    meter, from_parameter=window.start, to=window.end, subject=[subject]
-                )
-            except (HttpResponseError, ServiceRequestError, ServiceResponseError) as exc:
-                raise translate_error(exc, meter, (self._config.token.get_secret_value(),)) from None
+            with self._metrics.upstream_call(API):
+                try:
+                    result = self._client.meters.query_json(
+                        meter, from_parameter=window.start, to=window.end, subject=[subject]
+                    )
+                except (HttpResponseError, ServiceRequestError, ServiceResponseError) as exc:
+                    raise translate_error(exc, meter, (self._config.token.get_secret_value(),)) from None
             return sum((Decimal(repr(row.value)) for row in result.data if row.subject in (subject, None)), Decimal(0))
 
         return call_with_retries(attempt, max_retries=self._config.max_retries, what=f"openmeter query {meter}")

@@ -21,6 +21,7 @@ import stripe
 
 from reconciler.balances.model import Refund, TopUp
 from reconciler.config import StripeConfig
+from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.redact import redact
 from reconciler.upstream.errors import (
     OutcomeUnknownError,
@@ -101,8 +102,9 @@ def _per_unit_amount(price: dict[str, Any]) -> Decimal | None:
 
 
 class StripeGateway:
-    def __init__(self, config: StripeConfig):
+    def __init__(self, config: StripeConfig, metrics: Metrics = NO_METRICS):
         self._config = config
+        self._metrics = metrics
         self._client = stripe.StripeClient(
             config.api_key.get_secret_value(),
             base_addresses={"api": config.api_base},
@@ -113,10 +115,11 @@ class StripeGateway:
 
     def _call(self, what: str, operation: Callable[[], T]) -> T:
         def attempt() -> T:
-            try:
-                return operation()
-            except stripe.StripeError as exc:
-                raise translate_error(exc, (self._config.api_key.get_secret_value(),)) from None
+            with self._metrics.upstream_call(API):
+                try:
+                    return operation()
+                except stripe.StripeError as exc:
+                    raise translate_error(exc, (self._config.api_key.get_secret_value(),)) from None
 
         return call_with_retries(attempt, max_retries=self._config.max_network_retries, what=f"stripe {what}")
 

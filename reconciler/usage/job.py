@@ -7,6 +7,7 @@ logged with its context and counted; the cycle goes on.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -19,6 +20,7 @@ from reconciler.config import Config
 from reconciler.ledger.runs import RunLog
 from reconciler.ledger.schema import UsagePeriod
 from reconciler.ledger.usage_ledger import ContendedError, UsageLedger, stream_period_from_row
+from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.redact import redact
 from reconciler.upstream.errors import PermanentError, TransientError, UpstreamError
 from reconciler.usage.decide import Action, Decision, LedgerState, Timing, decide, final_sync_due_at
@@ -87,8 +89,10 @@ class UsageSync:
         runs: RunLog,
         clock: Callable[[], datetime],
         stop_requested: Callable[[], bool] = lambda: False,
+        metrics: Metrics = NO_METRICS,
     ):
         self._config = config
+        self._metrics = metrics
         self._stripe = stripe
         self._openmeter = openmeter
         self._ledger = ledger
@@ -103,6 +107,19 @@ class UsageSync:
         )
 
     def run_cycle(self, *, dry_run: bool = False, customers: frozenset[str] = frozenset()) -> CycleResult:
+        started = time.perf_counter()
+        result = self._cycle(dry_run, customers)
+        if not dry_run:
+            outcome = "interrupted" if result.interrupted else "succeeded" if result.ok else "partial"
+            self._metrics.cycle_finished(
+                "usage_sync", outcome, time.perf_counter() - started, succeeded=not result.interrupted
+            )
+            for name, value in result.summary.as_dict().items():
+                if name != "seen" and isinstance(value, int) and value:
+                    self._metrics.usage_items.labels(name).inc(value)
+        return result
+
+    def _cycle(self, dry_run: bool, customers: frozenset[str]) -> CycleResult:
         now = self._clock()
         run_id = None if dry_run else self._runs.start("usage_sync")
         result = CycleResult(run_id=run_id, summary=CycleSummary())
@@ -263,6 +280,8 @@ class UsageSync:
             previous_total=state.reported_total,
             final=intent.final,
         )
+        direction = "up" if intent.quantity >= 0 else "down"
+        self._metrics.usage_quantity.labels(work.stream.stripe_target, direction).inc(abs(intent.quantity))
         self._send(intent)
 
     def _send(self, intent: Intent) -> None:

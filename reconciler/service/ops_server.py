@@ -1,0 +1,118 @@
+"""The operations HTTP server inside `reconciler run`: liveness, readiness and Prometheus metrics.
+
+    GET /healthz   200 while the process and its scheduler run (liveness: restart me if not)
+    GET /readyz    200 when the database answers, its migrations are current, and every enabled job completed
+                   a cycle within `server.max_cycle_age` (readiness: something is wrong if not)
+    GET /metrics   Prometheus text format
+
+Starlette routes, uvicorn serves them on a background thread; signals stay with the daemon's main thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import Engine, func, select, text
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from reconciler.ledger.database import DatabaseNotMigratedError, require_migrated
+from reconciler.ledger.schema import Run
+from reconciler.metrics import Metrics
+
+log = structlog.get_logger(__name__)
+
+COMPLETED = ("succeeded", "partial")  # a partial cycle ran to the end; some items failed and were counted
+
+
+@dataclass
+class Probes:
+    """What the endpoints look at; the daemon owns the pieces."""
+
+    engine: Engine
+    metrics: Metrics
+    scheduler_running: Callable[[], bool]
+    jobs: Callable[[], list[str]]  # names of the enabled jobs
+    max_cycle_age: Callable[[], timedelta]
+    clock: Callable[[], datetime]
+
+
+def readiness_problems(probes: Probes) -> list[str]:
+    try:
+        with probes.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        require_migrated(probes.engine)
+    except DatabaseNotMigratedError as exc:
+        return [str(exc)]
+    except Exception as exc:
+        return [f"database unreachable: {type(exc).__name__}"]
+    problems = []
+    oldest_allowed = probes.clock() - probes.max_cycle_age()
+    with probes.engine.connect() as connection:
+        for job in probes.jobs():
+            last = connection.execute(
+                select(func.max(Run.finished_at)).where(Run.job == job, Run.status.in_(COMPLETED))
+            ).scalar()
+            if last is None:
+                problems.append(f"{job}: no completed cycle yet")
+            elif last < oldest_allowed:
+                problems.append(f"{job}: last completed cycle at {last:%Y-%m-%d %H:%M:%S} UTC is overdue")
+    return problems
+
+
+def build_ops_app(probes: Probes) -> Starlette:
+    def healthz(_: Request) -> Response:
+        if probes.scheduler_running():
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "scheduler not running"}, status_code=503)
+
+    def readyz(_: Request) -> Response:
+        problems = readiness_problems(probes)
+        if problems:
+            return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    def metrics(_: Request) -> Response:
+        return Response(generate_latest(probes.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+        ]
+    )
+
+
+class OpsServer:
+    """uvicorn on a daemon thread; `stop()` asks it to finish and waits."""
+
+    def __init__(self, app: Starlette, host: str, port: int):
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="ops-server", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        while not self._server.started and self._thread.is_alive():
+            time.sleep(0.05)
+        if not self._server.started:
+            raise RuntimeError("the operations server did not start (is the port in use?)")
+
+    @property
+    def port(self) -> int:
+        servers = self._server.servers
+        return servers[0].sockets[0].getsockname()[1] if servers else 0
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)

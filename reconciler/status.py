@@ -1,0 +1,63 @@
+"""`reconciler status`: what the jobs did last, when they run next, and what is waiting for attention."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import Engine, desc, func, select
+
+from reconciler.config import Config
+from reconciler.ledger.schema import IntentState, MoesifTransaction, Run, UsagePeriod, UsageReport
+from reconciler.schedule import parse_schedule
+
+
+def print_status(config: Config, engine: Engine, console: Console) -> None:
+    now = datetime.now(UTC)
+    schedules = {"usage_sync": config.schedule.usage_sync}
+    if config.balances.enabled:
+        schedules["balance_reconcile"] = config.schedule.balance_reconcile
+    jobs = Table(title="jobs")
+    for column in ("job", "schedule", "last run", "outcome", "counts", "next run"):
+        jobs.add_column(column)
+    with engine.connect() as connection:
+        for job, schedule in schedules.items():
+            last = connection.execute(select(Run).where(Run.job == job).order_by(desc(Run.started_at)).limit(1)).first()
+            next_run = parse_schedule(schedule).get_next_fire_time(None, now)
+            counts = (
+                ", ".join(f"{k} {v}" for k, v in json.loads(last.summary).items() if v) if last and last.summary else ""
+            )
+            jobs.add_row(
+                job,
+                schedule,
+                f"{last.started_at:%Y-%m-%d %H:%M:%S}" if last else "never",
+                last.status if last else "",
+                counts,
+                f"{next_run:%Y-%m-%d %H:%M:%S}" if next_run else "",
+            )
+        pending_reports = connection.execute(
+            select(func.count()).select_from(UsageReport).where(UsageReport.state == IntentState.PENDING)
+        ).scalar_one()
+        failing = connection.execute(
+            select(UsagePeriod.customer_id, UsagePeriod.stripe_target, UsagePeriod.period_start, UsagePeriod.last_error)
+            .where(UsagePeriod.last_error.is_not(None))
+            .order_by(UsagePeriod.customer_id)
+        ).all()
+        moesif_pending = connection.execute(
+            select(func.count()).select_from(MoesifTransaction).where(MoesifTransaction.state == IntentState.PENDING)
+        ).scalar_one()
+        unknown = (
+            connection.execute(
+                select(MoesifTransaction.transaction_id).where(MoesifTransaction.outcome_unknown.is_(True))
+            )
+            .scalars()
+            .all()
+        )
+    console.print(jobs)
+    console.print(f"pending usage reports: {pending_reports}; pending Moesif transactions: {moesif_pending}")
+    for customer, target, period_start, error in failing:
+        console.print(f"failing: {customer} {target} period {period_start:%Y-%m-%d}: {error}", markup=False)
+    for transaction_id in unknown:
+        console.print(f"check in Moesif (an attempt's outcome was unknown): {transaction_id}", markup=False)

@@ -1,0 +1,296 @@
+"""`reconciler run` as a service: operations endpoints, signals, single-instance SQLite, status, retention."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import create_engine, text
+
+from reconciler.clock import utc_now
+from reconciler.ledger.database import make_engine, upgrade
+from reconciler.ledger.retention import prune_ledger
+from reconciler.metrics import Metrics
+from reconciler.sandbox.server import Sandbox
+from reconciler.service.ops_server import Probes, readiness_problems
+from tests.integration.test_cli import customer_with_usage, reconciler, write_config
+
+
+@pytest.fixture
+def sandbox():
+    served = Sandbox.start()
+    yield served
+    served.stop()
+
+
+@pytest.fixture
+def service_config(sandbox, tmp_path) -> Path:
+    raw = sandbox.config_dict(
+        f"sqlite:///{tmp_path / 'ledger.db'}", meters=[{"stripe": "api_calls", "openmeter": "api_requests"}]
+    )
+    raw["balances"]["enabled"] = False
+    raw["server"] = {"port": 0, "shutdown_timeout": "20s"}
+    raw["schedule"] = {"usage_sync": "1s"}
+    raw["logging"] = {"level": "INFO", "format": "json"}
+    path = write_config(tmp_path / "config.yaml", raw)
+    assert reconciler("db", "upgrade", "--config", str(path)).returncode == 0
+    return path
+
+
+class DaemonProcess:
+    """`reconciler run` in a subprocess, its JSON log lines collected as they come."""
+
+    def __init__(self, config: Path):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "reconciler", "run", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.events: list[dict] = []
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stderr:  # type: ignore[union-attr]
+            self._lines.put(line)
+
+    def wait_for(self, event: str, timeout: float = 30, **fields) -> dict:
+        deadline = time.monotonic() + timeout
+        seen = [e for e in self.events if e.get("event") == event and fields.items() <= e.items()]
+        if seen:
+            return seen[0]
+        while time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=0.1)
+            except queue.Empty:
+                if self.process.poll() is not None and self._lines.empty():
+                    break
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = {"event": line.strip()}
+            self.events.append(record)
+            if record.get("event") == event and fields.items() <= record.items():
+                return record
+        raise AssertionError(f"no {event!r} log line; saw {[e.get('event') for e in self.events][-20:]}")
+
+    def url(self, path: str) -> str:
+        port = self.wait_for("reconciler running")["ops_port"]
+        return f"http://127.0.0.1:{port}{path}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def daemons():
+    started: list[DaemonProcess] = []
+    yield lambda config: started.append(DaemonProcess(config)) or started[-1]
+    for daemon in started:
+        daemon.kill()
+
+
+def metric_value(metrics_text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return sample.value
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+def test_health_readiness_and_metrics_of_a_running_service(sandbox, service_config, daemons):
+    customer_with_usage(sandbox, value=4)
+    daemon = daemons(service_config)
+    assert httpx.get(daemon.url("/healthz")).status_code == 200
+    daemon.wait_for("usage sync finished")
+    deadline = time.monotonic() + 10
+    while httpx.get(daemon.url("/readyz")).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert httpx.get(daemon.url("/readyz")).json() == {"status": "ready"}
+
+    before = httpx.get(daemon.url("/metrics")).text
+    cycles_before = metric_value(before, "reconciler_cycles_total", job="usage_sync", outcome="succeeded")
+    assert metric_value(before, "reconciler_usage_items_total", result="reported") == 1
+    assert metric_value(before, "reconciler_usage_quantity_reported_total", meter="api_calls", direction="up") == 4
+    assert metric_value(before, "reconciler_upstream_request_duration_seconds_count", api="stripe") >= 2
+    assert metric_value(before, "reconciler_last_success_timestamp_seconds", job="usage_sync") > 0
+    time.sleep(1.5)
+    after = httpx.get(daemon.url("/metrics")).text
+    assert metric_value(after, "reconciler_cycles_total", job="usage_sync", outcome="succeeded") > cycles_before
+    assert metric_value(after, "reconciler_pending_intents") == 0
+    assert daemon.stop() == 0
+
+
+def test_readiness_turns_unready_when_the_database_goes_away_or_a_cycle_is_overdue(tmp_path):
+    database = tmp_path / "ledger.db"
+    engine = make_engine(f"sqlite:///{database}")
+    upgrade(engine)
+    now = [utc_now()]
+    probes = Probes(
+        engine=engine,
+        metrics=Metrics(),
+        scheduler_running=lambda: True,
+        jobs=lambda: ["usage_sync"],
+        max_cycle_age=lambda: timedelta(minutes=30),
+        clock=lambda: now[0],
+    )
+    assert readiness_problems(probes) == ["usage_sync: no completed cycle yet"]
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "insert into runs (id, job, started_at, finished_at, status, host, pid) values "
+                "('r1', 'usage_sync', :t, :t, 'succeeded', 'h', 1)"
+            ),
+            {"t": now[0].replace(tzinfo=None)},
+        )
+    assert readiness_problems(probes) == []
+    now[0] += timedelta(hours=1)
+    assert "overdue" in readiness_problems(probes)[0]
+    engine.dispose()
+    database.unlink()  # the database goes away (SQLite re-creates an empty file on connect)
+    assert "reconciler db upgrade" in readiness_problems(probes)[0]
+    unreachable = Probes(
+        engine=create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none"),
+        metrics=Metrics(),
+        scheduler_running=lambda: True,
+        jobs=lambda: [],
+        max_cycle_age=lambda: timedelta(1),
+        clock=utc_now,
+    )
+    assert readiness_problems(unreachable)[0].startswith("database unreachable")
+
+
+def test_a_second_daemon_on_the_same_sqlite_database_refuses_to_start(service_config, daemons):
+    first = daemons(service_config)
+    first.wait_for("reconciler running")
+    second = reconciler("run", "--config", str(service_config), timeout=30)
+    assert second.returncode == 2
+    assert "another `reconciler run` is already using" in second.stderr
+    assert first.stop() == 0
+
+
+def test_sigterm_during_a_cycle_exits_0_and_leaves_nothing_pending(sandbox, service_config, daemons, tmp_path):
+    for i in range(6):
+        customer_with_usage(sandbox, f"cus_{i}", value=i + 1)
+    sandbox.openmeter.inject_fault("GET", "/api/v1/meters", 200, times=0)  # no-op: keeps fakes comparable
+    slow = threading.Event()
+    original = sandbox.stripe.handle
+
+    def slow_handle(method, path, query, headers, body):
+        if method == "POST" and not slow.is_set():
+            time.sleep(0.3)  # every report takes a while: SIGTERM lands mid-cycle
+        return original(method, path, query, headers, body)
+
+    sandbox.stripe.handle = slow_handle
+    daemon = daemons(service_config)
+    while not sandbox.stripe.meter_events:
+        time.sleep(0.05)
+    assert daemon.stop() == 0
+    stopped = daemon.wait_for("reconciler stopped")
+    assert stopped
+    engine = create_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    with engine.connect() as connection:
+        assert connection.execute(text("select count(*) from usage_reports where state = 'pending'")).scalar() == 0
+        sent = connection.execute(text("select count(*) from usage_reports where state = 'sent'")).scalar()
+    assert 1 <= sent == len(sandbox.stripe.meter_events) < 6  # stopped early, and nothing half-done
+
+
+def test_sighup_applies_a_new_schedule_and_rejects_an_invalid_file(sandbox, service_config, daemons):
+    raw = yaml.safe_load(service_config.read_text())
+    raw["schedule"]["usage_sync"] = "0 0 1 1 *"
+    write_config(service_config, raw)
+    daemon = daemons(service_config)
+    daemon.wait_for("usage sync finished")
+
+    raw["schedule"]["usage_sync"] = "1s"
+    write_config(service_config, raw)
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.wait_for("config reloaded", usage_sync="1s")
+    # Under the old yearly schedule no further cycle would run; under the new one they come every second.
+    runs_before = {e["run_id"] for e in daemon.events if e.get("event") == "usage sync finished"}
+    deadline = time.monotonic() + 15
+    new_runs: set[str] = set()
+    while len(new_runs) < 2 and time.monotonic() < deadline:
+        finished = daemon.wait_for("usage sync finished", timeout=5, status="succeeded")
+        daemon.events.remove(finished)
+        new_runs |= {finished["run_id"]} - runs_before
+    assert len(new_runs) >= 2
+
+    raw["usage"]["window_size"] = "FORTNIGHT"
+    write_config(service_config, raw)
+    daemon.process.send_signal(signal.SIGHUP)
+    rejected = daemon.wait_for("config reload rejected; the running config stays")
+    assert "usage.window_size: must be one of MINUTE, HOUR, DAY" in rejected["problems"]
+    assert httpx.get(daemon.url("/healthz")).status_code == 200
+    assert daemon.stop() == 0
+
+
+def test_status_shows_jobs_and_items_needing_attention(sandbox, service_config):
+    customer_with_usage(sandbox, "cus_ok")
+    sandbox.stripe.inject_fault(
+        "POST",
+        "/v1/billing/meter_events",
+        400,
+        body={"error": {"type": "invalid_request_error", "message": "no such customer"}},
+    )
+    reconciler("sync-usage", "--config", str(service_config))
+    result = reconciler("status", "--config", str(service_config))
+    assert result.returncode == 0, result.stderr
+    assert "usage_sync" in result.stdout and "partial" in result.stdout
+    assert "failing: cus_ok api_calls" in result.stdout and "no such customer" in result.stdout
+
+
+def test_retention_prunes_only_closed_history(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    upgrade(engine)
+    old, recent = datetime(2024, 1, 1), datetime(2026, 11, 1)
+    with engine.begin() as connection:
+        for i, (end, status) in enumerate([(old, "final"), (old, "provisional"), (recent, "final")]):
+            connection.execute(
+                text(
+                    "insert into usage_periods (id, stream_key, period_start, period_end, kind, customer_id,"
+                    " subscription_id, subscription_item_id, stripe_target, openmeter_meter, subject, status,"
+                    " reported_total, next_sequence, failures, created_at, updated_at) values (:id, :key, :start, :end,"
+                    " 'sum', 'c', 's', 'si', 't', 'm', 'c', :status, 1, 2, 0, :start, :start)"
+                ),
+                {"id": i + 1, "key": f"k{i}", "start": end - timedelta(days=30), "end": end, "status": status},
+            )
+            connection.execute(
+                text(
+                    "insert into usage_reports (period_id, sequence, identifier, quantity, total_after,"
+                    " event_timestamp, final, state, attempts, run_id, created_at)"
+                    " values (:id, 1, :ident, 1, 1, :t, 0, 'sent', 1, 'r', :t)"
+                ),
+                {"id": i + 1, "ident": f"id{i}", "t": end},
+            )
+    pruned = prune_ledger(engine, datetime(2025, 10, 1, tzinfo=UTC))
+    assert (pruned["usage_periods"], pruned["usage_reports"]) == (1, 1)
+    with engine.connect() as connection:
+        left = connection.execute(text("select status, period_end from usage_periods order by id")).all()
+    assert [row[0] for row in left] == ["provisional", "final"]  # an open period is never pruned
+    engine.dispose()
