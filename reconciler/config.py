@@ -71,6 +71,13 @@ class StripeConfig(_Section):
     max_network_retries: int = Field(default=3, ge=0, le=10)
     invoice_grace_period: Duration = timedelta(hours=1)
     timeout_seconds: float = Field(default=30, gt=0)
+    # Signing secret of the webhook endpoint (`whsec_…`); unset or empty: POST /webhooks/stripe is off.
+    webhook_secret: SecretStr | None = None
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _empty_means_off(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value().strip() else None
 
     @field_validator("api_base")
     @classmethod
@@ -267,6 +274,8 @@ class Config(_Section):
     def secret_values(self) -> list[str]:
         """Every secret in the config, so logs and errors can be scrubbed of them."""
         secrets = [self.stripe.api_key, self.openmeter.token]
+        if self.stripe.webhook_secret is not None:
+            secrets.append(self.stripe.webhook_secret)
         if self.moesif is not None:
             secrets.append(self.moesif.management_token)
         return [s.get_secret_value() for s in secrets if s.get_secret_value()]

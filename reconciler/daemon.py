@@ -16,6 +16,7 @@ import fcntl
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,10 +32,13 @@ from reconciler.clock import utc_now
 from reconciler.config import Config, ConfigError, load_config
 from reconciler.ledger.retention import prune_ledger
 from reconciler.ledger.schema import IntentState, MoesifTransaction, UsageReport
+from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.logs import configure_logging
 from reconciler.metrics import GaugeCallback, Metrics
 from reconciler.schedule import parse_schedule
-from reconciler.service.ops_server import OpsServer, Probes, build_ops_app
+from reconciler.service.ops_server import OpsServer, Probes, WebhookEndpoint, build_ops_app
+from reconciler.webhooks.inbox import WebhookInbox
+from reconciler.webhooks.worker import WebhookWorker
 
 log = structlog.get_logger(__name__)
 
@@ -88,6 +92,11 @@ class Daemon:
             timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 300}
         )
         self.ops_server: OpsServer | None = None
+        self.inbox = WebhookInbox(self.engine, utc_now)
+        self.webhook_worker = WebhookWorker(
+            self.inbox, lambda: self.app, UsageLedger(self.engine, utc_now), self._usage_lock, self.metrics
+        )
+        self._webhook_wake = threading.Event()
 
     # -- jobs ----------------------------------------------------------------------------------------
 
@@ -223,8 +232,16 @@ class Daemon:
                 max_cycle_age=lambda: self.config.server.max_cycle_age,
                 clock=utc_now,
             )
-            self.ops_server = OpsServer(build_ops_app(probes), self.config.server.host, self.config.server.port)
+            webhooks = WebhookEndpoint(
+                secret=lambda: s.get_secret_value() if (s := self.config.stripe.webhook_secret) else None,
+                inbox=self.inbox,
+                wake=self._webhook_wake.set,
+            )
+            app = build_ops_app(probes, webhooks)
+            self.ops_server = OpsServer(app, self.config.server.host, self.config.server.port)
             self.ops_server.start()
+        self._webhook_thread = threading.Thread(target=self._work_off_webhooks, name="webhook-worker")
+        self._webhook_thread.start()
         log.info(
             "reconciler running", jobs=self.enabled_jobs(), ops_port=self.ops_server.port if self.ops_server else None
         )
@@ -240,12 +257,27 @@ class Daemon:
         log.info("reconciler stopped")
         return 0
 
+    def _work_off_webhooks(self) -> None:
+        """Runs stored webhook work as soon as it arrives (and what is due for a retry every few seconds)."""
+        while not self.stop.is_set():
+            self._webhook_wake.wait(timeout=5)
+            self._webhook_wake.clear()
+            if self.stop.is_set():
+                return
+            try:
+                self.webhook_worker.work_off()
+            except Exception:
+                log.exception("webhook worker failed; retrying shortly")
+
     def _shut_down(self) -> None:
         """Let the running cycles finish their item in flight, within `server.shutdown_timeout`."""
+        self._webhook_wake.set()
         waiter = threading.Thread(target=self.scheduler.shutdown, kwargs={"wait": True}, daemon=True)
         waiter.start()
-        waiter.join(self.config.server.shutdown_timeout.total_seconds())
-        if waiter.is_alive():
+        deadline = time.monotonic() + self.config.server.shutdown_timeout.total_seconds()
+        waiter.join(deadline - time.monotonic())
+        self._webhook_thread.join(max(0.0, deadline - time.monotonic()))
+        if waiter.is_alive() or self._webhook_thread.is_alive():
             log.error(
                 "cycles still running after server.shutdown_timeout; exiting anyway (intents stay pending "
                 "and are resent by the next run)"

@@ -68,6 +68,12 @@ class Metrics:
         self.upstream_errors = Counter(
             "reconciler_upstream_errors", "Failed upstream calls by API and HTTP status.", ["api", "status"], registry=r
         )
+        self.meter_event_errors = Counter(
+            "reconciler_meter_event_errors",
+            "Meter events Stripe rejected asynchronously (error reports), by code.",
+            ["code"],
+            registry=r,
+        )
         self.upstream_rate_limited = Counter(
             "reconciler_upstream_rate_limited", "Upstream 429 answers.", ["api"], registry=r
         )

@@ -10,7 +10,7 @@ from rich.table import Table
 from sqlalchemy import Engine, desc, func, select
 
 from reconciler.config import Config
-from reconciler.ledger.schema import IntentState, MoesifTransaction, Run, UsagePeriod, UsageReport
+from reconciler.ledger.schema import IntentState, MoesifTransaction, Run, UsagePeriod, UsageReport, WebhookEvent
 from reconciler.schedule import parse_schedule
 
 
@@ -48,6 +48,9 @@ def print_status(config: Config, engine: Engine, console: Console) -> None:
         moesif_pending = connection.execute(
             select(func.count()).select_from(MoesifTransaction).where(MoesifTransaction.state == IntentState.PENDING)
         ).scalar_one()
+        failed_webhooks = connection.execute(
+            select(WebhookEvent.event_id, WebhookEvent.type, WebhookEvent.error).where(WebhookEvent.state == "failed")
+        ).all()
         unknown = (
             connection.execute(
                 select(MoesifTransaction.transaction_id).where(MoesifTransaction.outcome_unknown.is_(True))
@@ -59,5 +62,7 @@ def print_status(config: Config, engine: Engine, console: Console) -> None:
     console.print(f"pending usage reports: {pending_reports}; pending Moesif transactions: {moesif_pending}")
     for customer, target, period_start, error in failing:
         console.print(f"failing: {customer} {target} period {period_start:%Y-%m-%d}: {error}", markup=False)
+    for event_id, event_type, error in failed_webhooks:
+        console.print(f"webhook work given up: {event_id} ({event_type}): {error}", markup=False)
     for transaction_id in unknown:
         console.print(f"check in Moesif (an attempt's outcome was unknown): {transaction_id}", markup=False)

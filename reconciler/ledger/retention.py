@@ -15,6 +15,7 @@ from reconciler.ledger.schema import (
     Run,
     UsagePeriod,
     UsageReport,
+    WebhookEvent,
 )
 
 
@@ -45,5 +46,8 @@ def prune_ledger(engine: Engine, cutoff: datetime) -> dict[str, int]:
             delete(MoesifTransaction).where(
                 MoesifTransaction.state == IntentState.SENT, MoesifTransaction.sent_at < cutoff
             )
+        ).rowcount
+        counts["webhook_events"] = connection.execute(
+            delete(WebhookEvent).where(WebhookEvent.state != "pending", WebhookEvent.received_at < cutoff)
         ).rowcount
     return counts

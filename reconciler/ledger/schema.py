@@ -195,3 +195,22 @@ class BalanceObservation(Base):
     action: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(Text)
     correction_transaction_id: Mapped[str | None] = mapped_column(String(255))
+
+
+class WebhookEvent(Base):
+    """A Stripe webhook event and the work it implies, stored in one transaction before Stripe gets its 2xx."""
+
+    __tablename__ = "webhook_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(255), unique=True)
+    type: Mapped[str] = mapped_column(String(255))
+    customer_id: Mapped[str | None] = mapped_column(String(255))
+    work: Mapped[str | None] = mapped_column(String(32))  # None: acknowledged, nothing to do
+    state: Mapped[str] = mapped_column(String(16), index=True)  # pending | done | failed | ignored
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    error: Mapped[str | None] = mapped_column(Text)
+    payload: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

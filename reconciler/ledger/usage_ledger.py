@@ -166,6 +166,18 @@ class UsageLedger:
             if row is not None:
                 self._note_failure(row, error, now)
 
+    def record_rejected_event(self, identifier: str, error: str) -> bool:
+        """Stripe rejected a meter event after accepting it (an error report): note it on the report and its
+        period, where `status` shows it. False if the identifier is not ours."""
+        now = self._clock()
+        with self._sessions.begin() as session:
+            report = session.scalars(select(UsageReport).where(UsageReport.identifier == identifier)).one_or_none()
+            if report is None:
+                return False
+            report.error = f"rejected by Stripe: {error}"
+            self._note_failure(session.get_one(UsagePeriod, report.period_id), report.error, now)
+            return True
+
     def observe(self, work: StreamPeriod, decision: Decision, run_id: str) -> None:
         """Record a decision that needs no Stripe call: unchanged, final, or late drift."""
         now = self._clock()

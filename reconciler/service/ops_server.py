@@ -16,11 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import stripe
 import structlog
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import Engine, func, select, text
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -28,10 +30,20 @@ from starlette.routing import Route
 from reconciler.ledger.database import DatabaseNotMigratedError, require_migrated
 from reconciler.ledger.schema import Run
 from reconciler.metrics import Metrics
+from reconciler.webhooks.inbox import WebhookInbox
 
 log = structlog.get_logger(__name__)
 
 COMPLETED = ("succeeded", "partial")  # a partial cycle ran to the end; some items failed and were counted
+
+
+@dataclass
+class WebhookEndpoint:
+    """POST /webhooks/stripe: verify, store with its work, answer; `wake` nudges the worker."""
+
+    secret: Callable[[], str | None]
+    inbox: WebhookInbox
+    wake: Callable[[], None]
 
 
 @dataclass
@@ -69,7 +81,7 @@ def readiness_problems(probes: Probes) -> list[str]:
     return problems
 
 
-def build_ops_app(probes: Probes) -> Starlette:
+def build_ops_app(probes: Probes, webhooks: WebhookEndpoint | None = None) -> Starlette:
     def healthz(_: Request) -> Response:
         if probes.scheduler_running():
             return JSONResponse({"status": "ok"})
@@ -84,11 +96,32 @@ def build_ops_app(probes: Probes) -> Starlette:
     def metrics(_: Request) -> Response:
         return Response(generate_latest(probes.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def stripe_webhook(request: Request) -> Response:
+        secret = webhooks.secret() if webhooks else None
+        if webhooks is None or not secret:
+            return JSONResponse({"error": "webhooks are off (stripe.webhook_secret is not set)"}, status_code=404)
+        payload = await request.body()
+        try:
+            event = stripe.Webhook.construct_event(payload, request.headers.get("stripe-signature"), secret)
+        except stripe.SignatureVerificationError:
+            return JSONResponse({"error": "invalid signature"}, status_code=400)
+        except ValueError:
+            return JSONResponse({"error": "invalid payload"}, status_code=400)
+        try:
+            new = await run_in_threadpool(webhooks.inbox.record, event.to_dict(), payload.decode("utf-8"))
+        except Exception:
+            log.exception("webhook could not be stored; Stripe will redeliver it")
+            return JSONResponse({"error": "not stored"}, status_code=500)
+        if new:
+            webhooks.wake()
+        return JSONResponse({"received": True, "duplicate": not new})
+
     return Starlette(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
+            Route("/webhooks/stripe", stripe_webhook, methods=["POST"]),
         ]
     )
 

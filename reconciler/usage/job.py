@@ -106,9 +106,12 @@ class UsageSync:
             legacy_final_sync_before=config.usage.legacy_final_sync_before,
         )
 
-    def run_cycle(self, *, dry_run: bool = False, customers: frozenset[str] = frozenset()) -> CycleResult:
+    def run_cycle(
+        self, *, dry_run: bool = False, customers: frozenset[str] = frozenset(), include_legacy: bool = True
+    ) -> CycleResult:
+        """One cycle over every stream (or only `customers`'; `include_legacy=False` leaves legacy prices out)."""
         started = time.perf_counter()
-        result = self._cycle(dry_run, customers)
+        result = self._cycle(dry_run, customers, include_legacy)
         if not dry_run:
             outcome = "interrupted" if result.interrupted else "succeeded" if result.ok else "partial"
             self._metrics.cycle_finished(
@@ -119,7 +122,7 @@ class UsageSync:
                     self._metrics.usage_items.labels(name).inc(value)
         return result
 
-    def _cycle(self, dry_run: bool, customers: frozenset[str]) -> CycleResult:
+    def _cycle(self, dry_run: bool, customers: frozenset[str], include_legacy: bool) -> CycleResult:
         now = self._clock()
         run_id = None if dry_run else self._runs.start("usage_sync")
         result = CycleResult(run_id=run_id, summary=CycleSummary())
@@ -127,6 +130,8 @@ class UsageSync:
             log.info("usage sync started", now=now.isoformat())
             try:
                 work, refusals = self._collect_work(now, customers)
+                if not include_legacy:
+                    work = [unit for unit in work if unit.stream.kind is not StreamKind.LEGACY]
             except UpstreamError as exc:
                 log.error("usage sync could not list Stripe subscriptions or meters", error=str(exc))
                 result.summary.failed += 1

@@ -17,52 +17,9 @@ from sqlalchemy import create_engine, text
 
 from reconciler.clock import utc_now
 from reconciler.sandbox.server import SANDBOX_OPENMETER_TOKEN, SANDBOX_STRIPE_KEY, Sandbox
+from tests.integration.helpers import customer_with_usage, reconciler, write_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def sandbox():
-    served = Sandbox.start()
-    yield served
-    served.stop()
-
-
-def reconciler(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "reconciler", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=cwd,
-        timeout=timeout,
-    )
-
-
-def write_config(path: Path, raw: dict) -> Path:
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def customer_with_usage(sandbox: Sandbox, customer: str = "cus_cli", value: float = 42) -> None:
-    now = utc_now()
-    meter = next((m for m in sandbox.stripe.meters.values() if m["event_name"] == "api_calls"), None)
-    meter = meter or sandbox.stripe.add_meter("api_calls", formula="sum")
-    price = sandbox.stripe.add_price(meter=meter["id"])
-    sandbox.stripe.add_customer(id=customer)
-    sandbox.stripe.add_subscription(
-        customer,
-        [price["id"]],
-        current_period_start=int((now - timedelta(days=3)).timestamp()),
-        current_period_end=int((now + timedelta(days=27)).timestamp()),
-    )
-    if "api_requests" not in sandbox.openmeter.meters:
-        sandbox.openmeter.add_meter("api_requests")
-    sandbox.openmeter.ingest("api_requests", customer, now - timedelta(days=2), value)
 
 
 @pytest.fixture

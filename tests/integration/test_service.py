@@ -2,125 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import os
-import queue
 import signal
-import subprocess
-import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import httpx
-import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 
 from reconciler.clock import utc_now
 from reconciler.ledger.database import make_engine, upgrade
 from reconciler.ledger.retention import prune_ledger
 from reconciler.metrics import Metrics
-from reconciler.sandbox.server import Sandbox
 from reconciler.service.ops_server import Probes, readiness_problems
-from tests.integration.test_cli import customer_with_usage, reconciler, write_config
-
-
-@pytest.fixture
-def sandbox():
-    served = Sandbox.start()
-    yield served
-    served.stop()
-
-
-@pytest.fixture
-def service_config(sandbox, tmp_path) -> Path:
-    raw = sandbox.config_dict(
-        f"sqlite:///{tmp_path / 'ledger.db'}", meters=[{"stripe": "api_calls", "openmeter": "api_requests"}]
-    )
-    raw["balances"]["enabled"] = False
-    raw["server"] = {"port": 0, "shutdown_timeout": "20s"}
-    raw["schedule"] = {"usage_sync": "1s"}
-    raw["logging"] = {"level": "INFO", "format": "json"}
-    path = write_config(tmp_path / "config.yaml", raw)
-    assert reconciler("db", "upgrade", "--config", str(path)).returncode == 0
-    return path
-
-
-class DaemonProcess:
-    """`reconciler run` in a subprocess, its JSON log lines collected as they come."""
-
-    def __init__(self, config: Path):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "reconciler", "run", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.events: list[dict] = []
-        self._lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stderr:  # type: ignore[union-attr]
-            self._lines.put(line)
-
-    def wait_for(self, event: str, timeout: float = 30, **fields) -> dict:
-        deadline = time.monotonic() + timeout
-        seen = [e for e in self.events if e.get("event") == event and fields.items() <= e.items()]
-        if seen:
-            return seen[0]
-        while time.monotonic() < deadline:
-            try:
-                line = self._lines.get(timeout=0.1)
-            except queue.Empty:
-                if self.process.poll() is not None and self._lines.empty():
-                    break
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = {"event": line.strip()}
-            self.events.append(record)
-            if record.get("event") == event and fields.items() <= record.items():
-                return record
-        raise AssertionError(f"no {event!r} log line; saw {[e.get('event') for e in self.events][-20:]}")
-
-    def url(self, path: str) -> str:
-        port = self.wait_for("reconciler running")["ops_port"]
-        return f"http://127.0.0.1:{port}{path}"
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        self.process.send_signal(sig)
-        return self.process.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        for stream in (self.process.stdout, self.process.stderr):
-            if stream is not None:
-                stream.close()
-
-
-@pytest.fixture
-def daemons():
-    started: list[DaemonProcess] = []
-    yield lambda config: started.append(DaemonProcess(config)) or started[-1]
-    for daemon in started:
-        daemon.kill()
-
-
-def metric_value(metrics_text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                return sample.value
-    raise AssertionError(f"no sample {name} {labels}")
+from tests.integration.helpers import customer_with_usage, metric_value, reconciler, write_config
 
 
 def test_health_readiness_and_metrics_of_a_running_service(sandbox, service_config, daemons):

@@ -1,0 +1,74 @@
+"""Which Stripe webhook events imply work, and what work: a pure function of the event body.
+
+The event body only says *who* to look at; the work itself always re-reads Stripe and OpenMeter, so an event
+that is late, out of order or replayed can never make the ledger wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+USAGE_SYNC = "usage_sync"  # an immediate sync of the customer's just-closed period (meter prices)
+BALANCE_SYNC = "balance_sync"  # immediate top-up forwarding for the customer
+METER_ERRORS = "meter_errors"  # Stripe's asynchronous meter-event errors, recorded against their items
+
+
+@dataclass(frozen=True)
+class WebhookWork:
+    kind: str
+    customer_id: str | None
+
+
+def _id(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("id")
+    return value if isinstance(value, str) else None
+
+
+def _has_metered_items(subscription: dict[str, Any]) -> bool:
+    items = (subscription.get("items") or {}).get("data") or []
+    return any(((item.get("price") or {}).get("recurring") or {}).get("usage_type") == "metered" for item in items)
+
+
+def work_for_event(event: dict[str, Any]) -> WebhookWork | None:
+    """The work an event implies, or None for events we acknowledge and ignore."""
+    kind = event.get("type", "")
+    data = event.get("data") or {}
+    obj = data.get("object") or {}
+    if kind == "customer.subscription.updated":
+        previous = data.get("previous_attributes") or {}
+        new_period = "current_period_start" in previous or "items" in previous
+        if new_period and _has_metered_items(obj):
+            return WebhookWork(USAGE_SYNC, _id(obj.get("customer")))
+        return None
+    if kind == "customer.subscription.deleted":
+        return WebhookWork(USAGE_SYNC, _id(obj.get("customer"))) if _has_metered_items(obj) else None
+    if kind == "invoice.created":
+        return WebhookWork(USAGE_SYNC, _id(obj.get("customer"))) if obj.get("customer") else None
+    if kind == "payment_intent.succeeded":
+        return WebhookWork(BALANCE_SYNC, _id(obj.get("customer"))) if obj.get("customer") else None
+    if kind == "v1.billing.meter.error_report_triggered":
+        return WebhookWork(METER_ERRORS, None)
+    return None
+
+
+@dataclass(frozen=True)
+class MeterEventError:
+    identifier: str
+    code: str
+    message: str
+
+
+def meter_event_errors(event: dict[str, Any]) -> list[MeterEventError]:
+    """The sample errors of a meter error report, each naming the meter event identifier it concerns."""
+    data = event.get("data") or {}
+    report = data.get("object") if isinstance(data.get("object"), dict) else data
+    errors = []
+    for error_type in ((report or {}).get("reason") or {}).get("error_types") or []:
+        code = error_type.get("code", "unknown")
+        for sample in error_type.get("sample_errors") or []:
+            identifier = ((sample.get("request") or {}).get("identifier")) or ""
+            if identifier:
+                errors.append(MeterEventError(identifier, code, sample.get("error_message", "")))
+    return errors

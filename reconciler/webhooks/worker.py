@@ -1,0 +1,79 @@
+"""Working off the webhook inbox: targeted cycles for the customers the events name."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+
+import structlog
+
+from reconciler.app import App
+from reconciler.ledger.usage_ledger import UsageLedger
+from reconciler.metrics import Metrics
+from reconciler.webhooks.events import BALANCE_SYNC, METER_ERRORS, USAGE_SYNC, meter_event_errors
+from reconciler.webhooks.inbox import InboxItem, WebhookInbox
+
+log = structlog.get_logger(__name__)
+
+
+class WebhookWorker:
+    def __init__(
+        self,
+        inbox: WebhookInbox,
+        app: Callable[[], App],
+        ledger: UsageLedger,
+        usage_lock: threading.Lock,
+        metrics: Metrics,
+    ):
+        self._inbox = inbox
+        self._app = app
+        self._ledger = ledger
+        self._usage_lock = usage_lock
+        self._metrics = metrics
+
+    def work_off(self) -> None:
+        """Everything due now; many events for one customer cost one targeted cycle."""
+        by_work: dict[tuple[str, str | None], list[InboxItem]] = defaultdict(list)
+        for item in self._inbox.due():
+            by_work[(item.work, item.customer_id)].append(item)
+        for (work, customer), items in by_work.items():
+            with structlog.contextvars.bound_contextvars(webhook_work=work, customer=customer):
+                try:
+                    error = self._run(work, customer, items)
+                except Exception as exc:  # retried with backoff; the scheduled cycles are the safety net
+                    log.exception("webhook work crashed")
+                    error = f"{type(exc).__name__}: {exc}"
+            for item in items:
+                if error:
+                    self._inbox.retry_later(item, error)
+                else:
+                    self._inbox.done(item)
+
+    def _run(self, work: str, customer: str | None, items: list[InboxItem]) -> str | None:
+        app = self._app()
+        if work == USAGE_SYNC and customer:
+            # Meter prices only: Stripe accepts no legacy usage records after a rollover, so their last sync
+            # runs before period end on the schedule instead.
+            with self._usage_lock:
+                result = app.usage_sync.run_cycle(customers=frozenset({customer}), include_legacy=False)
+            return "; ".join(result.summary.failures) or None
+        if work == BALANCE_SYNC and customer:
+            if app.balance_sync is None:
+                return None
+            balance = app.balance_sync.run_cycle(customers=frozenset({customer}))
+            return "; ".join(balance.failures) or None
+        if work == METER_ERRORS:
+            for item in items:
+                for error in meter_event_errors(item.event):
+                    self._metrics.meter_event_errors.labels(error.code).inc()
+                    found = self._ledger.record_rejected_event(error.identifier, f"{error.code}: {error.message}")
+                    log.warning(
+                        "Stripe rejected a meter event",
+                        identifier=error.identifier,
+                        code=error.code,
+                        message=error.message,
+                        known=found,
+                    )
+            return None
+        return None

@@ -1,0 +1,123 @@
+"""Helpers for driving `reconciler` as an operator does: a subprocess per command or daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from reconciler.clock import utc_now
+from reconciler.sandbox.server import Sandbox
+
+
+def reconciler(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "reconciler", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def customer_with_usage(sandbox: Sandbox, customer: str = "cus_cli", value: float = 42) -> None:
+    now = utc_now()
+    meter = next((m for m in sandbox.stripe.meters.values() if m["event_name"] == "api_calls"), None)
+    meter = meter or sandbox.stripe.add_meter("api_calls", formula="sum")
+    price = sandbox.stripe.add_price(meter=meter["id"])
+    sandbox.stripe.add_customer(id=customer)
+    sandbox.stripe.add_subscription(
+        customer,
+        [price["id"]],
+        current_period_start=int((now - timedelta(days=3)).timestamp()),
+        current_period_end=int((now + timedelta(days=27)).timestamp()),
+    )
+    if "api_requests" not in sandbox.openmeter.meters:
+        sandbox.openmeter.add_meter("api_requests")
+    sandbox.openmeter.ingest("api_requests", customer, now - timedelta(days=2), value)
+
+
+class DaemonProcess:
+    """`reconciler run` in a subprocess, its JSON log lines collected as they come."""
+
+    def __init__(self, config: Path):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "reconciler", "run", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.events: list[dict] = []
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stderr:  # type: ignore[union-attr]
+            self._lines.put(line)
+
+    def wait_for(self, event: str, timeout: float = 30, **fields) -> dict:
+        deadline = time.monotonic() + timeout
+        seen = [e for e in self.events if e.get("event") == event and fields.items() <= e.items()]
+        if seen:
+            return seen[0]
+        while time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=0.1)
+            except queue.Empty:
+                if self.process.poll() is not None and self._lines.empty():
+                    break
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = {"event": line.strip()}
+            self.events.append(record)
+            if record.get("event") == event and fields.items() <= record.items():
+                return record
+        raise AssertionError(f"no {event!r} log line; saw {[e.get('event') for e in self.events][-20:]}")
+
+    def url(self, path: str) -> str:
+        port = self.wait_for("reconciler running")["ops_port"]
+        return f"http://127.0.0.1:{port}{path}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def metric_value(metrics_text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return sample.value
+    raise AssertionError(f"no sample {name} {labels}")
