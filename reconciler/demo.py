@@ -9,7 +9,6 @@ balance cycles (a lost top-up forwarded and a drift corrected, then everything i
 from __future__ import annotations
 
 import tempfile
-import time
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -64,7 +63,6 @@ def _demo(console: Console, sandbox: Sandbox, database: Path) -> int:
             if before:
                 before(sandbox)
             sent_before = _sent_count(sandbox)
-            time.sleep(1.1)  # meter events of one stream are at least a second apart
             result = app.usage_sync.run_cycle()
             failed |= not result.ok
             console.print(f"[bold]{title}[/bold]")

@@ -35,12 +35,13 @@ from reconciler.usage.model import (
     StreamPeriod,
     UsageWindow,
 )
-from reconciler.usage.periods import usage_window
+from reconciler.usage.periods import ONE_SECOND, usage_window
 from reconciler.usage.rounding import round_quantity
 from reconciler.usage.streams import build_work, meter_problem
 
 log = structlog.get_logger(__name__)
 
+MAX_WAIT_FOR_EVENT_SLOT = timedelta(seconds=2)
 # Stripe deduplicates meter event identifiers for "at least 24 hours". A pending `sum` intent older than this
 # can no longer be resent safely: if the first attempt was applied, a resend would count it twice.
 IDENTIFIER_SAFE_RESEND = timedelta(hours=23)
@@ -212,6 +213,7 @@ class UsageSync:
                     self._resend_pending(work, now)
                 state = self._ledger.state(work)
                 target = self._measure(work, now)
+                now = self._after_previous_event(state, now)
                 decision = decide(work, state, target, now, self._timing)
                 self._note_deadline(work, state, decision, now, result)
                 if dry_run:
@@ -229,6 +231,18 @@ class UsageSync:
             except Exception as exc:  # a bug for one customer must not stop billing for the others
                 log.exception("unexpected error")
                 self._fail(work, f"unexpected error: {type(exc).__name__}: {exc}", summary, dry_run)
+
+    def _after_previous_event(self, state: LedgerState, now: datetime) -> datetime:
+        """Meter events of one stream must be at least a second apart and never in the future. When the last one
+        was sent within the past second (a webhook-triggered cycle right after a scheduled one), wait out that
+        second rather than fail the stream."""
+        if state.last_event_at is None:
+            return now
+        wait = (state.last_event_at + ONE_SECOND - now).total_seconds()
+        if 0 < wait <= MAX_WAIT_FOR_EVENT_SLOT.total_seconds():
+            time.sleep(wait)
+            return max(now, self._clock())
+        return now
 
     def _measure(self, work: StreamPeriod, now: datetime) -> int:
         window = usage_window(work.period, now, self._config.usage.window_size, self._zone)
