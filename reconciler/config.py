@@ -230,6 +230,9 @@ class ServerConfig(_Section):
 
 class LedgerConfig(_Section):
     retention: Duration = timedelta(days=400)  # closed ledger rows older than this are pruned by the daemon
+    # PostgreSQL replicas: how long a claimed work item stays leased without a heartbeat before another
+    # replica may take it over (a crashed replica's work waits at most this long).
+    lease_ttl: Duration = timedelta(seconds=30)
 
 
 class LoggingConfig(_Section):

@@ -30,12 +30,13 @@ from sqlalchemy.engine import make_url
 from reconciler.app import App, build_app, open_database
 from reconciler.clock import utc_now
 from reconciler.config import Config, ConfigError, load_config
+from reconciler.ledger.coordination import Coordinator
 from reconciler.ledger.retention import prune_ledger
 from reconciler.ledger.schema import IntentState, MoesifTransaction, UsageReport
 from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.logs import configure_logging
 from reconciler.metrics import GaugeCallback, Metrics
-from reconciler.schedule import parse_schedule
+from reconciler.schedule import parse_schedule, tick_key
 from reconciler.service.ops_server import OpsServer, Probes, WebhookEndpoint, build_ops_app
 from reconciler.webhooks.inbox import WebhookInbox
 from reconciler.webhooks.worker import WebhookWorker
@@ -45,6 +46,7 @@ log = structlog.get_logger(__name__)
 # Wake up this long after a final-sync deadline, so the cycle surely sees it as due.
 DEADLINE_MARGIN = timedelta(seconds=5)
 PRUNE_SCHEDULE = "17 3 * * *"  # daily, off the hour
+HEARTBEAT_SECONDS = 5
 
 
 class AlreadyRunningError(Exception):
@@ -80,6 +82,12 @@ class Daemon:
         self._deadline_requests: queue.SimpleQueue[datetime] = queue.SimpleQueue()
         self._lock_file = hold_sqlite_lock(config.database.url)
         self.engine = open_database(config)
+        # On PostgreSQL any number of replicas share the work; SQLite (one daemon per file) runs it all locally.
+        self.coordinator = (
+            Coordinator(self.engine, utc_now, config.ledger.lease_ttl)
+            if self.engine.dialect.name == "postgresql"
+            else None
+        )
         self.app: App = build_app(config, self.stop.is_set, engine=self.engine, metrics=self.metrics)
         self.metrics.add_collector(
             GaugeCallback(
@@ -100,12 +108,16 @@ class Daemon:
 
     # -- jobs ----------------------------------------------------------------------------------------
 
-    def usage_cycle(self) -> None:
+    def usage_cycle(self, tick: str | None = None) -> None:
         with self._usage_lock:
             if self.stop.is_set():
                 return
             try:
-                result = self.app.usage_sync.run_cycle()
+                if self.coordinator is None:
+                    result = self.app.usage_sync.run_cycle()
+                else:
+                    key = tick or tick_key(self.config.schedule.usage_sync, utc_now())
+                    result = self.app.usage_sync.run_shared_cycle(self.coordinator, key)
             except Exception:  # the scheduler must outlive one bad cycle; the next tick tries again
                 log.exception("usage sync cycle crashed")
                 return
@@ -127,6 +139,7 @@ class Daemon:
             id="usage_sync_deadline",
             name="usage sync (final-sync deadline)",
             replace_existing=True,
+            kwargs={"tick": f"deadline-{when:%Y%m%dT%H%M%S}"},  # the same key on every replica
         )
         log.info("extra cycle scheduled for a final-sync deadline", at=when.isoformat())
 
@@ -134,6 +147,11 @@ class Daemon:
         balance_sync = self.app.balance_sync
         if balance_sync is None or self.stop.is_set():
             return
+        if self.coordinator is not None:
+            # The balance job is not split: one replica per tick runs it.
+            key = tick_key(self.config.schedule.balance_reconcile, utc_now())
+            if self.coordinator.claim_tick("balance_reconcile", key) is None:
+                return
         try:
             balance_sync.run_cycle()
         except Exception:
@@ -141,7 +159,8 @@ class Daemon:
 
     def prune(self) -> None:
         try:
-            pruned = prune_ledger(self.engine, utc_now() - self.config.ledger.retention)
+            now = utc_now()
+            pruned = prune_ledger(self.engine, now - self.config.ledger.retention, work_cutoff=now - timedelta(days=1))
             log.info("ledger pruned", **pruned)
         except Exception:
             log.exception("ledger pruning failed")
@@ -222,6 +241,16 @@ class Daemon:
         signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
 
         self._schedule_jobs(first_run_now=True)
+        if self.coordinator is not None:
+            self.coordinator.register()
+            self.metrics.add_collector(
+                GaugeCallback(
+                    "reconciler_leases_held", "Work items this replica holds a lease on.", self.coordinator.leases_held
+                )
+            )
+            self.scheduler.add_job(
+                self.coordinator.heartbeat, trigger="interval", seconds=HEARTBEAT_SECONDS, id="heartbeat"
+            )
         self.scheduler.start()
         if self.config.server.enabled:
             probes = Probes(
@@ -284,6 +313,8 @@ class Daemon:
             )
         if self.ops_server is not None:
             self.ops_server.stop()
+        if self.coordinator is not None:
+            self.coordinator.leave()  # unfinished claims go back to the others at once
         if self.app.balance_sync is not None:
             self.app.balance_sync.close()
         self.engine.dispose()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime
 
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
@@ -28,3 +28,13 @@ def parse_schedule(value: str) -> BaseTrigger:
     if interval.total_seconds() <= 0:
         raise ValueError("an interval must be longer than zero")
     return IntervalTrigger(seconds=int(interval.total_seconds()), timezone=UTC)
+
+
+def tick_key(value: str, now: datetime) -> str:
+    """The same key on every replica for the same scheduled tick: the interval bucket of `now`, or for cron
+    schedules (minute resolution) the minute. The replica that inserts it first plans the cycle."""
+    text = value.strip()
+    if len(text.split()) != 5:
+        seconds = max(1, int(parse_duration(text).total_seconds()))
+        return f"every-{seconds}s-{int(now.timestamp()) // seconds}"
+    return f"cron-{now.astimezone(UTC):%Y%m%dT%H%M}"

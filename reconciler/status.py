@@ -10,7 +10,17 @@ from rich.table import Table
 from sqlalchemy import Engine, desc, func, select
 
 from reconciler.config import Config
-from reconciler.ledger.schema import IntentState, MoesifTransaction, Run, UsagePeriod, UsageReport, WebhookEvent
+from reconciler.ledger.coordination import REPLICA_TIMEOUT
+from reconciler.ledger.schema import (
+    IntentState,
+    MoesifTransaction,
+    Replica,
+    Run,
+    UsagePeriod,
+    UsageReport,
+    WebhookEvent,
+    WorkItem,
+)
 from reconciler.schedule import parse_schedule
 
 
@@ -48,6 +58,16 @@ def print_status(config: Config, engine: Engine, console: Console) -> None:
         moesif_pending = connection.execute(
             select(func.count()).select_from(MoesifTransaction).where(MoesifTransaction.state == IntentState.PENDING)
         ).scalar_one()
+        replicas = connection.execute(
+            select(Replica.id, Replica.host, Replica.pid, Replica.heartbeat_at).order_by(Replica.started_at)
+        ).all()
+        leases = dict(
+            connection.execute(
+                select(WorkItem.lease_owner, func.count())
+                .where(WorkItem.state == "claimed")
+                .group_by(WorkItem.lease_owner)
+            ).all()
+        )
         failed_webhooks = connection.execute(
             select(WebhookEvent.event_id, WebhookEvent.type, WebhookEvent.error).where(WebhookEvent.state == "failed")
         ).all()
@@ -60,6 +80,13 @@ def print_status(config: Config, engine: Engine, console: Console) -> None:
         )
     console.print(jobs)
     console.print(f"pending usage reports: {pending_reports}; pending Moesif transactions: {moesif_pending}")
+    for replica_id, host, pid, heartbeat_at in replicas:
+        live = "live" if now - heartbeat_at < REPLICA_TIMEOUT else "silent"
+        console.print(
+            f"replica {replica_id} {host}:{pid} {live}, heartbeat {heartbeat_at:%H:%M:%S}, "
+            f"{leases.get(replica_id, 0)} lease(s)",
+            markup=False,
+        )
     for customer, target, period_start, error in failing:
         console.print(f"failing: {customer} {target} period {period_start:%Y-%m-%d}: {error}", markup=False)
     for event_id, event_type, error in failed_webhooks:

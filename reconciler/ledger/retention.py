@@ -8,6 +8,7 @@ from sqlalchemy import Engine, delete, select
 
 from reconciler.ledger.schema import (
     BalanceObservation,
+    CycleTick,
     IntentState,
     LateDrift,
     MoesifTransaction,
@@ -16,12 +17,14 @@ from reconciler.ledger.schema import (
     UsagePeriod,
     UsageReport,
     WebhookEvent,
+    WorkItem,
 )
 
 
-def prune_ledger(engine: Engine, cutoff: datetime) -> dict[str, int]:
+def prune_ledger(engine: Engine, cutoff: datetime, work_cutoff: datetime | None = None) -> dict[str, int]:
     """Delete final periods that ended before `cutoff` (with their reports and drift), finished runs,
-    observations and acknowledged Moesif transactions older than it. Returns counts per table."""
+    observations and acknowledged Moesif transactions older than it, and finished replica work (planned
+    ticks and done work items) older than `work_cutoff`. Returns counts per table."""
     old_periods = select(UsagePeriod.id).where(
         UsagePeriod.status == PeriodStatus.FINAL, UsagePeriod.period_end < cutoff
     )
@@ -50,4 +53,13 @@ def prune_ledger(engine: Engine, cutoff: datetime) -> dict[str, int]:
         counts["webhook_events"] = connection.execute(
             delete(WebhookEvent).where(WebhookEvent.state != "pending", WebhookEvent.received_at < cutoff)
         ).rowcount
+        if work_cutoff is not None:
+            old_ticks = select(CycleTick.id).where(CycleTick.planned_at < work_cutoff)
+            counts["work_items"] = connection.execute(
+                delete(WorkItem).where(WorkItem.tick_id.in_(old_ticks), WorkItem.state == "done")
+            ).rowcount
+            still_used = select(WorkItem.tick_id)
+            counts["cycle_ticks"] = connection.execute(
+                delete(CycleTick).where(CycleTick.planned_at < work_cutoff, CycleTick.id.not_in(still_used))
+            ).rowcount
     return counts

@@ -214,3 +214,51 @@ class WebhookEvent(Base):
     payload: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Replica(Base):
+    """A live `reconciler run` process (PostgreSQL only); live while its heartbeat is fresh."""
+
+    __tablename__ = "replicas"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class CycleTick(Base):
+    """One row per job tick: the replica whose insert wins plans that cycle; the others only execute it."""
+
+    __tablename__ = "cycle_ticks"
+    __table_args__ = (UniqueConstraint("job", "tick_key", name="uq_cycle_ticks_job_tick"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job: Mapped[str] = mapped_column(String(32))
+    tick_key: Mapped[str] = mapped_column(String(64))
+    planned_by: Mapped[str] = mapped_column(String(36))
+    planned_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # set once every work item is written
+
+
+class WorkItem(Base):
+    """One stream period of a planned cycle, claimed by one replica at a time under a lease.
+
+    `fencing_token` grows with every claim; ledger writes for the item check it in the same transaction, so a
+    replica whose lease expired (and was reclaimed by another) can no longer write.
+    """
+
+    __tablename__ = "work_items"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tick_id: Mapped[int] = mapped_column(ForeignKey("cycle_ticks.id"), index=True)
+    job: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # pending | claimed | done
+    lease_owner: Mapped[str | None] = mapped_column(String(36))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    fencing_token: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from reconciler.ledger.coordination import Fence
 from reconciler.ledger.schema import IntentState, LateDrift, PeriodStatus, UsagePeriod, UsageReport
 from reconciler.usage.decide import NEW_PERIOD, Action, Decision, LedgerState
 from reconciler.usage.model import BillingPeriod, Intent, Stream, StreamPeriod
@@ -39,9 +41,19 @@ def report_identifier(stream_key: str, period_start: datetime, sequence: int) ->
 
 
 class UsageLedger:
-    def __init__(self, engine: Engine, clock: Callable[[], datetime]):
+    def __init__(self, engine: Engine, clock: Callable[[], datetime], fence: Fence | None = None):
+        self._engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._clock = clock
+        self._fence = fence
+
+    def fenced(self, fence: Fence | None) -> UsageLedger:
+        """The same ledger, with every write checking `fence` (a work item's lease) in its transaction."""
+        return self if fence is None else UsageLedger(self._engine, self._clock, fence)
+
+    def _write(self) -> Any:
+        """A write transaction; with a fence, it fails (LeaseLostError) unless our lease still holds."""
+        return _FencedTransaction(self._sessions, self._fence)
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -57,6 +69,7 @@ class UsageLedger:
                 late_total=row.late_total,
                 recorded_target=row.target,
                 has_error=row.last_error is not None,
+                next_sequence=row.next_sequence,
             )
 
     def pending_intent(self, work: StreamPeriod) -> Intent | None:
@@ -89,13 +102,16 @@ class UsageLedger:
 
     # -- writing -------------------------------------------------------------------------------------
 
-    def record_intent(self, work: StreamPeriod, decision: Decision, run_id: str) -> Intent:
-        """Durably write what we are about to send. Raises ContendedError if another process beat us."""
+    def record_intent(self, work: StreamPeriod, decision: Decision, run_id: str, based_on: LedgerState) -> Intent:
+        """Durably write what we are about to send. Raises ContendedError if another process wrote an intent
+        for this period since `based_on` was read (its decision would rest on a stale reported total)."""
         assert decision.quantity is not None and decision.timestamp is not None
         now = self._clock()
         try:
-            with self._sessions.begin() as session:
+            with self._write() as session:
                 row = self._period_for_update(session, work, now)
+                if row.next_sequence != based_on.next_sequence:
+                    raise ContendedError(f"another process reported {work.stream.key} since this cycle read it")
                 sequence = row.next_sequence
                 row.next_sequence = sequence + 1
                 row.target = decision.target
@@ -122,7 +138,7 @@ class UsageLedger:
     def mark_sent(self, intent: Intent) -> None:
         """Stripe accepted the intent: it now holds `total_after` for the period."""
         now = self._clock()
-        with self._sessions.begin() as session:
+        with self._write() as session:
             report = session.get_one(UsageReport, intent.id)
             if report.state == IntentState.SENT:
                 return
@@ -143,7 +159,7 @@ class UsageLedger:
     def mark_failed(self, intent: Intent, error: str) -> None:
         """Stripe refused the intent, so it was not applied: the next cycle decides afresh."""
         now = self._clock()
-        with self._sessions.begin() as session:
+        with self._write() as session:
             report = session.get_one(UsageReport, intent.id)
             report.state = IntentState.FAILED
             report.attempts += 1
@@ -153,7 +169,7 @@ class UsageLedger:
     def note_attempt(self, intent: Intent, error: str) -> None:
         """A send whose outcome is unknown: the intent stays pending and is resent next cycle."""
         now = self._clock()
-        with self._sessions.begin() as session:
+        with self._write() as session:
             report = session.get_one(UsageReport, intent.id)
             report.attempts += 1
             report.error = error
@@ -161,7 +177,7 @@ class UsageLedger:
 
     def note_failure(self, work: StreamPeriod, error: str) -> None:
         now = self._clock()
-        with self._sessions.begin() as session:
+        with self._write() as session:
             row = self._period(session, work.stream.key, work.period.start)
             if row is not None:
                 self._note_failure(row, error, now)
@@ -170,7 +186,7 @@ class UsageLedger:
         """Stripe rejected a meter event after accepting it (an error report): note it on the report and its
         period, where `status` shows it. False if the identifier is not ours."""
         now = self._clock()
-        with self._sessions.begin() as session:
+        with self._write() as session:
             report = session.scalars(select(UsageReport).where(UsageReport.identifier == identifier)).one_or_none()
             if report is None:
                 return False
@@ -181,7 +197,7 @@ class UsageLedger:
     def observe(self, work: StreamPeriod, decision: Decision, run_id: str) -> None:
         """Record a decision that needs no Stripe call: unchanged, final, or late drift."""
         now = self._clock()
-        with self._sessions.begin() as session:
+        with self._write() as session:
             row = self._period_for_update(session, work, now)
             row.target = decision.target
             row.updated_at = now
@@ -269,3 +285,18 @@ class UsageLedger:
 
 def stream_period_from_row(row: UsagePeriod, stream: Stream) -> StreamPeriod:
     return StreamPeriod(stream, BillingPeriod(row.period_start, row.period_end), is_current=False)
+
+
+class _FencedTransaction:
+    def __init__(self, sessions: sessionmaker[Session], fence: Fence | None):
+        self._context = sessions.begin()
+        self._fence = fence
+
+    def __enter__(self) -> Session:
+        session = self._context.__enter__()
+        if self._fence is not None:
+            self._fence.check(session)
+        return session
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._context.__exit__(*exc)

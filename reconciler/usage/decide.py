@@ -37,6 +37,7 @@ class LedgerState:
     late_total: int | None
     recorded_target: int | None = None  # the last measured total written to the ledger
     has_error: bool = False  # the last attempt failed; a success must clear it
+    next_sequence: int = 1  # an intent based on this state is valid only while the period is still here
 
 
 NEW_PERIOD = LedgerState(is_final=False, reported_total=0, last_event_at=None, late_total=None)

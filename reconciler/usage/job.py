@@ -8,7 +8,7 @@ logged with its context and counted; the cycle goes on.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -17,12 +17,14 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from reconciler.config import Config
+from reconciler.ledger.coordination import Coordinator, Fence, LeaseLostError
 from reconciler.ledger.runs import RunLog
 from reconciler.ledger.schema import UsagePeriod
 from reconciler.ledger.usage_ledger import ContendedError, UsageLedger, stream_period_from_row
 from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.redact import redact
 from reconciler.upstream.errors import PermanentError, TransientError, UpstreamError
+from reconciler.usage.codec import dump_work, load_work
 from reconciler.usage.decide import Action, Decision, LedgerState, Timing, decide, final_sync_due_at
 from reconciler.usage.model import (
     CycleSummary,
@@ -42,6 +44,8 @@ from reconciler.usage.streams import build_work, meter_problem
 log = structlog.get_logger(__name__)
 
 MAX_WAIT_FOR_EVENT_SLOT = timedelta(seconds=2)
+CLAIM_BATCH = 10  # work items a replica claims at once
+PLAN_WAIT = timedelta(seconds=60)  # how long the other replicas wait for the planning replica's plan
 # Stripe deduplicates meter event identifiers for "at least 24 hours". A pending `sum` intent older than this
 # can no longer be resent safely: if the first attempt was applied, a resend would count it twice.
 IDENTIFIER_SAFE_RESEND = timedelta(hours=23)
@@ -111,8 +115,60 @@ class UsageSync:
         self, *, dry_run: bool = False, customers: frozenset[str] = frozenset(), include_legacy: bool = True
     ) -> CycleResult:
         """One cycle over every stream (or only `customers`'; `include_legacy=False` leaves legacy prices out)."""
+
+        def local_plan(now: datetime, result: CycleResult) -> Iterator[tuple[StreamPeriod, Fence | None]]:
+            work, refusals = self._collect_work(now, customers)
+            for refusal in refusals:
+                self._refuse(refusal, result.summary)
+            for unit in work:
+                if include_legacy or unit.stream.kind is not StreamKind.LEGACY:
+                    yield unit, None
+
+        return self._timed(dry_run, local_plan)
+
+    def run_shared_cycle(self, coordinator: Coordinator, tick_key: str) -> CycleResult:
+        """One cycle shared by every live replica on PostgreSQL: the replica that wins the tick lists Stripe
+        and writes the plan; all of them claim its items in batches under leases and sync them."""
+
+        def shared_plan(now: datetime, result: CycleResult) -> Iterator[tuple[StreamPeriod, Fence | None]]:
+            tick_id = coordinator.claim_tick("usage_sync", tick_key)
+            if tick_id is not None:
+                work, refusals = self._collect_work(now, frozenset())
+                for refusal in refusals:
+                    self._refuse(refusal, result.summary)
+                coordinator.enqueue(tick_id, "usage_sync", [dump_work(unit) for unit in work])
+                log.info("cycle planned for all replicas", tick=tick_key, items=len(work))
+            else:
+                self._await_plan(coordinator, tick_key)
+            while not self._stop_requested():
+                claims = coordinator.claim_batch("usage_sync", CLAIM_BATCH)
+                if not claims:
+                    return
+                for position, claim in enumerate(claims):
+                    try:
+                        yield load_work(claim.payload), claim.fence
+                    except GeneratorExit:
+                        coordinator.release(claims[position:])  # stopped: hand the rest back at once
+                        raise
+                    try:
+                        coordinator.complete(claim)
+                    except LeaseLostError:
+                        log.warning("lease lost before completing a work item; its new owner finishes it")
+
+        return self._timed(False, shared_plan)
+
+    def _await_plan(self, coordinator: Coordinator, tick_key: str) -> None:
+        deadline = time.monotonic() + PLAN_WAIT.total_seconds()
+        while coordinator.plan_ready("usage_sync", tick_key) is False and time.monotonic() < deadline:
+            if self._stop_requested():
+                return
+            time.sleep(0.2)
+
+    def _timed(
+        self, dry_run: bool, plan: Callable[[datetime, CycleResult], Iterator[tuple[StreamPeriod, Fence | None]]]
+    ) -> CycleResult:
         started = time.perf_counter()
-        result = self._cycle(dry_run, customers, include_legacy)
+        result = self._cycle(dry_run, plan)
         if not dry_run:
             outcome = "interrupted" if result.interrupted else "succeeded" if result.ok else "partial"
             self._metrics.cycle_finished(
@@ -123,30 +179,30 @@ class UsageSync:
                     self._metrics.usage_items.labels(name).inc(value)
         return result
 
-    def _cycle(self, dry_run: bool, customers: frozenset[str], include_legacy: bool) -> CycleResult:
+    def _cycle(
+        self, dry_run: bool, plan: Callable[[datetime, CycleResult], Iterator[tuple[StreamPeriod, Fence | None]]]
+    ) -> CycleResult:
         now = self._clock()
         run_id = None if dry_run else self._runs.start("usage_sync")
         result = CycleResult(run_id=run_id, summary=CycleSummary())
         with structlog.contextvars.bound_contextvars(run_id=run_id, dry_run=dry_run):
             log.info("usage sync started", now=now.isoformat())
+            units = plan(now, result)
             try:
-                work, refusals = self._collect_work(now, customers)
-                if not include_legacy:
-                    work = [unit for unit in work if unit.stream.kind is not StreamKind.LEGACY]
+                for unit, fence in units:
+                    if self._stop_requested():
+                        result.interrupted = True
+                        log.warning("stop requested: ending the cycle after the item in flight")
+                        break
+                    self._sync_one(unit, now, run_id, dry_run, result, fence)
             except UpstreamError as exc:
                 log.error("usage sync could not list Stripe subscriptions or meters", error=str(exc))
                 result.summary.failed += 1
                 result.summary.failures.append(f"listing: {exc}")
                 self._finish(result, "failed")
                 return result
-            for refusal in refusals:
-                self._refuse(refusal, result.summary)
-            for unit in work:
-                if self._stop_requested():
-                    result.interrupted = True
-                    log.warning("stop requested: ending the cycle after the item in flight")
-                    break
-                self._sync_one(unit, now, run_id, dry_run, result)
+            finally:
+                units.close()  # type: ignore[attr-defined]
             self._finish(result, "interrupted" if result.interrupted else "succeeded" if result.ok else "partial")
         return result
 
@@ -197,9 +253,16 @@ class UsageSync:
     # -- one stream period ---------------------------------------------------------------------------
 
     def _sync_one(
-        self, work: StreamPeriod, now: datetime, run_id: str | None, dry_run: bool, result: CycleResult
+        self,
+        work: StreamPeriod,
+        now: datetime,
+        run_id: str | None,
+        dry_run: bool,
+        result: CycleResult,
+        fence: Fence | None = None,
     ) -> None:
         stream, summary = work.stream, result.summary
+        ledger = self._ledger.fenced(fence)
         summary.seen += 1
         with structlog.contextvars.bound_contextvars(
             customer=stream.customer_id,
@@ -210,8 +273,8 @@ class UsageSync:
         ):
             try:
                 if not dry_run:
-                    self._resend_pending(work, now)
-                state = self._ledger.state(work)
+                    self._resend_pending(ledger, work, now)
+                state = ledger.state(work)
                 target = self._measure(work, now)
                 now = self._after_previous_event(state, now)
                 decision = decide(work, state, target, now, self._timing)
@@ -221,16 +284,19 @@ class UsageSync:
                     self._count(decision, summary)
                     return
                 assert run_id is not None
-                self._apply(work, state, decision, run_id)
+                self._apply(ledger, work, state, decision, run_id)
                 self._count(decision, summary)
             except ContendedError as exc:
                 summary.unchanged += 1
                 log.info("skipped: another process holds this period", reason=str(exc))
+            except LeaseLostError as exc:
+                summary.unchanged += 1
+                log.warning("skipped: this replica's lease lapsed; another replica syncs the item", reason=str(exc))
             except UpstreamError as exc:
-                self._fail(work, str(exc), summary, dry_run)
+                self._fail(ledger, work, str(exc), summary, dry_run)
             except Exception as exc:  # a bug for one customer must not stop billing for the others
                 log.exception("unexpected error")
-                self._fail(work, f"unexpected error: {type(exc).__name__}: {exc}", summary, dry_run)
+                self._fail(ledger, work, f"unexpected error: {type(exc).__name__}: {exc}", summary, dry_run)
 
     def _after_previous_event(self, state: LedgerState, now: datetime) -> datetime:
         """Meter events of one stream must be at least a second apart and never in the future. When the last one
@@ -251,9 +317,9 @@ class UsageSync:
         total = self._openmeter.query_total(work.stream.openmeter_meter, work.stream.subject, window)
         return round_quantity(total, work.stream.rounding)  # type: ignore[arg-type]
 
-    def _resend_pending(self, work: StreamPeriod, now: datetime) -> None:
+    def _resend_pending(self, ledger: UsageLedger, work: StreamPeriod, now: datetime) -> None:
         """Finish what a crashed or failed cycle started, with the same identifier and idempotency key."""
-        intent = self._ledger.pending_intent(work)
+        intent = ledger.pending_intent(work)
         if intent is None:
             return
         if intent.kind is StreamKind.METER_SUM and now - intent.created_at > IDENTIFIER_SAFE_RESEND:
@@ -264,7 +330,7 @@ class UsageSync:
                 "event summaries in Stripe before resolving it",
             )
         log.info("resending pending intent", identifier=intent.identifier, quantity=intent.quantity)
-        self._send(intent)
+        self._send(ledger, intent)
 
     def _note_deadline(
         self, work: StreamPeriod, state: LedgerState, decision: Decision, now: datetime, result: CycleResult
@@ -273,13 +339,15 @@ class UsageSync:
         if due is not None and due > now and (result.next_final_sync is None or due < result.next_final_sync):
             result.next_final_sync = due
 
-    def _apply(self, work: StreamPeriod, state: LedgerState, decision: Decision, run_id: str) -> None:
+    def _apply(
+        self, ledger: UsageLedger, work: StreamPeriod, state: LedgerState, decision: Decision, run_id: str
+    ) -> None:
         if decision.action is Action.FAIL:
             raise PermanentError("reconciler", decision.reason)
         if decision.action is Action.UNCHANGED and state.recorded_target == decision.target and not state.has_error:
             return  # nothing new to record: no write at all
         if decision.action is not Action.REPORT:
-            self._ledger.observe(work, decision, run_id)
+            ledger.observe(work, decision, run_id)
             if decision.action is Action.LATE_DRIFT:
                 log.warning(
                     "late drift",
@@ -290,7 +358,7 @@ class UsageSync:
             elif decision.action is Action.FINALIZE:
                 log.info("period final", total=decision.target)
             return
-        intent = self._ledger.record_intent(work, decision, run_id)
+        intent = ledger.record_intent(work, decision, run_id, based_on=state)
         log.info(
             "reporting",
             identifier=intent.identifier,
@@ -301,19 +369,19 @@ class UsageSync:
         )
         direction = "up" if intent.quantity >= 0 else "down"
         self._metrics.usage_quantity.labels(work.stream.stripe_target, direction).inc(abs(intent.quantity))
-        self._send(intent)
+        self._send(ledger, intent)
 
-    def _send(self, intent: Intent) -> None:
+    def _send(self, ledger: UsageLedger, intent: Intent) -> None:
         send = self._stripe.send_usage_record if intent.kind is StreamKind.LEGACY else self._stripe.send_meter_event
         try:
             send(intent)
         except PermanentError as exc:
-            self._ledger.mark_failed(intent, str(exc))
+            ledger.mark_failed(intent, str(exc))
             raise
         except TransientError as exc:
-            self._ledger.note_attempt(intent, str(exc))  # stays pending: resent next cycle, same identifier
+            ledger.note_attempt(intent, str(exc))  # stays pending: resent next cycle, same identifier
             raise
-        self._ledger.mark_sent(intent)
+        ledger.mark_sent(intent)
 
     # -- bookkeeping ---------------------------------------------------------------------------------
 
@@ -331,13 +399,13 @@ class UsageSync:
         if decision.action is Action.LATE_DRIFT:
             summary.late_drift += 1
 
-    def _fail(self, work: StreamPeriod, error: str, summary: CycleSummary, dry_run: bool) -> None:
+    def _fail(self, ledger: UsageLedger, work: StreamPeriod, error: str, summary: CycleSummary, dry_run: bool) -> None:
         error = redact(error, self._config.secret_values())  # it goes to the ledger and the CLI's output
         summary.failed += 1
         summary.failures.append(f"{work.stream.customer_id} {work.stream.stripe_target}: {error}")
         log.error("stream failed", error=error)
         if not dry_run:
-            self._ledger.note_failure(work, error)
+            ledger.note_failure(work, error)
 
     def _refuse(self, refusal: Refusal, summary: CycleSummary) -> None:
         fields = {

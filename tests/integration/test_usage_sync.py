@@ -358,3 +358,23 @@ def test_the_cycle_names_the_next_final_sync_deadline(harness):
         result = h.cycle()
     # The legacy item's last sync (5 min before its end) comes before the meter's (30 min after its end).
     assert result.next_final_sync == PERIOD_END - timedelta(minutes=5)
+
+
+def test_an_intent_decided_on_a_stale_read_is_refused(harness):
+    """Two replicas syncing one stream at once: the one that read the period before the other's report
+    must not send a difference computed from the stale total."""
+    from reconciler.ledger.usage_ledger import ContendedError
+    from reconciler.usage.decide import Action, Decision
+    from reconciler.usage.model import BillingPeriod, Meter, Stream, StreamKind, StreamPeriod
+
+    h = harness
+    meter = Meter("mtr_1", "api_calls", "sum", "active", None, "stripe_customer_id", "value")
+    stream = Stream(StreamKind.METER_SUM, "cus_A", "sub_1", "si_1", "api_calls", "api_requests", "cus_A", "ceil", meter)
+    work = StreamPeriod(stream, BillingPeriod(PERIOD_START, PERIOD_END), is_current=True)
+    report = Decision(Action.REPORT, "report difference", 10, quantity=10, timestamp=MID)
+    with freeze_time(MID):
+        stale = h.ledger.state(work)  # replica A reads ...
+        fresh = h.ledger.record_intent(work, report, "run-b", based_on=h.ledger.state(work))  # ... B reports
+        with pytest.raises(ContendedError):
+            h.ledger.record_intent(work, report, "run-a", based_on=stale)  # A's +10 would count twice
+    assert [r.identifier for r in h.rows("select identifier from usage_reports")] == [fresh.identifier]

@@ -1,0 +1,200 @@
+"""Several `reconciler run` replicas on one PostgreSQL database, sharing the work without doing it twice.
+
+- Each replica registers and heartbeats in `replicas`; live replicas split the per-API request budgets.
+- For each job tick, the replica whose insert into `cycle_ticks` wins plans the cycle (lists Stripe once) and
+  writes one `work_items` row per stream period; the others wait for the plan, then all of them execute it.
+- Work is claimed in batches with `SELECT … FOR UPDATE SKIP LOCKED` under a lease (owner, expiry) and a
+  fencing token that grows with every claim. Ledger writes for an item check the token in the same
+  transaction (`Fence.check`), so a replica whose lease lapsed can no longer write. A crashed replica's
+  leases expire and its items are claimed again; their pending intents are resent with the same identifiers.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from reconciler.ledger.schema import CycleTick, Replica, WorkItem
+
+REPLICA_TIMEOUT = timedelta(seconds=30)  # a replica without a heartbeat this long is not live
+
+
+class LeaseLostError(Exception):
+    """This replica's lease on a work item lapsed and another replica holds it now."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Proof of a live lease, checked inside every ledger transaction that writes for the item."""
+
+    item_id: int
+    token: int
+    owner: str
+    clock: Callable[[], datetime]
+    lease_ttl: timedelta
+
+    def check(self, session: Session) -> None:
+        renewed = session.execute(
+            update(WorkItem)
+            .where(
+                WorkItem.id == self.item_id,
+                WorkItem.fencing_token == self.token,
+                WorkItem.lease_owner == self.owner,
+                WorkItem.state == "claimed",
+            )
+            .values(lease_expires_at=self.clock() + self.lease_ttl)
+        ).rowcount
+        if renewed != 1:
+            raise LeaseLostError(f"lost the lease on work item {self.item_id}")
+
+
+@dataclass(frozen=True)
+class Claim:
+    item_id: int
+    payload: str
+    fence: Fence
+
+
+class Coordinator:
+    def __init__(self, engine: Engine, clock: Callable[[], datetime], lease_ttl: timedelta = timedelta(seconds=30)):
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._clock = clock
+        self._lease_ttl = lease_ttl
+        self.replica_id = str(uuid.uuid4())
+
+    # -- replicas ------------------------------------------------------------------------------------
+
+    def register(self) -> None:
+        now = self._clock()
+        with self._sessions.begin() as session:
+            session.add(
+                Replica(
+                    id=self.replica_id, host=socket.gethostname(), pid=os.getpid(), started_at=now, heartbeat_at=now
+                )
+            )
+
+    def heartbeat(self) -> None:
+        """Keep this replica live and its leases fresh; forget replicas long dead."""
+        now = self._clock()
+        with self._sessions.begin() as session:
+            session.execute(update(Replica).where(Replica.id == self.replica_id).values(heartbeat_at=now))
+            session.execute(
+                update(WorkItem)
+                .where(WorkItem.lease_owner == self.replica_id, WorkItem.state == "claimed")
+                .values(lease_expires_at=now + self._lease_ttl)
+            )
+            session.execute(delete(Replica).where(Replica.heartbeat_at < now - 10 * REPLICA_TIMEOUT))
+
+    def live_replicas(self) -> int:
+        with self._sessions() as session:
+            count = session.execute(
+                select(func.count()).select_from(Replica).where(Replica.heartbeat_at >= self._clock() - REPLICA_TIMEOUT)
+            ).scalar_one()
+        return max(1, count)
+
+    def leases_held(self) -> int:
+        with self._sessions() as session:
+            return session.execute(
+                select(func.count())
+                .select_from(WorkItem)
+                .where(WorkItem.lease_owner == self.replica_id, WorkItem.state == "claimed")
+            ).scalar_one()
+
+    def leave(self) -> None:
+        """Shutdown: give back unfinished claims at once and deregister."""
+        with self._sessions.begin() as session:
+            session.execute(
+                update(WorkItem)
+                .where(WorkItem.lease_owner == self.replica_id, WorkItem.state == "claimed")
+                .values(state="pending", lease_owner=None, lease_expires_at=None)
+            )
+            session.execute(delete(Replica).where(Replica.id == self.replica_id))
+
+    # -- planning ------------------------------------------------------------------------------------
+
+    def claim_tick(self, job: str, tick_key: str) -> int | None:
+        """The tick's id if this replica plans it, None if another one does."""
+        try:
+            with self._sessions.begin() as session:
+                tick = CycleTick(job=job, tick_key=tick_key, planned_by=self.replica_id, planned_at=self._clock())
+                session.add(tick)
+                session.flush()
+                return tick.id
+        except IntegrityError:
+            return None
+
+    def enqueue(self, tick_id: int, job: str, payloads: list[str]) -> None:
+        """Write the tick's plan. Items of earlier ticks nobody has started are dropped: this plan covers them."""
+        now = self._clock()
+        with self._sessions.begin() as session:
+            session.execute(
+                delete(WorkItem).where(WorkItem.job == job, WorkItem.state == "pending", WorkItem.tick_id != tick_id)
+            )
+            session.add_all(
+                WorkItem(
+                    tick_id=tick_id, job=job, payload=p, state="pending", fencing_token=0, attempts=0, created_at=now
+                )
+                for p in payloads
+            )
+            session.get_one(CycleTick, tick_id).enqueued_at = now
+
+    def plan_ready(self, job: str, tick_key: str) -> bool | None:
+        """True once the tick's plan is written; False while it is being planned; None if nobody planned it."""
+        with self._sessions() as session:
+            tick = session.scalars(
+                select(CycleTick).where(CycleTick.job == job, CycleTick.tick_key == tick_key)
+            ).one_or_none()
+        return None if tick is None else tick.enqueued_at is not None
+
+    # -- executing -----------------------------------------------------------------------------------
+
+    def claim_batch(self, job: str, size: int) -> list[Claim]:
+        now = self._clock()
+        with self._sessions.begin() as session:
+            rows = session.scalars(
+                select(WorkItem)
+                .where(
+                    WorkItem.job == job,
+                    or_(
+                        WorkItem.state == "pending",
+                        (WorkItem.state == "claimed") & (WorkItem.lease_expires_at < now),  # a dead replica's
+                    ),
+                )
+                .order_by(WorkItem.id)
+                .limit(size)
+                .with_for_update(skip_locked=True)
+            ).all()
+            claims = []
+            for row in rows:
+                row.state = "claimed"
+                row.lease_owner = self.replica_id
+                row.lease_expires_at = now + self._lease_ttl
+                row.fencing_token += 1
+                row.attempts += 1
+                fence = Fence(row.id, row.fencing_token, self.replica_id, self._clock, self._lease_ttl)
+                claims.append(Claim(row.id, row.payload, fence))
+            return claims
+
+    def complete(self, claim: Claim) -> None:
+        with self._sessions.begin() as session:
+            claim.fence.check(session)
+            session.get_one(WorkItem, claim.item_id).state = "done"
+            session.get_one(WorkItem, claim.item_id).finished_at = self._clock()
+
+    def release(self, claims: list[Claim]) -> None:
+        """Give back claims not worked on (stop requested), for another replica to take at once."""
+        with self._sessions.begin() as session:
+            for claim in claims:
+                session.execute(
+                    update(WorkItem)
+                    .where(WorkItem.id == claim.item_id, WorkItem.fencing_token == claim.fence.token)
+                    .values(state="pending", lease_owner=None, lease_expires_at=None)
+                )
