@@ -17,6 +17,7 @@ from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.upstream.moesif_api import MoesifGateway
 from reconciler.upstream.openmeter_api import OpenMeterGateway
+from reconciler.upstream.rate_limit import RateLimiter
 from reconciler.upstream.stripe_api import StripeGateway
 from reconciler.usage.job import UsageSync
 
@@ -27,6 +28,12 @@ class App:
     engine: Engine
     usage_sync: UsageSync
     balance_sync: BalanceSync | None  # None unless balances.enabled
+    limiters: list[RateLimiter]  # one per upstream API
+
+    def share_budgets(self, replicas: int) -> None:
+        """Live replicas split every upstream API's request budget."""
+        for limiter in self.limiters:
+            limiter.share(replicas)
 
     def close(self) -> None:
         if self.balance_sync is not None:
@@ -56,10 +63,12 @@ def build_app(
     engine = engine or open_database(config)
     runs = RunLog(engine, utc_now)
     stripe = StripeGateway(config.stripe, metrics)
+    openmeter = OpenMeterGateway(config.openmeter, metrics)
+    limiters = [stripe.limiter, openmeter.limiter]
     usage_sync = UsageSync(
         config,
         stripe,
-        OpenMeterGateway(config.openmeter, metrics),
+        openmeter,
         UsageLedger(engine, utc_now),
         runs,
         clock=utc_now,
@@ -69,14 +78,16 @@ def build_app(
     balance_sync = None
     if config.balances.enabled:
         assert config.moesif is not None  # guaranteed by Config.cross_field_problems
+        moesif = MoesifGateway(config.moesif, metrics=metrics)
+        limiters.append(moesif.limiter)
         balance_sync = BalanceSync(
             config,
             stripe,
-            MoesifGateway(config.moesif, metrics=metrics),
+            moesif,
             BalanceLedger(engine, utc_now),
             runs,
             clock=utc_now,
             stop_requested=stop_requested,
             metrics=metrics,
         )
-    return App(config=config, engine=engine, usage_sync=usage_sync, balance_sync=balance_sync)
+    return App(config=config, engine=engine, usage_sync=usage_sync, balance_sync=balance_sync, limiters=limiters)

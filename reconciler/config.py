@@ -71,6 +71,8 @@ class StripeConfig(_Section):
     max_network_retries: int = Field(default=3, ge=0, le=10)
     invoice_grace_period: Duration = timedelta(hours=1)
     timeout_seconds: float = Field(default=30, gt=0)
+    # Request budget of this deployment (all replicas together): a safe share of Stripe's test-mode 25/s.
+    max_requests_per_second: float = Field(default=20, gt=0)
     # Signing secret of the webhook endpoint (`whsec_…`); unset or empty: POST /webhooks/stripe is off.
     webhook_secret: SecretStr | None = None
 
@@ -89,6 +91,7 @@ class OpenMeterConfig(_Section):
     url: str = "https://openmeter.cloud"
     token: SecretStr
     timeout_seconds: float = Field(default=30, gt=0)
+    max_requests_per_second: float = Field(default=10, gt=0)  # all replicas together
     max_retries: int = Field(default=3, ge=0, le=10)
 
     @field_validator("url")

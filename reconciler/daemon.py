@@ -100,6 +100,7 @@ class Daemon:
             timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 300}
         )
         self.ops_server: OpsServer | None = None
+        self._live_replicas = 0
         self.inbox = WebhookInbox(self.engine, utc_now)
         self.webhook_worker = WebhookWorker(
             self.inbox, lambda: self.app, UsageLedger(self.engine, utc_now), self._usage_lock, self.metrics
@@ -165,6 +166,23 @@ class Daemon:
         except Exception:
             log.exception("ledger pruning failed")
 
+    def heartbeat(self) -> None:
+        """PostgreSQL replicas: stay live, keep leases fresh, and take our share of the request budgets."""
+        assert self.coordinator is not None
+        try:
+            self.coordinator.heartbeat()
+            live = self.coordinator.live_replicas()
+            self.app.share_budgets(live)
+            if live != self._live_replicas:
+                self._live_replicas = live
+                log.info(
+                    "request budgets shared",
+                    replicas=live,
+                    stripe_per_second=round(self.config.stripe.max_requests_per_second / live, 2),
+                )
+        except Exception:
+            log.exception("heartbeat failed")
+
     def _schedule_jobs(self, *, first_run_now: bool) -> None:
         now = datetime.now(UTC)
         jobs: list[tuple[str, str, Callable[[], None], bool]] = [
@@ -222,6 +240,8 @@ class Daemon:
         configure_logging(new.logging.level, new.logging.format, new.secret_values())
         self.config = new
         self.app = build_app(new, self.stop.is_set, engine=self.engine, metrics=self.metrics)
+        if self.coordinator is not None:
+            self.app.share_budgets(self.coordinator.live_replicas())
         self._schedule_jobs(first_run_now=False)
         log.info(
             "config reloaded",
@@ -248,9 +268,8 @@ class Daemon:
                     "reconciler_leases_held", "Work items this replica holds a lease on.", self.coordinator.leases_held
                 )
             )
-            self.scheduler.add_job(
-                self.coordinator.heartbeat, trigger="interval", seconds=HEARTBEAT_SECONDS, id="heartbeat"
-            )
+            self.scheduler.add_job(self.heartbeat, trigger="interval", seconds=HEARTBEAT_SECONDS, id="heartbeat")
+            self.heartbeat()
         self.scheduler.start()
         if self.config.server.enabled:
             probes = Probes(

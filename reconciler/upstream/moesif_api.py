@@ -61,7 +61,7 @@ class MoesifGateway:
     def __init__(self, config: MoesifConfig, *, limiter: RateLimiter | None = None, metrics: Metrics = NO_METRICS):
         self._config = config
         self._metrics = metrics
-        self._limiter = limiter or RateLimiter(config.max_requests_per_minute, 60.0)
+        self.limiter = limiter or RateLimiter(config.max_requests_per_minute, 60.0)
         self._client = httpx.Client(
             base_url=f"{config.url}/v1",
             headers={"Authorization": config.authorization, "Accept": "application/json"},
@@ -75,7 +75,7 @@ class MoesifGateway:
         return (self._config.management_token.get_secret_value(), self._config.authorization)
 
     def _request(self, method: str, path: str, *, json: Any = None, unknown_if_lost: bool) -> httpx.Response:
-        self._limiter.acquire()
+        self.limiter.acquire()
         with self._metrics.upstream_call(API):
             return self._attempt(method, path, json=json, unknown_if_lost=unknown_if_lost)
 
@@ -95,7 +95,7 @@ class MoesifGateway:
         if status == 429:
             wait = _retry_after(response)
             if wait:
-                self._limiter.hold_off(wait)
+                self.limiter.hold_off(wait)
             raise RateLimitedError(API, f"{method} {path} rate limited", status=status, retry_after=wait)
         if status >= 500 or status == 408:
             error_class = OutcomeUnknownError if unknown_if_lost else TransientError

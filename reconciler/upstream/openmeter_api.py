@@ -16,6 +16,7 @@ from reconciler.config import OpenMeterConfig
 from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.redact import redact
 from reconciler.upstream.errors import PermanentError, RateLimitedError, TransientError, UpstreamError
+from reconciler.upstream.rate_limit import RateLimiter
 from reconciler.upstream.retry import call_with_retries
 from reconciler.usage.model import UsageWindow
 
@@ -56,6 +57,7 @@ class OpenMeterGateway:
     def __init__(self, config: OpenMeterConfig, metrics: Metrics = NO_METRICS):
         self._config = config
         self._metrics = metrics
+        self.limiter = RateLimiter(max(1, round(config.max_requests_per_second * 100)), 100.0)
         self._client = openmeter.Client(
             endpoint=config.url,
             token=config.token.get_secret_value(),
@@ -72,6 +74,7 @@ class OpenMeterGateway:
         """
 
         def attempt() -> Decimal:
+            self.limiter.acquire()
             with self._metrics.upstream_call(API):
                 try:
                     result = self._client.meters.query_json(

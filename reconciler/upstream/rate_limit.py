@@ -18,6 +18,7 @@ class RateLimiter:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ):
+        self._budget = (max_requests, per_seconds)
         self._interval = per_seconds / max_requests
         self._clock = clock
         self._sleep = sleep
@@ -31,6 +32,16 @@ class RateLimiter:
             self._next_slot = slot + self._interval
         if slot > now:
             self._sleep(slot - now)
+
+    def share(self, replicas: int) -> None:
+        """Use 1/`replicas` of the budget: live replicas split each upstream API's request budget."""
+        max_requests, per_seconds = self._budget
+        with self._lock:
+            self._interval = per_seconds * max(1, replicas) / max_requests
+
+    @property
+    def requests_per_second(self) -> float:
+        return 1 / self._interval
 
     def hold_off(self, seconds: float) -> None:
         """After a 429: no request from any thread before `seconds` from now."""

@@ -29,6 +29,7 @@ from reconciler.upstream.errors import (
     RateLimitedError,
     UpstreamError,
 )
+from reconciler.upstream.rate_limit import RateLimiter
 from reconciler.upstream.retry import call_with_retries
 from reconciler.usage.model import BillingPeriod, Intent, Meter, MeteredItem
 from reconciler.usage.periods import epoch_seconds, from_epoch_seconds
@@ -105,6 +106,8 @@ class StripeGateway:
     def __init__(self, config: StripeConfig, metrics: Metrics = NO_METRICS):
         self._config = config
         self._metrics = metrics
+        # Fractional budgets are expressed per 100 s so a limiter always counts whole requests.
+        self.limiter = RateLimiter(max(1, round(config.max_requests_per_second * 100)), 100.0)
         self._client = stripe.StripeClient(
             config.api_key.get_secret_value(),
             base_addresses={"api": config.api_base},
@@ -115,11 +118,16 @@ class StripeGateway:
 
     def _call(self, what: str, operation: Callable[[], T]) -> T:
         def attempt() -> T:
+            self.limiter.acquire()
             with self._metrics.upstream_call(API):
                 try:
                     return operation()
                 except stripe.StripeError as exc:
-                    raise translate_error(exc, (self._config.api_key.get_secret_value(),)) from None
+                    error = translate_error(exc, (self._config.api_key.get_secret_value(),))
+                    if isinstance(error, RateLimitedError):
+                        # A 429 slows every call to Stripe down, not just this one.
+                        self.limiter.hold_off(error.retry_after or 1.0)
+                    raise error from None
 
         return call_with_retries(attempt, max_retries=self._config.max_network_retries, what=f"stripe {what}")
 

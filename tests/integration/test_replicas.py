@@ -57,6 +57,7 @@ def test_three_replicas_one_killed_mid_cycle_report_every_change_exactly_once(sa
     replicas = [daemons(config) for _ in range(3)]
     for replica in replicas:
         replica.wait_for("reconciler running")
+    replicas[0].wait_for("request budgets shared", replicas=3)  # each takes a third of every API's budget
     deadline = time.monotonic() + 30
     while len(sandbox.stripe.meter_events) < 6 and time.monotonic() < deadline:
         time.sleep(0.05)
