@@ -253,6 +253,35 @@ class FakeService:
     def _record(self, req: RecordedRequest) -> None:
         self.requests.append(req)
 
+    def _serve(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        headers: dict[str, str],
+        params: dict[str, Any],
+        body: bytes,
+        apply: Callable[[], Response],
+    ) -> Response:
+        """Record the request, then answer it: with an injected fault (before or after applying it) or with
+        `apply()`. Runs under the service lock, so requests are applied one at a time."""
+        with self.lock:
+            self._record(
+                RecordedRequest(
+                    method=method,
+                    path=path,
+                    query={k: list(v) for k, v in query.items()},
+                    headers=headers,
+                    params=params,
+                    body=bytes(body),
+                )
+            )
+            fault = self._take_fault(method, path)
+            if fault is not None and not fault.after_apply:
+                return self._fault_response(fault)
+            response = apply()
+            return self._fault_response(fault) if fault is not None else response
+
     def _reset_base(self) -> None:
         self.requests.clear()
         self._faults.clear()

@@ -26,7 +26,7 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote
 
-from reconciler.sandbox.httpserver import FakeService, RecordedRequest, Response
+from reconciler.sandbox.httpserver import FakeService, Response
 
 __all__ = ["FakeMoesif", "MoesifError"]
 
@@ -249,30 +249,18 @@ class FakeMoesif(FakeService):
                 parse_error = True
             else:
                 params = parsed
-        with self.lock:
-            self._record(
-                RecordedRequest(
-                    method=method,
-                    path=path,
-                    query={k: list(v) for k, v in query.items()},
-                    headers=hdrs,
-                    params=params if isinstance(params, dict) else {"_body": params},
-                    body=bytes(body),
-                )
-            )
-            fault = self._take_fault(method, path)
-            if fault is not None and not fault.after_apply:
-                return self._fault_response(fault)
+
+        def apply() -> Response:
             try:
                 self._authenticate(hdrs)
                 if parse_error:
                     raise MoesifError(400, "request body is not valid JSON")
-                response = self._route(method, path, parsed)
+                return self._route(method, path, parsed)
             except MoesifError as e:
-                response = self._error(e.status, e.message)
-            if fault is not None:
-                return self._fault_response(fault)
-            return response
+                return self._error(e.status, e.message)
+
+        recorded = params if isinstance(params, dict) else {"_body": params}
+        return self._serve(method, path, query, hdrs, recorded, body, apply)
 
     def _default_fault_body(self, status: int) -> bytes:
         return json.dumps({"message": f"sandbox injected fault ({status})"}).encode()

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import unquote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from reconciler.sandbox.httpserver import FakeService, RecordedRequest, Response
+from reconciler.sandbox.httpserver import FakeService, Response
 
 __all__ = ["AGGREGATIONS", "WINDOW_SIZES", "FakeOpenMeter", "OpenMeterEvent"]
 
@@ -209,24 +209,9 @@ class FakeOpenMeter(FakeService):
         if body and hdrs.get("content-type", "").startswith("application/json"):
             with contextlib.suppress(ValueError, TypeError):
                 params = {**params, **json.loads(body)}
-        with self.lock:
-            self._record(
-                RecordedRequest(
-                    method=method,
-                    path=path,
-                    query={k: list(v) for k, v in query.items()},
-                    headers=hdrs,
-                    params=params,
-                    body=bytes(body),
-                )
-            )
-            fault = self._take_fault(method, path)
-            if fault is not None and not fault.after_apply:
-                return self._fault_response(fault)
-            response = self._handle_locked(method, path, query, hdrs)
-            if fault is not None:
-                return self._fault_response(fault)
-            return response
+        return self._serve(
+            method, path, query, hdrs, params, body, lambda: self._handle_locked(method, path, query, hdrs)
+        )
 
     def _default_fault_content_type(self) -> str:
         return "application/problem+json"

@@ -34,7 +34,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import parse_qsl
 
-from reconciler.sandbox.httpserver import FakeService, RecordedRequest, Response
+from reconciler.sandbox.httpserver import FakeService, Response
 
 __all__ = ["FakeStripe", "MeterEvent", "StripeError", "parse_stripe_params"]
 
@@ -1071,27 +1071,14 @@ class FakeStripe(FakeService):
         if body and (not ctype or ctype.startswith("application/x-www-form-urlencoded")):
             pairs += parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
         params = parse_stripe_params(pairs)
-        with self.lock:
-            self._record(
-                RecordedRequest(
-                    method=method,
-                    path=path,
-                    query={k: list(v) for k, v in query.items()},
-                    headers=hdrs,
-                    params=params,
-                    body=bytes(body),
-                )
-            )
-            fault = self._take_fault(method, path)
-            if fault is not None and not fault.after_apply:
-                response = self._with_request_id(self._fault_response(fault))
-            else:
-                response = self._handle_locked(method, path, params, hdrs)
-                if fault is not None:
-                    response = self._with_request_id(self._fault_response(fault))
-            # Stripe echoes the API version the request was served with.
-            response[1]["Stripe-Version"] = hdrs.get("stripe-version") or self.default_api_version
-            return response
+        response = self._serve(
+            method, path, query, hdrs, params, body, lambda: self._handle_locked(method, path, params, hdrs)
+        )
+        if "Request-Id" not in response[1]:  # an injected fault: Stripe stamps every answer
+            response = self._with_request_id(response)
+        # Stripe echoes the API version the request was served with.
+        response[1]["Stripe-Version"] = hdrs.get("stripe-version") or self.default_api_version
+        return response
 
     def _with_request_id(self, response: Response, extra: Mapping[str, str] | None = None) -> Response:
         status, headers, body = response
