@@ -12,9 +12,12 @@ from reconciler.clock import utc_now
 from reconciler.config import Config
 from reconciler.ledger.balance_ledger import BalanceLedger
 from reconciler.ledger.database import make_engine, require_migrated
+from reconciler.ledger.plan_ledger import PlanLedger
 from reconciler.ledger.runs import RunLog
 from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.metrics import NO_METRICS, Metrics
+from reconciler.plans.job import PlanSync
+from reconciler.upstream.app_api import EntitlementsGateway
 from reconciler.upstream.moesif_api import MoesifGateway
 from reconciler.upstream.openmeter_api import OpenMeterGateway
 from reconciler.upstream.rate_limit import RateLimiter
@@ -28,6 +31,7 @@ class App:
     engine: Engine
     usage_sync: UsageSync
     balance_sync: BalanceSync | None  # None unless balances.enabled
+    plan_sync: PlanSync | None  # None unless plans.enabled
     limiters: list[RateLimiter]  # one per upstream API
 
     def share_budgets(self, replicas: int) -> None:
@@ -38,6 +42,8 @@ class App:
     def close(self) -> None:
         if self.balance_sync is not None:
             self.balance_sync.close()
+        if self.plan_sync is not None:
+            self.plan_sync.close()
         self.engine.dispose()
 
 
@@ -90,4 +96,16 @@ def build_app(
             stop_requested=stop_requested,
             metrics=metrics,
         )
-    return App(config=config, engine=engine, usage_sync=usage_sync, balance_sync=balance_sync, limiters=limiters)
+    plan_sync = None
+    if config.plans.enabled:
+        plan_sync = PlanSync(
+            config, stripe, EntitlementsGateway(config.plans, metrics), PlanLedger(engine, utc_now), runs
+        )
+    return App(
+        config=config,
+        engine=engine,
+        usage_sync=usage_sync,
+        balance_sync=balance_sync,
+        plan_sync=plan_sync,
+        limiters=limiters,
+    )

@@ -208,11 +208,47 @@ class BalancesConfig(_Section):
         return value
 
 
+DEFAULT_STATUS_MAP = {
+    "active": "active",
+    "trialing": "active",
+    "past_due": "past_due",
+    "unpaid": "canceled",
+    "canceled": "canceled",
+    "incomplete_expired": "canceled",
+    "paused": "canceled",
+}
+
+
+class PlansConfig(_Section):
+    """Entitlements: the app's plan and status for each user, kept equal to what Stripe says."""
+
+    enabled: bool = False
+    sync_url: str = ""
+    api_key: SecretStr | None = None
+    api_key_header: str = "X-Internal-API-Key"
+    user_id_from: str = "subscription_metadata:user_id"
+    price_to_plan: dict[str, str] = Field(default_factory=dict)
+    rank: list[str] = Field(default_factory=list)  # lowest first: with several live plans the highest wins
+    status_map: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_STATUS_MAP))
+    default_plan: str | None = None  # for customers with no live subscription, e.g. free
+    timeout_seconds: float = Field(default=10, gt=0)
+    max_retries: int = Field(default=3, ge=0, le=10)
+
+    @field_validator("user_id_from")
+    @classmethod
+    def _user_id_source(cls, value: str) -> str:
+        kind, _, key = value.partition(":")
+        if value == "customer_id" or (kind in ("subscription_metadata", "customer_metadata") and key):
+            return value
+        raise ValueError("must be customer_id, subscription_metadata:<key> or customer_metadata:<key>")
+
+
 class ScheduleConfig(_Section):
     usage_sync: str = "*/15 * * * *"
     balance_reconcile: str = "0 * * * *"
+    plan_sync: str = "*/10 * * * *"
 
-    @field_validator("usage_sync", "balance_reconcile")
+    @field_validator("usage_sync", "balance_reconcile", "plan_sync")
     @classmethod
     def _valid_schedule(cls, value: str) -> str:
         from reconciler.schedule import parse_schedule  # local: keeps apscheduler out of config imports
@@ -250,6 +286,7 @@ class Config(_Section):
     usage: UsageConfig = UsageConfig()
     moesif: MoesifConfig | None = None
     balances: BalancesConfig = BalancesConfig()
+    plans: PlansConfig = PlansConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     server: ServerConfig = ServerConfig()
     ledger: LedgerConfig = LedgerConfig()
@@ -269,6 +306,15 @@ class Config(_Section):
             )
         if balances.enabled and balances.stripe_source == "none" and not balances.topups.enabled:
             problems.append("balances.topups.enabled: with stripe_source: none, disabling top-ups leaves nothing to do")
+        if self.plans.enabled and not self.plans.sync_url:
+            problems.append("plans.sync_url: required when plans.enabled is true")
+        if self.plans.enabled and not self.plans.price_to_plan:
+            problems.append("plans.price_to_plan: map at least one Stripe price id to a plan")
+        unranked = set(self.plans.price_to_plan.values()) - set(self.plans.rank)
+        if self.plans.enabled and len(set(self.plans.price_to_plan.values())) > 1 and unranked:
+            problems.append(
+                f"plans.rank: must list every plan of price_to_plan (missing: {', '.join(sorted(unranked))})"
+            )
         longest_lookback = max(self.usage.lookback, balances.topups.lookback)
         if self.ledger.retention <= longest_lookback:
             # Pruning what a look-back still reads would forward a top-up twice or re-open a closed period.
@@ -284,6 +330,8 @@ class Config(_Section):
             secrets.append(self.stripe.webhook_secret)
         if self.moesif is not None:
             secrets.append(self.moesif.management_token)
+        if self.plans.api_key is not None:
+            secrets.append(self.plans.api_key)
         return [s.get_secret_value() for s in secrets if s.get_secret_value()]
 
     def warnings(self) -> list[str]:

@@ -184,7 +184,7 @@ class BalanceSync:
         ):
             try:
                 if run_id is not None:
-                    for stored in self._ledger.pending(account.customer_id):
+                    for stored in self._ledger.pending(account.customer_id, now - self._settings.settle_delay):
                         report.flags.append(
                             f"resending {stored.planned.kind} {stored.planned.transaction_id}: an earlier attempt's "
                             "outcome is unknown; check Moesif if it does not deduplicate transaction ids"
@@ -226,6 +226,12 @@ class BalanceSync:
                 report.flags.append(f"top-up {top_up.payment_intent_id} is disputed: not debited automatically")
             if top_up.payment_intent_id in forwarded_already or top_up.disputed:
                 continue
+            if run_id is not None and (refused := self._ledger.reopen_failed("topup", top_up.payment_intent_id)):
+                report.forwarded.append(
+                    f"credit {to_units(top_up.amount_minor, account.currency)} (retry) {top_up.payment_intent_id}"
+                )
+                self._send(refused, report)
+                continue
             plans.append(
                 self._plan(
                     "topup",
@@ -241,6 +247,12 @@ class BalanceSync:
         own_refunds = self._customer_refunds(account.customer_id, refunds, top_ups)
         refunded_already = self._ledger.known_sources("refund", [r.refund_id for r in own_refunds])
         for refund in own_refunds:
+            if run_id is not None and refund.refund_id not in refunded_already:
+                refused = self._ledger.reopen_failed("refund", refund.refund_id)
+                if refused is not None:
+                    report.forwarded.append(f"debit (retry) {refund.refund_id}")
+                    self._send(refused, report)
+                    continue
             if refund.refund_id not in refunded_already:
                 plans.append(
                     self._plan(
@@ -420,8 +432,14 @@ class BalanceSync:
             type="credit" if correction > 0 else "debit",
             description=f"reconciler drift correction (observation {observation})",
         )
+        try:
+            stored = self._ledger.record(
+                planned, run_id, no_correction_since=self._clock() - self._settings.settle_delay
+            )
+        except AlreadyRecordedError:
+            report.action, report.reason = DriftAction.SETTLING.value, "another run is correcting this drift"
+            return
         self._ledger.link_correction(observation, transaction_id)
-        stored = self._ledger.record(planned, run_id)
         report.forwarded.append(f"{planned.type} {abs(correction)} {transaction_id}")
         self._send(stored, report)
 

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.balances.drift import Assessment, RecentTransaction
 from reconciler.balances.model import BalanceAccount
@@ -59,30 +59,73 @@ class BalanceLedger:
     # -- Moesif transactions -------------------------------------------------------------------------
 
     def known_sources(self, kind: str, source_ids: list[str]) -> set[str]:
-        """Which of these top-ups/refunds already have a transaction (in any state)."""
+        """Which of these top-ups/refunds already have a transaction that is pending or sent."""
         if not source_ids:
             return set()
         with self._sessions() as session:
             rows = session.scalars(
                 select(MoesifTransaction.source_id).where(
-                    MoesifTransaction.kind == kind, MoesifTransaction.source_id.in_(source_ids)
+                    MoesifTransaction.kind == kind,
+                    MoesifTransaction.source_id.in_(source_ids),
+                    MoesifTransaction.state != IntentState.FAILED,
                 )
             )
             return set(rows)
 
-    def pending(self, customer_id: str) -> list[StoredTransaction]:
+    def reopen_failed(self, kind: str, source_id: str) -> StoredTransaction | None:
+        """A top-up or refund Moesif refused (e.g. its subscription did not exist yet): the money still has to
+        reach Moesif, so the same transaction is tried again. None if there is no such refused transaction."""
+        with self._sessions.begin() as session:
+            row = session.scalars(
+                select(MoesifTransaction)
+                .where(
+                    MoesifTransaction.kind == kind,
+                    MoesifTransaction.source_id == source_id,
+                    MoesifTransaction.state == IntentState.FAILED,
+                )
+                .with_for_update()
+            ).one_or_none()
+            if row is None:
+                return None
+            row.state = IntentState.PENDING
+            return _stored(row)
+
+    def pending(self, customer_id: str, older_than: datetime) -> list[StoredTransaction]:
+        """Transactions a crashed or failed run left pending. Younger ones may be in flight in another run
+        right now and are left to it."""
         with self._sessions() as session:
             rows = session.scalars(
                 select(MoesifTransaction)
-                .where(MoesifTransaction.customer_id == customer_id, MoesifTransaction.state == IntentState.PENDING)
+                .where(
+                    MoesifTransaction.customer_id == customer_id,
+                    MoesifTransaction.state == IntentState.PENDING,
+                    MoesifTransaction.created_at < older_than,
+                )
                 .order_by(MoesifTransaction.id)
             ).all()
             return [_stored(row) for row in rows]
 
-    def record(self, planned: PlannedTransaction, run_id: str) -> StoredTransaction:
+    def record(
+        self, planned: PlannedTransaction, run_id: str, *, no_correction_since: datetime | None = None
+    ) -> StoredTransaction:
+        """Write the transaction before it is sent. For a correction, `no_correction_since` refuses it
+        (AlreadyRecordedError) when another correction for the subscription is pending or was sent since then:
+        two runs seeing the same drift at once must not both correct it."""
         now = self._clock()
         try:
             with self._sessions.begin() as session:
+                if no_correction_since is not None:
+                    _serialize_subscription(session, planned.account.subscription_id)
+                    recent = session.scalars(
+                        select(MoesifTransaction.id).where(
+                            MoesifTransaction.subscription_id == planned.account.subscription_id,
+                            MoesifTransaction.kind == "correction",
+                            (MoesifTransaction.state == IntentState.PENDING)
+                            | (MoesifTransaction.sent_at >= no_correction_since),
+                        )
+                    ).first()
+                    if recent is not None:
+                        raise AlreadyRecordedError(f"a correction for {planned.account.subscription_id} is in flight")
                 row = MoesifTransaction(
                     transaction_id=planned.transaction_id,
                     kind=planned.kind,
@@ -129,14 +172,20 @@ class BalanceLedger:
             row.error = error
 
     def recent(self, subscription_id: str, since: datetime) -> list[RecentTransaction]:
-        """Our transactions that may still be settling in Moesif, and corrections not yet seen landing."""
+        """Our transactions that may still be settling in Moesif (pending ones, possibly in flight in another
+        run, included), and corrections not yet seen landing."""
         with self._sessions() as session:
             rows = session.scalars(
                 select(MoesifTransaction).where(
                     MoesifTransaction.subscription_id == subscription_id,
-                    MoesifTransaction.state == IntentState.SENT,
-                    (MoesifTransaction.sent_at >= since)
-                    | ((MoesifTransaction.kind == "correction") & MoesifTransaction.verified_at.is_(None)),
+                    (MoesifTransaction.state == IntentState.PENDING)
+                    | (
+                        (MoesifTransaction.state == IntentState.SENT)
+                        & (
+                            (MoesifTransaction.sent_at >= since)
+                            | ((MoesifTransaction.kind == "correction") & MoesifTransaction.verified_at.is_(None))
+                        )
+                    ),
                 )
             ).all()
         return [
@@ -213,6 +262,12 @@ class BalanceLedger:
             OpenUsage(row.stripe_target, row.meter_id, row.kind, row.subscription_item_id, row.reported_total)
             for row in rows
         ]
+
+
+def _serialize_subscription(session: Session, subscription_id: str) -> None:
+    """On PostgreSQL, one transaction at a time per subscription (released at commit)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"moesif:{subscription_id}"})
 
 
 def _stored(row: MoesifTransaction) -> StoredTransaction:

@@ -51,7 +51,9 @@ def prune_ledger(engine: Engine, cutoff: datetime, work_cutoff: datetime | None 
             )
         ).rowcount
         counts["webhook_events"] = connection.execute(
-            delete(WebhookEvent).where(WebhookEvent.state != "pending", WebhookEvent.received_at < cutoff)
+            delete(WebhookEvent).where(
+                WebhookEvent.state.in_(("done", "failed", "ignored")), WebhookEvent.received_at < cutoff
+            )
         ).rowcount
         if work_cutoff is not None:
             old_ticks = select(CycleTick.id).where(CycleTick.planned_at < work_cutoff)

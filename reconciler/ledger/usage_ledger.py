@@ -110,8 +110,19 @@ class UsageLedger:
         try:
             with self._write() as session:
                 row = self._period_for_update(session, work, now)
-                if row.next_sequence != based_on.next_sequence:
-                    raise ContendedError(f"another process reported {work.stream.key} since this cycle read it")
+                in_flight = session.scalars(
+                    select(UsageReport.id).where(
+                        UsageReport.period_id == row.id, UsageReport.state == IntentState.PENDING
+                    )
+                ).first()
+                if (
+                    row.next_sequence != based_on.next_sequence
+                    or row.reported_total != based_on.reported_total
+                    or in_flight is not None
+                ):
+                    # Under the row lock: another process wrote or is sending an intent for this period since
+                    # `based_on` was read, so a difference computed from it could count usage twice.
+                    raise ContendedError(f"another process is reporting {work.stream.key} for this period")
                 sequence = row.next_sequence
                 row.next_sequence = sequence + 1
                 row.target = decision.target
@@ -280,6 +291,7 @@ class UsageLedger:
             event_timestamp=report.event_timestamp,
             final=report.final,
             created_at=report.created_at,
+            attempts=report.attempts,
         )
 
 

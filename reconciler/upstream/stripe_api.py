@@ -22,6 +22,7 @@ import stripe
 from reconciler.balances.model import Refund, TopUp
 from reconciler.config import StripeConfig
 from reconciler.metrics import NO_METRICS, Metrics
+from reconciler.plans.desired import SubscriptionSnapshot
 from reconciler.redact import redact
 from reconciler.upstream.errors import (
     OutcomeUnknownError,
@@ -57,10 +58,11 @@ def translate_error(exc: stripe.StripeError, secrets: tuple[str, ...] = ()) -> U
         return OutcomeUnknownError(API, f"connection failed: {message}")
     if status == 429 or isinstance(exc, stripe.RateLimitError):
         return RateLimitedError(API, message, status=status, request_id=request_id, retry_after=_retry_after(headers))
+    if status is None or status >= 500 or status == 409:
+        # Whatever Stripe-Should-Retry says, a server error may have applied the request.
+        return OutcomeUnknownError(API, message, status=status, request_id=request_id)
     if str(headers.get("Stripe-Should-Retry", "")).lower() == "false":
         return PermanentError(API, message, status=status, request_id=request_id)
-    if status is None or status >= 500 or status == 409:
-        return OutcomeUnknownError(API, message, status=status, request_id=request_id)
     return PermanentError(API, message, status=status, request_id=request_id)
 
 
@@ -117,7 +119,10 @@ class StripeGateway:
         )
 
     def _call(self, what: str, operation: Callable[[], T]) -> T:
+        outcome_unknown = False
+
         def attempt() -> T:
+            nonlocal outcome_unknown
             self.limiter.acquire()
             with self._metrics.upstream_call(API):
                 try:
@@ -127,6 +132,11 @@ class StripeGateway:
                     if isinstance(error, RateLimitedError):
                         # A 429 slows every call to Stripe down, not just this one.
                         self.limiter.hold_off(error.retry_after or 1.0)
+                    if isinstance(error, OutcomeUnknownError):
+                        outcome_unknown = True
+                    elif isinstance(error, PermanentError) and outcome_unknown:
+                        # Refused now, but an earlier attempt may have been applied: still unknown.
+                        error = OutcomeUnknownError(API, f"{error} (an earlier attempt's outcome is unknown)")
                     raise error from None
 
         return call_with_retries(attempt, max_retries=self._config.max_network_retries, what=f"stripe {what}")
@@ -150,27 +160,49 @@ class StripeGateway:
     def metered_items(self, *, with_customer: bool, customers: frozenset[str] = frozenset()) -> Iterator[MeteredItem]:
         """Every metered item of every subscription (all statuses), page by page; only `customers`' if given.
         `with_customer` expands the customer, for its metadata."""
+        for subscription, items in self._subscriptions(with_customer=with_customer, customers=customers):
+            yield from self._metered_items_of(subscription, items)
+
+    def subscription_snapshots(self, customers: frozenset[str] = frozenset()) -> Iterator[SubscriptionSnapshot]:
+        """Every subscription (all statuses) with its price ids and the customer's metadata."""
+        for subscription, items in self._subscriptions(with_customer=True, customers=customers):
+            customer = subscription["customer"]
+            yield SubscriptionSnapshot(
+                id=subscription["id"],
+                customer_id=_id_of(customer) or "",
+                status=subscription["status"],
+                created=int(subscription.get("created") or 0),
+                price_ids=tuple(item["price"]["id"] for item in items),
+                metadata=dict(subscription.get("metadata") or {}),
+                customer_metadata=dict(customer.get("metadata") or {}) if isinstance(customer, dict) else {},
+            )
+
+    def _subscriptions(
+        self, *, with_customer: bool, customers: frozenset[str]
+    ) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+        """Every subscription (all statuses; only `customers`' if given) with all its items, page by page.
+        `with_customer` expands the customer, for its metadata."""
         expand = ["data.items.data.price"] + (["data.customer"] if with_customer else [])
         filters: list[dict[str, Any]] = [{"customer": c} for c in sorted(customers)] or [{}]
         for extra in filters:
             params: dict[str, Any] = {"status": "all", "expand": expand, **extra}
             for subscription in self._pages("list subscriptions", self._client.v1.subscriptions.list, params):
-                yield from self._metered_items_of(subscription)
+                embedded = subscription["items"]
+                items = list(embedded["data"])
+                if embedded.get("has_more"):
+                    items = list(
+                        self._pages(
+                            "list subscription items",
+                            self._client.v1.subscription_items.list,
+                            {"subscription": subscription["id"]},
+                        )
+                    )
+                yield subscription, items
 
-    def _metered_items_of(self, subscription: dict[str, Any]) -> Iterator[MeteredItem]:
+    def _metered_items_of(self, subscription: dict[str, Any], items: list[dict[str, Any]]) -> Iterator[MeteredItem]:
         customer = subscription["customer"]
         customer_id = customer if isinstance(customer, str) else customer["id"]
         metadata = None if isinstance(customer, str) else dict(customer.get("metadata") or {})
-        embedded = subscription["items"]
-        items = list(embedded["data"])
-        if embedded.get("has_more"):
-            items = list(
-                self._pages(
-                    "list subscription items",
-                    self._client.v1.subscription_items.list,
-                    {"subscription": subscription["id"]},
-                )
-            )
         ended_at = subscription.get("ended_at")
         created = subscription.get("created")
         for item in items:

@@ -322,6 +322,11 @@ class UsageSync:
         intent = ledger.pending_intent(work)
         if intent is None:
             return
+        if intent.kind is not StreamKind.LEGACY and now >= work.period.end + self._timing.invoice_grace_period:
+            # The invoice has finalized: Stripe would take the event but never bill it. Close the intent; the
+            # decision below then records the difference as late drift.
+            ledger.mark_failed(intent, "not resent: the period's invoice finalized first")
+            return
         if intent.kind is StreamKind.METER_SUM and now - intent.created_at > IDENTIFIER_SAFE_RESEND:
             raise PermanentError(
                 "reconciler",
@@ -376,6 +381,15 @@ class UsageSync:
         try:
             send(intent)
         except PermanentError as exc:
+            if intent.kind is StreamKind.METER_SUM and intent.attempts > 0:
+                # An earlier send of this difference may have been applied: refusing it now proves nothing, and a
+                # new intent could bill it twice. It stays pending for a person to resolve.
+                ledger.note_attempt(intent, str(exc))
+                raise PermanentError(
+                    "reconciler",
+                    f"resend of {intent.identifier} refused ({exc}) after an earlier attempt's outcome was unknown; "
+                    "check the meter's event summaries in Stripe",
+                ) from None
             ledger.mark_failed(intent, str(exc))
             raise
         except TransientError as exc:
@@ -405,7 +419,10 @@ class UsageSync:
         summary.failures.append(f"{work.stream.customer_id} {work.stream.stripe_target}: {error}")
         log.error("stream failed", error=error)
         if not dry_run:
-            ledger.note_failure(work, error)
+            try:
+                ledger.note_failure(work, error)
+            except Exception:  # e.g. the lease lapsed: the item's new owner records its own outcome
+                log.warning("could not record the failure on the ledger", exc_info=True)
 
     def _refuse(self, refusal: Refusal, summary: CycleSummary) -> None:
         fields = {

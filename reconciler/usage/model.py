@@ -127,6 +127,7 @@ class Intent:
     event_timestamp: datetime
     final: bool
     created_at: datetime
+    attempts: int = 0  # earlier sends whose outcome was unknown
 
     @property
     def idempotency_key(self) -> str:

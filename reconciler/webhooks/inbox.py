@@ -21,6 +21,7 @@ from reconciler.ledger.schema import WebhookEvent
 from reconciler.webhooks.events import work_for_event
 
 MAX_ATTEMPTS = 8
+WORK_LEASE = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,21 @@ class WebhookInbox:
             return False
         return True
 
-    def due(self, limit: int = 50) -> list[InboxItem]:
-        with self._sessions() as session:
+    def claim_due(self, limit: int = 50) -> list[InboxItem]:
+        """Take the work that is due, so no other replica runs it too (SKIP LOCKED on PostgreSQL). A claim
+        not finished within WORK_LEASE (its replica died) is due again."""
+        now = self._clock()
+        with self._sessions.begin() as session:
             rows = session.scalars(
                 select(WebhookEvent)
-                .where(WebhookEvent.state == "pending", WebhookEvent.next_attempt_at <= self._clock())
+                .where(WebhookEvent.state.in_(("pending", "working")), WebhookEvent.next_attempt_at <= now)
                 .order_by(WebhookEvent.id)
                 .limit(limit)
+                .with_for_update(skip_locked=True)
             ).all()
+            for row in rows:
+                row.state = "working"
+                row.next_attempt_at = now + WORK_LEASE
             return [
                 InboxItem(r.id, r.event_id, r.work or "", r.customer_id, json.loads(r.payload), r.attempts)
                 for r in rows
@@ -88,4 +96,5 @@ class WebhookInbox:
             if row.attempts >= MAX_ATTEMPTS:
                 row.state = "failed"
             else:
+                row.state = "pending"
                 row.next_attempt_at = self._clock() + timedelta(seconds=min(3600, 5 * 2**row.attempts))

@@ -35,7 +35,7 @@ class WebhookWorker:
     def work_off(self) -> None:
         """Everything due now; many events for one customer cost one targeted cycle."""
         by_work: dict[tuple[str, str | None], list[InboxItem]] = defaultdict(list)
-        for item in self._inbox.due():
+        for item in self._inbox.claim_due():
             by_work[(item.work, item.customer_id)].append(item)
         for (work, customer), items in by_work.items():
             with structlog.contextvars.bound_contextvars(webhook_work=work, customer=customer):

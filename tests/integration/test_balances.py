@@ -321,3 +321,32 @@ def test_one_failing_customer_does_not_stop_the_others(bh):
         result = bh.cycle()
     assert result.failed == 1 and "cus_gone" in result.failures[0]
     assert bh.moesif.balance("sub_ok") == 10.0
+
+
+def test_a_correction_whose_outcome_is_unknown_blocks_another_until_it_settles(bh):
+    bh.customer(moesif_balance=42.0, grant=5000)
+    bh.moesif.inject_fault("POST", "/v1/~/billing/reports/balance_transactions", 503, times=3)
+    with freeze_time(NOW) as clock:
+        first = bh.cycle()
+        assert first.failed == 1  # the correction's outcome is unknown: it stays pending
+        clock.tick(timedelta(minutes=2))
+        second = bh.cycle()
+    assert second.customers[0].action == "settling"
+    assert len(bh.posts()) == 3  # the first cycle's attempts only; no second correction
+    assert [tuple(r) for r in bh.rows("select kind, state from moesif_transactions")] == [("correction", "pending")]
+
+
+def test_a_top_up_moesif_refused_is_forwarded_once_its_subscription_exists(bh):
+    bh.configure(stripe_source="none", auto_correct=False)
+    bh.customer()
+    bh.stripe.add_payment_intent("cus_M", 1000, created=ts(NOW - timedelta(hours=1)), id="pi_early")
+    subscription = bh.moesif._subscriptions.pop("sub_M")  # Moesif has not heard of the subscription yet
+    with freeze_time(NOW) as clock:
+        assert bh.cycle().failed == 1
+        bh.moesif._subscriptions["sub_M"] = subscription
+        clock.tick(timedelta(hours=1))
+        assert bh.cycle().failed == 0
+    assert bh.moesif.balance("sub_M") == 10.0
+    assert [tuple(r) for r in bh.rows("select transaction_id, state from moesif_transactions")] == [
+        ("pi_early", "sent")
+    ]

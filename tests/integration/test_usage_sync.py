@@ -378,3 +378,62 @@ def test_an_intent_decided_on_a_stale_read_is_refused(harness):
         with pytest.raises(ContendedError):
             h.ledger.record_intent(work, report, "run-a", based_on=stale)  # A's +10 would count twice
     assert [r.identifier for r in h.rows("select identifier from usage_reports")] == [fresh.identifier]
+
+
+def test_an_intent_is_refused_while_another_process_has_one_in_flight_or_just_sent_it(harness):
+    from reconciler.ledger.usage_ledger import ContendedError
+    from reconciler.usage.decide import Action, Decision
+    from reconciler.usage.model import BillingPeriod, Meter, Stream, StreamKind, StreamPeriod
+
+    h = harness
+    meter = Meter("mtr_1", "api_calls", "sum", "active", None, "stripe_customer_id", "value")
+    stream = Stream(StreamKind.METER_SUM, "cus_A", "sub_1", "si_1", "api_calls", "api_requests", "cus_A", "ceil", meter)
+    work = StreamPeriod(stream, BillingPeriod(PERIOD_START, PERIOD_END), is_current=True)
+    report = Decision(Action.REPORT, "report difference", 5, quantity=5, timestamp=MID)
+    with freeze_time(MID):
+        a_intent = h.ledger.record_intent(work, report, "run-a", based_on=h.ledger.state(work))
+        b_state = h.ledger.state(work)  # B reads while A's +5 is in flight
+        with pytest.raises(ContendedError):
+            h.ledger.record_intent(work, report, "run-b", based_on=b_state)
+        h.ledger.mark_sent(a_intent)  # A's +5 lands; B's read is now stale
+        with pytest.raises(ContendedError):
+            h.ledger.record_intent(work, report, "run-b", based_on=b_state)
+    assert h.rows("select count(*) from usage_reports")[0][0] == 1
+
+
+def test_a_refused_resend_of_a_maybe_applied_difference_stays_pending(harness):
+    h = harness
+    seed(h, formula="sum")
+    use(h, utc(2026, 3, 2), 10)
+    # Stripe applies the +10 but every answer is lost; then resends are refused (say, a rotated key).
+    h.stripe.inject_fault("POST", "/v1/billing/meter_events", 500, times=3, after_apply=True)
+    with freeze_time(MID) as clock:
+        h.cycle()
+        h.stripe.inject_fault("POST", "/v1/billing/meter_events", 401)  # permanent: not retried
+        clock.tick(timedelta(minutes=15))
+        refused = h.cycle()
+        assert refused.summary.failed == 1 and "earlier attempt's outcome was unknown" in refused.summary.failures[0]
+        assert [r.state for r in h.rows("select state from usage_reports")] == ["pending"]  # no new intent
+        clock.tick(timedelta(minutes=15))
+        assert h.cycle().summary.failed == 0  # the resend goes through once Stripe accepts requests again
+    assert stripe_total(h) == 10
+
+
+def test_a_pending_intent_is_not_resent_after_the_invoice_finalized(harness):
+    h = harness
+    item = seed(h, formula="sum")
+    use(h, utc(2026, 3, 2), 10)
+
+    def unreachable(intent):
+        raise OutcomeUnknownError("stripe", "connection failed")
+
+    with freeze_time(PERIOD_END - timedelta(hours=1)) as clock:
+        h.stripe_gateway.send_meter_event = unreachable
+        h.cycle()
+        h.configure()
+        clock.move_to(PERIOD_END + timedelta(hours=2))  # past period end + invoice grace (1 h)
+        h.stripe.set_item_period(item["id"], ts(PERIOD_END), ts(PERIOD_END + timedelta(days=30)))
+        result = h.cycle()
+    assert h.stripe.meter_events == []  # never sent into a finalized invoice
+    assert result.summary.late_drift == 1
+    assert [r.state for r in h.rows("select state from usage_reports")] == ["failed"]

@@ -1,0 +1,118 @@
+"""The plan sync cycle: recompute every user's entitlement from Stripe, send the app only what changed.
+
+State always comes from Stripe's subscriptions, never from a webhook body, so a lost or out-of-order event is
+corrected by the next cycle. The app acknowledges with a 2xx; only then does the ledger record the state as
+known to the app. Anything else is retried with backoff, counted and reported; the cycle goes on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import structlog
+
+from reconciler.config import Config
+from reconciler.ledger.plan_ledger import PlanLedger
+from reconciler.ledger.runs import RunLog
+from reconciler.plans.desired import Entitlement, desired_entitlements
+from reconciler.redact import redact
+from reconciler.upstream.app_api import EntitlementsGateway
+from reconciler.upstream.errors import UpstreamError
+from reconciler.upstream.stripe_api import StripeGateway
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class PlanLine:
+    customer_id: str
+    user_id: str | None
+    plan: str | None
+    status: str | None
+    action: str  # sent | unchanged | skipped | failed (or "would send" in a dry run)
+    reason: str = ""
+
+
+@dataclass
+class PlanResult:
+    run_id: str | None
+    lines: list[PlanLine] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for line in self.lines if line.action in ("failed", "skipped"))
+
+    def summary(self) -> dict[str, object]:
+        actions = [line.action for line in self.lines]
+        return {a: actions.count(a) for a in ("sent", "unchanged", "skipped", "failed", "would send") if a in actions}
+
+
+class PlanSync:
+    def __init__(
+        self,
+        config: Config,
+        stripe: StripeGateway,
+        app: EntitlementsGateway,
+        ledger: PlanLedger,
+        runs: RunLog,
+    ):
+        self._config = config
+        self._stripe = stripe
+        self._app = app
+        self._ledger = ledger
+        self._runs = runs
+
+    def close(self) -> None:
+        self._app.close()
+
+    def run_cycle(
+        self, *, dry_run: bool = False, customers: frozenset[str] = frozenset(), full: bool = False
+    ) -> PlanResult:
+        """One cycle; `full` re-sends every user's state (for an app that lost its data)."""
+        run_id = None if dry_run else self._runs.start("plan_sync")
+        result = PlanResult(run_id)
+        with structlog.contextvars.bound_contextvars(run_id=run_id, dry_run=dry_run, job="plan_sync"):
+            try:
+                entitlements, problems = desired_entitlements(
+                    self._stripe.subscription_snapshots(customers), self._config.plans
+                )
+            except UpstreamError as exc:
+                result.lines.append(PlanLine("*", None, None, None, "failed", self._redact(str(exc))))
+                self._finish(result)
+                return result
+            for problem in problems:
+                log.warning("customer skipped", customer=problem.customer_id, reason=problem.reason)
+                result.lines.append(PlanLine(problem.customer_id, None, None, None, "skipped", problem.reason))
+            known = self._ledger.acknowledged()
+            for entitlement in entitlements:
+                result.lines.append(self._sync_one(entitlement, known, full, dry_run))
+            self._finish(result)
+        return result
+
+    def _sync_one(self, e: Entitlement, known: dict[str, tuple[str, str, str]], full: bool, dry_run: bool) -> PlanLine:
+        line = PlanLine(e.customer_id, e.user_id, e.plan, e.status, "unchanged")
+        if not full and known.get(e.customer_id) == (e.user_id, e.plan, e.status):
+            return line
+        if dry_run:
+            line.action = "would send"
+            return line
+        with structlog.contextvars.bound_contextvars(customer=e.customer_id, user=e.user_id):
+            try:
+                self._app.send(e)
+            except UpstreamError as exc:
+                line.action, line.reason = "failed", self._redact(str(exc))
+                self._ledger.failed(e, line.reason)
+                log.error("plan update not acknowledged", error=line.reason)
+                return line
+            self._ledger.acknowledge(e)
+            log.info("plan update acknowledged", plan=e.plan, status=e.status)
+        line.action = "sent"
+        return line
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self._config.secret_values())
+
+    def _finish(self, result: PlanResult) -> None:
+        log.info("plan sync finished", **result.summary())
+        if result.run_id is not None:
+            self._runs.finish(result.run_id, "succeeded" if not result.failed else "partial", result.summary())
