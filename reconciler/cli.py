@@ -169,6 +169,45 @@ def reconcile_balances(
     raise typer.Exit(EXIT_OK)
 
 
+@app.command("sync-plans")
+def sync_plans(
+    ctx: typer.Context,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be sent; send and write nothing.")
+    ] = False,
+    customer: Annotated[
+        list[str] | None, typer.Option("--customer", help="Only this Stripe customer (repeatable).")
+    ] = None,
+    full: Annotated[bool, typer.Option("--full", help="Re-send every user's state (for an app that lost it).")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Send the app each user's plan and status as Stripe has them: only the changes, unless --full."""
+    from reconciler.app import build_app
+
+    loaded = _load(ctx, config)
+    if not loaded.plans.enabled:
+        raise _setup_error("plans.enabled is false: set it (with plans.sync_url and plans.price_to_plan)")
+    try:
+        application = build_app(loaded)
+    except DatabaseNotMigratedError as exc:
+        raise _setup_error(str(exc)) from None
+    assert application.plan_sync is not None
+    try:
+        result = application.plan_sync.run_cycle(dry_run=dry_run, customers=frozenset(customer or ()), full=full)
+    finally:
+        application.close()
+    table = Table(title="plan sync" + (" (dry run: nothing sent or written)" if dry_run else f" run {result.run_id}"))
+    for column in ("customer", "user", "plan", "status", "action", "reason"):
+        table.add_column(column)
+    for line in result.lines:
+        table.add_row(
+            line.customer_id, line.user_id or "", line.plan or "", line.status or "", line.action, line.reason
+        )
+    out.print(table)
+    out.print(", ".join(f"{k} {v}" for k, v in result.summary().items()) or "nothing to do", markup=False)
+    raise typer.Exit(EXIT_FAILURES if result.failed else EXIT_OK)
+
+
 @app.command("run")
 def run(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Run the scheduler and the operations server until SIGTERM/SIGINT (the service's main process)."""

@@ -158,6 +158,19 @@ class Daemon:
         except Exception:
             log.exception("balance reconcile cycle crashed")
 
+    def plan_cycle(self) -> None:
+        plan_sync = self.app.plan_sync
+        if plan_sync is None or self.stop.is_set():
+            return
+        if self.coordinator is not None:
+            key = tick_key(self.config.schedule.plan_sync, utc_now())
+            if self.coordinator.claim_tick("plan_sync", key) is None:
+                return  # another replica runs this tick
+        try:
+            plan_sync.run_cycle()
+        except Exception:
+            log.exception("plan sync cycle crashed")
+
     def prune(self) -> None:
         try:
             now = utc_now()
@@ -193,6 +206,7 @@ class Daemon:
                 self.balance_cycle,
                 self.config.balances.enabled,
             ),
+            ("plan_sync", self.config.schedule.plan_sync, self.plan_cycle, self.config.plans.enabled),
             ("prune_ledger", PRUNE_SCHEDULE, self.prune, True),
         ]
         for job_id, schedule, function, enabled in jobs:
@@ -209,7 +223,11 @@ class Daemon:
                 self.scheduler.add_job(function, trigger=trigger, id=job_id, name=job_id.replace("_", " "), **run_now)
 
     def enabled_jobs(self) -> list[str]:
-        return ["usage_sync"] + (["balance_reconcile"] if self.config.balances.enabled else [])
+        return (
+            ["usage_sync"]
+            + (["balance_reconcile"] if self.config.balances.enabled else [])
+            + (["plan_sync"] if self.config.plans.enabled else [])
+        )
 
     def _pending_intents(self) -> float:
         with self.engine.connect() as connection:

@@ -2,8 +2,9 @@
 
 It starts the Stripe, OpenMeter and Moesif fakes on loopback, seeds three customers (a `sum` meter, a `last`
 meter and a legacy metered price, each with prepaid credit), and runs against a temporary SQLite ledger:
-three usage sync cycles (the period-to-date totals, then only what changed, then nothing at all), then two
-balance cycles (a lost top-up forwarded and a drift corrected, then everything in sync).
+three usage sync cycles (the period-to-date totals, then only what changed, then nothing at all), two
+balance cycles (a lost top-up forwarded and a drift corrected, then everything in sync), and two plan syncs
+(every user's plan, then only a downgrade).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def run_demo(console: Console) -> int:
 
 def _demo(console: Console, sandbox: Sandbox, database: Path) -> int:
     configure_logging("WARNING", "console")
-    config = parse_config(sandbox.config_dict(f"sqlite:///{database}"))
+    config = parse_config(sandbox.config_dict(f"sqlite:///{database}", plans=True))
     engine = make_engine(config.database.url)
     upgrade(engine)
     engine.dispose()
@@ -80,9 +81,32 @@ def _demo(console: Console, sandbox: Sandbox, database: Path) -> int:
             console.print(f"[bold]{title}[/bold]")
             render_table(balance, console)
             console.print()
+
+        assert app.plan_sync is not None
+        for title, before in (
+            ("Plan sync 1: the app learns each user's plan from Stripe", None),
+            ("Plan sync 2: acme downgraded from pro to starter in Stripe; only that change is sent", _downgrade),
+        ):
+            if before:
+                before(sandbox)
+            sent_before = len(sandbox.app.updates)
+            plans = app.plan_sync.run_cycle()
+            failed |= bool(plans.failed)
+            console.print(f"[bold]{title}[/bold]")
+            for update in sandbox.app.updates[sent_before:]:
+                console.print(f"  POST {update}", markup=False)
+            console.print(", ".join(f"{k} {v}" for k, v in plans.summary().items()) + "\n", markup=False)
     finally:
         app.close()
     return 1 if failed else 0
+
+
+def _downgrade(sandbox: Sandbox) -> None:
+    stripe = sandbox.stripe
+    for item in stripe.subscription_items.values():
+        subscription = stripe.subscriptions[item["subscription"]]
+        if subscription["customer"] == "cus_sandbox_acme" and item["price"] == "price_sandbox_pro":
+            item["price"] = "price_sandbox_starter"
 
 
 def _moesif_burns_usage(sandbox: Sandbox, seeded: dict) -> None:
@@ -92,16 +116,17 @@ def _moesif_burns_usage(sandbox: Sandbox, seeded: dict) -> None:
     stripe = sandbox.stripe
     for subscription in stripe.subscriptions.values():
         customer = subscription["customer"]
+        items = [i for i in stripe.subscription_items.values() if i["subscription"] == subscription["id"]]
+        prices = [stripe.prices[item["price"]] for item in items]
+        if not any(price["recurring"]["usage_type"] == "metered" for price in prices):
+            continue  # plan subscriptions: nothing for Moesif to burn
         cost = Decimal(0)
-        for item_id in [
-            i for i, item in stripe.subscription_items.items() if item["subscription"] == subscription["id"]
-        ]:
-            price = stripe.prices[stripe.subscription_items[item_id]["price"]]
+        for item, price in zip(items, prices, strict=True):
             meter_id = price["recurring"]["meter"]
             if meter_id:
                 quantity = stripe.meter_total(customer, stripe.meters[meter_id]["event_name"], start, end)
             else:
-                quantity = Decimal(stripe.usage_record_total(item_id))
+                quantity = Decimal(stripe.usage_record_total(item["id"]))
             cost += quantity * Decimal(price["unit_amount"]) / 100
         lost = Decimal(20) if customer == "cus_sandbox_acme" else Decimal(0)
         sandbox.moesif.consume(subscription["id"], float(cost + lost))

@@ -29,6 +29,8 @@ def print_status(config: Config, engine: Engine, console: Console) -> None:
     schedules = {"usage_sync": config.schedule.usage_sync}
     if config.balances.enabled:
         schedules["balance_reconcile"] = config.schedule.balance_reconcile
+    if config.plans.enabled:
+        schedules["plan_sync"] = config.schedule.plan_sync
     jobs = Table(title="jobs")
     for column in ("job", "schedule", "last run", "outcome", "counts", "next run"):
         jobs.add_column(column)

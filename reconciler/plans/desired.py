@@ -67,8 +67,7 @@ def desired_entitlements(
     for customer, subs in sorted(by_customer.items()):
         user_id = _user_id(config, subs)
         if user_id is None:
-            problems.append(PlanProblem(customer, f"no user id ({config.user_id_from})"))
-            continue
+            continue  # not an app user (plans.user_id_from names none): nothing to entitle
         granting: list[tuple[str, str]] = []  # (plan, status)
         unmapped: list[str] = []
         for subscription in subs:

@@ -17,6 +17,9 @@ DEMO_METERS: list[dict[str, str]] = [
 ]
 
 
+# Licensed plan prices -> the app's plans (plans.price_to_plan).
+DEMO_PLANS = {"price_sandbox_starter": "starter", "price_sandbox_pro": "pro"}
+
 # Prepaid credit per sandbox customer, in cents: a Stripe credit grant and the Moesif balance it started from.
 PREPAID_CREDIT = {"cus_sandbox_acme": 20000, "cus_sandbox_globex": 2500, "cus_sandbox_initech": 1000}
 
@@ -53,6 +56,16 @@ def seed_sandbox(stripe: FakeStripe, openmeter: FakeOpenMeter, moesif: FakeMoesi
         forwarded = customer != "cus_sandbox_globex"
         moesif.add_subscription(subscription["id"], customer, current_balance=credit / 100 if forwarded else 0.0)
     stripe.add_payment_intent("cus_sandbox_globex", 2500, created=int((now - timedelta(days=2)).timestamp()))
+
+    for price_id in DEMO_PLANS:
+        stripe.add_price(id=price_id, usage_type="licensed", unit_amount=4900)
+    for customer, price_id in (
+        ("cus_sandbox_acme", "price_sandbox_pro"),
+        ("cus_sandbox_globex", "price_sandbox_starter"),
+    ):
+        stripe.add_subscription(
+            customer, [price_id], metadata={"user_id": f"user_{customer.removeprefix('cus_sandbox_')}"}, **period
+        )
 
     add_usage(openmeter, now, hours=10 * 24)
     return {"period_start": start, "period_end": end, "customers": sorted(customers)}

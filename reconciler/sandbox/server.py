@@ -5,15 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from reconciler.sandbox.app_fake import SYNC_PATH, FakeApp
 from reconciler.sandbox.httpserver import LoopbackServer
 from reconciler.sandbox.moesif_fake import FakeMoesif
 from reconciler.sandbox.openmeter_fake import FakeOpenMeter
-from reconciler.sandbox.seed import DEMO_METERS
+from reconciler.sandbox.seed import DEMO_METERS, DEMO_PLANS
 from reconciler.sandbox.stripe_fake import FakeStripe
 
 SANDBOX_STRIPE_KEY = "sk_test_sandbox"
 SANDBOX_OPENMETER_TOKEN = "om_sandbox_token"
 SANDBOX_MOESIF_TOKEN = "moesif_sandbox_token"
+SANDBOX_APP_KEY = "app_sandbox_key"
 
 
 @dataclass
@@ -21,33 +23,47 @@ class Sandbox:
     stripe: FakeStripe
     openmeter: FakeOpenMeter
     moesif: FakeMoesif
+    app: FakeApp
     stripe_server: LoopbackServer
     openmeter_server: LoopbackServer
     moesif_server: LoopbackServer
+    app_server: LoopbackServer
 
     @classmethod
     def start(
-        cls, *, host: str = "127.0.0.1", stripe_port: int = 0, openmeter_port: int = 0, moesif_port: int = 0
+        cls,
+        *,
+        host: str = "127.0.0.1",
+        stripe_port: int = 0,
+        openmeter_port: int = 0,
+        moesif_port: int = 0,
+        app_port: int = 0,
     ) -> Sandbox:
         stripe = FakeStripe(api_key=SANDBOX_STRIPE_KEY)
         openmeter = FakeOpenMeter(token=SANDBOX_OPENMETER_TOKEN)
         moesif = FakeMoesif(token=SANDBOX_MOESIF_TOKEN)
+        app = FakeApp(api_key=SANDBOX_APP_KEY)
         return cls(
             stripe,
             openmeter,
             moesif,
+            app,
             LoopbackServer(stripe, host=host, port=stripe_port).start(),
             LoopbackServer(openmeter, host=host, port=openmeter_port).start(),
             LoopbackServer(moesif, host=host, port=moesif_port).start(),
+            LoopbackServer(app, host=host, port=app_port).start(),
         )
 
     def stop(self) -> None:
-        for server in (self.stripe_server, self.openmeter_server, self.moesif_server):
+        for server in (self.stripe_server, self.openmeter_server, self.moesif_server, self.app_server):
             server.stop()
 
-    def config_dict(self, database_url: str, meters: list[dict[str, str]] = DEMO_METERS) -> dict[str, Any]:
-        """A raw config (as config.yaml would hold it) pointing at this sandbox."""
-        return {
+    def config_dict(
+        self, database_url: str, meters: list[dict[str, str]] = DEMO_METERS, *, plans: bool = False
+    ) -> dict[str, Any]:
+        """A raw config (as config.yaml would hold it) pointing at this sandbox; `plans` turns the plan sync on
+        with the sandbox's plan prices."""
+        raw: dict[str, Any] = {
             "database": {"url": database_url},
             "stripe": {"api_key": SANDBOX_STRIPE_KEY, "api_base": self.stripe_server.url},
             "openmeter": {"url": self.openmeter_server.url, "token": SANDBOX_OPENMETER_TOKEN},
@@ -60,3 +76,13 @@ class Sandbox:
                 "max_auto_correction": {"usd": 100},
             },
         }
+        if plans:
+            raw["plans"] = {
+                "enabled": True,
+                "sync_url": f"{self.app_server.url}{SYNC_PATH}",
+                "api_key": SANDBOX_APP_KEY,
+                "price_to_plan": DEMO_PLANS,
+                "rank": ["starter", "pro"],
+                "default_plan": "free",
+            }
+        return raw

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 USAGE_SYNC = "usage_sync"  # an immediate sync of the customer's just-closed period (meter prices)
+PLAN_SYNC = "plan_sync"  # an immediate entitlement sync of the customer
 BALANCE_SYNC = "balance_sync"  # immediate top-up forwarding for the customer
 METER_ERRORS = "meter_errors"  # Stripe's asynchronous meter-event errors, recorded against their items
 
@@ -31,8 +32,30 @@ def _has_metered_items(subscription: dict[str, Any]) -> bool:
     return any(((item.get("price") or {}).get("recurring") or {}).get("usage_type") == "metered" for item in items)
 
 
+PLAN_EVENTS = frozenset(
+    {
+        "checkout.session.completed",
+        "customer.subscription.created",
+        "customer.subscription.updated",
+        "customer.subscription.deleted",
+        "invoice.paid",
+        "invoice.payment_failed",
+    }
+)
+
+
+def works_for_event(event: dict[str, Any]) -> list[WebhookWork]:
+    """Everything an event implies: usage/top-up work, and an entitlement sync for subscription changes."""
+    works = [work] if (work := work_for_event(event)) else []
+    if event.get("type") in PLAN_EVENTS:
+        customer = _id(((event.get("data") or {}).get("object") or {}).get("customer"))
+        if customer:
+            works.append(WebhookWork(PLAN_SYNC, customer))
+    return works
+
+
 def work_for_event(event: dict[str, Any]) -> WebhookWork | None:
-    """The work an event implies, or None for events we acknowledge and ignore."""
+    """The usage or balance work an event implies, or None."""
     kind = event.get("type", "")
     data = event.get("data") or {}
     obj = data.get("object") or {}

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from reconciler.ledger.schema import WebhookEvent
-from reconciler.webhooks.events import work_for_event
+from reconciler.webhooks.events import works_for_event
 
 MAX_ATTEMPTS = 8
 WORK_LEASE = timedelta(minutes=5)
@@ -41,7 +41,8 @@ class WebhookInbox:
 
     def record(self, event: dict[str, Any], raw: str) -> bool:
         """Store the event and its work in one transaction. False if this event id was seen before."""
-        work = work_for_event(event)
+        works = works_for_event(event)
+        customers = {w.customer_id for w in works if w.customer_id}
         now = self._clock()
         try:
             with self._sessions.begin() as session:
@@ -49,9 +50,9 @@ class WebhookInbox:
                     WebhookEvent(
                         event_id=str(event["id"]),
                         type=str(event.get("type", "")),
-                        customer_id=work.customer_id if work else None,
-                        work=work.kind if work else None,
-                        state="pending" if work else "ignored",
+                        customer_id=next(iter(customers), None),
+                        work=",".join(w.kind for w in works) or None,
+                        state="pending" if works else "ignored",
                         attempts=0,
                         next_attempt_at=now,
                         payload=raw,

@@ -11,7 +11,7 @@ import structlog
 from reconciler.app import App
 from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.metrics import Metrics
-from reconciler.webhooks.events import BALANCE_SYNC, METER_ERRORS, USAGE_SYNC, meter_event_errors
+from reconciler.webhooks.events import BALANCE_SYNC, METER_ERRORS, PLAN_SYNC, USAGE_SYNC, meter_event_errors
 from reconciler.webhooks.inbox import InboxItem, WebhookInbox
 
 log = structlog.get_logger(__name__)
@@ -35,8 +35,11 @@ class WebhookWorker:
     def work_off(self) -> None:
         """Everything due now; many events for one customer cost one targeted cycle."""
         by_work: dict[tuple[str, str | None], list[InboxItem]] = defaultdict(list)
-        for item in self._inbox.claim_due():
-            by_work[(item.work, item.customer_id)].append(item)
+        claimed = self._inbox.claim_due()
+        for item in claimed:
+            for work in item.work.split(","):
+                by_work[(work, item.customer_id)].append(item)
+        errors: dict[int, str] = {}
         for (work, customer), items in by_work.items():
             with structlog.contextvars.bound_contextvars(webhook_work=work, customer=customer):
                 try:
@@ -44,11 +47,13 @@ class WebhookWorker:
                 except Exception as exc:  # retried with backoff; the scheduled cycles are the safety net
                     log.exception("webhook work crashed")
                     error = f"{type(exc).__name__}: {exc}"
-            for item in items:
-                if error:
-                    self._inbox.retry_later(item, error)
-                else:
-                    self._inbox.done(item)
+            if error:
+                errors.update({item.id: error for item in items})
+        for item in claimed:
+            if item.id in errors:
+                self._inbox.retry_later(item, errors[item.id])
+            else:
+                self._inbox.done(item)
 
     def _run(self, work: str, customer: str | None, items: list[InboxItem]) -> str | None:
         app = self._app()
@@ -63,6 +68,14 @@ class WebhookWorker:
                 return None
             balance = app.balance_sync.run_cycle(customers=frozenset({customer}))
             return "; ".join(balance.failures) or None
+        if work == PLAN_SYNC and customer:
+            if app.plan_sync is None:
+                return None
+            plans = app.plan_sync.run_cycle(customers=frozenset({customer}))
+            return (
+                "; ".join(f"{line.customer_id}: {line.reason}" for line in plans.lines if line.action == "failed")
+                or None
+            )
         if work == METER_ERRORS:
             for item in items:
                 for error in meter_event_errors(item.event):

@@ -153,3 +153,34 @@ def test_which_events_imply_work():
     assert work_for_event(event("customer.subscription.deleted", metered)).customer_id == "cus_1"
     assert work_for_event(event("payment_intent.succeeded", {"customer": "cus_2"})).kind == BALANCE_SYNC
     assert work_for_event(event("charge.refunded", {"customer": "cus_2"})) is None
+
+
+def test_a_subscription_webhook_syncs_the_users_plan_at_once(sandbox, webhook_config, daemons):
+    raw = yaml.safe_load(webhook_config.read_text())
+    raw["plans"] = sandbox.config_dict("sqlite://", plans=True)["plans"]
+    raw["schedule"]["plan_sync"] = "0 0 1 1 *"
+    write_config(webhook_config, raw)
+    sandbox.stripe.add_customer(id="cus_plan")
+    for price in ("price_sandbox_starter", "price_sandbox_pro"):
+        sandbox.stripe.add_price(id=price, usage_type="licensed")
+    now = int(time.time())
+    subscription = sandbox.stripe.add_subscription(
+        "cus_plan",
+        ["price_sandbox_starter"],
+        metadata={"user_id": "u7"},
+        current_period_start=now - 60,
+        current_period_end=now + 86400,
+    )
+    daemon = daemons(webhook_config)
+    daemon.wait_for("plan sync finished")
+    assert sandbox.app.users == {"u7": {"plan": "starter", "status": "active"}}
+    item = subscription["items"]["data"][0]["id"]
+    sandbox.stripe.subscription_items[item]["price"] = "price_sandbox_pro"  # the upgrade, then its webhook
+    body, headers = signed(
+        event(
+            "customer.subscription.updated", {**subscription, "customer": "cus_plan"}, previous_attributes={"items": {}}
+        )
+    )
+    assert httpx.post(daemon.url("/webhooks/stripe"), content=body, headers=headers).status_code == 200
+    assert wait_until(lambda: sandbox.app.users.get("u7") == {"plan": "pro", "status": "active"})
+    assert daemon.stop() == 0
