@@ -208,6 +208,83 @@ def sync_plans(
     raise typer.Exit(EXIT_FAILURES if result.failed else EXIT_OK)
 
 
+@app.command("verify")
+def verify(
+    ctx: typer.Context,
+    since: Annotated[
+        str | None, typer.Option("--from", help="Periods ending after this date (default: lookback).")
+    ] = None,
+    until: Annotated[str | None, typer.Option("--to", help="Periods starting before this date (default: now).")] = None,
+    output_format: Annotated[OutputFormat, typer.Option("--format", help="table or json.")] = OutputFormat.table,
+    output: Annotated[Path | None, typer.Option("--output", help="Write the report to this file.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Read Stripe's own totals back and compare them with the ledger and OpenMeter (exit 3: a person must act)."""
+    from datetime import UTC, datetime
+
+    from reconciler.app import open_database
+    from reconciler.clock import utc_now
+    from reconciler.upstream.openmeter_api import OpenMeterGateway
+    from reconciler.upstream.stripe_api import StripeGateway
+    from reconciler.verify import NEEDS_A_PERSON, Verifier, render_json
+
+    def parse_date(value: str | None, option: str) -> datetime | None:
+        if value is None:
+            return None
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise _setup_error(f"{option}: {value!r} is not a date (YYYY-MM-DD or an ISO 8601 time)") from None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+    loaded = _load(ctx, config)
+    window = (parse_date(since, "--from"), parse_date(until, "--to"))
+    try:
+        engine = open_database(loaded)
+    except DatabaseNotMigratedError as exc:
+        raise _setup_error(str(exc)) from None
+    try:
+        verifier = Verifier(loaded, engine, StripeGateway(loaded.stripe), OpenMeterGateway(loaded.openmeter), utc_now)
+        lines = verifier.run(*window)
+    finally:
+        engine.dispose()
+    if output_format is OutputFormat.json:
+        text = render_json(lines)
+        if output:
+            output.write_text(text + "\n", encoding="utf-8")
+        else:
+            typer.echo(text)
+    else:
+        table = Table(title="verify: Stripe's view against the ledger and OpenMeter")
+        for column in (
+            "customer",
+            "meter / price",
+            "period start",
+            "status",
+            "measured",
+            "reported",
+            "Stripe",
+            "finding",
+            "note",
+        ):
+            table.add_column(column)
+        for line in lines:
+            table.add_row(
+                line.customer,
+                line.stripe_target,
+                line.period_start[:16],
+                line.ledger_status,
+                "" if line.measured is None else str(line.measured),
+                str(line.reported),
+                line.stripe or "",
+                line.finding,
+                line.note,
+            )
+        target = Console(file=output.open("w", encoding="utf-8"), width=200) if output else out
+        target.print(table)
+    raise typer.Exit(EXIT_DRIFT if any(line.finding in NEEDS_A_PERSON for line in lines) else EXIT_OK)
+
+
 @app.command("run")
 def run(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Run the scheduler and the operations server until SIGTERM/SIGINT (the service's main process)."""

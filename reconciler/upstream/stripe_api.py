@@ -240,6 +240,37 @@ class StripeGateway:
                 return
             cursor = data[-1]["id"]
 
+    # -- read-back -----------------------------------------------------------------------------------
+
+    def meter_total(self, meter_id: str, customer: str, start: datetime, end: datetime) -> Decimal:
+        """What Stripe has aggregated for a customer and meter over `[start, end)` (both minute-aligned):
+        its own view, eventually consistent."""
+        params = {"customer": customer, "start_time": epoch_seconds(start), "end_time": epoch_seconds(end)}
+        total = Decimal(0)
+        for summary in self._pages(
+            "meter event summaries",
+            lambda params: self._client.v1.billing.meters.event_summaries.list(meter_id, params=params),
+            params,
+        ):
+            total += Decimal(str(summary.get("aggregated_value") or 0))
+        return total
+
+    def legacy_usage_total(self, item_id: str, period_start: datetime) -> int | None:
+        """The usage Stripe holds for a legacy item's period (usage record summaries exist only on API versions
+        before 2025-03-31); None if Stripe has no summary for that period."""
+        response = self._call(
+            "usage record summaries",
+            lambda: self._client.raw_request(
+                "get",
+                f"/v1/subscription_items/{item_id}/usage_record_summaries",
+                stripe_version=self._config.legacy_api_version,
+            ),
+        )
+        for summary in self._client.deserialize(response, api_mode="V1").to_dict().get("data", []):
+            if (summary.get("period") or {}).get("start") == epoch_seconds(period_start):
+                return int(summary.get("total_usage") or 0)
+        return None
+
     # -- balances ------------------------------------------------------------------------------------
 
     def succeeded_payment_intents(self, customer: str, created_since: datetime) -> Iterator[TopUp]:

@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import stripe
 import yaml
 from sqlalchemy import create_engine, text
 
@@ -267,3 +268,30 @@ def test_reconcile_balances_needs_balances_enabled(sandbox, config_file):
     write_config(config_file, raw)
     result = reconciler("reconcile-balances", "--config", str(config_file))
     assert result.returncode == 2 and "balances.enabled is false" in result.stderr
+
+
+def test_verify_exits_3_when_stripe_holds_usage_the_reconciler_never_sent(sandbox, config_file, tmp_path):
+    customer_with_usage(sandbox, value=5)
+    reconciler("db", "upgrade", "--config", str(config_file))
+    assert reconciler("sync-usage", "--config", str(config_file)).returncode == 0
+    with create_engine(f"sqlite:///{tmp_path / 'ledger.db'}").begin() as connection:
+        # as if reported ten minutes ago: past the time Stripe's summaries may lag
+        ten_minutes_ago = (utc_now() - timedelta(minutes=10)).replace(tzinfo=None)
+        connection.execute(text("update usage_periods set last_event_at = :t"), {"t": ten_minutes_ago})
+    clean = reconciler("verify", "--format", "json", "--config", str(config_file))
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert [p["finding"] for p in json.loads(clean.stdout)["periods"]] == ["ok"]
+
+    client = stripe.StripeClient(SANDBOX_STRIPE_KEY, base_addresses={"api": sandbox.stripe_server.url})
+    client.v1.billing.meter_events.create(  # another writer, on the same customer and meter
+        params={
+            "event_name": "api_calls",
+            "identifier": "other-writer",
+            "payload": {"stripe_customer_id": "cus_cli", "value": "2"},
+            "timestamp": int((utc_now() - timedelta(days=1)).timestamp()),
+        }
+    )
+    found = reconciler("verify", "--format", "json", "--config", str(config_file))
+    assert found.returncode == 3
+    [period] = json.loads(found.stdout)["periods"]
+    assert (period["finding"], period["stripe"], period["reported"]) == ("foreign_usage", "7", 5)

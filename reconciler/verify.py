@@ -1,0 +1,166 @@
+"""`reconciler verify`: read Stripe's own view back and compare it with the ledger and with OpenMeter.
+
+For each ledger period in range: what OpenMeter measures now (rounded as configured), what the ledger says it
+reported, and what Stripe holds (meter event summaries; legacy usage record summaries). Stripe's summaries are
+eventually consistent and minute-aligned, so a difference right after a report is `settling`, not a finding.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from reconciler.config import Config
+from reconciler.ledger.schema import UsagePeriod
+from reconciler.upstream.errors import UpstreamError
+from reconciler.upstream.openmeter_api import OpenMeterGateway
+from reconciler.upstream.stripe_api import StripeGateway
+from reconciler.usage.model import BillingPeriod
+from reconciler.usage.periods import usage_window
+from reconciler.usage.rounding import round_quantity
+
+CONSISTENCY_WINDOW = timedelta(minutes=5)  # how long Stripe's summaries may lag a report
+NEEDS_A_PERSON = frozenset({"foreign_usage", "missing_in_stripe", "late_drift", "unverifiable"})
+
+
+@dataclass(frozen=True)
+class VerifyLine:
+    customer: str
+    stripe_target: str
+    kind: str
+    period_start: str
+    period_end: str
+    ledger_status: str
+    measured: int | None  # OpenMeter now, rounded
+    reported: int  # what the ledger says Stripe holds because of us
+    stripe: str | None  # what Stripe says it holds
+    finding: str
+    note: str
+
+
+def classify(
+    *,
+    reported: int,
+    stripe: Decimal | None,
+    measured: int | None,
+    is_final: bool,
+    last_event_at: datetime | None,
+    now: datetime,
+) -> tuple[str, str]:
+    """The finding for one period: ok, settling, foreign_usage, missing_in_stripe, late_drift or unverifiable."""
+    if stripe is None:
+        return "unverifiable", "Stripe returned no summary for this period"
+    if stripe != reported:
+        if last_event_at is not None and now - last_event_at < CONSISTENCY_WINDOW:
+            return "settling", "Stripe's summaries may not include the latest report yet"
+        if stripe > reported:
+            return "foreign_usage", f"Stripe holds {stripe - reported} more than the reconciler sent (another writer?)"
+        return "missing_in_stripe", f"Stripe holds {reported - stripe} less than the reconciler sent (rejected?)"
+    if measured is not None and measured != reported:
+        if is_final:
+            return "late_drift", f"OpenMeter now measures {measured}; the period is final"
+        return "ok", f"OpenMeter now measures {measured}; the next cycle reports it"
+    return "ok", ""
+
+
+def _minute_floor(instant: datetime) -> datetime:
+    return instant.replace(second=0, microsecond=0)
+
+
+def _minute_ceil(instant: datetime) -> datetime:
+    floor = _minute_floor(instant)
+    return floor if floor == instant else floor + timedelta(minutes=1)
+
+
+class Verifier:
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        stripe: StripeGateway,
+        openmeter: OpenMeterGateway,
+        clock: Callable[[], datetime],
+    ):
+        self._config = config
+        self._engine = engine
+        self._stripe = stripe
+        self._openmeter = openmeter
+        self._clock = clock
+
+    def run(self, since: datetime | None = None, until: datetime | None = None) -> list[VerifyLine]:
+        now = self._clock()
+        since = since or now - self._config.usage.lookback
+        until = until or now
+        with Session(self._engine) as session:
+            rows = session.scalars(
+                select(UsagePeriod)
+                .where(UsagePeriod.period_end > since, UsagePeriod.period_start < until)
+                .order_by(UsagePeriod.customer_id, UsagePeriod.period_start)
+            ).all()
+        return [self._verify(row, now) for row in rows]
+
+    def _verify(self, row: UsagePeriod, now: datetime) -> VerifyLine:
+        stripe: Decimal | None = None
+        measured: int | None = None
+        note = ""
+        try:
+            if row.meter_id:
+                start, end = _minute_floor(row.period_start), _minute_ceil(min(row.period_end, now))
+                stripe = self._stripe.meter_total(row.meter_id, row.customer_id, start, end)
+            else:
+                legacy = self._stripe.legacy_usage_total(row.subscription_item_id, row.period_start)
+                stripe = None if legacy is None else Decimal(legacy)
+            measured = self._measure(row, now)
+        except UpstreamError as exc:
+            note = str(exc)
+        finding, reason = classify(
+            reported=row.reported_total,
+            stripe=stripe,
+            measured=measured,
+            is_final=row.status == "final",
+            last_event_at=row.last_event_at,
+            now=now,
+        )
+        return VerifyLine(
+            customer=row.customer_id,
+            stripe_target=row.stripe_target,
+            kind=row.kind,
+            period_start=row.period_start.isoformat(),
+            period_end=row.period_end.isoformat(),
+            ledger_status=row.status,
+            measured=measured,
+            reported=row.reported_total,
+            stripe=None if stripe is None else str(stripe),
+            finding=finding,
+            note=note or reason,
+        )
+
+    def _measure(self, row: UsagePeriod, now: datetime) -> int | None:
+        mapping = self._config.usage.mapping_for(row.stripe_target)
+        if mapping is None:
+            return None
+        usage = self._config.usage
+        window = usage_window(
+            BillingPeriod(row.period_start, row.period_end), now, usage.window_size, ZoneInfo(usage.window_time_zone)
+        )
+        if window.is_empty:
+            return 0
+        total = self._openmeter.query_total(row.openmeter_meter, row.subject, window)
+        return round_quantity(total, mapping.rounding)
+
+
+def render_json(lines: list[VerifyLine]) -> str:
+    return json.dumps(
+        {
+            "periods": [asdict(line) for line in lines],
+            "needs_a_person": sum(1 for line in lines if line.finding in NEEDS_A_PERSON),
+        },
+        indent=2,
+    )
