@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -208,6 +209,120 @@ def sync_plans(
     raise typer.Exit(EXIT_FAILURES if result.failed else EXIT_OK)
 
 
+@app.command("backfill")
+def backfill(
+    ctx: typer.Context,
+    since: Annotated[str, typer.Option("--from", help="Start of the range (YYYY-MM-DD or ISO 8601).")],
+    until: Annotated[str, typer.Option("--to", help="End of the range, exclusive.")],
+    customer: Annotated[list[str] | None, typer.Option("--customer", help="Only this customer (repeatable).")] = None,
+    meter: Annotated[list[str] | None, typer.Option("--meter", help="Only this meter event_name / price.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; change nothing.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask before sending many reports.")] = False,
+    output_format: Annotated[OutputFormat, typer.Option("--format", help="table or json.")] = OutputFormat.table,
+    output: Annotated[Path | None, typer.Option("--output", help="Write the result to this file.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Re-drive past periods: report what Stripe can still bill, list what is out of reach (exit 3)."""
+    import structlog
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from reconciler.app import build_app
+    from reconciler.clock import utc_now
+    from reconciler.ledger.runs import RunLog
+    from reconciler.usage.backfill import Backfill, Checkpoints, command_key
+
+    loaded = _load(ctx, config)
+    window = (_parse_date(since, "--from"), _parse_date(until, "--to"))
+    customers, meters = frozenset(customer or ()), frozenset(meter or ())
+    try:
+        application = build_app(loaded)
+    except DatabaseNotMigratedError as exc:
+        raise _setup_error(str(exc)) from None
+    log = structlog.get_logger("reconciler.backfill")
+    try:
+        runner = Backfill(
+            application.usage_sync, Checkpoints(application.engine, utc_now), RunLog(application.engine, utc_now)
+        )
+        units = runner.plan(*window, customers, meters)
+        key = command_key(*window, customers, meters)
+        if not dry_run and not yes:
+            planned = runner.run(units, key, dry_run=True).count("would_report")
+            if planned > loaded.backfill.confirm_above:
+                question = f"This backfill would send {planned} reports to Stripe. Continue?"
+                if not sys.stdin.isatty():
+                    raise _setup_error(f"{planned} reports exceed backfill.confirm_above; rerun with --yes")
+                if not typer.confirm(question):
+                    raise typer.Exit(EXIT_OK)
+        if sys.stdout.isatty():
+            with Progress(
+                *Progress.get_default_columns()[:1],
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=out,
+            ) as bar:
+                task = bar.add_task("backfill", total=len(units))
+                result = runner.run(
+                    units, key, dry_run=dry_run, progress=lambda done, total: bar.update(task, completed=done)
+                )
+        else:
+
+            def log_progress(done: int, total: int) -> None:
+                if done == total or done % 25 == 0:
+                    log.info("backfill progress", done=done, total=total)
+
+            result = runner.run(units, key, dry_run=dry_run, progress=log_progress)
+    finally:
+        application.close()
+    if result.resumed_from:
+        err.print(
+            f"resumed backfill run: {result.resumed_from} of {len(units)} periods were already done", markup=False
+        )
+    if output_format is OutputFormat.json:
+        text = result.as_json()
+        if output:
+            output.write_text(text + "\n", encoding="utf-8")
+        else:
+            typer.echo(text)
+    else:
+        table = Table(title="backfill" + (" (dry run: nothing sent or written)" if dry_run else ""))
+        for column in ("customer", "meter / price", "period", "ledger", "measured", "action", "quantity", "amount"):
+            table.add_column(column)
+        for line in result.lines:
+            table.add_row(
+                line.customer,
+                line.stripe_target,
+                f"{line.period_start[:10]} → {line.period_end[:10]}",
+                str(line.ledger_total),
+                str(line.measured),
+                line.action,
+                "" if line.quantity is None else str(line.quantity),
+                line.amount or "",
+            )
+        target = Console(file=output.open("w", encoding="utf-8"), width=200) if output else out
+        target.print(table)
+        for line in result.lines:
+            if line.action == "out_of_reach":
+                target.print(
+                    f"out of reach: {line.customer} {line.stripe_target} {line.period_start[:10]}: "
+                    f"{line.quantity} units ({line.amount or 'amount not estimated'}): {line.reason}",
+                    markup=False,
+                )
+    if result.count("failed"):
+        raise typer.Exit(EXIT_FAILURES)
+    raise typer.Exit(EXIT_DRIFT if result.count("out_of_reach") else EXIT_OK)
+
+
+def _parse_date(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise _setup_error(f"{option}: {value!r} is not a date (YYYY-MM-DD or an ISO 8601 time)") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
 @app.command("verify")
 def verify(
     ctx: typer.Context,
@@ -220,25 +335,14 @@ def verify(
     config: ConfigOption = None,
 ) -> None:
     """Read Stripe's own totals back and compare them with the ledger and OpenMeter (exit 3: a person must act)."""
-    from datetime import UTC, datetime
-
     from reconciler.app import open_database
     from reconciler.clock import utc_now
     from reconciler.upstream.openmeter_api import OpenMeterGateway
     from reconciler.upstream.stripe_api import StripeGateway
     from reconciler.verify import NEEDS_A_PERSON, Verifier, render_json
 
-    def parse_date(value: str | None, option: str) -> datetime | None:
-        if value is None:
-            return None
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            raise _setup_error(f"{option}: {value!r} is not a date (YYYY-MM-DD or an ISO 8601 time)") from None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
     loaded = _load(ctx, config)
-    window = (parse_date(since, "--from"), parse_date(until, "--to"))
+    window = (_parse_date(since, "--from"), _parse_date(until, "--to"))
     try:
         engine = open_database(loaded)
     except DatabaseNotMigratedError as exc:

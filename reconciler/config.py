@@ -274,6 +274,10 @@ class LedgerConfig(_Section):
     lease_ttl: Duration = timedelta(seconds=30)
 
 
+class BackfillConfig(_Section):
+    confirm_above: int = Field(default=100, ge=0)  # without --yes, more reports than this ask for confirmation
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "console"] = "json"
@@ -290,6 +294,7 @@ class Config(_Section):
     schedule: ScheduleConfig = ScheduleConfig()
     server: ServerConfig = ServerConfig()
     ledger: LedgerConfig = LedgerConfig()
+    backfill: BackfillConfig = BackfillConfig()
     logging: LoggingConfig = LoggingConfig()
 
     def cross_field_problems(self) -> list[str]:

@@ -112,7 +112,11 @@ class Verifier:
         note = ""
         try:
             if row.meter_id:
-                start, end = _minute_floor(row.period_start), _minute_ceil(min(row.period_end, now))
+                # Summaries take minute-aligned bounds, end exclusive: cover every event dated up to now.
+                end = (
+                    _minute_ceil(row.period_end) if row.period_end <= now else _minute_floor(now) + timedelta(minutes=1)
+                )
+                start = _minute_floor(row.period_start)
                 stripe = self._stripe.meter_total(row.meter_id, row.customer_id, start, end)
             else:
                 legacy = self._stripe.legacy_usage_total(row.subscription_item_id, row.period_start)

@@ -37,8 +37,12 @@ def upgrade() -> None:
     op.create_table(
         "work_items",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
-        sa.Column("tick_id", sa.Integer(), sa.ForeignKey("cycle_ticks.id", name="fk_work_items_tick_id_cycle_ticks"),
-                  nullable=False),
+        sa.Column(
+            "tick_id",
+            sa.Integer(),
+            sa.ForeignKey("cycle_ticks.id", name="fk_work_items_tick_id_cycle_ticks"),
+            nullable=False,
+        ),
         sa.Column("job", sa.String(32), nullable=False),
         sa.Column("payload", sa.Text(), nullable=False),
         sa.Column("state", sa.String(16), nullable=False),

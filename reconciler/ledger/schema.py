@@ -277,3 +277,27 @@ class PlanState(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class BackfillRun(Base):
+    """A backfill's checkpoint: the same command (same `key`) resumes an unfinished run where it stopped."""
+
+    __tablename__ = "backfill_runs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), index=True)  # hash of range and filters
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    total: Mapped[int] = mapped_column(Integer)
+
+
+class BackfillItem(Base):
+    """One stream period a backfill run has finished."""
+
+    __tablename__ = "backfill_items"
+    __table_args__ = (UniqueConstraint("run_id", "unit_key", name="uq_backfill_items_run_unit"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("backfill_runs.id"), index=True)
+    unit_key: Mapped[str] = mapped_column(String(255))
+    done_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -73,6 +73,10 @@ def _is_duplicate_identifier(exc: stripe.StripeError) -> bool:
     return exc.http_status == 400 and ("duplicate" in code or ("identifier" in message and "already" in message))
 
 
+def _time(value: Any) -> datetime | None:
+    return from_epoch_seconds(int(value)) if value else None
+
+
 def _id_of(value: Any) -> str | None:
     """An expandable field's id, whether Stripe sent the id or the expanded object."""
     if value is None or isinstance(value, str):
@@ -226,6 +230,10 @@ class StripeGateway:
                 subscription_created=from_epoch_seconds(created) if created else None,
                 currency=(price.get("currency") or subscription.get("currency") or "usd").lower(),
                 unit_amount=_per_unit_amount(price),
+                interval=recurring.get("interval") or "month",
+                interval_count=int(recurring.get("interval_count") or 1),
+                billing_cycle_anchor=_time(subscription.get("billing_cycle_anchor")),
+                started_at=_time(subscription.get("start_date") or subscription.get("created")),
             )
 
     def _pages(self, what: str, list_method: Callable[..., Any], params: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -11,7 +11,7 @@ The rules, in order:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
@@ -117,6 +117,17 @@ def decide(work: StreamPeriod, ledger: LedgerState, target: int, now: datetime, 
         timestamp=timestamp,
         final=final_due,
     )
+
+
+def reopen_for_backfill(work: StreamPeriod, ledger: LedgerState, now: datetime, timing: Timing) -> LedgerState:
+    """A backfill may still correct a final `sum` period while Stripe bills its events (before the invoice
+    finalizes). Differences are order-independent there, so the correction may share the final event's
+    timestamp. A `last` meter's final event is its newest and cannot be superseded; legacy records only go
+    into the current period: both stay final (a difference is late drift)."""
+    reachable = now < work.period.end + timing.invoice_grace_period
+    if ledger.is_final and reachable and work.stream.kind is StreamKind.METER_SUM:
+        return replace(ledger, is_final=False, last_event_at=None)
+    return ledger
 
 
 def final_sync_due_at(work: StreamPeriod, ledger: LedgerState, timing: Timing) -> datetime | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
@@ -25,8 +25,18 @@ from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.redact import redact
 from reconciler.upstream.errors import PermanentError, TransientError, UpstreamError
 from reconciler.usage.codec import dump_work, load_work
-from reconciler.usage.decide import Action, Decision, LedgerState, Timing, decide, final_sync_due_at
+from reconciler.usage.decide import (
+    Action,
+    Decision,
+    LedgerState,
+    Timing,
+    decide,
+    final_sync_due_at,
+    reopen_for_backfill,
+)
+from reconciler.usage.history import periods_between
 from reconciler.usage.model import (
+    BillingPeriod,
     CycleSummary,
     Intent,
     Meter,
@@ -39,7 +49,7 @@ from reconciler.usage.model import (
 )
 from reconciler.usage.periods import ONE_SECOND, usage_window
 from reconciler.usage.rounding import round_quantity
-from reconciler.usage.streams import build_work, meter_problem
+from reconciler.usage.streams import LIVE_STATUSES, build_work, meter_problem
 
 log = structlog.get_logger(__name__)
 
@@ -260,7 +270,9 @@ class UsageSync:
         dry_run: bool,
         result: CycleResult,
         fence: Fence | None = None,
-    ) -> None:
+        reopen_final: bool = False,
+    ) -> PlannedReport | None:
+        """Sync one stream period; its decision, or None if it failed or another process holds it."""
         stream, summary = work.stream, result.summary
         ledger = self._ledger.fenced(fence)
         summary.seen += 1
@@ -275,17 +287,21 @@ class UsageSync:
                 if not dry_run:
                     self._resend_pending(ledger, work, now)
                 state = ledger.state(work)
+                if reopen_final:
+                    state = reopen_for_backfill(work, state, now, self._timing)
                 target = self._measure(work, now)
                 now = self._after_previous_event(state, now)
                 decision = decide(work, state, target, now, self._timing)
                 self._note_deadline(work, state, decision, now, result)
+                planned = PlannedReport(work, decision, state.reported_total)
                 if dry_run:
-                    result.plan.append(PlannedReport(work, decision, state.reported_total))
+                    result.plan.append(planned)
                     self._count(decision, summary)
-                    return
+                    return planned
                 assert run_id is not None
                 self._apply(ledger, work, state, decision, run_id)
                 self._count(decision, summary)
+                return planned
             except ContendedError as exc:
                 summary.unchanged += 1
                 log.info("skipped: another process holds this period", reason=str(exc))
@@ -297,6 +313,39 @@ class UsageSync:
             except Exception as exc:  # a bug for one customer must not stop billing for the others
                 log.exception("unexpected error")
                 self._fail(ledger, work, f"unexpected error: {type(exc).__name__}: {exc}", summary, dry_run)
+        return None
+
+    def sync_for_backfill(self, work: StreamPeriod, run_id: str | None, result: CycleResult) -> PlannedReport | None:
+        """One stream period of a backfill: the same rules and ledger as the cycle, plus corrections into final
+        periods Stripe still bills (reconciler.usage.decide.reopen_for_backfill). `run_id` None: a dry run."""
+        return self._sync_one(work, self._clock(), run_id, run_id is None, result, reopen_final=True)
+
+    def backfill_work(
+        self, since: datetime, until: datetime, customers: frozenset[str], meters: frozenset[str]
+    ) -> list[tuple[StreamPeriod, MeteredItem]]:
+        """Every stream period overlapping `[since, until)`, from each metered item's billing cycle anchor,
+        canceled subscriptions included."""
+        meters_by_id = self._stripe.list_meters()
+        with_customer = self._config.usage.subject_metadata_key is not None
+        units: list[tuple[StreamPeriod, MeteredItem]] = []
+        for item in self._stripe.metered_items(with_customer=with_customer, customers=customers):
+            current, _ = build_work(
+                [replace(item, subscription_status="active")], meters_by_id, self._config.usage, item.period.start
+            )
+            if not current:
+                continue  # unmapped or refused: the scheduled cycle reports why
+            stream = current[0].stream
+            if meters and stream.stripe_target not in meters:
+                continue
+            anchor = item.billing_cycle_anchor or item.period.start
+            first = max(since, item.started_at or since)
+            last = min(until, item.ended_at or until)
+            for period in periods_between(anchor, item.interval, item.interval_count, first, last):
+                if item.ended_at and period.end > item.ended_at:
+                    period = BillingPeriod(period.start, item.ended_at)
+                is_current = period.start == item.period.start and item.subscription_status in LIVE_STATUSES
+                units.append((StreamPeriod(stream, period, is_current=is_current), item))
+        return units
 
     def _after_previous_event(self, state: LedgerState, now: datetime) -> datetime:
         """Meter events of one stream must be at least a second apart and never in the future. When the last one

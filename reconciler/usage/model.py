@@ -57,6 +57,10 @@ class MeteredItem:
     subscription_created: datetime | None = None
     currency: str = "usd"
     unit_amount: Decimal | None = None  # minor units per unit; None when the price is not simple per-unit
+    interval: str = "month"  # price.recurring.interval: day | week | month | year
+    interval_count: int = 1
+    billing_cycle_anchor: datetime | None = None
+    started_at: datetime | None = None  # the subscription's start_date
 
 
 class StreamKind(StrEnum):
