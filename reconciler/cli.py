@@ -24,6 +24,8 @@ EXIT_OK, EXIT_FAILURES, EXIT_CONFIG, EXIT_DRIFT = 0, 1, 2, 3
 class OutputFormat(StrEnum):
     table = "table"
     json = "json"
+    csv = "csv"
+    html = "html"
 
 
 app = typer.Typer(
@@ -387,6 +389,67 @@ def verify(
         target = Console(file=output.open("w", encoding="utf-8"), width=200) if output else out
         target.print(table)
     raise typer.Exit(EXIT_DRIFT if any(line.finding in NEEDS_A_PERSON for line in lines) else EXIT_OK)
+
+
+@app.command("report")
+def report(
+    ctx: typer.Context,
+    since: Annotated[str | None, typer.Option("--from", help="Start (default: usage.lookback ago).")] = None,
+    until: Annotated[str | None, typer.Option("--to", help="End, exclusive (default: now).")] = None,
+    output_format: Annotated[
+        OutputFormat, typer.Option("--format", help="table, json, csv or html.")
+    ] = OutputFormat.table,
+    output: Annotated[Path | None, typer.Option("--output", help="Write the report to this file.")] = None,
+    audit: Annotated[bool, typer.Option("--audit", help="CSV: the audit trail instead of the periods.")] = False,
+    fail_on_drift: Annotated[
+        bool, typer.Option("--fail-on-drift", help="Exit 3 when late drift, failures or uncorrected drift remain.")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Measured, reported and corrected per customer and period, balance drift, and every write we made."""
+    from reconciler.app import open_database
+    from reconciler.clock import utc_now
+    from reconciler.report import build_report, render_csv, render_html, render_json
+
+    loaded = _load(ctx, config)
+    now = utc_now()
+    window = (_parse_date(since, "--from") or now - loaded.usage.lookback, _parse_date(until, "--to") or now)
+    try:
+        engine = open_database(loaded)
+    except DatabaseNotMigratedError as exc:
+        raise _setup_error(str(exc)) from None
+    try:
+        built = build_report(engine, *window)
+    finally:
+        engine.dispose()
+    if output_format is OutputFormat.table:
+        table = Table(title=f"report {window[0]:%Y-%m-%d} → {window[1]:%Y-%m-%d}")
+        for column in ("customer", "meter / price", "period start", "status", "measured", "reported", "difference"):
+            table.add_column(column)
+        for p in built.periods:
+            table.add_row(
+                p.customer,
+                p.stripe_target,
+                p.period_start[:10],
+                p.status,
+                str(p.measured),
+                str(p.reported),
+                f"{p.difference:+}",
+            )
+        target = Console(file=output.open("w", encoding="utf-8"), width=200) if output else out
+        target.print(table)
+        target.print(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in built.totals.items()), markup=False)
+    else:
+        rendered = {
+            OutputFormat.json: lambda: render_json(built),
+            OutputFormat.csv: lambda: render_csv(built, audit=audit),
+            OutputFormat.html: lambda: render_html(built),
+        }[output_format]()
+        if output:
+            output.write_text(rendered, encoding="utf-8")
+        else:
+            typer.echo(rendered)
+    raise typer.Exit(EXIT_DRIFT if fail_on_drift and built.needs_a_person else EXIT_OK)
 
 
 @app.command("run")

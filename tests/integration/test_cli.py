@@ -295,3 +295,15 @@ def test_verify_exits_3_when_stripe_holds_usage_the_reconciler_never_sent(sandbo
     assert found.returncode == 3
     [period] = json.loads(found.stdout)["periods"]
     assert (period["finding"], period["stripe"], period["reported"]) == ("foreign_usage", "7", 5)
+
+
+def test_report_writes_html_and_json_files(sandbox, config_file, tmp_path):
+    customer_with_usage(sandbox, value=9)
+    reconciler("db", "upgrade", "--config", str(config_file))
+    reconciler("sync-usage", "--config", str(config_file))
+    page, data = tmp_path / "report.html", tmp_path / "report.json"
+    assert reconciler("report", "--format", "html", "--output", str(page), "--config", str(config_file)).returncode == 0
+    assert reconciler("report", "--format", "json", "--output", str(data), "--config", str(config_file)).returncode == 0
+    totals = json.loads(data.read_text())["totals"]
+    assert totals["reported"] == 9 and totals["stripe_writes"] == 1
+    assert page.read_text().startswith("<!DOCTYPE html>") and "<dt>reported</dt><dd>9</dd>" in page.read_text()

@@ -1,0 +1,106 @@
+"""`report`: the ledger as JSON, CSV and one self-contained HTML file."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import shutil
+import subprocess
+from datetime import timedelta
+from html.parser import HTMLParser
+
+import pytest
+from freezegun import freeze_time
+
+from reconciler.report import build_report, render_csv, render_html, render_json
+from tests.conftest import utc
+from tests.integration.test_usage_sync import MID, PERIOD_END, PERIOD_START, seed, use
+
+VOID = {"meta", "br", "img", "input", "link", "hr"}
+
+
+class TagBalance(HTMLParser):
+    """Checks that every element is closed in order (a well-formedness check for our generated HTML)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.urls += [v for k, v in attrs if k in ("src", "href") and v]
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack.pop() != tag:
+            self.errors.append(tag)
+
+
+def reconciled_history(h):
+    item = seed(h, formula="sum")
+    use(h, utc(2026, 3, 5), 10)
+    with freeze_time(MID) as clock:
+        h.cycle()
+        clock.move_to(PERIOD_END + timedelta(hours=2))
+        h.stripe.set_item_period(
+            item["id"], int(PERIOD_END.timestamp()), int((PERIOD_END + timedelta(days=30)).timestamp())
+        )
+        use(h, utc(2026, 3, 20), 4)  # arrives after the invoice finalized: late drift
+        h.cycle()
+    return build_report(h.engine, PERIOD_START - timedelta(days=1), PERIOD_END + timedelta(days=31))
+
+
+def test_json_csv_and_html_show_the_same_numbers(harness):
+    report = reconciled_history(harness)
+    data = json.loads(render_json(report))
+    [period] = [p for p in data["periods"] if p["period_start"].startswith("2026-03-01")]
+    assert (period["status"], period["measured"], period["reported"], period["difference"]) == ("late drift", 14, 10, 4)
+    assert data["totals"]["stripe_writes"] == 1 and data["totals"]["unreported"] == 4
+    assert [a["request"] for a in data["audit"]] == ["POST /v1/billing/meter_events"]
+
+    rows = list(csv.DictReader(io.StringIO(render_csv(report))))
+    assert [
+        (r["status"], r["measured"], r["reported"]) for r in rows if r["period_start"].startswith("2026-03-01")
+    ] == [("late drift", "14", "10")]
+    audit_rows = list(csv.DictReader(io.StringIO(render_csv(report, audit=True))))
+    assert audit_rows[0]["key"] == data["audit"][0]["key"]
+
+    page = render_html(report)
+    checker = TagBalance()
+    checker.feed(page)
+    assert checker.errors == [] and checker.stack == []
+    assert checker.urls == [] and not re.search(r"https?://", page)  # self-contained: nothing to fetch
+    for name, value in data["totals"].items():
+        assert f"<dt>{name.replace('_', ' ')}</dt><dd>{value}</dd>" in page
+    assert page.count("<svg") == 2 and "late drift" in page
+
+
+@pytest.mark.skipif(
+    not (shutil.which("chromium") or shutil.which("chromium-browser")),
+    reason="Chromium is not installed (Debian packages chromium and chromium-driver)",
+)
+def test_a_headless_browser_renders_the_html_report(harness, tmp_path):
+    page = tmp_path / "report.html"
+    page.write_text(render_html(reconciled_history(harness)))
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            f"--screenshot={shot}",
+            "--window-size=1200,1600",
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    assert shot.stat().st_size > 10_000
