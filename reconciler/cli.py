@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -16,6 +17,7 @@ from rich.table import Table
 from reconciler.config import Config, ConfigError, load_config
 from reconciler.ledger.database import DatabaseNotMigratedError, make_engine, upgrade
 from reconciler.logs import configure_logging
+from reconciler.output import emit
 from reconciler.usage.job import CycleResult
 
 EXIT_OK, EXIT_FAILURES, EXIT_CONFIG, EXIT_DRIFT = 0, 1, 2, 3
@@ -153,18 +155,15 @@ def reconcile_balances(
         result = application.balance_sync.run_cycle(dry_run=dry_run, customers=frozenset(customer or ()))
     finally:
         application.close()
-    if output_format is OutputFormat.json:
-        text = render_json(result)
-        if output:
-            output.write_text(text + "\n", encoding="utf-8")
-        else:
-            typer.echo(text)
-    else:
-        if output:
-            with output.open("w", encoding="utf-8") as handle:
-                render_table(result, Console(file=handle, width=160, soft_wrap=True))
-        else:
-            render_table(result, out)
+    emit(
+        output_format,
+        output,
+        out,
+        title="balance reconcile",
+        rows=[c.as_dict() for c in result.customers],
+        as_json=lambda: render_json(result),
+        as_table=lambda console: render_table(result, console),
+    )
     if result.failed:
         raise typer.Exit(EXIT_FAILURES)
     if fail_on_drift and result.uncorrected_drift:
@@ -280,13 +279,8 @@ def backfill(
         err.print(
             f"resumed backfill run: {result.resumed_from} of {len(units)} periods were already done", markup=False
         )
-    if output_format is OutputFormat.json:
-        text = result.as_json()
-        if output:
-            output.write_text(text + "\n", encoding="utf-8")
-        else:
-            typer.echo(text)
-    else:
+
+    def as_table(console: Console) -> None:
         table = Table(title="backfill" + (" (dry run: nothing sent or written)" if dry_run else ""))
         for column in ("customer", "meter / price", "period", "ledger", "measured", "action", "quantity", "amount"):
             table.add_column(column)
@@ -301,15 +295,24 @@ def backfill(
                 "" if line.quantity is None else str(line.quantity),
                 line.amount or "",
             )
-        target = Console(file=output.open("w", encoding="utf-8"), width=200) if output else out
-        target.print(table)
+        console.print(table)
         for line in result.lines:
             if line.action == "out_of_reach":
-                target.print(
+                console.print(
                     f"out of reach: {line.customer} {line.stripe_target} {line.period_start[:10]}: "
                     f"{line.quantity} units ({line.amount or 'amount not estimated'}): {line.reason}",
                     markup=False,
                 )
+
+    emit(
+        output_format,
+        output,
+        out,
+        title="backfill",
+        rows=[asdict(line) for line in result.lines],
+        as_json=result.as_json,
+        as_table=as_table,
+    )
     if result.count("failed"):
         raise typer.Exit(EXIT_FAILURES)
     raise typer.Exit(EXIT_DRIFT if result.count("out_of_reach") else EXIT_OK)
@@ -354,13 +357,8 @@ def verify(
         lines = verifier.run(*window)
     finally:
         engine.dispose()
-    if output_format is OutputFormat.json:
-        text = render_json(lines)
-        if output:
-            output.write_text(text + "\n", encoding="utf-8")
-        else:
-            typer.echo(text)
-    else:
+
+    def as_table(console: Console) -> None:
         table = Table(title="verify: Stripe's view against the ledger and OpenMeter")
         for column in (
             "customer",
@@ -386,8 +384,17 @@ def verify(
                 line.finding,
                 line.note,
             )
-        target = Console(file=output.open("w", encoding="utf-8"), width=200) if output else out
-        target.print(table)
+        console.print(table)
+
+    emit(
+        output_format,
+        output,
+        out,
+        title="verify",
+        rows=[asdict(line) for line in lines],
+        as_json=lambda: render_json(lines),
+        as_table=as_table,
+    )
     raise typer.Exit(EXIT_DRIFT if any(line.finding in NEEDS_A_PERSON for line in lines) else EXIT_OK)
 
 
@@ -409,7 +416,7 @@ def report(
     """Measured, reported and corrected per customer and period, balance drift, and every write we made."""
     from reconciler.app import open_database
     from reconciler.clock import utc_now
-    from reconciler.report import build_report, render_csv, render_html, render_json
+    from reconciler.report import build_report, render_html, render_json, render_rows
 
     loaded = _load(ctx, config)
     now = utc_now()
@@ -422,7 +429,8 @@ def report(
         built = build_report(engine, *window)
     finally:
         engine.dispose()
-    if output_format is OutputFormat.table:
+
+    def as_table(console: Console) -> None:
         table = Table(title=f"report {window[0]:%Y-%m-%d} → {window[1]:%Y-%m-%d}")
         for column in ("customer", "meter / price", "period start", "status", "measured", "reported", "difference"):
             table.add_column(column)
@@ -436,19 +444,25 @@ def report(
                 str(p.reported),
                 f"{p.difference:+}",
             )
-        target = Console(file=output.open("w", encoding="utf-8"), width=200) if output else out
-        target.print(table)
-        target.print(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in built.totals.items()), markup=False)
-    else:
-        rendered = {
-            OutputFormat.json: lambda: render_json(built),
-            OutputFormat.csv: lambda: render_csv(built, audit=audit),
-            OutputFormat.html: lambda: render_html(built),
-        }[output_format]()
+        console.print(table)
+        console.print(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in built.totals.items()), markup=False)
+
+    if output_format is OutputFormat.html:  # the full report page, with its charts
+        page = render_html(built)
         if output:
-            output.write_text(rendered, encoding="utf-8")
+            output.write_text(page, encoding="utf-8")
         else:
-            typer.echo(rendered)
+            typer.echo(page)
+    else:
+        emit(
+            output_format,
+            output,
+            out,
+            title="report",
+            rows=render_rows(built, audit=audit),
+            as_json=lambda: render_json(built),
+            as_table=as_table,
+        )
     raise typer.Exit(EXIT_DRIFT if fail_on_drift and built.needs_a_person else EXIT_OK)
 
 

@@ -6,9 +6,7 @@ the audit trail) or one self-contained HTML file with inline SVG charts that ope
 
 from __future__ import annotations
 
-import csv
 import html
-import io
 import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -18,6 +16,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from reconciler.ledger.schema import BalanceObservation, LateDrift, MoesifTransaction, UsagePeriod, UsageReport
+from reconciler.output import STYLE, rows_csv, rows_table_html
 
 
 @dataclass(frozen=True)
@@ -171,14 +170,14 @@ def render_json(report: Report) -> str:
     )
 
 
+def render_rows(report: Report, *, audit: bool = False) -> list[dict[str, object]]:
+    """The rows a CSV export holds: the periods, or the audit trail."""
+    return [asdict(a) for a in report.audit] if audit else [asdict(p) for p in report.periods]
+
+
 def render_csv(report: Report, *, audit: bool = False) -> str:
-    rows = [asdict(a) for a in report.audit] if audit else [asdict(p) for p in report.periods]
-    names = list(AuditRow.__dataclass_fields__) if audit else list(PeriodRow.__dataclass_fields__)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=names)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+    names = AuditRow.__dataclass_fields__ if audit else PeriodRow.__dataclass_fields__
+    return rows_csv(render_rows(report, audit=audit), list(names))
 
 
 def _bar_chart(title: str, series: dict[str, tuple[int, int]], labels: tuple[str, str]) -> str:
@@ -218,16 +217,6 @@ def render_html(report: Report) -> str:
         drift_by_day[d.observed_at[:10]][0] += abs(d.difference_minor)
         drift_by_day[d.observed_at[:10]][1] += abs(d.difference_minor) if d.action == "correct" else 0
 
-    def table(rows: list[dict[str, object]]) -> str:
-        if not rows:
-            return "<p>None.</p>"
-        head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in row.values()) + "</tr>"
-            for row in rows
-        )
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
     totals = "".join(f"<dt>{html.escape(k.replace('_', ' '))}</dt><dd>{v}</dd>" for k, v in report.totals.items())
     title = f"reconciler report {html.escape(report.since[:10])} – {html.escape(report.until[:10])}"
     usage_chart = _bar_chart(
@@ -243,18 +232,15 @@ def render_html(report: Report) -> str:
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
-body{{font-family:system-ui,sans-serif;margin:2rem;color:#222}} table{{border-collapse:collapse;font-size:.85rem}}
-td,th{{border:1px solid #ccc;padding:.25rem .5rem;text-align:left}} th{{background:#f3f3f3}}
-dl{{display:grid;grid-template-columns:max-content auto;gap:.2rem 1rem}} dt{{font-weight:600}}
-.s0{{fill:#4e79a7;color:#4e79a7}} .s1{{fill:#f28e2b;color:#f28e2b}} svg{{max-width:640px;border:1px solid #eee}}
+{STYLE}
 </style></head><body>
 <h1>Usage and balance reconciliation</h1>
 <p>From {html.escape(report.since)} to {html.escape(report.until)}.</p>
 <h2>Totals</h2><dl id="totals">{totals}</dl>
 {usage_chart}
 {drift_chart}
-<h2>Periods</h2>{table([asdict(p) for p in report.periods])}
-<h2>Balance drift</h2>{table([asdict(d) for d in report.drift])}
-<h2>Audit trail: every write to Stripe and Moesif</h2>{table([asdict(a) for a in report.audit])}
+<h2>Periods</h2>{rows_table_html([asdict(p) for p in report.periods])}
+<h2>Balance drift</h2>{rows_table_html([asdict(d) for d in report.drift])}
+<h2>Audit trail: every write to Stripe and Moesif</h2>{rows_table_html([asdict(a) for a in report.audit])}
 </body></html>
 """

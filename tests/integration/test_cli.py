@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import signal
@@ -307,3 +309,26 @@ def test_report_writes_html_and_json_files(sandbox, config_file, tmp_path):
     totals = json.loads(data.read_text())["totals"]
     assert totals["reported"] == 9 and totals["stripe_writes"] == 1
     assert page.read_text().startswith("<!DOCTYPE html>") and "<dt>reported</dt><dd>9</dd>" in page.read_text()
+
+
+def test_every_result_command_writes_csv_and_html(sandbox, config_file, tmp_path):
+    customer_with_usage(sandbox, value=4)
+    reconciler("db", "upgrade", "--config", str(config_file))
+    reconciler("sync-usage", "--config", str(config_file))
+    since = (utc_now() - timedelta(days=10)).date().isoformat()
+    until = (utc_now() + timedelta(days=1)).isoformat()
+    commands = {
+        "verify": ["verify"],
+        "backfill": ["backfill", "--from", since, "--to", until, "--dry-run"],
+        "report": ["report"],
+    }
+    for name, args in commands.items():
+        as_csv = reconciler(*args, "--format", "csv", "--config", str(config_file))
+        assert as_csv.returncode in (0, 3), as_csv.stderr
+        rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+        assert rows and rows[0]["customer"] == "cus_cli", name
+        page = tmp_path / f"{name}.html"
+        as_html = reconciler(*args, "--format", "html", "--output", str(page), "--config", str(config_file))
+        assert as_html.returncode in (0, 3), as_html.stderr
+        text = page.read_text()
+        assert text.startswith("<!DOCTYPE html>") and "cus_cli" in text and "http" not in text, name

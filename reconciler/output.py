@@ -1,0 +1,76 @@
+"""One way for every command to write its result: a table on the console, JSON, CSV or a self-contained HTML
+page, to stdout or to `--output FILE`."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2rem;color:#222}
+table{border-collapse:collapse;font-size:.85rem}
+td,th{border:1px solid #ccc;padding:.25rem .5rem;text-align:left} th{background:#f3f3f3}
+dl{display:grid;grid-template-columns:max-content auto;gap:.2rem 1rem} dt{font-weight:600}
+.s0{fill:#4e79a7;color:#4e79a7} .s1{fill:#f28e2b;color:#f28e2b} svg{max-width:640px;border:1px solid #eee}"""
+
+
+def rows_csv(rows: Sequence[dict[str, Any]], fieldnames: Sequence[str] | None = None) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fieldnames or (rows[0] if rows else [])))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def rows_table_html(rows: Sequence[dict[str, Any]]) -> str:
+    if not rows:
+        return "<p>None.</p>"
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in row.values()) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_page(title: str, body: str) -> str:
+    """A complete page with no external resources."""
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>\n{STYLE}\n</style></head><body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
+    )
+
+
+def emit(
+    output_format: str,
+    output: Path | None,
+    console: Console,
+    *,
+    title: str,
+    rows: Sequence[dict[str, Any]],
+    as_json: Callable[[], str],
+    as_table: Callable[[Console], None],
+) -> None:
+    if output_format == "table":
+        if output is None:
+            as_table(console)
+        else:
+            with output.open("w", encoding="utf-8") as handle:
+                as_table(Console(file=handle, width=200, soft_wrap=True))
+        return
+    renderers = {
+        "json": as_json,
+        "csv": lambda: rows_csv(rows),
+        "html": lambda: html_page(title, rows_table_html(rows)),
+    }
+    text = renderers[output_format]()
+    if output is None:
+        typer.echo(text.rstrip("\n"))
+    else:
+        output.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
