@@ -11,10 +11,12 @@ import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from decimal import Decimal
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from reconciler.balances.money import to_units
 from reconciler.ledger.schema import BalanceObservation, LateDrift, MoesifTransaction, UsagePeriod, UsageReport
 from reconciler.output import STYLE, rows_csv, rows_table_html
 
@@ -29,6 +31,9 @@ class PeriodRow:
     measured: int | None
     reported: int
     difference: int
+    stripe: str | None  # what Stripe held when `verify` last read it back
+    at_risk: str | None  # unreported quantity × the price per unit, currency units; None: not estimated
+    currency: str | None
     last_error: str | None
 
 
@@ -67,11 +72,20 @@ class Report:
             "measured": sum(p.measured or 0 for p in self.periods),
             "reported": sum(p.reported for p in self.periods),
             "unreported": sum(p.difference for p in self.periods),
+            "revenue_at_risk": self._at_risk(),
             "late_drift_periods": sum(1 for p in self.periods if p.status == "late drift"),
             "failed_periods": sum(1 for p in self.periods if p.status == "failed"),
             "stripe_writes": sum(1 for a in self.audit if a.system == "stripe"),
             "moesif_writes": sum(1 for a in self.audit if a.system == "moesif"),
         }
+
+    def _at_risk(self) -> str:
+        """Per currency, e.g. `0.75 usd`; periods whose price is not per-unit are left out (not estimated)."""
+        sums: dict[str, Decimal] = defaultdict(Decimal)
+        for p in self.periods:
+            if p.at_risk is not None and p.currency:
+                sums[p.currency] += Decimal(p.at_risk)
+        return ", ".join(f"{amount} {currency}" for currency, amount in sorted(sums.items())) or "0"
 
     @property
     def needs_a_person(self) -> bool:
@@ -92,6 +106,10 @@ def build_report(engine: Engine, since: datetime, until: datetime) -> Report:
         for p in periods:
             status = "failed" if p.last_error else "late drift" if p.id in drifted else p.status
             measured = p.late_total if p.late_total is not None else p.target
+            difference = (measured or 0) - p.reported_total
+            at_risk = None
+            if p.unit_amount is not None and p.currency:
+                at_risk = str(to_units(Decimal(p.unit_amount) * difference, p.currency))
             report.periods.append(
                 PeriodRow(
                     p.customer_id,
@@ -101,7 +119,10 @@ def build_report(engine: Engine, since: datetime, until: datetime) -> Report:
                     status,
                     measured,
                     p.reported_total,
-                    (measured or 0) - p.reported_total,
+                    difference,
+                    p.stripe_total,
+                    at_risk,
+                    p.currency,
                     p.last_error,
                 )
             )

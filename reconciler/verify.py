@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from reconciler.config import Config
@@ -104,7 +104,16 @@ class Verifier:
                 .where(UsagePeriod.period_end > since, UsagePeriod.period_start < until)
                 .order_by(UsagePeriod.customer_id, UsagePeriod.period_start)
             ).all()
-        return [self._verify(row, now) for row in rows]
+        lines = [self._verify(row, now) for row in rows]
+        with Session(self._engine) as session, session.begin():  # keep Stripe's view for `report`
+            for row, line in zip(rows, lines, strict=True):
+                if line.stripe is not None:
+                    session.execute(
+                        update(UsagePeriod)
+                        .where(UsagePeriod.id == row.id)
+                        .values(stripe_total=line.stripe, verified_at=now)
+                    )
+        return lines
 
     def _verify(self, row: UsagePeriod, now: datetime) -> VerifyLine:
         stripe: Decimal | None = None

@@ -100,6 +100,10 @@ class UsagePeriod(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     finalized_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    unit_amount: Mapped[str | None] = mapped_column(String(64))  # minor units per unit, for amounts at stake
+    currency: Mapped[str | None] = mapped_column(String(8))
+    stripe_total: Mapped[str | None] = mapped_column(String(64))  # what Stripe holds, as `verify` read it back
+    verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class UsageReport(Base):

@@ -246,6 +246,8 @@ class UsageLedger:
         ).one_or_none()
         if row is not None:
             row.period_end = work.period.end  # a cancellation can shorten the period
+            row.unit_amount = work.stream.unit_amount or row.unit_amount  # the price can change
+            row.currency = work.stream.currency or row.currency
             return row
         stream = work.stream
         row = UsagePeriod(
@@ -260,6 +262,8 @@ class UsageLedger:
             meter_id=stream.meter.id if stream.meter else None,
             openmeter_meter=stream.openmeter_meter,
             subject=stream.subject,
+            unit_amount=stream.unit_amount,
+            currency=stream.currency,
             status=PeriodStatus.PROVISIONAL,
             reported_total=0,
             next_sequence=1,

@@ -257,6 +257,8 @@ class UsageSync:
             subject=row.subject,
             rounding=mapping.rounding,
             meter=meter,
+            unit_amount=row.unit_amount,
+            currency=row.currency,
         )
         return stream_period_from_row(row, stream)
 

@@ -88,6 +88,8 @@ class Stream:
     subject: str
     rounding: str
     meter: Meter | None = None
+    unit_amount: str | None = None  # the price per unit in minor units (decimal string), for amounts at stake
+    currency: str | None = None
 
     @property
     def key(self) -> str:

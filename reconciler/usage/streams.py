@@ -81,6 +81,8 @@ def _stream_for(item: MeteredItem, meters: dict[str, Meter], usage: UsageConfig)
         subject=subject,
         rounding=mapping.rounding,
         meter=meter,
+        unit_amount=None if item.unit_amount is None else str(item.unit_amount),
+        currency=item.currency,
     )
 
 

@@ -59,6 +59,8 @@ def test_json_csv_and_html_show_the_same_numbers(harness):
     data = json.loads(render_json(report))
     [period] = [p for p in data["periods"] if p["period_start"].startswith("2026-03-01")]
     assert (period["status"], period["measured"], period["reported"], period["difference"]) == ("late drift", 14, 10, 4)
+    assert (period["at_risk"], data["totals"]["revenue_at_risk"]) == ("0.40", "0.40 usd")  # 4 units at 10¢
+    assert period["stripe"] is None  # `verify` has not read Stripe back yet
     assert data["totals"]["stripe_writes"] == 1 and data["totals"]["unreported"] == 4
     assert [a["request"] for a in data["audit"]] == ["POST /v1/billing/meter_events"]
 
@@ -104,3 +106,17 @@ def test_a_headless_browser_renders_the_html_report(harness, tmp_path):
         timeout=60,
     )
     assert shot.stat().st_size > 10_000
+
+
+def test_the_report_shows_stripes_read_back_once_verify_ran(harness):
+    from reconciler.clock import utc_now
+    from reconciler.upstream.openmeter_api import OpenMeterGateway
+    from reconciler.verify import Verifier
+
+    h = harness
+    reconciled_history(h)
+    with freeze_time(PERIOD_END + timedelta(hours=3)):
+        Verifier(h.config, h.engine, h.stripe_gateway, OpenMeterGateway(h.config.openmeter), utc_now).run()
+    report = build_report(h.engine, PERIOD_START - timedelta(days=1), PERIOD_END + timedelta(days=31))
+    [period] = [p for p in report.periods if p.period_start.startswith("2026-03-01")]
+    assert (period.stripe, period.reported, period.measured) == ("10", 10, 14)
