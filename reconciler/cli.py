@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -103,6 +104,10 @@ def sync_usage(
     customer: Annotated[
         list[str] | None, typer.Option("--customer", help="Only this Stripe customer (repeatable).")
     ] = None,
+    output_format: Annotated[
+        OutputFormat, typer.Option("--format", help="table, json, csv or html.")
+    ] = OutputFormat.table,
+    output: Annotated[Path | None, typer.Option("--output", help="Write the result to this file.")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Run one usage sync cycle now and print a summary."""
@@ -117,9 +122,41 @@ def sync_usage(
         result = application.usage_sync.run_cycle(dry_run=dry_run, customers=frozenset(customer or ()))
     finally:
         application.close()
-    if dry_run:
-        print_plan(result, out)
-    print_summary(result, out)
+
+    def as_table(console: Console) -> None:
+        if dry_run:
+            print_plan(result, console)
+        print_summary(result, console)
+
+    rows = [
+        {
+            "customer": p.work.stream.customer_id,
+            "stripe_target": p.work.stream.stripe_target,
+            "period_start": p.work.period.start.isoformat(),
+            "period_end": p.work.period.end.isoformat(),
+            "reported": p.reported_total,
+            "measured": p.decision.target,
+            "action": p.decision.action.value,
+            "quantity": p.decision.quantity,
+        }
+        for p in result.plan
+    ] or [{**result.summary.as_dict(), "failures": "; ".join(result.summary.failures)}]
+    payload = {
+        "run_id": result.run_id,
+        "dry_run": dry_run,
+        "summary": result.summary.as_dict(),
+        "failures": result.summary.failures,
+        "plan": rows if result.plan else [],
+    }
+    emit(
+        output_format,
+        output,
+        out,
+        title="usage sync",
+        rows=rows,
+        as_json=lambda: json.dumps(payload, indent=2),
+        as_table=as_table,
+    )
     raise typer.Exit(EXIT_OK if result.ok else EXIT_FAILURES)
 
 
@@ -181,6 +218,10 @@ def sync_plans(
         list[str] | None, typer.Option("--customer", help="Only this Stripe customer (repeatable).")
     ] = None,
     full: Annotated[bool, typer.Option("--full", help="Re-send every user's state (for an app that lost it).")] = False,
+    output_format: Annotated[
+        OutputFormat, typer.Option("--format", help="table, json, csv or html.")
+    ] = OutputFormat.table,
+    output: Annotated[Path | None, typer.Option("--output", help="Write the result to this file.")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Send the app each user's plan and status as Stripe has them: only the changes, unless --full."""
@@ -198,15 +239,30 @@ def sync_plans(
         result = application.plan_sync.run_cycle(dry_run=dry_run, customers=frozenset(customer or ()), full=full)
     finally:
         application.close()
-    table = Table(title="plan sync" + (" (dry run: nothing sent or written)" if dry_run else f" run {result.run_id}"))
-    for column in ("customer", "user", "plan", "status", "action", "reason"):
-        table.add_column(column)
-    for line in result.lines:
-        table.add_row(
-            line.customer_id, line.user_id or "", line.plan or "", line.status or "", line.action, line.reason
-        )
-    out.print(table)
-    out.print(", ".join(f"{k} {v}" for k, v in result.summary().items()) or "nothing to do", markup=False)
+
+    def as_table(console: Console) -> None:
+        title = "plan sync" + (" (dry run: nothing sent or written)" if dry_run else f" run {result.run_id}")
+        table = Table(title=title)
+        for column in ("customer", "user", "plan", "status", "action", "reason"):
+            table.add_column(column)
+        for line in result.lines:
+            table.add_row(
+                line.customer_id, line.user_id or "", line.plan or "", line.status or "", line.action, line.reason
+            )
+        console.print(table)
+        console.print(", ".join(f"{k} {v}" for k, v in result.summary().items()) or "nothing to do", markup=False)
+
+    rows = [asdict(line) for line in result.lines]
+    payload = {"run_id": result.run_id, "dry_run": dry_run, "summary": result.summary(), "customers": rows}
+    emit(
+        output_format,
+        output,
+        out,
+        title="plan sync",
+        rows=rows,
+        as_json=lambda: json.dumps(payload, indent=2),
+        as_table=as_table,
+    )
     raise typer.Exit(EXIT_FAILURES if result.failed else EXIT_OK)
 
 

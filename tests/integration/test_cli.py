@@ -318,6 +318,7 @@ def test_every_result_command_writes_csv_and_html(sandbox, config_file, tmp_path
     since = (utc_now() - timedelta(days=10)).date().isoformat()
     until = (utc_now() + timedelta(days=1)).isoformat()
     commands = {
+        "sync-usage": ["sync-usage", "--dry-run"],
         "verify": ["verify"],
         "backfill": ["backfill", "--from", since, "--to", until, "--dry-run"],
         "report": ["report"],
@@ -332,3 +333,12 @@ def test_every_result_command_writes_csv_and_html(sandbox, config_file, tmp_path
         assert as_html.returncode in (0, 3), as_html.stderr
         text = page.read_text()
         assert text.startswith("<!DOCTYPE html>") and "cus_cli" in text and "http" not in text, name
+
+
+def test_sync_usage_json_output(sandbox, config_file):
+    customer_with_usage(sandbox, value=6)
+    reconciler("db", "upgrade", "--config", str(config_file))
+    dry = json.loads(reconciler("sync-usage", "--dry-run", "--format", "json", "--config", str(config_file)).stdout)
+    assert [(p["customer"], p["action"], p["quantity"]) for p in dry["plan"]] == [("cus_cli", "report", 6)]
+    real = reconciler("sync-usage", "--format", "json", "--config", str(config_file))
+    assert real.returncode == 0 and json.loads(real.stdout)["summary"]["reported"] == 1
