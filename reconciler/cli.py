@@ -9,7 +9,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -20,6 +20,9 @@ from reconciler.ledger.database import DatabaseNotMigratedError, make_engine, up
 from reconciler.logs import configure_logging
 from reconciler.output import emit
 from reconciler.usage.job import CycleResult
+
+if TYPE_CHECKING:  # the app pulls in every SDK: imported only by the commands that run jobs
+    from reconciler.app import App
 
 EXIT_OK, EXIT_FAILURES, EXIT_CONFIG, EXIT_DRIFT = 0, 1, 2, 3
 
@@ -45,6 +48,10 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="config.yaml to use (default: $RECONCILER_CONFIG, else ./config.yaml)"),
 ]
+DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Show what would be done; send and write nothing.")]
+CustomerOption = Annotated[list[str] | None, typer.Option("--customer", help="Only this Stripe customer (repeatable).")]
+FormatOption = Annotated[OutputFormat, typer.Option("--format", help="table, json, csv or html.")]
+OutputOption = Annotated[Path | None, typer.Option("--output", help="Write the result to this file.")]
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -64,6 +71,16 @@ def _load(ctx: typer.Context, config: Path | None) -> Config:
         raise typer.Exit(EXIT_CONFIG) from None
     configure_logging(loaded.logging.level, loaded.logging.format, loaded.secret_values())
     return loaded
+
+
+def _build(loaded: Config) -> App:
+    """The wired application, or exit 2 with the command to run if the database is not migrated."""
+    from reconciler.app import build_app
+
+    try:
+        return build_app(loaded)
+    except DatabaseNotMigratedError as exc:
+        raise _setup_error(str(exc)) from None
 
 
 def _setup_error(message: str) -> typer.Exit:
@@ -100,24 +117,15 @@ def db_upgrade(ctx: typer.Context, config: ConfigOption = None) -> None:
 @app.command("sync-usage")
 def sync_usage(
     ctx: typer.Context,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be sent; write nothing.")] = False,
-    customer: Annotated[
-        list[str] | None, typer.Option("--customer", help="Only this Stripe customer (repeatable).")
-    ] = None,
-    output_format: Annotated[
-        OutputFormat, typer.Option("--format", help="table, json, csv or html.")
-    ] = OutputFormat.table,
-    output: Annotated[Path | None, typer.Option("--output", help="Write the result to this file.")] = None,
+    dry_run: DryRunOption = False,
+    customer: CustomerOption = None,
+    output_format: FormatOption = OutputFormat.table,
+    output: OutputOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Run one usage sync cycle now and print a summary."""
-    from reconciler.app import build_app
-
     loaded = _load(ctx, config)
-    try:
-        application = build_app(loaded)
-    except DatabaseNotMigratedError as exc:
-        raise _setup_error(str(exc)) from None
+    application = _build(loaded)
     try:
         result = application.usage_sync.run_cycle(dry_run=dry_run, customers=frozenset(customer or ()))
     finally:
@@ -163,30 +171,22 @@ def sync_usage(
 @app.command("reconcile-balances")
 def reconcile_balances(
     ctx: typer.Context,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Show what would be sent; send and write nothing.")
-    ] = False,
-    customer: Annotated[
-        list[str] | None, typer.Option("--customer", help="Only this Stripe customer (repeatable).")
-    ] = None,
-    output_format: Annotated[OutputFormat, typer.Option("--format", help="table or json.")] = OutputFormat.table,
-    output: Annotated[Path | None, typer.Option("--output", help="Write the report to this file.")] = None,
+    dry_run: DryRunOption = False,
+    customer: CustomerOption = None,
+    output_format: FormatOption = OutputFormat.table,
+    output: OutputOption = None,
     fail_on_drift: Annotated[
         bool, typer.Option("--fail-on-drift", help="Exit 3 when uncorrected drift remains.")
     ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Forward top-ups and refunds to Moesif, compare balances, correct drift (one cycle)."""
-    from reconciler.app import build_app
     from reconciler.balances.report import render_json, render_table
 
     loaded = _load(ctx, config)
     if not loaded.balances.enabled:
         raise _setup_error("balances.enabled is false: set it (and the moesif section) to reconcile balances")
-    try:
-        application = build_app(loaded)
-    except DatabaseNotMigratedError as exc:
-        raise _setup_error(str(exc)) from None
+    application = _build(loaded)
     assert application.balance_sync is not None
     try:
         result = application.balance_sync.run_cycle(dry_run=dry_run, customers=frozenset(customer or ()))
@@ -211,29 +211,18 @@ def reconcile_balances(
 @app.command("sync-plans")
 def sync_plans(
     ctx: typer.Context,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Show what would be sent; send and write nothing.")
-    ] = False,
-    customer: Annotated[
-        list[str] | None, typer.Option("--customer", help="Only this Stripe customer (repeatable).")
-    ] = None,
+    dry_run: DryRunOption = False,
+    customer: CustomerOption = None,
     full: Annotated[bool, typer.Option("--full", help="Re-send every user's state (for an app that lost it).")] = False,
-    output_format: Annotated[
-        OutputFormat, typer.Option("--format", help="table, json, csv or html.")
-    ] = OutputFormat.table,
-    output: Annotated[Path | None, typer.Option("--output", help="Write the result to this file.")] = None,
+    output_format: FormatOption = OutputFormat.table,
+    output: OutputOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Send the app each user's plan and status as Stripe has them: only the changes, unless --full."""
-    from reconciler.app import build_app
-
     loaded = _load(ctx, config)
     if not loaded.plans.enabled:
         raise _setup_error("plans.enabled is false: set it (with plans.sync_url and plans.price_to_plan)")
-    try:
-        application = build_app(loaded)
-    except DatabaseNotMigratedError as exc:
-        raise _setup_error(str(exc)) from None
+    application = _build(loaded)
     assert application.plan_sync is not None
     try:
         result = application.plan_sync.run_cycle(dry_run=dry_run, customers=frozenset(customer or ()), full=full)
@@ -271,19 +260,18 @@ def backfill(
     ctx: typer.Context,
     since: Annotated[str, typer.Option("--from", help="Start of the range (YYYY-MM-DD or ISO 8601).")],
     until: Annotated[str, typer.Option("--to", help="End of the range, exclusive.")],
-    customer: Annotated[list[str] | None, typer.Option("--customer", help="Only this customer (repeatable).")] = None,
+    customer: CustomerOption = None,
     meter: Annotated[list[str] | None, typer.Option("--meter", help="Only this meter event_name / price.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; change nothing.")] = False,
+    dry_run: DryRunOption = False,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask before sending many reports.")] = False,
-    output_format: Annotated[OutputFormat, typer.Option("--format", help="table or json.")] = OutputFormat.table,
-    output: Annotated[Path | None, typer.Option("--output", help="Write the result to this file.")] = None,
+    output_format: FormatOption = OutputFormat.table,
+    output: OutputOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Re-drive past periods: report what Stripe can still bill, list what is out of reach (exit 3)."""
     import structlog
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from reconciler.app import build_app
     from reconciler.clock import utc_now
     from reconciler.ledger.runs import RunLog
     from reconciler.usage.backfill import Backfill, Checkpoints, command_key
@@ -291,10 +279,7 @@ def backfill(
     loaded = _load(ctx, config)
     window = (_parse_date(since, "--from"), _parse_date(until, "--to"))
     customers, meters = frozenset(customer or ()), frozenset(meter or ())
-    try:
-        application = build_app(loaded)
-    except DatabaseNotMigratedError as exc:
-        raise _setup_error(str(exc)) from None
+    application = _build(loaded)
     log = structlog.get_logger("reconciler.backfill")
     try:
         runner = Backfill(
@@ -391,8 +376,8 @@ def verify(
         str | None, typer.Option("--from", help="Periods ending after this date (default: lookback).")
     ] = None,
     until: Annotated[str | None, typer.Option("--to", help="Periods starting before this date (default: now).")] = None,
-    output_format: Annotated[OutputFormat, typer.Option("--format", help="table or json.")] = OutputFormat.table,
-    output: Annotated[Path | None, typer.Option("--output", help="Write the report to this file.")] = None,
+    output_format: FormatOption = OutputFormat.table,
+    output: OutputOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Read Stripe's own totals back and compare them with the ledger and OpenMeter (exit 3: a person must act)."""
@@ -459,10 +444,8 @@ def report(
     ctx: typer.Context,
     since: Annotated[str | None, typer.Option("--from", help="Start (default: usage.lookback ago).")] = None,
     until: Annotated[str | None, typer.Option("--to", help="End, exclusive (default: now).")] = None,
-    output_format: Annotated[
-        OutputFormat, typer.Option("--format", help="table, json, csv or html.")
-    ] = OutputFormat.table,
-    output: Annotated[Path | None, typer.Option("--output", help="Write the report to this file.")] = None,
+    output_format: FormatOption = OutputFormat.table,
+    output: OutputOption = None,
     audit: Annotated[bool, typer.Option("--audit", help="CSV: the audit trail instead of the periods.")] = False,
     fail_on_drift: Annotated[
         bool, typer.Option("--fail-on-drift", help="Exit 3 when late drift, failures or uncorrected drift remain.")
