@@ -10,23 +10,10 @@ import pytest
 
 from reconciler.sandbox.httpserver import LoopbackServer
 from reconciler.sandbox.moesif_fake import FakeMoesif
+from tests.sandbox.conftest import NOW, Clock
 
 TOKEN = "moesif_sandbox_token"
-NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 TXN_PATH = "/v1/~/billing/reports/balance_transactions"
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock(NOW)
 
 
 @pytest.fixture

@@ -27,12 +27,6 @@ def fake() -> FakeOpenMeter:
 
 
 @pytest.fixture
-def server(fake: FakeOpenMeter) -> Iterator[LoopbackServer]:
-    with LoopbackServer(fake) as srv:
-        yield srv
-
-
-@pytest.fixture
 def client(server: LoopbackServer) -> Iterator[openmeter.Client]:
     with openmeter.Client(endpoint=server.url, token=TOKEN, retry_total=0, connection_timeout=5, read_timeout=5) as c:
         yield c

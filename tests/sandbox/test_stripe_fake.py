@@ -29,12 +29,6 @@ def fake() -> FakeStripe:
 
 
 @pytest.fixture
-def server(fake: FakeStripe) -> Iterator[LoopbackServer]:
-    with LoopbackServer(fake) as srv:
-        yield srv
-
-
-@pytest.fixture
 def client(server: LoopbackServer) -> Iterator[stripe.StripeClient]:
     http = stripe.RequestsClient()
     yield stripe.StripeClient(

@@ -10,34 +10,15 @@ import stripe
 
 from reconciler.sandbox.httpserver import LoopbackServer
 from reconciler.sandbox.stripe_fake import FakeStripe
+from tests.sandbox.conftest import NOW, Clock
 
-NOW = 1_767_225_600  # 2026-01-01T00:00:00Z
 DAY = 86400
 METERED = {"type": "applicability_scope", "applicability_scope": {"price_type": "metered"}}
-
-
-class Clock:
-    def __init__(self, now: int) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock(NOW)
 
 
 @pytest.fixture
 def fake(clock: Clock) -> FakeStripe:
     return FakeStripe(clock=clock)
-
-
-@pytest.fixture
-def server(fake: FakeStripe) -> Iterator[LoopbackServer]:
-    with LoopbackServer(fake) as srv:
-        yield srv
 
 
 @pytest.fixture
