@@ -103,10 +103,10 @@ def _demo(console: Console, sandbox: Sandbox, database: Path) -> int:
 
 def _downgrade(sandbox: Sandbox) -> None:
     stripe = sandbox.stripe
-    for item in stripe.subscription_items.values():
+    for item_id, item in list(stripe.subscription_items.items()):
         subscription = stripe.subscriptions[item["subscription"]]
         if subscription["customer"] == "cus_sandbox_acme" and item["price"] == "price_sandbox_pro":
-            item["price"] = "price_sandbox_starter"
+            stripe.set_item_price(item_id, "price_sandbox_starter")
 
 
 def _moesif_burns_usage(sandbox: Sandbox, seeded: dict) -> None:

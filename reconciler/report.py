@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from reconciler.balances.money import to_units
 from reconciler.ledger.schema import BalanceObservation, LateDrift, MoesifTransaction, UsagePeriod, UsageReport
-from reconciler.output import STYLE, rows_csv, rows_table_html
+from reconciler.output import STYLE, rows_table_html
 
 
 @dataclass(frozen=True)
@@ -194,11 +194,6 @@ def render_json(report: Report) -> str:
 def render_rows(report: Report, *, audit: bool = False) -> list[dict[str, object]]:
     """The rows a CSV export holds: the periods, or the audit trail."""
     return [asdict(a) for a in report.audit] if audit else [asdict(p) for p in report.periods]
-
-
-def render_csv(report: Report, *, audit: bool = False) -> str:
-    names = AuditRow.__dataclass_fields__ if audit else PeriodRow.__dataclass_fields__
-    return rows_csv(render_rows(report, audit=audit), list(names))
 
 
 def _bar_chart(title: str, series: dict[str, tuple[int, int]], labels: tuple[str, str]) -> str:

@@ -157,10 +157,6 @@ class RecordedRequest:
     params: dict[str, Any]  # parsed form body / query (nested, bracket-decoded) or JSON body
     body: bytes = b""
 
-    @property
-    def form(self) -> dict[str, Any]:
-        return self.params
-
 
 @dataclass
 class _Fault:

@@ -141,6 +141,11 @@ class FakeMoesif(FakeService):
             )
             return self._render_subscription(self._subscriptions[subscription_id])
 
+    def remove_subscription(self, subscription_id: str) -> None:
+        """As if Moesif had never heard of the subscription (e.g. not synced yet)."""
+        with self.lock:
+            del self._subscriptions[subscription_id]
+
     def consume(self, subscription_id: str, amount: float) -> float:
         """Burn ``amount`` of credit as usage arrives; returns the new current balance."""
         with self.lock:

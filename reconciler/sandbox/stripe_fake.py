@@ -422,15 +422,6 @@ class FakeStripe(FakeService):
             self._register(mid)
             return json.loads(json.dumps(meter))
 
-    def set_meter_status(self, meter_id: str, status: str) -> dict[str, Any]:
-        with self.lock:
-            meter = self.meters[meter_id]
-            now = self._now()
-            meter["status"] = status
-            meter["updated"] = now
-            meter["status_transitions"] = {"deactivated_at": now if status == "inactive" else None}
-            return json.loads(json.dumps(meter))
-
     def add_price(
         self,
         *,
@@ -578,25 +569,6 @@ class FakeStripe(FakeService):
         self._sub_items[sid].append(iid)
         return iid
 
-    def add_subscription_item(
-        self,
-        subscription: str,
-        price: str,
-        *,
-        current_period_start: int | None = None,
-        current_period_end: int | None = None,
-    ) -> dict[str, Any]:
-        """Add an item to an existing subscription (period defaults to the first item's)."""
-        with self.lock:
-            items = self._sub_items[subscription]
-            if price not in self.prices:
-                raise KeyError(f"unknown price {price!r}")
-            first = self.subscription_items[items[0]] if items else {}
-            start = current_period_start if current_period_start is not None else first["current_period_start"]
-            end = current_period_end if current_period_end is not None else first["current_period_end"]
-            iid = self._add_item(subscription, price, start, end, self._now())
-            return self._render_item(self.subscription_items[iid])
-
     def update_subscription(self, id: str, **fields: Any) -> dict[str, Any]:
         """Overwrite fields of a subscription (status, canceled_at, ended_at, metadata, ...).
 
@@ -616,6 +588,15 @@ class FakeStripe(FakeService):
                 if end is not None:
                     item["current_period_end"] = end
             return self._render_subscription(sub, set())
+
+    def set_item_price(self, item_id: str, price: str) -> dict[str, Any]:
+        """Move an item to another price (an upgrade or a downgrade)."""
+        with self.lock:
+            if price not in self.prices:
+                raise KeyError(f"unknown price {price!r}")
+            item = self.subscription_items[item_id]
+            item["price"] = price
+            return self._render_item(item)
 
     def set_item_period(self, item_id: str, start: int, end: int) -> dict[str, Any]:
         with self.lock:

@@ -314,7 +314,7 @@ def test_one_failing_customer_does_not_stop_the_others(bh):
     bh.configure(stripe_source="none", auto_correct=False)
     bh.customer("cus_ok", subscription="sub_ok")
     bh.customer("cus_gone", subscription="sub_gone")
-    del bh.moesif._subscriptions["sub_gone"]
+    bh.moesif.remove_subscription("sub_gone")
     for customer in ("cus_ok", "cus_gone"):
         bh.stripe.add_payment_intent(customer, 1000, created=ts(NOW - timedelta(hours=1)), id=f"pi_{customer}")
     with freeze_time(NOW):
@@ -340,10 +340,10 @@ def test_a_top_up_moesif_refused_is_forwarded_once_its_subscription_exists(bh):
     bh.configure(stripe_source="none", auto_correct=False)
     bh.customer()
     bh.stripe.add_payment_intent("cus_M", 1000, created=ts(NOW - timedelta(hours=1)), id="pi_early")
-    subscription = bh.moesif._subscriptions.pop("sub_M")  # Moesif has not heard of the subscription yet
+    bh.moesif.remove_subscription("sub_M")  # Moesif has not heard of the subscription yet
     with freeze_time(NOW) as clock:
         assert bh.cycle().failed == 1
-        bh.moesif._subscriptions["sub_M"] = subscription
+        bh.moesif.add_subscription("sub_M", "cus_M")
         clock.tick(timedelta(hours=1))
         assert bh.cycle().failed == 0
     assert bh.moesif.balance("sub_M") == 10.0

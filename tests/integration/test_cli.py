@@ -246,7 +246,8 @@ def test_fail_on_drift_exits_3_when_drift_is_left_uncorrected(sandbox, config_fi
     strict = reconciler("reconcile-balances", "--fail-on-drift", "--config", str(config_file))
     assert plain.returncode == 0 and strict.returncode == 3
     assert "cus_bal" in strict.stdout and "report" in strict.stdout and "+5.00" in strict.stdout
-    assert sandbox.moesif.balance(next(iter(sandbox.moesif._subscriptions))) == 45.0
+    subscription = next(s for s in sandbox.stripe.subscriptions.values() if s["customer"] == "cus_bal")
+    assert sandbox.moesif.balance(subscription["id"]) == 45.0  # nothing was sent
 
 
 def test_balance_config_that_would_make_everything_drift_is_refused(tmp_path):

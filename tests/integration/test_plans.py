@@ -75,7 +75,7 @@ class PlanHarness:
         )
 
     def set_price(self, subscription: dict, price: str) -> None:
-        self.stripe.subscription_items[subscription["items"]["data"][0]["id"]]["price"] = price
+        self.stripe.set_item_price(subscription["items"]["data"][0]["id"], price)
 
     def cycle(self, **kwargs):
         return self.sync.run_cycle(**kwargs)

@@ -14,7 +14,8 @@ from html.parser import HTMLParser
 import pytest
 from freezegun import freeze_time
 
-from reconciler.report import build_report, render_csv, render_html, render_json
+from reconciler.output import rows_csv
+from reconciler.report import build_report, render_html, render_json, render_rows
 from tests.conftest import utc
 from tests.integration.test_usage_sync import MID, PERIOD_END, PERIOD_START, seed, use
 
@@ -64,11 +65,11 @@ def test_json_csv_and_html_show_the_same_numbers(harness):
     assert data["totals"]["stripe_writes"] == 1 and data["totals"]["unreported"] == 4
     assert [a["request"] for a in data["audit"]] == ["POST /v1/billing/meter_events"]
 
-    rows = list(csv.DictReader(io.StringIO(render_csv(report))))
+    rows = list(csv.DictReader(io.StringIO(rows_csv(render_rows(report)))))
     assert [
         (r["status"], r["measured"], r["reported"]) for r in rows if r["period_start"].startswith("2026-03-01")
     ] == [("late drift", "14", "10")]
-    audit_rows = list(csv.DictReader(io.StringIO(render_csv(report, audit=True))))
+    audit_rows = list(csv.DictReader(io.StringIO(rows_csv(render_rows(report, audit=True)))))
     assert audit_rows[0]["key"] == data["audit"][0]["key"]
 
     page = render_html(report)

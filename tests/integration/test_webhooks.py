@@ -175,7 +175,7 @@ def test_a_subscription_webhook_syncs_the_users_plan_at_once(sandbox, webhook_co
     daemon.wait_for("plan sync finished")
     assert sandbox.app.users == {"u7": {"plan": "starter", "status": "active"}}
     item = subscription["items"]["data"][0]["id"]
-    sandbox.stripe.subscription_items[item]["price"] = "price_sandbox_pro"  # the upgrade, then its webhook
+    sandbox.stripe.set_item_price(item, "price_sandbox_pro")  # the upgrade, then its webhook
     body, headers = signed(
         event(
             "customer.subscription.updated", {**subscription, "customer": "cus_plan"}, previous_attributes={"items": {}}
