@@ -224,59 +224,46 @@ class BalanceSync:
         for top_up in top_ups.values():
             if top_up.disputed:
                 report.flags.append(f"top-up {top_up.payment_intent_id} is disputed: not debited automatically")
-            if top_up.payment_intent_id in forwarded_already or top_up.disputed:
-                continue
-            if run_id is not None and (refused := self._ledger.reopen_failed("topup", top_up.payment_intent_id)):
-                report.forwarded.append(
-                    f"credit {to_units(top_up.amount_minor, account.currency)} (retry) {top_up.payment_intent_id}"
+            elif top_up.payment_intent_id not in forwarded_already:
+                description = f"Stripe top-up {top_up.payment_intent_id}"
+                plans.append(
+                    self._plan(
+                        "topup",
+                        top_up.payment_intent_id,
+                        customer,
+                        top_up.amount_minor,
+                        top_up.currency,
+                        "credit",
+                        description,
+                    )
                 )
-                self._send(refused, report)
-                continue
-            plans.append(
-                self._plan(
-                    "topup",
-                    top_up.payment_intent_id,
-                    customer,
-                    top_up.amount_minor,
-                    top_up.currency,
-                    "credit",
-                    f"Stripe top-up {top_up.payment_intent_id}",
-                )
-            )
 
         own_refunds = self._customer_refunds(account.customer_id, refunds, top_ups)
         refunded_already = self._ledger.known_sources("refund", [r.refund_id for r in own_refunds])
         for refund in own_refunds:
-            if run_id is not None and refund.refund_id not in refunded_already:
-                refused = self._ledger.reopen_failed("refund", refund.refund_id)
-                if refused is not None:
-                    report.forwarded.append(f"debit (retry) {refund.refund_id}")
-                    self._send(refused, report)
-                    continue
             if refund.refund_id not in refunded_already:
+                description = f"Stripe refund {refund.refund_id} of {refund.payment_intent_id}"
                 plans.append(
                     self._plan(
-                        "refund",
-                        refund.refund_id,
-                        customer,
-                        refund.amount_minor,
-                        refund.currency,
-                        "debit",
-                        f"Stripe refund {refund.refund_id} of {refund.payment_intent_id}",
+                        "refund", refund.refund_id, customer, refund.amount_minor, refund.currency, "debit", description
                     )
                 )
 
-        for planned in plans:
-            if planned is None:
-                continue
+        for planned in filter(None, plans):
             line = f"{planned.type} {to_units(planned.amount_minor, account.currency)} {planned.transaction_id}"
-            report.forwarded.append(line)
             if run_id is None:
+                report.forwarded.append(line)
                 continue
-            try:
-                stored = self._ledger.record(planned, run_id)
-            except AlreadyRecordedError:
-                continue  # another replica recorded it first and sends it
+            # Moesif refused it before (e.g. its subscription did not exist yet): the same transaction again.
+            stored = self._ledger.reopen_failed(planned.kind, planned.source_id)
+            if stored is not None:
+                line += " (retry)"
+            else:
+                try:
+                    stored = self._ledger.record(planned, run_id)
+                except AlreadyRecordedError:
+                    continue  # another replica recorded it first and sends it
+            report.forwarded.append(line)
             self._send(stored, report)
 
     def _customer_refunds(
