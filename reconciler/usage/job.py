@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
@@ -69,12 +70,12 @@ class StripePort(Protocol):
 
 
 class OpenMeterPort(Protocol):
-    def query_total(self, meter: str, subject: str, window: UsageWindow) -> object: ...
+    def query_total(self, meter: str, subject: str, window: UsageWindow) -> Decimal: ...
 
 
 @dataclass(frozen=True)
 class PlannedReport:
-    """One line of a dry run: what would be sent, and why."""
+    """The decision for one stream period and what the ledger held before it (a dry run's plan line)."""
 
     work: StreamPeriod
     decision: Decision
@@ -366,7 +367,7 @@ class UsageSync:
         if window.is_empty:
             return 0  # OpenMeter answers 400 to equal bounds; an empty window holds no usage anyway
         total = self._openmeter.query_total(work.stream.openmeter_meter, work.stream.subject, window)
-        return round_quantity(total, work.stream.rounding)  # type: ignore[arg-type]
+        return round_quantity(total, work.stream.rounding)
 
     def _resend_pending(self, ledger: UsageLedger, work: StreamPeriod, now: datetime) -> None:
         """Finish what a crashed or failed cycle started, with the same identifier and idempotency key."""
