@@ -160,6 +160,9 @@ class MoesifConfig(_Section):
     max_requests_per_minute: int = Field(default=250, gt=0, le=500)
     timeout_seconds: float = Field(default=30, gt=0)
     max_retries: int = Field(default=3, ge=0, le=10)
+    # Moesif does not document what a repeated transaction_id does. Unless this says it is ignored, a POST whose
+    # outcome is unknown is never sent again: it is flagged, and the balance comparison shows whether it landed.
+    deduplicates_transaction_ids: bool = False
 
     @field_validator("url")
     @classmethod

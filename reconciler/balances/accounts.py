@@ -22,19 +22,31 @@ class CustomerAccount:
     unit_prices: dict[str, Decimal | None] = field(default_factory=dict)
 
 
-def map_accounts(items: Iterable[MeteredItem], metadata_key: str | None) -> dict[str, CustomerAccount]:
+def map_accounts(
+    items: Iterable[MeteredItem], metadata_key: str | None, ended_since: datetime
+) -> dict[str, CustomerAccount]:
     """Moesif `company_id` = Stripe customer; `subscription_id` = the customer's oldest live subscription with
-    metered items, unless the customer's metadata names one under `metadata_key`."""
-    by_customer: dict[str, list[MeteredItem]] = {}
+    metered items, unless the customer's metadata names one under `metadata_key`. A customer whose subscriptions
+    all ended keeps the one that ended last, if after `ended_since`: its last invoice, late top-ups and refunds
+    still move money that Moesif must hear about."""
+    live_items: dict[str, list[MeteredItem]] = {}
+    ended_items: dict[str, list[MeteredItem]] = {}
     for item in items:
         if item.subscription_status in LIVE_STATUSES:
-            by_customer.setdefault(item.customer_id, []).append(item)
+            live_items.setdefault(item.customer_id, []).append(item)
+        elif item.ended_at is not None and item.ended_at >= ended_since:
+            ended_items.setdefault(item.customer_id, []).append(item)
     accounts = {}
-    for customer, live in by_customer.items():
-        oldest = min(live, key=lambda i: (i.subscription_created or _EPOCH, i.subscription_id))
-        override = (oldest.customer_metadata or {}).get(metadata_key or "") if metadata_key else None
-        account = BalanceAccount(customer, override or oldest.subscription_id, oldest.currency)
-        prices = {(i.meter_id or i.price_id): i.unit_amount for i in live}
+    for customer in live_items.keys() | ended_items.keys():
+        if customer in live_items:
+            chosen = min(live_items[customer], key=lambda i: (i.subscription_created or _EPOCH, i.subscription_id))
+            priced = live_items[customer]
+        else:
+            chosen = max(ended_items[customer], key=lambda i: (i.ended_at or _EPOCH, i.subscription_id))
+            priced = [i for i in ended_items[customer] if i.subscription_id == chosen.subscription_id]
+        override = (chosen.customer_metadata or {}).get(metadata_key or "") if metadata_key else None
+        account = BalanceAccount(customer, override or chosen.subscription_id, chosen.currency)
+        prices = {(i.meter_id or i.price_id): i.unit_amount for i in priced}
         accounts[customer] = CustomerAccount(account, prices)
     return accounts
 

@@ -37,6 +37,11 @@ from reconciler.upstream.stripe_api import StripeGateway
 
 log = structlog.get_logger(__name__)
 
+NOT_RESENT = (
+    "whether Moesif applied it is unknown and it was not resent (Moesif may not ignore a repeated transaction_id); "
+    "check Moesif: the balance comparison after the settle delay shows a drift if it never landed"
+)
+
 
 @dataclass
 class CustomerReport:
@@ -142,7 +147,7 @@ class BalanceSync:
         with structlog.contextvars.bound_contextvars(run_id=run_id, dry_run=dry_run, job="balance_reconcile"):
             log.info("balance reconcile started")
             try:
-                accounts = self._accounts(customers)
+                accounts = self._accounts(customers, now)
                 refunds = self._refunds_by_payment_intent(now) if self._settings.topups.enabled else {}
             except UpstreamError as exc:
                 result.failures.append(f"listing: {self._redact(str(exc))}")
@@ -160,9 +165,9 @@ class BalanceSync:
 
     # -- collecting ----------------------------------------------------------------------------------
 
-    def _accounts(self, customers: frozenset[str]) -> dict[str, CustomerAccount]:
+    def _accounts(self, customers: frozenset[str], now: datetime) -> dict[str, CustomerAccount]:
         items = self._stripe.metered_items(with_customer=True, customers=customers)
-        return map_accounts(items, self._settings.subscription_metadata_key)
+        return map_accounts(items, self._settings.subscription_metadata_key, now - self._settings.topups.lookback)
 
     def _refunds_by_payment_intent(self, now: datetime) -> dict[str, list[Refund]]:
         """Refunds are listed by their own creation date, so a refund of an old top-up is still seen."""
@@ -185,11 +190,7 @@ class BalanceSync:
             try:
                 if run_id is not None:
                     for stored in self._ledger.pending(account.customer_id, now - self._settings.settle_delay):
-                        report.flags.append(
-                            f"resending {stored.planned.kind} {stored.planned.transaction_id}: an earlier attempt's "
-                            "outcome is unknown; check Moesif if it does not deduplicate transaction ids"
-                        )
-                        self._send(stored, report)
+                        self._settle_interrupted(stored, report)
                 if self._settings.topups.enabled:
                     self._forward_money(customer, refunds, now, run_id, report)
                 if self._settings.stripe_source != "none":
@@ -305,6 +306,23 @@ class BalanceSync:
             return None
         return PlannedTransaction(kind, source_id, source_id, customer.account, amount_minor, direction, description)
 
+    @property
+    def _resend_is_safe(self) -> bool:
+        assert self._config.moesif is not None  # the balance job runs only with a moesif section
+        return self._config.moesif.deduplicates_transaction_ids
+
+    def _settle_interrupted(self, stored: StoredTransaction, report: CustomerReport) -> None:
+        """A transaction an earlier run recorded but never saw answered (it died, or every attempt failed)."""
+        planned = stored.planned
+        if self._resend_is_safe:
+            report.flags.append(
+                f"resending {planned.kind} {planned.transaction_id}: an earlier attempt's outcome is unknown"
+            )
+            self._send(stored, report)
+            return
+        self._ledger.close_unknown_outcome(stored, "a run stopped between recording and confirming it")
+        report.flags.append(f"{planned.kind} {planned.transaction_id}: {NOT_RESENT}")
+
     def _send(self, stored: StoredTransaction, report: CustomerReport) -> None:
         planned = stored.planned
         transaction = BalanceTransaction(
@@ -322,6 +340,11 @@ class BalanceSync:
             self._ledger.mark_failed(stored, self._redact(str(exc)))
             raise
         except OutcomeUnknownError as exc:
+            if not self._resend_is_safe:
+                self._ledger.close_unknown_outcome(stored, self._redact(str(exc)))
+                report.flags.append(f"{planned.transaction_id}: {NOT_RESENT}")
+                log.warning("moesif transaction outcome unknown; not resent", transaction_id=planned.transaction_id)
+                return
             self._ledger.note_unknown_outcome(stored, self._redact(str(exc)))
             report.flags.append(f"{planned.transaction_id}: outcome unknown, will be resent with the same id")
             raise

@@ -163,6 +163,17 @@ class BalanceLedger:
             row.attempts += 1
             row.error = error
 
+    def close_unknown_outcome(self, stored: StoredTransaction, error: str) -> None:
+        """Not to be resent (Moesif may not ignore a repeated id): counted as sent, flagged for a person. While it
+        may still be settling the balance comparison waits; after that, a drift shows it never landed."""
+        with self._sessions.begin() as session:
+            row = session.get_one(MoesifTransaction, stored.id)
+            row.state = IntentState.SENT
+            row.sent_at = self._clock()
+            row.attempts += 1
+            row.outcome_unknown = True
+            row.error = error
+
     def note_unknown_outcome(self, stored: StoredTransaction, error: str) -> None:
         """Stays pending (resent with the same id next cycle) and is flagged for a person."""
         with self._sessions.begin() as session:

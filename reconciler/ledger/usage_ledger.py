@@ -84,6 +84,20 @@ class UsageLedger:
             ).first()
             return None if report is None else self._intent(report, work.stream)
 
+    def stream_events_between(self, stream_key: str, start: datetime, end: datetime) -> list[tuple[str, int]]:
+        """(state, quantity) of this stream's reports dated in `[start, end)`, whatever their period."""
+        with self._sessions() as session:
+            rows = session.execute(
+                select(UsageReport.state, UsageReport.quantity)
+                .join(UsagePeriod, UsagePeriod.id == UsageReport.period_id)
+                .where(
+                    UsagePeriod.stream_key == stream_key,
+                    UsageReport.event_timestamp >= start,
+                    UsageReport.event_timestamp < end,
+                )
+            ).all()
+        return [(str(state), int(quantity)) for state, quantity in rows]
+
     def periods_to_revisit(
         self, now: datetime, lookback: timedelta, skip: set[tuple[str, datetime]]
     ) -> Iterator[UsagePeriod]:

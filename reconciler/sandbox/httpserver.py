@@ -18,14 +18,19 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 __all__ = [
+    "DROP_CONNECTION",
     "App",
     "FakeService",
+    "InjectedFault",
     "LoopbackServer",
     "RecordedRequest",
     "Response",
 ]
 
 Response = tuple[int, dict[str, str], bytes]
+
+# A fault "status" that closes the connection without any answer: the client sees the connection drop.
+DROP_CONNECTION = 0
 
 
 class App(Protocol):
@@ -61,6 +66,9 @@ class _Handler(BaseHTTPRequestHandler):
             status = 500
             resp_headers = {"Content-Type": "text/plain; charset=utf-8"}
             resp_body = f"sandbox handler crashed: {exc!r}".encode()
+        if status == DROP_CONNECTION:
+            self.close_connection = True
+            return
         self.send_response(status)
         lowered = {k.lower() for k in resp_headers}
         for name, value in resp_headers.items():
@@ -159,7 +167,7 @@ class RecordedRequest:
 
 
 @dataclass
-class _Fault:
+class InjectedFault:
     method: str
     path_prefix: str
     status: int
@@ -167,6 +175,7 @@ class _Fault:
     body: Any
     remaining: int
     after_apply: bool
+    delay_seconds: float = 0.0
     hits: int = field(default=0)
 
     def matches(self, method: str, path: str) -> bool:
@@ -184,7 +193,7 @@ class FakeService:
         self.clock: Callable[[], float] = clock if clock is not None else (lambda: time.time())
         self.lock = threading.RLock()
         self.requests: list[RecordedRequest] = []
-        self._faults: list[_Fault] = []
+        self._faults: list[InjectedFault] = []
 
     # -- fault injection -------------------------------------------------------------------------
 
@@ -198,27 +207,36 @@ class FakeService:
         body: Any = None,
         times: int = 1,
         after_apply: bool = False,
-    ) -> None:
+        delay_seconds: float = 0.0,
+    ) -> InjectedFault:
         """The next ``times`` requests matching ``method`` ("*" = any) and ``path_prefix`` get ``status``.
 
         ``body`` may be bytes, str, or a JSON-serialisable object; ``None`` gives the service's default
         error body. With ``after_apply=True`` the request is applied first and only its response is
-        replaced (a "lost response").
+        replaced (a "lost response"). ``status=DROP_CONNECTION`` closes the connection without an answer;
+        ``delay_seconds`` holds the answer back that long in real time (longer than the client's timeout,
+        a timeout). Returns the fault; its ``hits`` count the requests it answered.
         """
         with self.lock:
-            self._faults.append(
-                _Fault(
-                    method=method,
-                    path_prefix=path_prefix,
-                    status=status,
-                    headers=dict(headers) if headers else None,
-                    body=body,
-                    remaining=times,
-                    after_apply=after_apply,
-                )
+            fault = InjectedFault(
+                method=method,
+                path_prefix=path_prefix,
+                status=status,
+                headers=dict(headers) if headers else None,
+                body=body,
+                remaining=times,
+                after_apply=after_apply,
+                delay_seconds=delay_seconds,
             )
+            self._faults.append(fault)
+            return fault
 
-    def _take_fault(self, method: str, path: str) -> _Fault | None:
+    def clear_faults(self) -> None:
+        """Drop the injected faults no request has used up."""
+        with self.lock:
+            self._faults.clear()
+
+    def _take_fault(self, method: str, path: str) -> InjectedFault | None:
         for fault in self._faults:
             if fault.matches(method, path):
                 fault.remaining -= 1
@@ -226,7 +244,7 @@ class FakeService:
                 return fault
         return None
 
-    def _fault_response(self, fault: _Fault) -> Response:
+    def _fault_response(self, fault: InjectedFault) -> Response:
         headers = {"Content-Type": self._default_fault_content_type()}
         if fault.body is None:
             body = self._default_fault_body(fault.status)
@@ -260,23 +278,39 @@ class FakeService:
         apply: Callable[[], Response],
     ) -> Response:
         """Record the request, then answer it: with an injected fault (before or after applying it) or with
-        `apply()`. Runs under the service lock, so requests are applied one at a time."""
+        `apply()`. Requests are applied one at a time, under the service lock; an injected delay is waited out
+        after the lock is released."""
         with self.lock:
-            self._record(
-                RecordedRequest(
-                    method=method,
-                    path=path,
-                    query={k: list(v) for k, v in query.items()},
-                    headers=headers,
-                    params=params,
-                    body=bytes(body),
-                )
+            fault, response = self._serve_locked(method, path, query, headers, params, body, apply)
+        if fault is not None and fault.delay_seconds:
+            threading.Event().wait(fault.delay_seconds)  # real time, whatever clock the fake runs on
+        return response
+
+    def _serve_locked(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        headers: dict[str, str],
+        params: dict[str, Any],
+        body: bytes,
+        apply: Callable[[], Response],
+    ) -> tuple[InjectedFault | None, Response]:
+        self._record(
+            RecordedRequest(
+                method=method,
+                path=path,
+                query={k: list(v) for k, v in query.items()},
+                headers=headers,
+                params=params,
+                body=bytes(body),
             )
-            fault = self._take_fault(method, path)
-            if fault is not None and not fault.after_apply:
-                return self._fault_response(fault)
-            response = apply()
-            return self._fault_response(fault) if fault is not None else response
+        )
+        fault = self._take_fault(method, path)
+        if fault is not None and not fault.after_apply:
+            return fault, self._fault_response(fault)
+        response = apply()
+        return fault, self._fault_response(fault) if fault is not None else response
 
     def _reset_base(self) -> None:
         self.requests.clear()

@@ -1811,6 +1811,19 @@ class FakeStripe(FakeService):
             meter = next((m for m in meters if m["status"] == "active"), meters[0])
             return self._aggregate(meter, customer, start, end)
 
+    def credit_available(self, customer: str, currency: str = "usd") -> int:
+        """The customer's available credit for metered prices, in minor units, as the balance summary serves it."""
+        with self.lock:
+            now = self._now()
+            return sum(
+                self._grant_available(g)
+                for g in self.credit_grants.values()
+                if g["customer"] == customer
+                and g["amount"]["monetary"]["currency"] == currency
+                and g["applicability_config"]["scope"].get("price_type") == "metered"
+                and self._grant_live(g, now)
+            )
+
     def usage_record_total(self, item_id: str) -> int:
         """Sum of the stored legacy usage quantities in the item's current period."""
         with self.lock:

@@ -1,8 +1,9 @@
 """Moesif's Management API over httpx (Moesif has no Python SDK for it), returning our own types.
 
 Moesif answers a balance transaction with 204 and no body, and does not document what it does with a repeated
-`transaction_id`: we only ever repeat one for retries of the same transaction, and report every transaction
-whose first outcome was unknown so a person can check it if Moesif does not deduplicate.
+`transaction_id`. Unless `moesif.deduplicates_transaction_ids` says it ignores repeats, a POST whose outcome is
+unknown is not retried: resending could credit twice. A request that never reached Moesif (connection refused,
+429) is always safe to retry.
 """
 
 from __future__ import annotations
@@ -57,6 +58,14 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+class _DoNotResend(Exception):
+    """Ends the retry loop: the POST may have been applied and Moesif may not ignore a repeat."""
+
+    def __init__(self, error: OutcomeUnknownError):
+        super().__init__(str(error))
+        self.error = error
+
+
 class MoesifGateway:
     def __init__(self, config: MoesifConfig, *, limiter: RateLimiter | None = None, metrics: Metrics = NO_METRICS):
         self._config = config
@@ -82,6 +91,8 @@ class MoesifGateway:
     def _attempt(self, method: str, path: str, *, json: Any, unknown_if_lost: bool) -> httpx.Response:
         try:
             response = self._client.request(method, path, json=json)
+        except httpx.ConnectError as exc:  # never reached Moesif: nothing was applied
+            raise TransientError(API, f"{method} {path} could not connect: {type(exc).__name__}") from None
         except httpx.TimeoutException as exc:
             error_class = OutcomeUnknownError if unknown_if_lost else TransientError
             raise error_class(API, f"{method} {path} timed out: {type(exc).__name__}") from None
@@ -133,12 +144,16 @@ class MoesifGateway:
             nonlocal unknown
             try:
                 return self._request("POST", "/~/billing/reports/balance_transactions", json=body, unknown_if_lost=True)
-            except OutcomeUnknownError:
+            except OutcomeUnknownError as exc:
                 unknown = True
+                if not self._config.deduplicates_transaction_ids:
+                    raise _DoNotResend(exc) from None
                 raise
 
         try:
             call_with_retries(attempt, max_retries=self._config.max_retries, what="moesif balance transaction")
+        except _DoNotResend as stop:
+            raise stop.error from None
         except UpstreamError as exc:
             if unknown and not isinstance(exc, OutcomeUnknownError):
                 # A later attempt was refused, but an earlier one may have been applied.

@@ -58,8 +58,9 @@ def translate_error(exc: stripe.StripeError, secrets: tuple[str, ...] = ()) -> U
         return OutcomeUnknownError(API, f"connection failed: {message}")
     if status == 429 or isinstance(exc, stripe.RateLimitError):
         return RateLimitedError(API, message, status=status, request_id=request_id, retry_after=_retry_after(headers))
-    if status is None or status >= 500 or status == 409:
-        # Whatever Stripe-Should-Retry says, a server error may have applied the request.
+    if status is None or status < 300 or status >= 500 or status == 409:
+        # Whatever Stripe-Should-Retry says, a server error may have applied the request; so may a success
+        # whose body could not be read.
         return OutcomeUnknownError(API, message, status=status, request_id=request_id)
     if str(headers.get("Stripe-Should-Retry", "")).lower() == "false":
         return PermanentError(API, message, status=status, request_id=request_id)
@@ -237,15 +238,22 @@ class StripeGateway:
             )
 
     def _pages(self, what: str, list_method: Callable[..., Any], params: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Page through a list endpoint with `starting_after`, one retried request per page."""
+        """Page through a list endpoint with `starting_after`, one retried request per page. A page that does not
+        move the cursor on (a list that claims `has_more` forever) is an error, not an endless loop."""
         cursor: str | None = None
         while True:
             page_params = {**params, "limit": PAGE_SIZE, **({"starting_after": cursor} if cursor else {})}
             page = self._call(what, lambda p=page_params: list_method(params=p)).to_dict()  # type: ignore[misc]
-            data = page["data"]
+            data = page.get("data")
+            if not isinstance(data, list):
+                raise PermanentError(API, f"{what}: the answer has no list of data: {str(page)[:200]}")
             yield from data
             if not page.get("has_more") or not data:
                 return
+            if data[-1].get("id") in (None, cursor):
+                raise PermanentError(
+                    API, f"{what}: has_more is true but the page after {cursor or 'the first'} does not move on"
+                )
             cursor = data[-1]["id"]
 
     # -- read-back -----------------------------------------------------------------------------------

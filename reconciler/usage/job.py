@@ -20,7 +20,7 @@ import structlog
 from reconciler.config import Config
 from reconciler.ledger.coordination import Coordinator, Fence, LeaseLostError
 from reconciler.ledger.runs import RunLog
-from reconciler.ledger.schema import UsagePeriod
+from reconciler.ledger.schema import IntentState, UsagePeriod
 from reconciler.ledger.usage_ledger import ContendedError, UsageLedger, stream_period_from_row
 from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.redact import redact
@@ -67,6 +67,7 @@ class StripePort(Protocol):
     def metered_items(self, *, with_customer: bool, customers: frozenset[str] = ...) -> Iterable[MeteredItem]: ...
     def send_meter_event(self, intent: Intent) -> None: ...
     def send_usage_record(self, intent: Intent) -> None: ...
+    def meter_total(self, meter_id: str, customer: str, start: datetime, end: datetime) -> Decimal: ...
 
 
 class OpenMeterPort(Protocol):
@@ -380,14 +381,44 @@ class UsageSync:
             ledger.mark_failed(intent, "not resent: the period's invoice finalized first")
             return
         if intent.kind is StreamKind.METER_SUM and now - intent.created_at > IDENTIFIER_SAFE_RESEND:
-            raise PermanentError(
-                "reconciler",
-                f"intent {intent.identifier} (+{intent.quantity}) has an unknown outcome and is older than "
-                "Stripe's identifier deduplication window; resending could bill it twice. Check the meter's "
-                "event summaries in Stripe before resolving it",
-            )
+            self._settle_from_stripes_summary(ledger, work, intent)
+            return
         log.info("resending pending intent", identifier=intent.identifier, quantity=intent.quantity)
         self._send(ledger, intent)
+
+    def _settle_from_stripes_summary(self, ledger: UsageLedger, work: StreamPeriod, intent: Intent) -> None:
+        """A `sum` intent whose outcome is unknown and whose identifier Stripe may have forgotten: resending could
+        bill it twice. Stripe's aggregate for the one minute the event was dated in settles it, when every other
+        event we dated in that minute has a known outcome: it holds them plus the intent, or them alone."""
+        assert intent.meter is not None
+        minute = intent.event_timestamp.replace(second=0, microsecond=0)
+        others = [
+            (state, quantity)
+            for state, quantity in ledger.stream_events_between(work.stream.key, minute, minute + timedelta(minutes=1))
+            if state != IntentState.FAILED
+        ]
+        others.remove((IntentState.PENDING, intent.quantity))
+        held = self._stripe.meter_total(intent.meter.id, intent.customer_id, minute, minute + timedelta(minutes=1))
+        without = sum(quantity for _, quantity in others)
+        if all(state == IntentState.SENT for state, _ in others) and held in (without, without + intent.quantity):
+            landed = held == without + intent.quantity
+            log.warning(
+                "settled an old intent from Stripe's meter summary",
+                identifier=intent.identifier,
+                quantity=intent.quantity,
+                landed=landed,
+            )
+            if landed:
+                ledger.mark_sent(intent)
+            else:
+                ledger.mark_failed(intent, "never reached Stripe: the meter's summary for its minute lacks it")
+            return
+        raise PermanentError(
+            "reconciler",
+            f"intent {intent.identifier} (+{intent.quantity}) has an unknown outcome and is older than Stripe's "
+            f"identifier deduplication window, and Stripe's summary for its minute ({held}) does not settle it; "
+            "resending could bill it twice. Check the meter's event summaries in Stripe before resolving it",
+        )
 
     def _note_deadline(
         self, work: StreamPeriod, state: LedgerState, decision: Decision, now: datetime, result: CycleResult

@@ -35,7 +35,7 @@ class BalanceHarness:
         upgrade(self.engine)
         self.configure()
 
-    def configure(self, token: str = MOESIF_TOKEN, **balances: Any) -> None:
+    def configure(self, token: str = MOESIF_TOKEN, *, moesif_dedupes: bool = False, **balances: Any) -> None:
         settings = {
             "enabled": True,
             "stripe_source": "credit_grants",
@@ -54,6 +54,7 @@ class BalanceHarness:
                     "management_token": token,
                     "max_retries": 2,
                     "max_requests_per_minute": 500,
+                    "deduplicates_transaction_ids": moesif_dedupes,
                 },
                 "balances": settings,
                 "logging": {"level": "DEBUG", "format": "console"},
@@ -127,7 +128,7 @@ def test_top_ups_post_currency_units_not_cents(bh):
 
 
 def test_a_missed_top_up_is_forwarded_once_even_through_a_moesif_500(bh):
-    bh.configure(stripe_source="none", auto_correct=False)
+    bh.configure(stripe_source="none", auto_correct=False, moesif_dedupes=True)
     bh.customer()
     bh.stripe.add_payment_intent("cus_M", 1000, created=ts(NOW - timedelta(hours=2)), id="pi_missed")
     bh.stripe.add_payment_intent("cus_M", 700, status="requires_payment_method", created=ts(NOW), id="pi_unpaid")
@@ -283,8 +284,8 @@ def test_moesif_429_with_retry_after_is_waited_out(bh):
     assert [tuple(r) for r in bh.rows("select state, outcome_unknown from moesif_transactions")] == [("sent", False)]
 
 
-def test_a_lost_response_is_resent_with_the_same_id_and_flagged(bh):
-    bh.configure(stripe_source="none", auto_correct=False)
+def test_a_lost_response_is_resent_with_the_same_id_and_flagged_when_moesif_deduplicates(bh):
+    bh.configure(stripe_source="none", auto_correct=False, moesif_dedupes=True)
     bh.customer()
     bh.moesif.dedupe_transaction_ids = True
     bh.stripe.add_payment_intent("cus_M", 1000, created=ts(NOW - timedelta(hours=1)), id="pi_1")
@@ -295,6 +296,28 @@ def test_a_lost_response_is_resent_with_the_same_id_and_flagged(bh):
     assert [p["transaction_id"] for p in bh.posts()] == ["pi_1", "pi_1"]
     assert any("outcome was unknown" in flag for flag in result.customers[0].flags)
     assert [tuple(r) for r in bh.rows("select state, outcome_unknown from moesif_transactions")] == [("sent", True)]
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["lost-response", "refused-with-503"])
+def test_an_unknown_outcome_is_never_resent_when_moesif_may_not_deduplicate(bh, applied):
+    """The default: Moesif's handling of a repeated transaction_id is undocumented, so a POST that may have been
+    applied is flagged, not resent; after the settle delay the comparison corrects it only if it never landed."""
+    bh.customer(moesif_balance=0.0, grant=1000)
+    bh.moesif.dedupe_transaction_ids = False
+    bh.stripe.add_payment_intent("cus_M", 1000, created=ts(NOW - timedelta(hours=1)), id="pi_1")
+    bh.moesif.inject_fault("POST", "/v1/~/billing/reports/balance_transactions", 503, after_apply=applied)
+    with freeze_time(NOW) as clock:
+        first = bh.cycle()
+        assert any("not resent" in flag for flag in first.customers[0].flags)
+        assert first.customers[0].action == ("in_sync" if applied else "settling")
+        clock.tick(timedelta(minutes=15))
+        later = bh.cycle()
+    assert [p["transaction_id"] for p in bh.posts()][:1] == ["pi_1"]
+    assert "pi_1" not in [p["transaction_id"] for p in bh.posts()][1:]
+    assert bh.moesif.balance("sub_M") == 10.0  # credited once: by the top-up, or by the correction if it was lost
+    assert later.customers[0].action == ("in_sync" if applied else "correct")
+    top_up = bh.rows("select transaction_id, state, outcome_unknown from moesif_transactions order by id")[0]
+    assert tuple(top_up) == ("pi_1", "sent", True)  # flagged for a person
 
 
 def test_a_disputed_top_up_is_flagged_not_debited(bh):
@@ -324,6 +347,7 @@ def test_one_failing_customer_does_not_stop_the_others(bh):
 
 
 def test_a_correction_whose_outcome_is_unknown_blocks_another_until_it_settles(bh):
+    bh.configure(moesif_dedupes=True)
     bh.customer(moesif_balance=42.0, grant=5000)
     bh.moesif.inject_fault("POST", "/v1/~/billing/reports/balance_transactions", 503, times=3)
     with freeze_time(NOW) as clock:

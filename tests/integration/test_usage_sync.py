@@ -6,10 +6,11 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+import stripe
 from freezegun import freeze_time
 
 from reconciler.upstream.errors import OutcomeUnknownError
-from tests.conftest import Harness, ts, utc
+from tests.conftest import STRIPE_KEY, Harness, ts, utc
 
 PERIOD_START = utc(2026, 3, 1, 13, 45)
 PERIOD_END = utc(2026, 4, 1, 13, 45)
@@ -319,7 +320,33 @@ def test_customer_filter_syncs_only_that_customer(harness):
     assert stripe_total(h, customer="cus_A") == 0
 
 
-def test_a_pending_sum_intent_older_than_the_dedupe_window_is_not_resent(harness):
+@pytest.mark.parametrize("stripe_applied_it", [False, True], ids=["never-arrived", "arrived-answer-lost"])
+def test_an_old_pending_sum_intent_is_settled_from_stripes_summary_of_its_minute(harness, stripe_applied_it):
+    """Past Stripe's 24-hour identifier window a resend could bill twice; Stripe's own aggregate for the minute the
+    event was dated in tells whether it landed."""
+    h = harness
+    seed(h, formula="sum")
+    use(h, utc(2026, 3, 2), 10)
+    real_send = h.stripe_gateway.send_meter_event
+
+    def unanswered(intent):
+        if stripe_applied_it:
+            real_send(intent)
+        raise OutcomeUnknownError("stripe", "connection failed")
+
+    with freeze_time(MID) as clock:
+        h.stripe_gateway.send_meter_event = unanswered
+        h.cycle()
+        h.configure()
+        clock.tick(timedelta(hours=25))
+        result = h.cycle()
+    assert result.summary.failed == 0, result.summary.failures
+    assert stripe_total(h) == 10
+    states = [r.state for r in h.rows("select state from usage_reports order by sequence")]
+    assert states == (["sent"] if stripe_applied_it else ["failed", "sent"])
+
+
+def test_an_old_pending_sum_intent_stripes_summary_cannot_settle_is_left_for_a_person(harness):
     h = harness
     seed(h, formula="sum")
     use(h, utc(2026, 3, 2), 10)
@@ -329,13 +356,21 @@ def test_a_pending_sum_intent_older_than_the_dedupe_window_is_not_resent(harness
 
     with freeze_time(MID) as clock:
         h.stripe_gateway.send_meter_event = unreachable
-        h.cycle()
+        h.cycle()  # the intent is dated MID
         h.configure()
         clock.tick(timedelta(hours=25))
+        # Someone else sent an event for the customer in the same minute: Stripe's summary no longer tells.
+        stripe.StripeClient(STRIPE_KEY, base_addresses={"api": h.stripe_url}).v1.billing.meter_events.create(
+            params={
+                "event_name": "api_calls",
+                "payload": {"stripe_customer_id": "cus_A", "value": "3"},
+                "timestamp": ts(MID),
+            }
+        )
         result = h.cycle()
     assert result.summary.failed == 1
-    assert "deduplication window" in result.summary.failures[0]
-    assert h.stripe.meter_events == []
+    assert "does not settle it" in result.summary.failures[0]
+    assert [r.state for r in h.rows("select state from usage_reports")] == ["pending"]
 
 
 def test_an_unchanged_cycle_writes_nothing_to_the_ledger(harness):
