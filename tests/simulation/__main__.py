@@ -1,0 +1,53 @@
+"""`python -m tests.simulation --seeds N`: run many seeds in parallel processes, print the fault classes they hit
+and, for every failing seed, its problems, its fault schedule and the command that replays it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import Counter
+
+from tests.simulation.runner import SeedResult, run_seeds
+from tests.simulation.scenario import FAULT_CLASSES
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.simulation", description=__doc__)
+    parser.add_argument("--seeds", type=int, default=200, help="how many seeds to run (default 200)")
+    parser.add_argument("--first", type=int, default=0, help="the first seed (default 0)")
+    parser.add_argument("--seed", type=int, help="replay this one seed")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes")
+    parser.add_argument("--verbose", action="store_true", help="print every seed's scenario and fault schedule")
+    args = parser.parse_args(argv)
+    seeds = [args.seed] if args.seed is not None else list(range(args.first, args.first + args.seeds))
+
+    started = time.monotonic()
+    hits: Counter[str] = Counter()
+    failed: list[SeedResult] = []
+    for done, result in enumerate(run_seeds(seeds, args.jobs), start=1):
+        hits.update({kind for kind, count in result.hits.items() if count})
+        if args.verbose:
+            print(result.description)
+        if not result.ok:
+            failed.append(result)
+            print(result.report(), flush=True)
+        if done % 100 == 0:
+            print(f"{done}/{len(seeds)} seeds, {len(failed)} failed, {time.monotonic() - started:.0f} s", flush=True)
+
+    elapsed = time.monotonic() - started
+    print(f"\n{len(seeds)} seeds in {elapsed:.1f} s: {len(seeds) - len(failed)} passed, {len(failed)} failed")
+    print("fault classes hit (number of seeds):")
+    for kind in FAULT_CLASSES:
+        print(f"  {kind:<28} {hits[kind]}")
+    missing = [kind for kind in FAULT_CLASSES if not hits[kind]]
+    if missing and args.seed is None:
+        print(f"never hit: {', '.join(missing)}")
+    if failed:
+        print("failing seeds: " + " ".join(str(r.seed) for r in sorted(failed, key=lambda r: r.seed)))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
