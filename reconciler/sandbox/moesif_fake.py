@@ -96,7 +96,11 @@ class _Transaction:
 class FakeMoesif(FakeService):
     """Stateful Moesif Management API fake; see the module docstring."""
 
-    def __init__(self, token: str = "moesif_sandbox_token", clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        token: str = "moesif_sandbox_token",
+        clock: Callable[[], float] | None = None,  # nosec B107
+    ) -> None:
         super().__init__(clock)
         self.token = token
         self.visibility_delay_seconds: float = 0.0

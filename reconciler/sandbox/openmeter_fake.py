@@ -99,7 +99,11 @@ class OpenMeterEvent:
 
 
 class FakeOpenMeter(FakeService):
-    def __init__(self, token: str = "om_sandbox_token", clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        token: str = "om_sandbox_token",
+        clock: Callable[[], float] | None = None,  # nosec B107
+    ) -> None:
         super().__init__(clock)
         self.token = token
         self._init_state()

@@ -12,9 +12,10 @@ from reconciler.sandbox.openmeter_fake import FakeOpenMeter
 from reconciler.sandbox.seed import DEMO_METERS, DEMO_PLANS
 from reconciler.sandbox.stripe_fake import FakeStripe
 
+# The sandbox's own credentials: they open nothing but the fakes on loopback.
 SANDBOX_STRIPE_KEY = "sk_test_sandbox"
-SANDBOX_OPENMETER_TOKEN = "om_sandbox_token"
-SANDBOX_MOESIF_TOKEN = "moesif_sandbox_token"
+SANDBOX_OPENMETER_TOKEN = "om_sandbox_token"  # nosec B105
+SANDBOX_MOESIF_TOKEN = "moesif_sandbox_token"  # nosec B105
 SANDBOX_APP_KEY = "app_sandbox_key"
 
 

@@ -305,6 +305,7 @@ class FakeStripe(FakeService):
         self._identifiers: dict[str, MeterEvent] = {}
         # item id -> {timestamp: quantity}
         self.usage_records: dict[str, dict[int, int]] = {}
+        self._past_periods: dict[str, list[tuple[int, int]]] = {}  # item id -> periods it rolled over from
         self._idempotency: dict[str, _IdempotencyEntry] = {}
         self.payment_intents: dict[str, dict[str, Any]] = {}  # stored with "latest_charge" as an id
         self.charges: dict[str, dict[str, Any]] = {}
@@ -357,7 +358,7 @@ class FakeStripe(FakeService):
                 "description": None,
                 "discount": None,
                 "email": email,
-                "invoice_prefix": hashlib.sha1(cid.encode()).hexdigest()[:8].upper(),
+                "invoice_prefix": hashlib.sha1(cid.encode(), usedforsecurity=False).hexdigest()[:8].upper(),
                 "invoice_settings": {
                     "custom_fields": None,
                     "default_payment_method": None,
@@ -583,11 +584,19 @@ class FakeStripe(FakeService):
             sub.update(fields)
             for iid in self._sub_items[id]:
                 item = self.subscription_items[iid]
+                self._remember_period(item, start, end)
                 if start is not None:
                     item["current_period_start"] = start
                 if end is not None:
                     item["current_period_end"] = end
             return self._render_subscription(sub, set())
+
+    def _remember_period(self, item: dict[str, Any], start: int | None, end: int | None) -> None:
+        """A rollover: the period the item leaves is still summarised (newest first) for legacy usage."""
+        if start is not None and start >= item["current_period_end"]:
+            self._past_periods.setdefault(item["id"], []).append(
+                (item["current_period_start"], item["current_period_end"])
+            )
 
     def set_item_price(self, item_id: str, price: str) -> dict[str, Any]:
         """Move an item to another price (an upgrade or a downgrade)."""
@@ -601,6 +610,7 @@ class FakeStripe(FakeService):
     def set_item_period(self, item_id: str, start: int, end: int) -> dict[str, Any]:
         with self.lock:
             item = self.subscription_items[item_id]
+            self._remember_period(item, start, end)
             item["current_period_start"] = start
             item["current_period_end"] = end
             return self._render_item(item)
@@ -1508,7 +1518,7 @@ class FakeStripe(FakeService):
             raise _no_such("customer", customer, param="customer", status=400)
 
         def summary(s: int, e: int, value: Decimal) -> dict[str, Any]:
-            digest = hashlib.sha1(f"{id}|{customer}|{s}|{e}".encode()).hexdigest()
+            digest = hashlib.sha1(f"{id}|{customer}|{s}|{e}".encode(), usedforsecurity=False).hexdigest()
             return {
                 "id": f"mtrusg_test_{digest}",
                 "object": "billing.meter_event_summary",
@@ -1779,17 +1789,25 @@ class FakeStripe(FakeService):
 
     def _h_usage_record_summaries(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
         item = self._legacy_item(hdrs, id, "usage record summaries")
-        summary = {
-            "id": "sis_" + hashlib.sha1(f"{id}|{item['current_period_start']}".encode()).hexdigest()[:24],
-            "object": "usage_record_summary",
-            "invoice": None,
-            "livemode": False,
-            "period": {"start": item["current_period_start"], "end": item["current_period_end"]},
-            "subscription_item": id,
-            "total_usage": self._usage_total(item),
-        }
+        records = self.usage_records.get(id, {})
+        periods = [
+            (item["current_period_start"], item["current_period_end"]),
+            *reversed(self._past_periods.get(id, [])),
+        ]
+        summaries = [
+            {
+                "id": "sis_" + hashlib.sha1(f"{id}|{start}".encode(), usedforsecurity=False).hexdigest()[:24],
+                "object": "usage_record_summary",
+                "invoice": None,
+                "livemode": False,
+                "period": {"start": start, "end": end},
+                "subscription_item": id,
+                "total_usage": sum(q for ts, q in records.items() if start <= ts < end),
+            }
+            for start, end in periods
+        ]
         return self._paginate(
-            [summary],
+            summaries,
             params,
             f"/v1/subscription_items/{id}/usage_record_summaries",
             "usage record summary",

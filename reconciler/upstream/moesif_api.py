@@ -58,6 +58,19 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+def _amount(balance: dict[str, Any], name: str, *, missing_is_zero: bool = False) -> Decimal:
+    """A balance field as a finite Decimal; a missing or null balance is an error, never a silent zero."""
+    value = balance.get(name)
+    if value is None and missing_is_zero:
+        return Decimal(0)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"balance.{name} is {value!r}")
+    amount = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    if not amount.is_finite():
+        raise ValueError(f"balance.{name} is {value!r}")
+    return amount
+
+
 class _DoNotResend(Exception):
     """Ends the retry loop: the POST may have been applied and Moesif may not ignore a repeat."""
 
@@ -122,12 +135,16 @@ class MoesifGateway:
             max_retries=self._config.max_retries,
             what="moesif get subscription",
         )
-        balance = (response.json() or {}).get("balance") or {}
-
-        def amount(name: str) -> Decimal:
-            return Decimal(str(balance.get(name) or 0))
-
-        return MoesifBalance(amount("current_balance"), amount("available_balance"), amount("pending_activity"))
+        try:
+            balance = response.json()["balance"]
+            return MoesifBalance(
+                _amount(balance, "current_balance"),
+                _amount(balance, "available_balance"),
+                _amount(balance, "pending_activity", missing_is_zero=True),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            detail = redact(response.text[:200], self._secrets())
+            raise PermanentError(API, f"GET {path}: no readable balance in the answer ({exc!r}): {detail}") from None
 
     def post_transaction(self, transaction: BalanceTransaction) -> PostOutcome:
         body = {

@@ -53,6 +53,25 @@ def translate_error(exc: Exception, meter: str, secrets: tuple[str, ...] = ()) -
     return TransientError(API, redact(f"{type(exc).__name__}: {exc}", secrets))
 
 
+# Far above any real total, and far below what the ledger's 64-bit integers hold.
+MAX_BILLABLE_TOTAL = Decimal(10) ** 15
+
+
+def billable(value: object, meter: str, subject: str) -> Decimal:
+    """A usage value as a Decimal, or a PermanentError naming what OpenMeter answered: null, NaN, infinite,
+    negative and absurdly large values are never billed."""
+    number = None
+    if isinstance(value, float):
+        number = Decimal(repr(value))
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = Decimal(value)
+    if number is None or not number.is_finite() or number < 0 or number > MAX_BILLABLE_TOTAL:
+        raise PermanentError(
+            API, f"meter {meter!r}, subject {subject!r}: OpenMeter answered a usage value of {value!r}, not billable"
+        )
+    return number
+
+
 class OpenMeterGateway:
     def __init__(self, config: OpenMeterConfig, metrics: Metrics = NO_METRICS):
         self._config = config
@@ -82,7 +101,8 @@ class OpenMeterGateway:
                     )
                 except (HttpResponseError, ServiceRequestError, ServiceResponseError) as exc:
                     raise translate_error(exc, meter, (self._config.token.get_secret_value(),)) from None
-            return sum((Decimal(repr(row.value)) for row in result.data if row.subject in (subject, None)), Decimal(0))
+            values = (row.value for row in (result.data or []) if row.subject in (subject, None))
+            return sum((billable(value, meter, subject) for value in values), Decimal(0))
 
         return call_with_retries(attempt, max_retries=self._config.max_retries, what=f"openmeter query {meter}")
 

@@ -68,6 +68,7 @@ class StripePort(Protocol):
     def send_meter_event(self, intent: Intent) -> None: ...
     def send_usage_record(self, intent: Intent) -> None: ...
     def meter_total(self, meter_id: str, customer: str, start: datetime, end: datetime) -> Decimal: ...
+    def legacy_usage_total(self, item_id: str, period_start: datetime) -> int | None: ...
 
 
 class OpenMeterPort(Protocol):
@@ -371,25 +372,32 @@ class UsageSync:
         return round_quantity(total, work.stream.rounding)
 
     def _resend_pending(self, ledger: UsageLedger, work: StreamPeriod, now: datetime) -> None:
-        """Finish what a crashed or failed cycle started, with the same identifier and idempotency key."""
+        """Finish what a crashed or failed cycle started: resend it with the same identifier and idempotency key,
+        or, where a resend can no longer be trusted, settle it from what Stripe holds."""
         intent = ledger.pending_intent(work)
         if intent is None:
             return
-        if intent.kind is not StreamKind.LEGACY and now >= work.period.end + self._timing.invoice_grace_period:
-            # The invoice has finalized: Stripe would take the event but never bill it. Close the intent; the
-            # decision below then records the difference as late drift.
-            ledger.mark_failed(intent, "not resent: the period's invoice finalized first")
+        if intent.kind is StreamKind.LEGACY and not work.is_current:
+            # Stripe takes no usage records for a period it has rolled over from; its summary says what it holds.
+            held = self._stripe.legacy_usage_total(intent.item_id, work.period.start)
+            self._settle(ledger, intent, landed=held == intent.total_after, evidence=f"Stripe holds {held}")
+            return
+        invoice_final = now >= work.period.end + self._timing.invoice_grace_period
+        if intent.kind is not StreamKind.LEGACY and invoice_final:
+            # Stripe would take the event but never bill it; whether an earlier attempt landed is in its summary.
+            self._settle_from_meter_summary(ledger, work, intent, "the period's invoice has finalized")
             return
         if intent.kind is StreamKind.METER_SUM and now - intent.created_at > IDENTIFIER_SAFE_RESEND:
-            self._settle_from_stripes_summary(ledger, work, intent)
+            # Stripe may have forgotten the identifier: a resend could bill it twice.
+            self._settle_from_meter_summary(ledger, work, intent, "it is older than Stripe's identifier window")
             return
         log.info("resending pending intent", identifier=intent.identifier, quantity=intent.quantity)
         self._send(ledger, intent)
 
-    def _settle_from_stripes_summary(self, ledger: UsageLedger, work: StreamPeriod, intent: Intent) -> None:
-        """A `sum` intent whose outcome is unknown and whose identifier Stripe may have forgotten: resending could
-        bill it twice. Stripe's aggregate for the one minute the event was dated in settles it, when every other
-        event we dated in that minute has a known outcome: it holds them plus the intent, or them alone."""
+    def _settle_from_meter_summary(self, ledger: UsageLedger, work: StreamPeriod, intent: Intent, why: str) -> None:
+        """Stripe's aggregate for the one minute the intent's event was dated in settles whether it landed, when
+        every other event we dated in that minute has a known outcome: the summary holds them plus the intent, or
+        them alone (`last` meters: only when the intent is alone in its minute)."""
         assert intent.meter is not None
         minute = intent.event_timestamp.replace(second=0, microsecond=0)
         others = [
@@ -399,26 +407,28 @@ class UsageSync:
         ]
         others.remove((IntentState.PENDING, intent.quantity))
         held = self._stripe.meter_total(intent.meter.id, intent.customer_id, minute, minute + timedelta(minutes=1))
-        without = sum(quantity for _, quantity in others)
-        if all(state == IntentState.SENT for state, _ in others) and held in (without, without + intent.quantity):
-            landed = held == without + intent.quantity
-            log.warning(
-                "settled an old intent from Stripe's meter summary",
-                identifier=intent.identifier,
-                quantity=intent.quantity,
-                landed=landed,
-            )
-            if landed:
-                ledger.mark_sent(intent)
-            else:
-                ledger.mark_failed(intent, "never reached Stripe: the meter's summary for its minute lacks it")
+        if intent.kind is StreamKind.METER_SUM:
+            without, with_it = sum(q for _, q in others), sum(q for _, q in others) + intent.quantity
+            knowable = all(state == IntentState.SENT for state, _ in others)
+        else:
+            without, with_it, knowable = 0, intent.total_after, not others
+        if knowable and held in (without, with_it) and without != with_it:
+            self._settle(ledger, intent, landed=held == with_it, evidence=f"{why}; Stripe's summary holds {held}")
             return
         raise PermanentError(
             "reconciler",
-            f"intent {intent.identifier} (+{intent.quantity}) has an unknown outcome and is older than Stripe's "
-            f"identifier deduplication window, and Stripe's summary for its minute ({held}) does not settle it; "
-            "resending could bill it twice. Check the meter's event summaries in Stripe before resolving it",
+            f"intent {intent.identifier} ({intent.quantity:+}) has an unknown outcome and cannot be resent ({why}), "
+            f"and Stripe's summary for its minute ({held}) does not settle it; resending could bill it twice. "
+            "Check the meter's event summaries in Stripe before resolving it",
         )
+
+    @staticmethod
+    def _settle(ledger: UsageLedger, intent: Intent, *, landed: bool, evidence: str) -> None:
+        log.warning("settled a pending intent from Stripe", identifier=intent.identifier, landed=landed, why=evidence)
+        if landed:
+            ledger.mark_sent(intent)
+        else:
+            ledger.mark_failed(intent, f"not resent: {evidence}")
 
     def _note_deadline(
         self, work: StreamPeriod, state: LedgerState, decision: Decision, now: datetime, result: CycleResult

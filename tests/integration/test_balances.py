@@ -374,3 +374,35 @@ def test_a_top_up_moesif_refused_is_forwarded_once_its_subscription_exists(bh):
     assert [tuple(r) for r in bh.rows("select transaction_id, state from moesif_transactions")] == [
         ("pi_early", "sent")
     ]
+
+
+def test_a_customer_whose_subscription_ended_still_gets_its_refund_forwarded(bh):
+    """Found by the fault simulation: an ended subscription lost its Moesif account, so money moving after the
+    cancellation (a refund, the last invoice) never reached Moesif."""
+    bh.configure(stripe_source="none", auto_correct=False)
+    bh.customer()
+    bh.stripe.add_payment_intent("cus_M", 1000, created=ts(NOW - timedelta(days=2)), id="pi_1")
+    with freeze_time(NOW) as clock:
+        bh.cycle()
+        bh.stripe.update_subscription("sub_M", status="canceled", ended_at=ts(NOW), canceled_at=ts(NOW))
+        bh.stripe.add_refund("pi_1", created=ts(NOW + timedelta(hours=1)), id="re_1")
+        clock.tick(timedelta(hours=2))
+        result = bh.cycle()
+    assert result.failed == 0, result.failures
+    assert [(p["transaction_id"], p["type"]) for p in bh.posts()] == [("pi_1", "credit"), ("re_1", "debit")]
+    assert bh.moesif.balance("sub_M") == 0.0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"balance": {"current_bal', {"balance": {}}, {"balance": {"current_balance": None}}, {"id": "sub_M"}],
+    ids=["truncated", "no-current-balance", "null-balance", "no-balance-object"],
+)
+def test_an_unreadable_moesif_balance_is_an_error_never_a_zero_to_correct(bh, body):
+    bh.customer(moesif_balance=10.0, grant=1000)
+    bh.moesif.inject_fault("GET", "/v1/search/~/subscriptions/sub_M", 200, body=body, times=5)
+    with freeze_time(NOW):
+        result = bh.cycle()
+    assert result.failed == 1
+    assert "no readable balance" in result.failures[0] and "cus_M" in result.failures[0]
+    assert bh.posts() == []  # nothing "corrected" from a balance nobody read

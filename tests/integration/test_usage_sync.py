@@ -130,6 +130,29 @@ def test_legacy_price_uses_usage_records_with_action_set_and_the_pinned_version(
     assert {r.headers["stripe-version"] for r in others} == {"2026-10-28.endive"}
 
 
+@pytest.mark.parametrize("stripe_applied_it", [False, True], ids=["never-arrived", "arrived-answer-lost"])
+def test_a_pending_legacy_record_of_a_rolled_over_period_is_settled_from_stripes_summary(harness, stripe_applied_it):
+    """Found by the fault simulation: after the rollover Stripe refuses records for the old period, so resending
+    fails for sure; its usage record summary says whether the lost attempt landed."""
+    h = harness
+    item = seed(h, legacy=True, event_name="price_legacy")
+    use(h, utc(2026, 3, 2), 4)
+    h.stripe.inject_fault(
+        "POST", f"/v1/subscription_items/{item['id']}/usage_records", 500, times=3, after_apply=stripe_applied_it
+    )
+    with freeze_time(PERIOD_END - timedelta(minutes=30)) as clock:
+        assert h.cycle().summary.failed == 1  # outcome unknown: pending
+        clock.move_to(PERIOD_END + timedelta(minutes=5))
+        h.stripe.set_item_period(item["id"], ts(PERIOD_END), ts(utc(2026, 5, 1, 13, 45)))
+        result = h.cycle()
+    assert result.summary.failed == 0, result.summary.failures
+    rows = h.rows("select reported_total, status from usage_periods order by period_start")
+    assert (rows[0].reported_total, rows[0].status) == (4 if stripe_applied_it else 0, "final")
+    late = h.rows("select reported_total, observed_total from late_drift")
+    assert [tuple(r) for r in late] == ([] if stripe_applied_it else [(0, 4)])
+    assert len(posts(h, f"/v1/subscription_items/{item['id']}/usage_records")) == 3  # nothing after the rollover
+
+
 class ProcessKilled(BaseException):
     """Stands in for SIGKILL: nothing after it in the process runs, not even `except Exception`."""
 
@@ -177,6 +200,23 @@ def test_lost_response_is_resent_with_the_same_identifier_and_counted_once(harne
     assert stripe_total(h) == 10
     sent = {p.params["identifier"] for p in posts(h)}
     assert len(sent) == 1  # every attempt, across both cycles, carried the same identifier
+
+
+def test_a_success_whose_body_cannot_be_read_is_an_unknown_outcome_not_a_refusal(harness):
+    """Found by the fault simulation: a 200 with a truncated body was taken as "refused, not applied", so the next
+    cycle sent the difference again under a new identifier and Stripe counted it twice."""
+    h = harness
+    seed(h, formula="sum")
+    use(h, utc(2026, 3, 2), 10)
+    h.stripe.inject_fault(
+        "POST", "/v1/billing/meter_events", 200, body=b'{"object": "billing.meter_ev', times=3, after_apply=True
+    )
+    with freeze_time(MID) as clock:
+        assert h.cycle().summary.failed == 1
+        clock.tick(timedelta(minutes=15))
+        assert h.cycle().summary.failed == 0
+    assert stripe_total(h) == 10
+    assert len({p.params["identifier"] for p in posts(h)}) == 1
 
 
 def test_rate_limit_and_server_errors_are_retried_within_the_cycle(harness):
@@ -454,21 +494,28 @@ def test_a_refused_resend_of_a_maybe_applied_difference_stays_pending(harness):
     assert stripe_total(h) == 10
 
 
-def test_a_pending_intent_is_not_resent_after_the_invoice_finalized(harness):
+@pytest.mark.parametrize("stripe_applied_it", [False, True], ids=["never-arrived", "arrived-answer-lost"])
+def test_a_pending_intent_is_not_resent_after_the_invoice_finalized(harness, stripe_applied_it):
+    """Stripe would take the event but never bill it. Whether the lost attempt landed is read from Stripe's summary
+    (found by the fault simulation: it used to be assumed lost, so the ledger disagreed with Stripe)."""
     h = harness
     item = seed(h, formula="sum")
     use(h, utc(2026, 3, 2), 10)
+    real_send = h.stripe_gateway.send_meter_event
 
-    def unreachable(intent):
+    def unanswered(intent):
+        if stripe_applied_it:
+            real_send(intent)
         raise OutcomeUnknownError("stripe", "connection failed")
 
     with freeze_time(PERIOD_END - timedelta(hours=1)) as clock:
-        h.stripe_gateway.send_meter_event = unreachable
+        h.stripe_gateway.send_meter_event = unanswered
         h.cycle()
         h.configure()
         clock.move_to(PERIOD_END + timedelta(hours=2))  # past period end + invoice grace (1 h)
         h.stripe.set_item_period(item["id"], ts(PERIOD_END), ts(PERIOD_END + timedelta(days=30)))
         result = h.cycle()
-    assert h.stripe.meter_events == []  # never sent into a finalized invoice
-    assert result.summary.late_drift == 1
-    assert [r.state for r in h.rows("select state from usage_reports")] == ["failed"]
+    assert len(h.stripe.meter_events) == (1 if stripe_applied_it else 0)  # never sent into a finalized invoice
+    assert result.summary.late_drift == (0 if stripe_applied_it else 1)
+    assert [r.state for r in h.rows("select state from usage_reports")] == ["sent" if stripe_applied_it else "failed"]
+    assert h.rows("select reported_total from usage_periods order by period_start")[0][0] == stripe_total(h)

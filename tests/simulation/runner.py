@@ -41,11 +41,11 @@ def replay_command(seed: int) -> str:
 
 
 class SeedRunner:
-    """Owns the fakes and a migrated template database; runs any number of seeds, one after another."""
+    """Owns the fakes and a migrated template database in `directory`; runs any number of seeds, one by one."""
 
-    def __init__(self) -> None:
+    def __init__(self, directory: Path) -> None:
         self.fakes = Fakes()
-        self._directory = Path(tempfile.mkdtemp(prefix="reconciler-simulation-"))
+        self._directory = Path(tempfile.mkdtemp(prefix="worker-", dir=directory))
         self._template = self._directory / "template.db"
         engine = make_engine(f"sqlite:///{self._template}")
         upgrade(engine)
@@ -65,23 +65,27 @@ class SeedRunner:
             database.unlink(missing_ok=True)
         return SeedResult(seed, problems, world.hits, scenario.describe())
 
-    def close(self) -> None:
-        self.fakes.stop()
-        shutil.rmtree(self._directory, ignore_errors=True)
+
+_worker_runner: SeedRunner | None = None
 
 
-_process_runner: SeedRunner | None = None
+def _start_worker(directory: Path) -> None:
+    global _worker_runner
+    _worker_runner = SeedRunner(directory)
 
 
 def _run_in_worker(seed: int) -> SeedResult:
-    global _process_runner
-    if _process_runner is None:
-        _process_runner = SeedRunner()
-    return _process_runner.run(seed)
+    assert _worker_runner is not None, "the pool's initializer starts the runner"
+    return _worker_runner.run(seed)
 
 
 def run_seeds(seeds: list[int], jobs: int) -> Iterator[SeedResult]:
     """Every seed's result, in completion order, from `jobs` worker processes (each with its own fakes)."""
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited sockets or clocks
-    with context.Pool(max(1, min(jobs, len(seeds)))) as pool:
-        yield from pool.imap_unordered(_run_in_worker, seeds, chunksize=2)
+    with tempfile.TemporaryDirectory(prefix="reconciler-simulation-") as directory:
+        pool = context.Pool(max(1, min(jobs, len(seeds))), initializer=_start_worker, initargs=(Path(directory),))
+        try:
+            yield from pool.imap_unordered(_run_in_worker, seeds, chunksize=2)
+        finally:
+            pool.terminate()
+            pool.join()

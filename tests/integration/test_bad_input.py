@@ -1,0 +1,110 @@
+"""Bad input from the upstream APIs: each gets a clear error naming what was wrong and whom it concerns, the rest
+of the cycle goes on, and nothing already recorded is lost. (Config and webhook bodies: test_config, test_cli,
+test_webhooks; Moesif's answers: test_balances.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from freezegun import freeze_time
+
+from tests.conftest import Harness, utc
+from tests.integration.test_usage_sync import MID, seed, stripe_total, use
+
+QUERY = "/api/v1/meters/api_requests/query"
+
+
+def two_customers(h: Harness) -> None:
+    """cus_bad on the api_requests meter (where the bad answers go), cus_good on tokens."""
+    seed(h, customer="cus_bad", formula="sum")
+    seed(h, customer="cus_good", event_name="tokens", formula="sum", om_meter="tokens")
+    use(h, utc(2026, 3, 2), 10, customer="cus_bad")
+    use(h, utc(2026, 3, 2), 7, customer="cus_good", meter="tokens")
+
+
+def row(value: object) -> bytes:
+    body = {
+        "from": "2026-03-01T13:00:00Z",
+        "to": "2026-03-10T12:00:00Z",
+        "windowSize": None,
+        "data": [
+            {
+                "value": value,
+                "windowStart": "2026-03-01T13:00:00Z",
+                "windowEnd": "2026-03-10T12:00:00Z",
+                "subject": "cus_bad",
+                "groupBy": {},
+            }
+        ],
+    }
+    return json.dumps(body, allow_nan=True).encode()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [row(None), row(-5), row(float("nan")), row(float("inf")), row(1e300), b'{"data": [{"val'],
+    ids=["null", "negative", "nan", "infinite", "huge", "truncated"],
+)
+def test_an_unbillable_openmeter_answer_fails_that_customer_only(harness, body):
+    h = harness
+    two_customers(h)
+    with freeze_time(MID) as clock:
+        h.cycle()  # both synced: 10 and 7
+        clock.tick(900)
+        use(h, utc(2026, 3, 3), 5, customer="cus_bad")
+        h.openmeter.inject_fault("GET", QUERY, 200, body=body, times=10)
+        result = h.cycle()
+    assert result.summary.failed == 1
+    assert "cus_bad" in result.summary.failures[0] and "api_requests" in result.summary.failures[0]
+    assert stripe_total(h, "cus_bad") == 10  # what was already billed stays; nothing wrong was sent
+    assert stripe_total(h, "cus_good", "tokens") == 7
+    reports = h.rows("select state from usage_reports order by id")
+    assert [r.state for r in reports] == ["sent", "sent"]
+
+
+def test_a_stripe_list_that_never_ends_is_an_error_not_an_endless_loop(harness):
+    h = harness
+    seed(h)
+    page = {
+        "object": "list",
+        "url": "/v1/subscriptions",
+        "has_more": True,
+        "data": [
+            {
+                "id": "sub_loop",
+                "object": "subscription",
+                "status": "active",
+                "customer": "cus_A",
+                "items": {"object": "list", "data": [], "has_more": False},
+            }
+        ],
+    }
+    h.stripe.inject_fault("GET", "/v1/subscriptions", 200, body=page, times=1000)
+    with freeze_time(MID):
+        result = h.cycle()
+    assert result.summary.failed == 1
+    assert "has_more is true but the page after sub_loop does not move on" in result.summary.failures[0]
+    assert len([r for r in h.stripe.requests if r.path == "/v1/subscriptions"]) == 2
+
+
+def test_a_stripe_page_without_data_is_named(harness):
+    seed(harness)
+    harness.stripe.inject_fault("GET", "/v1/subscriptions", 200, body={"object": "list", "has_more": False})
+    with freeze_time(MID):
+        result = harness.cycle()
+    assert result.summary.failed == 1
+    assert "no list of data" in result.summary.failures[0]
+
+
+def test_an_openmeter_meter_deleted_mid_cycle_fails_its_customers_and_keeps_their_ledger(harness):
+    h = harness
+    two_customers(h)
+    with freeze_time(MID):
+        h.cycle()
+        h.openmeter.inject_fault("GET", QUERY, 404, times=10)
+        result = h.cycle()
+    assert result.summary.failed == 1
+    assert "meter 'api_requests' not found" in result.summary.failures[0]
+    periods = h.rows("select customer_id, reported_total from usage_periods order by customer_id")
+    assert [tuple(p) for p in periods] == [("cus_bad", 10), ("cus_good", 7)]
