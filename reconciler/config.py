@@ -28,6 +28,8 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from reconciler.durations import format_duration, parse_duration
 
@@ -60,6 +62,15 @@ class _Section(BaseModel):
 
 class DatabaseConfig(_Section):
     url: str = "sqlite:///reconciler.db"
+
+    @field_validator("url")
+    @classmethod
+    def _a_database_url(cls, value: str) -> str:
+        try:
+            make_url(value)
+        except ArgumentError:
+            raise ValueError("not a database URL (e.g. sqlite:///reconciler.db, postgresql+psycopg://…)") from None
+        return value
 
 
 class StripeConfig(_Section):
@@ -340,7 +351,9 @@ class Config(_Section):
             secrets.append(self.moesif.management_token)
         if self.plans.api_key is not None:
             secrets.append(self.plans.api_key)
-        return [s.get_secret_value() for s in secrets if s.get_secret_value()]
+        values = [s.get_secret_value() for s in secrets if s.get_secret_value()]
+        database_password = make_url(self.database.url).password
+        return [*values, str(database_password)] if database_password else values
 
     def warnings(self) -> list[str]:
         """Settings that are valid but likely to lose money; `check-config` prints them."""
@@ -354,8 +367,10 @@ class Config(_Section):
         return found
 
     def masked(self) -> dict[str, Any]:
-        """The effective config as plain data, secrets masked."""
-        return self.model_dump(mode="json")
+        """The effective config as plain data, secrets masked (the database URL's password too)."""
+        data = self.model_dump(mode="json")
+        data["database"]["url"] = make_url(self.database.url).render_as_string(hide_password=True)
+        return data
 
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -102,18 +102,24 @@ def test_missing_secret_names_the_environment_variable(tmp_path):
 
 def test_check_config_masks_secrets_and_warns_about_grace(tmp_path):
     secret = "sk_live_do_not_print_me"
+    others = ["om_do_not_print", "moesif_do_not_print", "whsec_do_not_print", "db_pw_do_not_print"]
     path = write_config(
         tmp_path / "config.yaml",
         {
-            "stripe": {"api_key": "${MY_KEY}"},
+            "database": {"url": "postgresql+psycopg://reconciler:db_pw_do_not_print@db.internal/reconciler"},
+            "stripe": {"api_key": "${MY_KEY}", "webhook_secret": "whsec_do_not_print"},
             "openmeter": {"token": "om_do_not_print"},
+            "moesif": {"management_token": "moesif_do_not_print"},
+            "balances": {"enabled": True},
             "usage": {"grace_period": "2h"},
         },
     )
     result = reconciler("check-config", "--config", str(path), env={"MY_KEY": secret})
-    assert result.returncode == 0
+    assert result.returncode == 0, result.stderr
     assert "window_size: HOUR" in result.stdout
-    assert secret not in result.stdout + result.stderr and "om_do_not_print" not in result.stdout + result.stderr
+    assert "db.internal" in result.stdout  # the URL is shown, its password is not
+    for value in [secret, *others]:
+        assert value not in result.stdout + result.stderr
     assert "warning: usage.grace_period (2h) is not shorter than stripe.invoice_grace_period (1h)" in result.stderr
 
 

@@ -110,7 +110,7 @@ def _usage(world: World, ledger: Ledger) -> list[str]:
 
 def stream_key(world: World, plan: SubscriptionPlan, position: int) -> str:
     kind = plan.items[position].kind
-    return f"legacy:{world._items[plan.id][position]}" if kind == "legacy" else f"meter:mtr_{kind}:{plan.customer}"
+    return f"legacy:{world.item_ids[plan.id][position]}" if kind == "legacy" else f"meter:mtr_{kind}:{plan.customer}"
 
 
 def _money(world: World, ledger: Ledger) -> list[str]:

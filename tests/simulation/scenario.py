@@ -192,14 +192,6 @@ def periods_of(plan: SubscriptionPlan, since: datetime, until: datetime) -> list
             periods.append((start, end))
 
 
-def period_containing(plan: SubscriptionPlan, instant: datetime) -> tuple[datetime, datetime]:
-    step = 12 if plan.interval == "year" else 1
-    k = 0
-    while add_months(plan.anchor, (k + 1) * step) <= instant:
-        k += 1
-    return add_months(plan.anchor, k * step), add_months(plan.anchor, (k + 1) * step)
-
-
 def generate(seed: int) -> Scenario:
     rng = random.Random(seed)
     start = datetime(2026, 1, 5, tzinfo=UTC) + timedelta(days=rng.randrange(0, 300), hours=rng.randrange(24))

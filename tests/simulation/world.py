@@ -152,7 +152,7 @@ class World:
         self.now: datetime = scenario.start
         self._applied: set[tuple[str, str]] = set()  # world changes already made (kind, id)
         self._periods: dict[str, tuple[datetime, datetime]] = {}  # subscription id -> its current period
-        self._items: dict[str, list[str]] = {}  # subscription id -> item ids, in plan order
+        self.item_ids: dict[str, list[str]] = {}  # subscription id -> item ids, in plan order
         self._webhooks: list[dict[str, Any]] = []  # events Stripe would send, not yet delivered
         self._backfill_until: datetime | None = None  # set while a backfill is unfinished
         self._event_ids = itertools.count(1)
@@ -231,8 +231,7 @@ class World:
             self.app = build_app(self.config)  # a new process on the same database
         except exc.OperationalError as error:
             if "simulated connection loss" not in str(error):
-                raise
-            self.hits["db_connection_lost"] += 1
+                raise  # a real database error is a failure of the run
 
     def _unexplained(self, job: str, failures: list[str]) -> None:
         """Failures are expected under faults; a fault-free quiet cycle must have none."""
@@ -319,7 +318,7 @@ class World:
             )
             stripe.update_subscription(plan.id, billing_cycle_anchor=ts(plan.anchor))
             self._periods[plan.id] = (start, end)
-            self._items[plan.id] = [item["id"] for item in subscription["items"]["data"]]
+            self.item_ids[plan.id] = [item["id"] for item in subscription["items"]["data"]]
             credit = self.scenario.credit_minor[plan.customer]
             if credit:
                 stripe.add_credit_grant(
@@ -367,14 +366,14 @@ class World:
         """What Stripe bills for one item's period: its meter's aggregate, or its legacy usage records."""
         item, stripe = plan.items[position], self.fakes.stripe
         if item.kind == "legacy":
-            records = stripe.usage_records.get(self._items[plan.id][position], {})
+            records = stripe.usage_records.get(self.item_ids[plan.id][position], {})
             return Decimal(sum(q for t, q in records.items() if ts(start) <= t < ts(end)))
         return stripe.meter_total(plan.customer, METERS[item.kind][0], ts(start), ts(end))
 
     def unit_amount(self, plan: SubscriptionPlan, position: int) -> int:
         """The item's price per unit in cents now (after any price change), as Stripe holds it."""
         stripe = self.fakes.stripe
-        return int(stripe.prices[stripe.subscription_items[self._items[plan.id][position]]["price"]]["unit_amount"])
+        return int(stripe.prices[stripe.subscription_items[self.item_ids[plan.id][position]]["price"]]["unit_amount"])
 
     def _invoice(self, plan: SubscriptionPlan, now: datetime) -> None:
         """Stripe finalizes a period's invoice an invoice grace period after it ends; the prepaid credit pays for
@@ -418,7 +417,7 @@ class World:
             self._applied.add(("price", plan.id))
             if first.kind != "legacy":
                 other = next(a for a in (1, 2, 5) if a != first.unit_amount)
-                stripe.set_item_price(self._items[plan.id][0], _price(first.kind, other, plan.interval))
+                stripe.set_item_price(self.item_ids[plan.id][0], _price(first.kind, other, plan.interval))
 
     def _webhook(self, kind: str, type_: str, obj: dict[str, Any], previous: dict[str, Any] | None = None) -> None:
         data: dict[str, Any] = {"object": obj}

@@ -134,3 +134,11 @@ def test_config_path_falls_back_to_the_environment_variable(tmp_path, monkeypatc
     path.write_text(yaml.safe_dump({**MINIMAL, "usage": {"window_size": "DAY"}}))
     monkeypatch.setenv("RECONCILER_CONFIG", str(path))
     assert load_config(None).usage.window_size == "DAY"
+
+
+def test_a_database_url_that_is_not_one_is_named_and_its_password_is_a_secret():
+    problems = problems_of({**MINIMAL, "database": {"url": "not a url"}})
+    assert any(p.startswith("database.url: ") and "not a database URL" in p for p in problems), problems
+    config = parse_config({**MINIMAL, "database": {"url": "postgresql+psycopg://app:pw_s3cret@db/reconciler"}})
+    assert "pw_s3cret" in config.secret_values()
+    assert "pw_s3cret" not in str(config.masked())
