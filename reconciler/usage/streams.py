@@ -20,6 +20,8 @@ from reconciler.usage.model import (
 
 # Subscriptions whose current period Stripe will invoice usage for.
 LIVE_STATUSES = frozenset({"active", "trialing", "past_due"})
+# Every status Stripe documents; one it adds later is refused by name rather than silently not billed.
+KNOWN_STATUSES = LIVE_STATUSES | {"canceled", "incomplete", "incomplete_expired", "unpaid", "paused"}
 
 
 def item_period(item: MeteredItem) -> BillingPeriod:
@@ -110,6 +112,10 @@ def build_work(
     refusals: list[Refusal] = []
     by_key: dict[str, list[StreamPeriod]] = defaultdict(list)
     for item in items:
+        if item.subscription_status not in KNOWN_STATUSES:
+            reason = f"subscription status {item.subscription_status!r} is unknown to reconciler: not billed"
+            refusals.append(Refusal(item.customer_id, item.item_id, item.meter_id or item.price_id, reason))
+            continue
         if not is_in_scope(item, now, usage.lookback):
             continue
         stream = _stream_for(item, meters, usage)

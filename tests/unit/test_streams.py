@@ -146,3 +146,16 @@ def test_subject_from_customer_metadata():
     )
     assert [sp.stream.subject for sp in work] == ["tenant-42"]
     assert refusals[0].customer_id == "cus_2" and "om_subject" in refusals[0].reason
+
+
+def test_a_subscription_status_stripe_adds_later_is_refused_by_name_not_silently_skipped():
+    work, refusals = build_work(
+        [item("si_new", "mtr_sum", status="some_future_status"), item("si_paused", "mtr_sum", status="paused")],
+        METERS,
+        USAGE,
+        NOW,
+    )
+    assert work == []
+    assert [(r.item_id, r.reason) for r in refusals] == [
+        ("si_new", "subscription status 'some_future_status' is unknown to reconciler: not billed")
+    ]
