@@ -15,6 +15,7 @@ from reconciler.clock import utc_now
 from reconciler.ledger.database import make_engine, upgrade
 from reconciler.ledger.retention import prune_ledger
 from reconciler.metrics import Metrics
+from reconciler.sandbox.server import SANDBOX_MOESIF_TOKEN, SANDBOX_OPENMETER_TOKEN, SANDBOX_STRIPE_KEY
 from reconciler.service.ops_server import Probes, readiness_problems
 from tests.integration.helpers import customer_with_usage, metric_value, reconciler, write_config
 
@@ -39,6 +40,8 @@ def test_health_readiness_and_metrics_of_a_running_service(sandbox, service_conf
     after = httpx.get(daemon.url("/metrics")).text
     assert metric_value(after, "reconciler_cycles_total", job="usage_sync", outcome="succeeded") > cycles_before
     assert metric_value(after, "reconciler_pending_intents") == 0
+    for secret in (SANDBOX_STRIPE_KEY, SANDBOX_OPENMETER_TOKEN, SANDBOX_MOESIF_TOKEN):
+        assert secret not in after  # no secret in any metric name, label or value
     assert daemon.stop() == 0
 
 
