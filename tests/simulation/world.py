@@ -23,6 +23,7 @@ from unittest import mock
 import structlog
 from freezegun import freeze_time
 from sqlalchemy import Engine, event, exc
+from sqlalchemy.pool import Pool
 
 from reconciler.app import App, build_app
 from reconciler.clock import utc_now
@@ -499,7 +500,14 @@ class World:
                 stack.enter_context(patch)
             event.listen(Engine, "before_cursor_execute", on_statement)
             stack.callback(event.remove, Engine, "before_cursor_execute", on_statement)
+            # A simulated crash kills the process, not the machine: SQLite need not wait for the disk.
+            event.listen(Pool, "connect", _no_fsync)
+            stack.callback(event.remove, Pool, "connect", _no_fsync)
             yield
+
+
+def _no_fsync(connection: Any, record: Any) -> None:
+    connection.execute("PRAGMA synchronous=OFF")
 
 
 def _price(kind: str, unit_amount: int, interval: str) -> str:
