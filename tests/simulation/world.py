@@ -61,7 +61,7 @@ STRIPE_KEY = "sk_test_simulation_5ecret"
 OPENMETER_TOKEN = "om_simulation_5ecret"
 MOESIF_TOKEN = "moesif_simulation_5ecret"
 SECRETS = (STRIPE_KEY, OPENMETER_TOKEN, MOESIF_TOKEN)
-CLIENT_TIMEOUT = 0.15  # seconds, real time: a "timeout" fault holds its answer back longer than this
+CLIENT_TIMEOUT = 0.25  # seconds, real time: a "timeout" fault holds its answer back longer than this
 QUIET_CYCLES = 9  # fault-free cycles, 15 minutes apart, after the last step: every grace period runs out, and
 # then more until a balance cycle sends nothing (at most as many again)
 
