@@ -281,36 +281,25 @@ class FakeService:
         `apply()`. Requests are applied one at a time, under the service lock; an injected delay is waited out
         after the lock is released."""
         with self.lock:
-            fault, response = self._serve_locked(method, path, query, headers, params, body, apply)
-        if fault is not None and fault.delay_seconds:
+            self._record(
+                RecordedRequest(
+                    method=method,
+                    path=path,
+                    query={k: list(v) for k, v in query.items()},
+                    headers=headers,
+                    params=params,
+                    body=bytes(body),
+                )
+            )
+            fault = self._take_fault(method, path)
+            if fault is None:
+                return apply()
+            if fault.after_apply:
+                apply()
+            response = self._fault_response(fault)
+        if fault.delay_seconds:
             threading.Event().wait(fault.delay_seconds)  # real time, whatever clock the fake runs on
         return response
-
-    def _serve_locked(
-        self,
-        method: str,
-        path: str,
-        query: dict[str, list[str]],
-        headers: dict[str, str],
-        params: dict[str, Any],
-        body: bytes,
-        apply: Callable[[], Response],
-    ) -> tuple[InjectedFault | None, Response]:
-        self._record(
-            RecordedRequest(
-                method=method,
-                path=path,
-                query={k: list(v) for k, v in query.items()},
-                headers=headers,
-                params=params,
-                body=bytes(body),
-            )
-        )
-        fault = self._take_fault(method, path)
-        if fault is not None and not fault.after_apply:
-            return fault, self._fault_response(fault)
-        response = apply()
-        return fault, self._fault_response(fault) if fault is not None else response
 
     def _reset_base(self) -> None:
         self.requests.clear()
