@@ -320,7 +320,9 @@ class BalanceSync:
             )
             self._send(stored, report)
             return
-        self._ledger.close_unknown_outcome(stored, "a run stopped between recording and confirming it")
+        self._ledger.mark_sent(
+            stored, outcome_was_unknown=True, error="a run stopped between recording and confirming it"
+        )
         report.flags.append(f"{planned.kind} {planned.transaction_id}: {NOT_RESENT}")
 
     def _send(self, stored: StoredTransaction, report: CustomerReport) -> None:
@@ -341,7 +343,7 @@ class BalanceSync:
             raise
         except OutcomeUnknownError as exc:
             if not self._resend_is_safe:
-                self._ledger.close_unknown_outcome(stored, self._redact(str(exc)))
+                self._ledger.mark_sent(stored, outcome_was_unknown=True, error=self._redact(str(exc)))
                 report.flags.append(f"{planned.transaction_id}: {NOT_RESENT}")
                 log.warning("moesif transaction outcome unknown; not resent", transaction_id=planned.transaction_id)
                 return

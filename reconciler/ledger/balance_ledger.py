@@ -147,31 +147,22 @@ class BalanceLedger:
         except IntegrityError:
             raise AlreadyRecordedError(planned.transaction_id) from None
 
-    def mark_sent(self, stored: StoredTransaction, *, outcome_was_unknown: bool) -> None:
+    def mark_sent(self, stored: StoredTransaction, *, outcome_was_unknown: bool, error: str | None = None) -> None:
+        """Sent, never to be sent again. With `outcome_was_unknown` it is flagged for a person: while it may still
+        be settling the balance comparison waits; after that, a drift shows whether it landed."""
         with self._sessions.begin() as session:
             row = session.get_one(MoesifTransaction, stored.id)
             row.state = IntentState.SENT
             row.sent_at = self._clock()
             row.attempts += 1
             row.outcome_unknown = row.outcome_unknown or outcome_was_unknown
-            row.error = None
+            row.error = error
 
     def mark_failed(self, stored: StoredTransaction, error: str) -> None:
         with self._sessions.begin() as session:
             row = session.get_one(MoesifTransaction, stored.id)
             row.state = IntentState.FAILED
             row.attempts += 1
-            row.error = error
-
-    def close_unknown_outcome(self, stored: StoredTransaction, error: str) -> None:
-        """Not to be resent (Moesif may not ignore a repeated id): counted as sent, flagged for a person. While it
-        may still be settling the balance comparison waits; after that, a drift shows it never landed."""
-        with self._sessions.begin() as session:
-            row = session.get_one(MoesifTransaction, stored.id)
-            row.state = IntentState.SENT
-            row.sent_at = self._clock()
-            row.attempts += 1
-            row.outcome_unknown = True
             row.error = error
 
     def note_unknown_outcome(self, stored: StoredTransaction, error: str) -> None:
