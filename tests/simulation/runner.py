@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler.ledger.database import make_engine, upgrade
+from reconciler.sandbox.server import Sandbox
 from tests.simulation.invariants import check
 from tests.simulation.scenario import generate
-from tests.simulation.world import Fakes, World
+from tests.simulation.world import World, reset_fakes
 
 
 @dataclass
@@ -44,7 +45,7 @@ class SeedRunner:
     """Owns the fakes and a migrated template database in `directory`; runs any number of seeds, one by one."""
 
     def __init__(self, directory: Path) -> None:
-        self.fakes = Fakes()
+        self.fakes = Sandbox.start()
         self._directory = Path(tempfile.mkdtemp(prefix="worker-", dir=directory))
         self._template = self._directory / "template.db"
         engine = make_engine(f"sqlite:///{self._template}")
@@ -55,7 +56,7 @@ class SeedRunner:
         scenario = generate(seed)
         database = self._directory / f"seed-{seed}.db"
         shutil.copyfile(self._template, database)
-        self.fakes.reset()
+        reset_fakes(self.fakes)
         world = World(scenario, self.fakes, f"sqlite:///{database}")
         try:
             problems = world.run(then=check)

@@ -7,6 +7,7 @@ same scenario on every machine. The world (world.py) plays it against the sandbo
 from __future__ import annotations
 
 import calendar
+import itertools
 import random
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -159,13 +160,17 @@ def add_months(instant: datetime, months: int) -> datetime:
     return instant.replace(year=year, month=month, day=day)
 
 
+def plan_period(plan: SubscriptionPlan, k: int) -> tuple[datetime, datetime]:
+    """The plan's k-th billing period (k = 0 starts at its anchor), before any cancellation."""
+    months = 12 if plan.interval == "year" else 1
+    return add_months(plan.anchor, k * months), add_months(plan.anchor, (k + 1) * months)
+
+
 def periods_of(plan: SubscriptionPlan, since: datetime, until: datetime) -> list[tuple[datetime, datetime]]:
     """The plan's billing periods overlapping `[since, until)`, the last cut short at a cancellation."""
-    months = 12 if plan.interval == "year" else 1
-    periods, k = [], 0
-    while True:
-        start, end = add_months(plan.anchor, k * months), add_months(plan.anchor, (k + 1) * months)
-        k += 1
+    periods = []
+    for k in itertools.count():
+        start, end = plan_period(plan, k)
         if start >= until or (plan.cancel_at and start >= plan.cancel_at):
             return periods
         if plan.cancel_at and plan.cancel_at < end:

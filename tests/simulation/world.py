@@ -32,10 +32,8 @@ from reconciler.ledger.runs import RunLog
 from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.logs import configure_logging
 from reconciler.metrics import NO_METRICS
-from reconciler.sandbox.httpserver import DROP_CONNECTION, InjectedFault, LoopbackServer
-from reconciler.sandbox.moesif_fake import FakeMoesif
-from reconciler.sandbox.openmeter_fake import FakeOpenMeter
-from reconciler.sandbox.stripe_fake import FakeStripe
+from reconciler.sandbox.httpserver import DROP_CONNECTION, InjectedFault
+from reconciler.sandbox.server import SANDBOX_MOESIF_TOKEN, SANDBOX_OPENMETER_TOKEN, SANDBOX_STRIPE_KEY, Sandbox
 from reconciler.upstream.errors import UpstreamError
 from reconciler.upstream.moesif_api import MoesifGateway
 from reconciler.upstream.rate_limit import RateLimiter
@@ -53,14 +51,11 @@ from tests.simulation.scenario import (
     Scenario,
     Step,
     SubscriptionPlan,
-    add_months,
     periods_of,
+    plan_period,
 )
 
-STRIPE_KEY = "sk_test_simulation_5ecret"
-OPENMETER_TOKEN = "om_simulation_5ecret"
-MOESIF_TOKEN = "moesif_simulation_5ecret"
-SECRETS = (STRIPE_KEY, OPENMETER_TOKEN, MOESIF_TOKEN)
+SECRETS = (SANDBOX_STRIPE_KEY, SANDBOX_OPENMETER_TOKEN, SANDBOX_MOESIF_TOKEN)
 CLIENT_TIMEOUT = 0.25  # seconds, real time: a "timeout" fault holds its answer back longer than this
 QUIET_CYCLES = 9  # fault-free cycles, 15 minutes apart, after the last step: every grace period runs out, and
 # then more until a balance cycle sends nothing (at most as many again)
@@ -74,74 +69,40 @@ def ts(instant: datetime) -> int:
     return int(instant.timestamp())
 
 
-class Fakes:
-    """The three fakes on loopback, started once per process and reset for every seed."""
-
-    def __init__(self) -> None:
-        self.stripe = FakeStripe(api_key=STRIPE_KEY)
-        self.openmeter = FakeOpenMeter(token=OPENMETER_TOKEN)
-        self.moesif = FakeMoesif(token=MOESIF_TOKEN)
-        self.servers = [LoopbackServer(f).start() for f in (self.stripe, self.openmeter, self.moesif)]
-
-    def reset(self) -> None:
-        self.stripe.reset()
-        self.stripe.duplicate_identifier_response = "error"
-        self.openmeter.reset()
-        self.moesif.reset()
-
-    def clear_faults(self) -> None:
-        for fake in (self.stripe, self.openmeter, self.moesif):
-            fake.clear_faults()
-
-    def stop(self) -> None:
-        for server in self.servers:
-            server.stop()
+def reset_fakes(fakes: Sandbox) -> None:
+    """The sandbox's fakes are started once per process (`Sandbox.start`) and reset for every seed."""
+    fakes.stripe.reset()
+    fakes.stripe.duplicate_identifier_response = "error"
+    fakes.openmeter.reset()
+    fakes.moesif.reset()
 
 
-def simulation_config(fakes: Fakes, database_url: str, scenario: Scenario) -> Config:
+def simulation_config(fakes: Sandbox, database_url: str, scenario: Scenario) -> Config:
+    """The sandbox's own config, with the simulation's meters, clients quick to time out and a scenario's choices."""
     meters = [
         {"stripe": stripe_target, "openmeter": om_meter, "rounding": ROUNDING}
         for stripe_target, om_meter, _, _ in METERS.values()
     ]
-    urls = [server.url for server in fakes.servers]
-    return parse_config(
-        {
-            "database": {"url": database_url},
-            "stripe": {
-                "api_key": STRIPE_KEY,
-                "api_base": urls[0],
-                "max_network_retries": scenario.seed % 3,
-                "timeout_seconds": CLIENT_TIMEOUT,
-                "invoice_grace_period": f"{int(INVOICE_GRACE.total_seconds())}s",
-            },
-            "openmeter": {
-                "url": urls[1],
-                "token": OPENMETER_TOKEN,
-                "max_retries": 2,
-                "timeout_seconds": CLIENT_TIMEOUT,
-            },
-            "usage": {"window_size": "HOUR", "grace_period": f"{int(GRACE.total_seconds())}s", "meters": meters},
-            "moesif": {
-                "url": urls[2],
-                "management_token": MOESIF_TOKEN,
-                "max_retries": 2,
-                "timeout_seconds": CLIENT_TIMEOUT,
-                "deduplicates_transaction_ids": scenario.product_trusts_dedupe,
-            },
-            "balances": {
-                "enabled": True,
-                "stripe_source": "credit_grants",
-                "auto_correct": True,
-                "max_auto_correction": {"usd": 100000},
-                "settle_delay": f"{int(SETTLE_DELAY.total_seconds())}s",
-            },
-            "logging": {"level": "INFO", "format": "json"},
-        }
+    raw = fakes.config_dict(database_url, meters)
+    raw["stripe"].update(
+        max_network_retries=scenario.seed % 3,
+        timeout_seconds=CLIENT_TIMEOUT,
+        invoice_grace_period=f"{int(INVOICE_GRACE.total_seconds())}s",
     )
+    raw["openmeter"].update(max_retries=2, timeout_seconds=CLIENT_TIMEOUT)
+    raw["moesif"].update(
+        max_retries=2,
+        timeout_seconds=CLIENT_TIMEOUT,
+        deduplicates_transaction_ids=scenario.product_trusts_dedupe,
+    )
+    raw["balances"].update(max_auto_correction={"usd": 100000}, settle_delay=f"{int(SETTLE_DELAY.total_seconds())}s")
+    raw["usage"].update(window_size="HOUR", grace_period=f"{int(GRACE.total_seconds())}s")
+    raw["logging"] = {"level": "INFO", "format": "json"}
+    return parse_config(raw)
 
 
 class World:
-    def __init__(self, scenario: Scenario, fakes: Fakes, database_url: str):
+    def __init__(self, scenario: Scenario, fakes: Sandbox, database_url: str):
         self.scenario = scenario
         self.fakes = fakes
         self.database_url = database_url
@@ -152,7 +113,7 @@ class World:
         self.app: App | None = None
         self.now: datetime = scenario.start
         self._applied: set[tuple[str, str]] = set()  # world changes already made (kind, id)
-        self._periods: dict[str, tuple[datetime, datetime]] = {}  # subscription id -> its current period
+        self._period_index: dict[str, int] = {}  # subscription id -> which of its periods is current
         self.item_ids: dict[str, list[str]] = {}  # subscription id -> item ids, in plan order
         self._webhooks: list[dict[str, Any]] = []  # events Stripe would send, not yet delivered
         self._backfill_until: datetime | None = None  # set while a backfill is unfinished
@@ -203,7 +164,8 @@ class World:
             for job in jobs:
                 self._run_job(job)
         finally:
-            self.fakes.clear_faults()
+            for fake in (self.fakes.stripe, self.fakes.openmeter, self.fakes.moesif):
+                fake.clear_faults()
             self._crash = lambda point: None
             for fault, injected in self._armed:
                 self.hits[fault.kind] += injected.hits > 0  # counted only if a request actually met it
@@ -306,7 +268,7 @@ class World:
                     )
         for plan in self.scenario.subscriptions:
             stripe.add_customer(id=plan.customer)
-            start, end = self._first_period(plan)
+            start, end = plan_period(plan, 0)
             prices = [
                 METERS[item.kind][0] if item.kind == "legacy" else _price(item.kind, item.unit_amount, plan.interval)
                 for item in plan.items
@@ -320,7 +282,7 @@ class World:
                 current_period_end=ts(end),
             )
             stripe.update_subscription(plan.id, billing_cycle_anchor=ts(plan.anchor))
-            self._periods[plan.id] = (start, end)
+            self._period_index[plan.id] = 0
             self.item_ids[plan.id] = [item["id"] for item in subscription["items"]["data"]]
             credit = self.scenario.credit_minor[plan.customer]
             if credit:
@@ -330,10 +292,6 @@ class World:
             moesif.add_subscription(plan.id, plan.customer, current_balance=credit / 100)
         if self.scenario.customers and not any(e.customer == self.scenario.customers[-1] for e in self.scenario.usage):
             self.hits["openmeter_subject_missing"] += 1
-
-    def _first_period(self, plan: SubscriptionPlan) -> tuple[datetime, datetime]:
-        months = 12 if plan.interval == "year" else 1
-        return plan.anchor, add_months(plan.anchor, months)
 
     def _advance_upstreams(self, now: datetime) -> None:
         """Everything that happened upstream up to `now`: rollovers, cancellations, price changes, usage arriving
@@ -395,7 +353,7 @@ class World:
         stripe = self.fakes.stripe
         if ("canceled", plan.id) in self._applied:
             return
-        start, end = self._periods[plan.id]
+        start, end = plan_period(plan, self._period_index[plan.id])
         while True:
             if plan.cancel_at and plan.cancel_at <= now and plan.cancel_at < end:
                 self._applied.add(("canceled", plan.id))
@@ -406,12 +364,8 @@ class World:
                 return
             if end > now:
                 break
-            months = 12 if plan.interval == "year" else 1
-            k = 1
-            while add_months(plan.anchor, k * months) <= start:
-                k += 1
-            start, end = end, add_months(plan.anchor, (k + 1) * months)
-            self._periods[plan.id] = (start, end)
+            self._period_index[plan.id] += 1
+            start, end = plan_period(plan, self._period_index[plan.id])
             updated = stripe.update_subscription(plan.id, current_period_start=ts(start), current_period_end=ts(end))
             self._webhook("period", "customer.subscription.updated", updated, {"current_period_start": ts(start)})
             self._webhook("period", "invoice.created", {"id": f"in_{plan.id}_{ts(start)}", "customer": plan.customer})
