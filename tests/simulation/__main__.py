@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess  # nosec B404: asks git which commit is being tested
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 from tests.simulation.runner import SeedResult, run_seeds
 from tests.simulation.scenario import FAULT_CLASSES
@@ -20,14 +22,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="replay this one seed")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes")
     parser.add_argument("--verbose", action="store_true", help="print every seed's scenario and fault schedule")
+    parser.add_argument(
+        "--record",
+        type=Path,
+        help="append each finished seed, its outcome and the commit it ran on to this file, and skip seeds it records "
+        "as passed: a long run stopped part way resumes where it left off",
+    )
     args = parser.parse_args(argv)
     seeds = [args.seed] if args.seed is not None else list(range(args.first, args.first + args.seeds))
+    if args.record is not None:
+        passed = _recorded_passes(args.record)
+        print(f"{len(passed & set(seeds))} of these seeds already passed in {args.record}; running the rest")
+        seeds = [seed for seed in seeds if seed not in passed]
 
+    commit = _commit()
     started = time.monotonic()
     hits: Counter[str] = Counter()
     failed: list[SeedResult] = []
     for done, result in enumerate(run_seeds(seeds, args.jobs), start=1):
         hits.update({kind for kind, count in result.hits.items() if count})
+        if args.record is not None:
+            with args.record.open("a") as record:
+                record.write(f"{result.seed}\t{'passed' if result.ok else 'failed'}\t{commit}\n")
         if args.verbose:
             print(result.description)
         if not result.ok:
@@ -47,6 +63,26 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print("failing seeds: " + " ".join(str(r.seed) for r in sorted(failed, key=lambda r: r.seed)))
     return 1 if failed else 0
+
+
+def _recorded_passes(path: Path) -> set[int]:
+    if not path.exists():
+        return set()
+    lines = (line.split("\t") for line in path.read_text().splitlines())
+    return {int(fields[0]) for fields in lines if len(fields) >= 2 and fields[1] == "passed"}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(  # nosec B603 B607: a fixed git command
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 if __name__ == "__main__":
