@@ -604,6 +604,55 @@ def sandbox(
         served.stop()
 
 
+@app.command("bench")
+def bench(
+    items: Annotated[list[int] | None, typer.Option("--items", help="Metered items to benchmark (repeatable).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where bench.json, bench.png and logs go.")] = Path(
+        "bench-results"
+    ),
+    naive_up_to: Annotated[int, typer.Option(help="Run the naive loop at sizes up to this; extrapolate above.")] = 1000,
+    lift_above: Annotated[
+        int, typer.Option(help="Sizes above this run with no latency and lifted budgets (memory and CPU).")
+    ] = 10_000,
+    stripe_latency_ms: Annotated[float, typer.Option(help="Stripe fake's answer latency.")] = 40,
+    openmeter_latency_ms: Annotated[float, typer.Option(help="OpenMeter fake's answer latency.")] = 60,
+    stripe_per_second: Annotated[float, typer.Option(help="Stripe request budget (live mode: 100).")] = 100,
+    openmeter_per_second: Annotated[float, typer.Option(help="OpenMeter request budget.")] = 50,
+    plot: Annotated[bool, typer.Option(help="Write bench.png (needs matplotlib).")] = True,
+) -> None:
+    """Benchmark a usage sync cycle against the sandbox, with latency and enforced budgets, side by side with the
+    naive sequential loop; prints a table and writes bench.json and bench.png."""
+    from reconciler.bench.measure import Conditions
+    from reconciler.bench.report import table_rows
+    from reconciler.bench.suite import run_benchmark
+
+    conditions = Conditions(
+        stripe_latency=stripe_latency_ms / 1000,
+        openmeter_latency=openmeter_latency_ms / 1000,
+        stripe_per_second=stripe_per_second,
+        openmeter_per_second=openmeter_per_second,
+    )
+    results = run_benchmark(
+        items or [1000, 10_000, 100_000],
+        conditions,
+        out_dir,
+        naive_up_to=naive_up_to,
+        lift_above=lift_above,
+        plot=plot,
+        progress=lambda r: err.print(f"N={r.items:,}: cold {r.cold.wall_seconds:.1f} s", markup=False),
+    )
+    rows = table_rows(results)
+    table = Table(title=f"reconciler bench ({out_dir / 'bench.json'})")
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    out.print(table)
+    out.print("requests are stripe/openmeter; * naive time extrapolated from the smaller size", markup=False)
+    failed = [r for r in results if r.naive_agrees is False or r.cold.exit_code or r.warm.exit_code]
+    raise typer.Exit(EXIT_FAILURES if failed else EXIT_OK)
+
+
 def print_summary(result: CycleResult, console: Console) -> None:
     summary = result.summary
     table = Table(title="usage sync" + (" (dry run)" if result.run_id is None else f" run {result.run_id}"))

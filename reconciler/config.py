@@ -84,6 +84,8 @@ class StripeConfig(_Section):
     timeout_seconds: float = Field(default=30, gt=0)
     # Request budget of this deployment (all replicas together): a safe share of Stripe's test-mode 25/s.
     max_requests_per_second: float = Field(default=20, gt=0)
+    # Requests in flight at once, per replica: enough to fill the budget when each answer takes ~40-400 ms.
+    max_concurrency: int = Field(default=8, ge=1, le=64)
     # Signing secret of the webhook endpoint (`whsec_…`); unset or empty: POST /webhooks/stripe is off.
     webhook_secret: SecretStr | None = None
 
@@ -103,6 +105,7 @@ class OpenMeterConfig(_Section):
     token: SecretStr
     timeout_seconds: float = Field(default=30, gt=0)
     max_requests_per_second: float = Field(default=10, gt=0)  # all replicas together
+    max_concurrency: int = Field(default=4, ge=1, le=64)  # queries in flight at once, per replica
     max_retries: int = Field(default=3, ge=0, le=10)
 
     @field_validator("url")

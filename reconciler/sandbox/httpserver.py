@@ -8,9 +8,11 @@ freezegun's patched clock applies to the fakes as well.
 
 from __future__ import annotations
 
+import bisect
 import json
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -187,13 +189,53 @@ class InjectedFault:
 
 
 class FakeService:
-    """Base class: a lock, a request log, fault injection and a clock."""
+    """Base class: a lock, a request log, fault injection, a clock, and for benchmarks: latency, an enforced
+    request budget and the arrival time of every request."""
 
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         self.clock: Callable[[], float] = clock if clock is not None else (lambda: time.time())
         self.lock = threading.RLock()
         self.requests: list[RecordedRequest] = []
+        self.record_requests = True  # False: keep only arrival times (benchmarks, 100,000s of requests)
         self._faults: list[InjectedFault] = []
+        self.latency_seconds = 0.0  # every answer is held back this long, in real time
+        self.budget: tuple[int, float] | None = None  # (requests, per seconds): more are answered 429
+        self.arrivals: list[float] = []  # time.monotonic() of every request answered, in order
+        self.rate_limited = 0  # requests refused with a 429 for being over the budget
+        self._recent: deque[float] = deque()
+
+    # -- benchmarks --------------------------------------------------------------------------------
+
+    def limit_rate(self, max_requests: int, per_seconds: float = 1.0) -> None:
+        """Answer 429 (as the real API would) to a request arriving when `max_requests` were already served in
+        the `per_seconds` before it."""
+        with self.lock:
+            self.budget = (max_requests, per_seconds)
+
+    def max_requests_in_any_window(self, seconds: float = 1.0) -> int:
+        """The most requests served within any `seconds`-long window of real time."""
+        with self.lock:
+            arrivals = list(self.arrivals)
+        return max(
+            (bisect.bisect_left(arrivals, start + seconds, lo=i) - i for i, start in enumerate(arrivals)), default=0
+        )
+
+    def _over_budget(self, now: float) -> bool:
+        """Count a request against the budget (under the lock); True if it must be refused."""
+        if self.budget is None:
+            return False
+        max_requests, per_seconds = self.budget
+        while self._recent and self._recent[0] <= now - per_seconds:
+            self._recent.popleft()
+        if len(self._recent) >= max_requests:
+            return True
+        self._recent.append(now)
+        return False
+
+    def _rate_limited_response(self) -> Response:
+        return self._fault_response(
+            InjectedFault("*", "", 429, {"Retry-After": "1"}, None, remaining=0, after_apply=False)
+        )
 
     # -- fault injection -------------------------------------------------------------------------
 
@@ -278,9 +320,34 @@ class FakeService:
         apply: Callable[[], Response],
     ) -> Response:
         """Record the request, then answer it: with an injected fault (before or after applying it) or with
-        `apply()`. Requests are applied one at a time, under the service lock; an injected delay is waited out
-        after the lock is released."""
+        `apply()`. Requests are applied one at a time, under the service lock; latency and an injected delay are
+        waited out after the lock is released. Over the budget set by `limit_rate`, the answer is a 429."""
         with self.lock:
+            arrived = time.monotonic()
+            if self._over_budget(arrived):
+                response, delay = self._rate_limited_response(), 0.0
+                self.rate_limited += 1
+            else:
+                self.arrivals.append(arrived)
+                response, delay = self._answer(method, path, query, headers, params, body, apply)
+        if self.latency_seconds or delay:
+            # Real time, whatever clock the fake runs on; an injected delay longer than the client's timeout is
+            # a timeout.
+            threading.Event().wait(self.latency_seconds + delay)
+        return response
+
+    def _answer(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        headers: dict[str, str],
+        params: dict[str, Any],
+        body: bytes,
+        apply: Callable[[], Response],
+    ) -> tuple[Response, float]:
+        """The answer to a request within the budget (under the lock), and how long to hold it back."""
+        if self.record_requests:
             self._record(
                 RecordedRequest(
                     method=method,
@@ -291,16 +358,24 @@ class FakeService:
                     body=bytes(body),
                 )
             )
-            fault = self._take_fault(method, path)
-            if fault is None:
-                return apply()
-            if fault.after_apply:
-                apply()
-            response = self._fault_response(fault)
-        if fault.delay_seconds:
-            threading.Event().wait(fault.delay_seconds)  # real time, whatever clock the fake runs on
-        return response
+        fault = self._take_fault(method, path)
+        if fault is None:
+            return apply(), 0.0
+        if fault.after_apply:
+            apply()
+        return self._fault_response(fault), fault.delay_seconds
 
     def _reset_base(self) -> None:
         self.requests.clear()
         self._faults.clear()
+        self.record_requests = True
+        self.latency_seconds = 0.0
+        self.budget = None
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        """Forget the arrival times and 429s counted so far (a benchmark's next phase)."""
+        with self.lock:
+            self.arrivals.clear()
+            self._recent.clear()
+            self.rate_limited = 0

@@ -111,6 +111,7 @@ class FakeOpenMeter(FakeService):
     def _init_state(self) -> None:
         self.meters: dict[str, dict[str, Any]] = {}  # slug -> Meter JSON
         self.events: dict[str, list[OpenMeterEvent]] = {}  # slug -> events
+        self._by_subject: dict[str, dict[str, list[OpenMeterEvent]]] = {}  # slug -> subject -> events
         self._seq = 0
 
     def reset(self) -> None:
@@ -195,6 +196,7 @@ class FakeOpenMeter(FakeService):
                 seq=self._seq,
             )
             self.events[slug].append(event)
+            self._by_subject.setdefault(slug, {}).setdefault(subject, []).append(event)
             return event
 
     # -- HTTP -------------------------------------------------------------------------------------
@@ -349,12 +351,17 @@ class FakeOpenMeter(FakeService):
                 group_keys.append(g)
 
         effective_end = end if end is not None else self._now()
+        by_subject = self._by_subject.get(meter["slug"], {})
+        candidates = (
+            [e for s in dict.fromkeys(subjects) for e in by_subject.get(s, [])]
+            if subjects
+            else self.events[meter["slug"]]
+        )
         selected = [
             e
-            for e in self.events[meter["slug"]]
+            for e in candidates
             if (start is None or e.time >= start)
             and e.time < effective_end
-            and (not subjects or e.subject in subjects)
             and (not customers or e.customer_id in customers)
         ]
 

@@ -6,8 +6,12 @@ retries go through reconciler.upstream.retry so one budget covers every attempt.
 
 from __future__ import annotations
 
+import itertools
 import json
+import threading
+from collections.abc import Callable, Sequence
 from decimal import Decimal
+from typing import TypeVar
 
 import openmeter
 from corehttp.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
@@ -18,9 +22,12 @@ from reconciler.redact import redact
 from reconciler.upstream.errors import PermanentError, RateLimitedError, TransientError, UpstreamError
 from reconciler.upstream.rate_limit import RateLimiter
 from reconciler.upstream.retry import call_with_retries
-from reconciler.usage.model import UsageWindow
+from reconciler.usage.measure import Need, total_of
+from reconciler.usage.model import UsageRow, UsageWindow
 
 API = "openmeter"
+METERS_PAGE = 100
+T = TypeVar("T")
 
 
 def _problem_detail(exc: HttpResponseError) -> str:
@@ -53,19 +60,15 @@ def translate_error(exc: Exception, meter: str, secrets: tuple[str, ...] = ()) -
     return TransientError(API, redact(f"{type(exc).__name__}: {exc}", secrets))
 
 
-# Far above any real total, and far below what the ledger's 64-bit integers hold.
-MAX_BILLABLE_TOTAL = Decimal(10) ** 15
-
-
-def billable(value: object, meter: str, subject: str) -> Decimal:
-    """A usage value as a Decimal, or a PermanentError naming what OpenMeter answered: null, NaN, infinite,
-    negative and absurdly large values are never billed."""
+def usage_number(value: object, meter: str, subject: str) -> Decimal:
+    """A usage value as a Decimal, or a PermanentError naming what OpenMeter answered: null, NaN and infinite
+    values are never billed. (Whether a total is billable is decided on the total: reconciler.usage.measure.)"""
     number = None
     if isinstance(value, float):
         number = Decimal(repr(value))
     elif isinstance(value, int) and not isinstance(value, bool):
         number = Decimal(value)
-    if number is None or not number.is_finite() or number < 0 or number > MAX_BILLABLE_TOTAL:
+    if number is None or not number.is_finite():
         raise PermanentError(
             API, f"meter {meter!r}, subject {subject!r}: OpenMeter answered a usage value of {value!r}, not billable"
         )
@@ -77,6 +80,7 @@ class OpenMeterGateway:
         self._config = config
         self._metrics = metrics
         self.limiter = RateLimiter(max(1, round(config.max_requests_per_second * 100)), 100.0)
+        self._in_flight = threading.BoundedSemaphore(config.max_concurrency)
         self._client = openmeter.Client(
             endpoint=config.url,
             token=config.token.get_secret_value(),
@@ -85,26 +89,68 @@ class OpenMeterGateway:
             read_timeout=config.timeout_seconds,
         )
 
-    def query_total(self, meter: str, subject: str, window: UsageWindow) -> Decimal:
-        """The subject's usage on `meter` over `[window.start, window.end)`, one value for the whole window.
+    def _call(self, what: str, operation: Callable[[], T], meter: str = "") -> T:
+        """One request under the budget and the in-flight bound, retried; a 429 holds every request back."""
+        secrets = (self._config.token.get_secret_value(),)
 
-        No `windowSize`: OpenMeter aggregates the whole range itself, which is right for every aggregation
-        (summing windows would be wrong for MAX, LATEST, UNIQUE_COUNT, ...). No rows means no usage.
-        """
-
-        def attempt() -> Decimal:
+        def attempt() -> T:
             self.limiter.acquire()
-            with self._metrics.upstream_call(API):
+            with self._in_flight, self._metrics.upstream_call(API):
                 try:
-                    result = self._client.meters.query_json(
-                        meter, from_parameter=window.start, to=window.end, subject=[subject]
-                    )
+                    return operation()
                 except (HttpResponseError, ServiceRequestError, ServiceResponseError) as exc:
-                    raise translate_error(exc, meter, (self._config.token.get_secret_value(),)) from None
-            values = (row.value for row in (result.data or []) if row.subject in (subject, None))
-            return sum((billable(value, meter, subject) for value in values), Decimal(0))
+                    error = translate_error(exc, meter, secrets)
+                    if isinstance(error, RateLimitedError):
+                        self.limiter.hold_off(error.retry_after or 1.0)
+                    raise error from None
 
-        return call_with_retries(attempt, max_retries=self._config.max_retries, what=f"openmeter query {meter}")
+        return call_with_retries(attempt, max_retries=self._config.max_retries, what=f"openmeter {what}")
+
+    def aggregations(self) -> dict[str, str]:
+        """Every meter's aggregation (SUM, COUNT, MAX, ...) by slug."""
+        found: dict[str, str] = {}
+        for page in itertools.count(1):
+            meters = self._call("list meters", lambda p=page: self._client.meters.list(page=p, page_size=METERS_PAGE))
+            found.update({m.slug: str(getattr(m.aggregation, "value", m.aggregation)).upper() for m in meters})
+            if len(meters) < METERS_PAGE:
+                return found
+        return found  # pragma: no cover - itertools.count never ends
+
+    def query_rows(
+        self, meter: str, subjects: Sequence[str], window: UsageWindow, window_size: str | None, time_zone: str
+    ) -> list[UsageRow]:
+        """The usage of `subjects` on `meter` over `[window.start, window.end)`, one row per subject (and per
+        `window_size` window, if given) with data. Without `window_size`, OpenMeter aggregates the whole range,
+        which is right for every aggregation (summing windows would be wrong for MAX, LATEST, UNIQUE_COUNT, ...).
+        A value that cannot be billed is kept as the error that says so, for its subject alone."""
+        result = self._call(
+            "query",
+            lambda: self._client.meters.query_json(
+                meter,
+                from_parameter=window.start,
+                to=window.end,
+                subject=list(subjects),
+                group_by=["subject"],
+                **({"window_size": window_size, "window_time_zone": time_zone} if window_size else {}),
+            ),
+            meter,
+        )
+        only = subjects[0] if len(subjects) == 1 else None
+        rows = []
+        for row in result.data or []:
+            subject = row.subject or only  # a single-subject answer may leave the subject out
+            if subject is None:
+                continue
+            try:
+                value: Decimal | PermanentError = usage_number(row.value, meter, subject)
+            except PermanentError as exc:
+                value = exc
+            rows.append(UsageRow(subject, row.window_start, row.window_end, value))
+        return rows
+
+    def query_total(self, meter: str, subject: str, window: UsageWindow) -> Decimal:
+        """One subject's billable usage on `meter` over the whole window. No rows means no usage."""
+        return total_of(Need(meter, subject, window), self.query_rows(meter, [subject], window, None, "UTC"))
 
     def close(self) -> None:
         self._client.close()

@@ -12,6 +12,7 @@ SDK traps avoided here (see shared/api-notes.md):
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from decimal import Decimal
@@ -115,6 +116,7 @@ class StripeGateway:
         self._metrics = metrics
         # Fractional budgets are expressed per 100 s so a limiter always counts whole requests.
         self.limiter = RateLimiter(max(1, round(config.max_requests_per_second * 100)), 100.0)
+        self._in_flight = threading.BoundedSemaphore(config.max_concurrency)
         self._client = stripe.StripeClient(
             config.api_key.get_secret_value(),
             base_addresses={"api": config.api_base},
@@ -129,7 +131,7 @@ class StripeGateway:
         def attempt() -> T:
             nonlocal outcome_unknown
             self.limiter.acquire()
-            with self._metrics.upstream_call(API):
+            with self._in_flight, self._metrics.upstream_call(API):
                 try:
                     return operation()
                 except stripe.StripeError as exc:

@@ -7,18 +7,20 @@ logged with its context and counted; the cycle goes on.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
 import structlog
 
 from reconciler.config import Config
-from reconciler.ledger.coordination import Coordinator, Fence, LeaseLostError
+from reconciler.ledger.coordination import Claim, Coordinator, Fence, LeaseLostError
 from reconciler.ledger.runs import RunLog
 from reconciler.ledger.schema import IntentState, UsagePeriod
 from reconciler.ledger.usage_ledger import ContendedError, UsageLedger, stream_period_from_row
@@ -36,6 +38,7 @@ from reconciler.usage.decide import (
     reopen_for_backfill,
 )
 from reconciler.usage.history import periods_between
+from reconciler.usage.measure import SUBJECTS_PER_QUERY, Measurements, Need, UsageQueries, measure
 from reconciler.usage.model import (
     BillingPeriod,
     CycleSummary,
@@ -49,6 +52,7 @@ from reconciler.usage.model import (
     UsageWindow,
 )
 from reconciler.usage.periods import ONE_SECOND, usage_window
+from reconciler.usage.pipeline import KeyedLocks, WorkItem, run_pipeline
 from reconciler.usage.rounding import round_quantity
 from reconciler.usage.streams import LIVE_STATUSES, build_work, meter_problem
 
@@ -71,8 +75,9 @@ class StripePort(Protocol):
     def legacy_usage_total(self, item_id: str, period_start: datetime) -> int | None: ...
 
 
-class OpenMeterPort(Protocol):
+class OpenMeterPort(UsageQueries, Protocol):
     def query_total(self, meter: str, subject: str, window: UsageWindow) -> Decimal: ...
+    def aggregations(self) -> dict[str, str]: ...
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,15 @@ class CycleResult:
     def ok(self) -> bool:
         return self.summary.failed == 0 and not self.interrupted
 
+    def add(self, other: CycleResult) -> None:
+        """Fold one item's result (synced in another thread) into the cycle's."""
+        self.summary.add(other.summary)
+        self.plan += other.plan
+        if other.next_final_sync is not None and (
+            self.next_final_sync is None or other.next_final_sync < self.next_final_sync
+        ):
+            self.next_final_sync = other.next_final_sync
+
 
 class UsageSync:
     def __init__(
@@ -118,6 +132,9 @@ class UsageSync:
         self._clock = clock
         self._stop_requested = stop_requested
         self._zone = ZoneInfo(config.usage.window_time_zone)
+        self._streams = KeyedLocks()
+        self._aggregations_lock = threading.Lock()
+        self._known_aggregations: dict[str, str] | None = None
         self._timing = Timing(
             grace_period=config.usage.grace_period,
             invoice_grace_period=config.stripe.invoice_grace_period,
@@ -129,13 +146,13 @@ class UsageSync:
     ) -> CycleResult:
         """One cycle over every stream (or only `customers`'; `include_legacy=False` leaves legacy prices out)."""
 
-        def local_plan(now: datetime, result: CycleResult) -> Iterator[tuple[StreamPeriod, Fence | None]]:
+        def local_plan(now: datetime, result: CycleResult) -> Iterator[WorkItem]:
             work, refusals = self._collect_work(now, customers)
             for refusal in refusals:
                 self._refuse(refusal, result.summary)
             for unit in work:
                 if include_legacy or unit.stream.kind is not StreamKind.LEGACY:
-                    yield unit, None
+                    yield WorkItem(unit)
 
         return self._timed(dry_run, local_plan)
 
@@ -143,7 +160,7 @@ class UsageSync:
         """One cycle shared by every live replica on PostgreSQL: the replica that wins the tick lists Stripe
         and writes the plan; all of them claim its items in batches under leases and sync them."""
 
-        def shared_plan(now: datetime, result: CycleResult) -> Iterator[tuple[StreamPeriod, Fence | None]]:
+        def shared_plan(now: datetime, result: CycleResult) -> Iterator[WorkItem]:
             tick_id = coordinator.claim_tick("usage_sync", tick_key)
             if tick_id is not None:
                 work, refusals = self._collect_work(now, frozenset())
@@ -159,14 +176,16 @@ class UsageSync:
                     return
                 for position, claim in enumerate(claims):
                     try:
-                        yield load_work(claim.payload), claim.fence
+                        yield WorkItem(load_work(claim.payload), claim.fence, partial(complete, claim))
                     except GeneratorExit:
                         coordinator.release(claims[position:])  # stopped: hand the rest back at once
                         raise
-                    try:
-                        coordinator.complete(claim)
-                    except LeaseLostError:
-                        log.warning("lease lost before completing a work item; its new owner finishes it")
+
+        def complete(claim: Claim) -> None:
+            try:
+                coordinator.complete(claim)
+            except LeaseLostError:
+                log.warning("lease lost before completing a work item; its new owner finishes it")
 
         return self._timed(False, shared_plan)
 
@@ -177,10 +196,9 @@ class UsageSync:
                 return
             time.sleep(0.2)
 
-    def _timed(
-        self, dry_run: bool, plan: Callable[[datetime, CycleResult], Iterator[tuple[StreamPeriod, Fence | None]]]
-    ) -> CycleResult:
+    def _timed(self, dry_run: bool, plan: Callable[[datetime, CycleResult], Iterator[WorkItem]]) -> CycleResult:
         started = time.perf_counter()
+        self._known_aggregations = None  # meters may have changed since the last cycle
         result = self._cycle(dry_run, plan)
         if not dry_run:
             outcome = "interrupted" if result.interrupted else "succeeded" if result.ok else "partial"
@@ -192,22 +210,37 @@ class UsageSync:
                     self._metrics.usage_items.labels(name).inc(value)
         return result
 
-    def _cycle(
-        self, dry_run: bool, plan: Callable[[datetime, CycleResult], Iterator[tuple[StreamPeriod, Fence | None]]]
-    ) -> CycleResult:
+    def _cycle(self, dry_run: bool, plan: Callable[[datetime, CycleResult], Iterator[WorkItem]]) -> CycleResult:
         now = self._clock()
         run_id = None if dry_run else self._runs.start("usage_sync")
         result = CycleResult(run_id=run_id, summary=CycleSummary())
         with structlog.contextvars.bound_contextvars(run_id=run_id, dry_run=dry_run):
             log.info("usage sync started", now=now.isoformat())
             units = plan(now, result)
+            merging = threading.Lock()
+            context = structlog.contextvars.get_contextvars()
+
+            def sync(item: WorkItem, measured: Measurements) -> None:
+                own = CycleResult(run_id=run_id, summary=CycleSummary())
+                with structlog.contextvars.bound_contextvars(**context), self._streams.hold(item.unit.stream.key):
+                    self._sync_one(item.unit, now, run_id, dry_run, own, item.fence, measured=measured)
+                if item.done is not None:
+                    item.done()
+                with merging:
+                    result.add(own)
+
             try:
-                for unit, fence in units:
-                    if self._stop_requested():
-                        result.interrupted = True
-                        log.warning("stop requested: ending the cycle after the item in flight")
-                        break
-                    self._sync_one(unit, now, run_id, dry_run, result, fence)
+                result.interrupted = run_pipeline(
+                    units,
+                    measure=lambda batch: self._measure_batch([item.unit for item in batch], now),
+                    sync=sync,
+                    batch_size=SUBJECTS_PER_QUERY,
+                    workers=self._config.stripe.max_concurrency,
+                    measurers=self._config.openmeter.max_concurrency,
+                    stop_requested=self._stop_requested,
+                )
+                if result.interrupted:
+                    log.warning("stop requested: ending the cycle after the items in flight")
             except UpstreamError as exc:
                 log.error("usage sync could not list Stripe subscriptions or meters", error=str(exc))
                 result.summary.failed += 1
@@ -216,6 +249,7 @@ class UsageSync:
                 return result
             finally:
                 units.close()  # type: ignore[attr-defined]
+            result.plan.sort(key=lambda p: (p.work.stream.key, p.work.period.start))  # workers finish in any order
             self._finish(result, "interrupted" if result.interrupted else "succeeded" if result.ok else "partial")
         return result
 
@@ -276,6 +310,7 @@ class UsageSync:
         result: CycleResult,
         fence: Fence | None = None,
         reopen_final: bool = False,
+        measured: Measurements | None = None,
     ) -> PlannedReport | None:
         """Sync one stream period; its decision, or None if it failed or another process holds it."""
         stream, summary = work.stream, result.summary
@@ -294,7 +329,7 @@ class UsageSync:
                 state = ledger.state(work)
                 if reopen_final:
                     state = reopen_for_backfill(work, state, now, self._timing)
-                target = self._measure(work, now)
+                target = self._measure(work, now, measured)
                 now = self._after_previous_event(state, now)
                 decision = decide(work, state, target, now, self._timing)
                 self._note_deadline(work, state, decision, now, result)
@@ -364,11 +399,37 @@ class UsageSync:
             return max(now, self._clock())
         return now
 
-    def _measure(self, work: StreamPeriod, now: datetime) -> int:
+    def _need(self, work: StreamPeriod, now: datetime) -> Need | None:
+        """What to ask OpenMeter for this stream period; None for an empty window (OpenMeter answers 400 to equal
+        bounds, and an empty window holds no usage anyway)."""
         window = usage_window(work.period, now, self._config.usage.window_size, self._zone)
-        if window.is_empty:
-            return 0  # OpenMeter answers 400 to equal bounds; an empty window holds no usage anyway
-        total = self._openmeter.query_total(work.stream.openmeter_meter, work.stream.subject, window)
+        return None if window.is_empty else Need(work.stream.openmeter_meter, work.stream.subject, window)
+
+    def _measure_batch(self, units: list[StreamPeriod], now: datetime) -> Measurements:
+        needs = [need for need in (self._need(unit, now) for unit in units) if need is not None]
+        usage = self._config.usage
+        return measure(self._openmeter, needs, self._aggregations(), usage.window_size, usage.window_time_zone)
+
+    def _aggregations(self) -> dict[str, str]:
+        """OpenMeter's meters' aggregations, listed once per cycle (and again after a failure)."""
+        with self._aggregations_lock:
+            if self._known_aggregations is None:
+                try:
+                    self._known_aggregations = self._openmeter.aggregations()
+                except UpstreamError as exc:
+                    # Unknown aggregations are measured one window at a time: slower, never wrong.
+                    log.warning("could not list OpenMeter meters; measuring without windowed batches", error=str(exc))
+                    return {}
+            return self._known_aggregations
+
+    def _measure(self, work: StreamPeriod, now: datetime, measured: Measurements | None = None) -> int:
+        need = self._need(work, now)
+        if need is None:
+            return 0
+        if measured is not None and need in measured:
+            total = measured.total(need)
+        else:
+            total = self._openmeter.query_total(need.meter, need.subject, need.window)
         return round_quantity(total, work.stream.rounding)
 
     def _resend_pending(self, ledger: UsageLedger, work: StreamPeriod, now: datetime) -> None:

@@ -29,6 +29,16 @@ class UsageWindow:
 
 
 @dataclass(frozen=True)
+class UsageRow:
+    """One row of an OpenMeter query: a subject's usage over one window, or why that value cannot be billed."""
+
+    subject: str
+    window_start: datetime
+    window_end: datetime
+    value: Decimal | Exception
+
+
+@dataclass(frozen=True)
 class Meter:
     """A Stripe billing meter."""
 
@@ -152,6 +162,12 @@ class CycleSummary:
     finalized: int = 0
     late_drift: int = 0
     failures: list[str] = field(default_factory=list)
+
+    def add(self, other: CycleSummary) -> None:
+        """Count `other`'s items in this summary too (one item's counts, synced in another thread)."""
+        for name in ("seen", "reported", "unchanged", "unmapped", "failed", "finalized", "late_drift"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.failures += other.failures
 
     def as_dict(self) -> dict[str, object]:
         return {

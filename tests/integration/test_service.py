@@ -94,7 +94,8 @@ def test_a_second_daemon_on_the_same_sqlite_database_refuses_to_start(service_co
 
 
 def test_sigterm_during_a_cycle_exits_0_and_leaves_nothing_pending(sandbox, service_config, daemons, tmp_path):
-    for i in range(6):
+    customers = 40  # several times the workers (stripe.max_concurrency) so that the stop lands mid-cycle
+    for i in range(customers):
         customer_with_usage(sandbox, f"cus_{i}", value=i + 1)
     sandbox.openmeter.inject_fault("GET", "/api/v1/meters", 200, times=0)  # no-op: keeps fakes comparable
     slow = threading.Event()
@@ -116,7 +117,7 @@ def test_sigterm_during_a_cycle_exits_0_and_leaves_nothing_pending(sandbox, serv
     with engine.connect() as connection:
         assert connection.execute(text("select count(*) from usage_reports where state = 'pending'")).scalar() == 0
         sent = connection.execute(text("select count(*) from usage_reports where state = 'sent'")).scalar()
-    assert 1 <= sent == len(sandbox.stripe.meter_events) < 6  # stopped early, and nothing half-done
+    assert 1 <= sent == len(sandbox.stripe.meter_events) < customers  # stopped early, and nothing half-done
 
 
 def test_sighup_applies_a_new_schedule_and_rejects_an_invalid_file(sandbox, service_config, daemons):

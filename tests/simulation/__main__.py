@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess  # nosec B404: asks git which commit is being tested
+import subprocess  # asks git which commit is being tested  # nosec B404
 import sys
 import time
 from collections import Counter
@@ -74,7 +74,7 @@ def _recorded_passes(path: Path) -> set[int]:
 
 def _commit() -> str:
     try:
-        return subprocess.run(  # nosec B603 B607: a fixed git command
+        return subprocess.run(  # a fixed git command  # nosec B603 B607
             ["git", "rev-parse", "--short", "HEAD"],
             capture_output=True,
             text=True,

@@ -84,12 +84,14 @@ def simulation_config(fakes: Sandbox, database_url: str, scenario: Scenario) -> 
         for stripe_target, om_meter, _, _ in METERS.values()
     ]
     raw = fakes.config_dict(database_url, meters)
+    # One worker: the cycle runs in one thread, in order, so a seed replays exactly (fault order, clock ticks).
     raw["stripe"].update(
         max_network_retries=scenario.seed % 3,
         timeout_seconds=CLIENT_TIMEOUT,
         invoice_grace_period=f"{int(INVOICE_GRACE.total_seconds())}s",
+        max_concurrency=1,
     )
-    raw["openmeter"].update(max_retries=2, timeout_seconds=CLIENT_TIMEOUT)
+    raw["openmeter"].update(max_retries=2, timeout_seconds=CLIENT_TIMEOUT, max_concurrency=1)
     raw["moesif"].update(
         max_retries=2,
         timeout_seconds=CLIENT_TIMEOUT,

@@ -1,0 +1,201 @@
+"""Run one benchmark size: seed the sandbox, time the product's cold and warm cycles in a child process (so its peak
+RSS is its own), time the naive loop on an identically seeded Stripe, and check both billed the same."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess  # runs this same Python on the product's own CLI  # nosec B404
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reconciler.bench.dataset import EVENT_NAME, OPENMETER_METER, billed_totals, seed_openmeter, seed_stripe
+from reconciler.bench.naive import naive_cycle
+from reconciler.sandbox.httpserver import FakeService, LoopbackServer
+from reconciler.sandbox.server import SANDBOX_STRIPE_KEY, Sandbox
+from reconciler.sandbox.stripe_fake import FakeStripe
+
+SUBJECTS_PER_QUERY = 100  # OpenMeter: subjects in one query
+PAGE_SIZE = 100  # Stripe: objects in one list page
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What the upstream APIs look like in a run: answer latency and the request budgets, enforced by the fakes
+    and configured in the product alike."""
+
+    stripe_latency: float = 0.040
+    openmeter_latency: float = 0.060
+    moesif_latency: float = 0.080
+    stripe_per_second: float = 100
+    openmeter_per_second: float = 50
+
+    def lifted(self) -> Conditions:
+        """No latency and budgets far above the loopback's speed: measures memory and CPU, not waiting."""
+        return Conditions(0.0, 0.0, 0.0, stripe_per_second=5000, openmeter_per_second=1000)
+
+
+@dataclass
+class CycleMeasurement:
+    wall_seconds: float
+    cpu_seconds: float
+    peak_rss_mb: float
+    exit_code: int
+    requests: dict[str, int]
+    max_requests_in_one_second: dict[str, int]
+    answered_429: dict[str, int]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SizeResult:
+    items: int
+    conditions: Conditions
+    cold: CycleMeasurement
+    warm: CycleMeasurement
+    cold_floor_seconds: float
+    warm_floor_seconds: float
+    naive_seconds: float | None = None
+    naive_extrapolated: bool = False
+    naive_agrees: bool | None = None  # None: the naive loop did not run at this size
+
+    @property
+    def floor_ratio(self) -> float:
+        return self.cold.wall_seconds / self.cold_floor_seconds
+
+    @property
+    def naive_ratio(self) -> float | None:
+        return None if self.naive_seconds is None else self.naive_seconds / self.cold.wall_seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["cold_floor_ratio"] = round(self.floor_ratio, 3)
+        data["naive_speedup"] = None if self.naive_ratio is None else round(self.naive_ratio, 2)
+        return data
+
+
+def cold_floor_seconds(items: int, conditions: Conditions) -> float:
+    """The least time the budgets allow for a cycle where every total is new: Stripe takes one write per item plus
+    the subscription pages and one meter listing; OpenMeter one query per 100 subjects. The APIs work in parallel,
+    so the slower of the two sets the floor."""
+    stripe = items + math.ceil(items / PAGE_SIZE) + 1
+    openmeter = math.ceil(items / SUBJECTS_PER_QUERY)
+    return max(stripe / conditions.stripe_per_second, openmeter / conditions.openmeter_per_second)
+
+
+def warm_floor_seconds(items: int, conditions: Conditions) -> float:
+    """Nothing changed: only the reads are left."""
+    stripe = math.ceil(items / PAGE_SIZE) + 1
+    openmeter = math.ceil(items / SUBJECTS_PER_QUERY)
+    return max(stripe / conditions.stripe_per_second, openmeter / conditions.openmeter_per_second)
+
+
+def _apply(fake: FakeService, latency: float, per_second: float) -> None:
+    fake.latency_seconds = latency
+    fake.limit_rate(max(1, int(per_second)), 1.0)
+
+
+def _config(sandbox: Sandbox, database: Path, conditions: Conditions) -> dict[str, Any]:
+    raw = sandbox.config_dict(f"sqlite:///{database}", [{"stripe": EVENT_NAME, "openmeter": OPENMETER_METER}])
+    raw["stripe"]["max_requests_per_second"] = conditions.stripe_per_second
+    raw["openmeter"]["max_requests_per_second"] = conditions.openmeter_per_second
+    raw["balances"] = {"enabled": False}
+    raw["logging"] = {"level": "INFO", "format": "json"}
+    return raw
+
+
+def _product_cycle(config_path: Path, log_path: Path, fakes: dict[str, FakeService]) -> CycleMeasurement:
+    """One `reconciler sync-usage` in a child process, with its wall time, CPU time and peak RSS."""
+    for fake in fakes.values():
+        fake.reset_counters()
+    command = [sys.executable, "-m", "reconciler", "sync-usage", "--config", str(config_path), "--format", "json"]
+    started = time.perf_counter()
+    with open(log_path, "ab") as log, open(log_path.with_suffix(".out"), "wb") as out:
+        child = subprocess.Popen(command, stdout=out, stderr=log)  # our own CLI, no shell  # nosec B603
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    try:
+        summary = yaml.safe_load(log_path.with_suffix(".out").read_text()).get("summary", {})
+    except (yaml.YAMLError, AttributeError):
+        summary = {}
+    return CycleMeasurement(
+        wall_seconds=round(wall, 3),
+        cpu_seconds=round(usage.ru_utime + usage.ru_stime, 3),
+        peak_rss_mb=round(usage.ru_maxrss / 1024, 1),  # Linux reports KiB
+        exit_code=child.returncode,
+        requests={name: len(fake.arrivals) for name, fake in fakes.items()},
+        max_requests_in_one_second={name: fake.max_requests_in_any_window(1.0) for name, fake in fakes.items()},
+        answered_429={name: fake.rate_limited for name, fake in fakes.items()},
+        summary=summary,
+    )
+
+
+def _naive(sandbox: Sandbox, items: int, now: datetime, conditions: Conditions) -> tuple[float, bool]:
+    """The naive loop on its own Stripe, seeded as the product's was; (seconds, whether it billed the same)."""
+    stripe = FakeStripe(api_key=SANDBOX_STRIPE_KEY)
+    _apply(stripe, conditions.stripe_latency, conditions.stripe_per_second)
+    seed_stripe(stripe, items, now)
+    with LoopbackServer(stripe) as server:
+        started = time.perf_counter()
+        naive_cycle(
+            stripe_base=server.url,
+            stripe_key=SANDBOX_STRIPE_KEY,
+            openmeter_url=sandbox.openmeter_server.url,
+            openmeter_token=sandbox.openmeter.token,
+            now=now,
+        )
+        seconds = time.perf_counter() - started
+    return seconds, billed_totals(stripe) == billed_totals(sandbox.stripe)
+
+
+def run_size(
+    items: int, conditions: Conditions, workdir: Path, *, naive: bool, naive_seconds_per_item: float | None
+) -> SizeResult:
+    """Benchmark `items` metered items; `naive` runs the baseline at this size, else its time is extrapolated
+    from `naive_seconds_per_item` (when known)."""
+    now = datetime.now(UTC)
+    sandbox = Sandbox.start()
+    try:
+        _apply(sandbox.stripe, conditions.stripe_latency, conditions.stripe_per_second)
+        _apply(sandbox.openmeter, conditions.openmeter_latency, conditions.openmeter_per_second)
+        sandbox.moesif.latency_seconds = conditions.moesif_latency
+        seed_stripe(sandbox.stripe, items, now)
+        seed_openmeter(sandbox.openmeter, items, now)
+
+        database = workdir / f"bench-{items}.db"
+        database.unlink(missing_ok=True)
+        config_path = workdir / f"bench-{items}.yaml"
+        config_path.write_text(yaml.safe_dump(_config(sandbox, database, conditions)))
+        subprocess.run(  # our own CLI, no shell  # nosec B603
+            [sys.executable, "-m", "reconciler", "db", "upgrade", "--config", str(config_path)],
+            check=True,
+            capture_output=True,
+        )
+        fakes: dict[str, FakeService] = {"stripe": sandbox.stripe, "openmeter": sandbox.openmeter}
+        log_path = workdir / f"bench-{items}.log"
+        log_path.unlink(missing_ok=True)
+        cold = _product_cycle(config_path, log_path, fakes)
+        warm = _product_cycle(config_path, log_path, fakes)
+        result = SizeResult(
+            items=items,
+            conditions=conditions,
+            cold=cold,
+            warm=warm,
+            cold_floor_seconds=round(cold_floor_seconds(items, conditions), 3),
+            warm_floor_seconds=round(warm_floor_seconds(items, conditions), 3),
+        )
+        if naive:
+            seconds, agrees = _naive(sandbox, items, now, conditions)
+            result.naive_seconds, result.naive_agrees = round(seconds, 3), agrees
+        elif naive_seconds_per_item is not None:
+            result.naive_seconds, result.naive_extrapolated = round(naive_seconds_per_item * items, 3), True
+        return result
+    finally:
+        sandbox.stop()

@@ -1,0 +1,142 @@
+"""Runs a cycle's stream periods concurrently: batches are measured in OpenMeter (a few queries each) while earlier
+batches are synced with Stripe by a pool of workers. Work waiting in either stage is bounded, so memory does not
+grow with the number of items. With one worker everything runs in the calling thread, in order: what the
+deterministic simulation relies on.
+
+A BaseException in a worker (the process being torn down, or the simulation's crash) stops the pipeline and is
+raised in the calling thread, as it would be without threads."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+from reconciler.ledger.coordination import Fence
+from reconciler.usage.model import StreamPeriod
+
+M = TypeVar("M")
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    unit: StreamPeriod
+    fence: Fence | None = None  # a replica's lease on the item: every ledger write checks it
+    done: Callable[[], None] | None = None  # called once the item is synced (completes the replica's claim)
+
+
+class KeyedLocks:
+    """One lock per key, kept only while a thread holds or waits for it: at most one stream period of a stream is
+    synced at a time, so a (customer, meter) never has two meter events in flight."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+
+
+def run_pipeline(
+    items: Iterable[WorkItem],
+    *,
+    measure: Callable[[list[WorkItem]], M],
+    sync: Callable[[WorkItem, M], None],
+    batch_size: int,
+    workers: int,
+    measurers: int,
+    stop_requested: Callable[[], bool],
+) -> bool:
+    """Measure `items` in batches and sync each; True if a stop request ended it early."""
+    batches = _batches(items, batch_size)
+    if workers == 1:
+        for batch in batches:
+            measured = measure(batch)
+            for item in batch:
+                if stop_requested():
+                    return True
+                sync(item, measured)
+        return False
+    return _Concurrent(measure, sync, workers, measurers, stop_requested).run(batches)
+
+
+def _batches(items: Iterable[WorkItem], size: int) -> Iterator[list[WorkItem]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+class _Concurrent:
+    def __init__(
+        self,
+        measure: Callable[[list[WorkItem]], M],
+        sync: Callable[[WorkItem, M], None],
+        workers: int,
+        measurers: int,
+        stop_requested: Callable[[], bool],
+    ) -> None:
+        self._measure, self._sync, self._stop_requested = measure, sync, stop_requested
+        self._workers, self._measurers = workers, measurers
+        self._queued = threading.BoundedSemaphore(2 * workers)  # items handed to the pool, not yet synced
+        self._fatal: list[BaseException] = []
+
+    def run(self, batches: Iterator[list[WorkItem]]) -> bool:
+        measuring: deque[tuple[list[WorkItem], Future[M]]] = deque()
+        with (
+            ThreadPoolExecutor(self._measurers, thread_name_prefix="measure") as measurers,
+            ThreadPoolExecutor(self._workers, thread_name_prefix="sync") as syncers,
+        ):
+            try:
+                for batch in batches:
+                    measuring.append((batch, measurers.submit(self._measure, batch)))
+                    if len(measuring) > self._measurers and self._hand_over(*measuring.popleft(), syncers):
+                        return True
+                while measuring:
+                    if self._hand_over(*measuring.popleft(), syncers):
+                        return True
+                return False
+            finally:
+                for _, future in measuring:
+                    future.cancel()
+                syncers.shutdown(wait=True)
+                if self._fatal:
+                    raise self._fatal[0]
+
+    def _hand_over(self, batch: list[WorkItem], measured: Future[M], syncers: ThreadPoolExecutor) -> bool:
+        """Queue a measured batch's items for syncing (blocking while the queue is full); True if stopped."""
+        result = measured.result()
+        for item in batch:
+            self._queued.acquire()
+            if self._fatal or self._stop_requested():
+                self._queued.release()
+                return True
+            syncers.submit(self._start, item, result).add_done_callback(self._finished)
+        return False
+
+    def _start(self, item: WorkItem, measured: M) -> None:
+        if not (self._fatal or self._stop_requested()):  # queued when the stop came: left for the next cycle
+            self._sync(item, measured)
+
+    def _finished(self, future: Future[None]) -> None:
+        error = future.exception()
+        if error is not None:
+            self._fatal.append(error)
+        self._queued.release()

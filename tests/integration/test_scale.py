@@ -1,0 +1,109 @@
+"""The usage sync at scale: concurrent workers, batched OpenMeter queries, request budgets, and a crash mid-cycle,
+against the sandbox over real HTTP on SQLite and PostgreSQL. (Speed itself is measured by `reconciler bench`.)"""
+
+from __future__ import annotations
+
+import math
+import threading
+from datetime import timedelta
+
+import pytest
+
+from reconciler.bench.dataset import billed_totals
+from reconciler.clock import utc_now
+from tests.conftest import Harness, ts
+
+FAST = {"max_requests_per_second": 500, "max_concurrency": 8}
+
+
+def customers_with_odd_anchors(h: Harness, count: int) -> dict[str, int]:
+    """`count` customers on one sum meter, each period starting at a different hour; returns what each used."""
+    now = utc_now()
+    meter = h.stripe.add_meter("api_calls", formula="sum")
+    price = h.stripe.add_price(meter=meter["id"])
+    h.openmeter.add_meter("api_requests")
+    used = {}
+    for i in range(count):
+        customer = f"cus_{i:04d}"
+        start = (now - timedelta(days=3, hours=i % 50)).replace(minute=0, second=0, microsecond=0)
+        h.stripe.add_customer(id=customer)
+        h.stripe.add_subscription(
+            customer, [price["id"]], current_period_start=ts(start), current_period_end=ts(start + timedelta(days=30))
+        )
+        h.openmeter.ingest("api_requests", customer, start + timedelta(hours=1, minutes=5), i + 1)
+        h.openmeter.ingest("api_requests", customer, start - timedelta(minutes=5), 1000)  # the period before
+        used[customer] = i + 1
+    return used
+
+
+def requests(fake, method: str, suffix: str = "", prefix: str = "") -> int:
+    return sum(1 for r in fake.requests if r.method == method and r.path.endswith(suffix) and r.path.startswith(prefix))
+
+
+def test_many_customers_are_billed_exactly_with_one_openmeter_query_per_100_and_nothing_sent_when_warm(harness):
+    h = harness
+    h.configure(stripe=FAST)
+    used = customers_with_odd_anchors(h, 250)
+
+    cold = h.cycle()
+    assert (cold.summary.reported, cold.summary.failed) == (250, 0), cold.summary.failures
+    assert billed_totals(h.stripe) == used
+    assert requests(h.openmeter, "GET", "/query") == math.ceil(250 / 100)
+
+    h.stripe.requests.clear()
+    h.openmeter.requests.clear()
+    warm = h.cycle()
+    assert (warm.summary.unchanged, warm.summary.reported) == (250, 0)
+    assert requests(h.stripe, "POST") == 0
+    pages = math.ceil(250 / 100)
+    assert requests(h.stripe, "GET", prefix="/v1/subscriptions") == pages
+    assert requests(h.stripe, "GET", prefix="/v1/billing/meters") == 1
+    assert requests(h.openmeter, "GET", "/query") == pages
+
+
+def test_the_request_budget_holds_in_every_second_with_every_worker_busy(harness):
+    h = harness
+    h.configure(stripe={"max_requests_per_second": 25, "max_concurrency": 8})
+    h.stripe.limit_rate(25, 1.0)  # the fake answers 429 to anything above the budget
+    used = customers_with_odd_anchors(h, 60)
+
+    result = h.cycle()
+    assert (result.summary.reported, result.summary.failed) == (60, 0), result.summary.failures
+    assert billed_totals(h.stripe) == used
+    assert h.stripe.rate_limited == 0
+    assert h.stripe.max_requests_in_any_window(1.0) <= 25
+
+
+class Crash(BaseException):
+    """The process dying: not an error any code path may catch."""
+
+
+def test_a_crash_mid_cycle_with_workers_in_flight_bills_nothing_twice_after_the_restart(harness, monkeypatch):
+    h = harness
+    h.configure(stripe=FAST)
+    used = customers_with_odd_anchors(h, 120)
+    send = h.stripe_gateway.send_meter_event
+    sent = 0
+    lock = threading.Lock()
+
+    def send_then_die(intent):
+        nonlocal sent
+        send(intent)  # Stripe applied it; the process dies before the ledger hears back
+        with lock:
+            sent += 1
+            if sent == 40:
+                raise Crash
+
+    monkeypatch.setattr(h.stripe_gateway, "send_meter_event", send_then_die)
+    with pytest.raises(Crash):
+        h.cycle()
+    assert 40 <= len(h.stripe.meter_events) < 120
+    assert h.rows("select count(*) as n from usage_reports where state = 'pending'")[0].n >= 1
+
+    h.configure(stripe=FAST)  # the restarted process
+    result = h.cycle()
+    assert result.summary.failed == 0, result.summary.failures
+    assert billed_totals(h.stripe) == used
+    identifiers = [event.identifier for event in h.stripe.meter_events]
+    assert len(identifiers) == len(set(identifiers)) == 120
+    assert h.rows("select count(*) as n from usage_reports where state <> 'sent'")[0].n == 0
