@@ -329,35 +329,18 @@ class FakeService:
                 self.rate_limited += 1
             else:
                 self.arrivals.append(arrived)
-                response, delay = self._answer(method, path, query, headers, params, body, apply)
+                if self.record_requests:
+                    query = {k: list(v) for k, v in query.items()}
+                    self._record(RecordedRequest(method, path, query, headers, params, bytes(body)))
+                response, delay = self._answer(method, path, apply)
         if self.latency_seconds or delay:
             # Real time, whatever clock the fake runs on; an injected delay longer than the client's timeout is
             # a timeout.
             threading.Event().wait(self.latency_seconds + delay)
         return response
 
-    def _answer(
-        self,
-        method: str,
-        path: str,
-        query: dict[str, list[str]],
-        headers: dict[str, str],
-        params: dict[str, Any],
-        body: bytes,
-        apply: Callable[[], Response],
-    ) -> tuple[Response, float]:
+    def _answer(self, method: str, path: str, apply: Callable[[], Response]) -> tuple[Response, float]:
         """The answer to a request within the budget (under the lock), and how long to hold it back."""
-        if self.record_requests:
-            self._record(
-                RecordedRequest(
-                    method=method,
-                    path=path,
-                    query={k: list(v) for k, v in query.items()},
-                    headers=headers,
-                    params=params,
-                    body=bytes(body),
-                )
-            )
         fault = self._take_fault(method, path)
         if fault is None:
             return apply(), 0.0

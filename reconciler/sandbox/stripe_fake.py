@@ -300,6 +300,7 @@ class FakeStripe(FakeService):
         self.subscription_items: dict[str, dict[str, Any]] = {}  # stored with "price" as an id
         self._sub_items: dict[str, list[str]] = {}
         self._order: dict[str, int] = {}
+        self._subscription_order: tuple[tuple[int, int], list[str]] = ((-1, -1), [])
         self.meter_events: list[MeterEvent] = []
         self.rejected_meter_events: list[MeterEvent] = []
         self._identifiers: dict[str, MeterEvent] = {}
@@ -331,6 +332,14 @@ class FakeStripe(FakeService):
 
     def _newest_first(self, objs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         return sorted(objs, key=lambda o: (o.get("created", 0), self._order.get(o["id"], 0)), reverse=True)
+
+    def _subscriptions_newest_first(self) -> list[dict[str, Any]]:
+        """Every subscription, newest first; the order is kept between requests while no subscription is added
+        or removed, so that paging through 100,000 of them (`reconciler bench`) does not sort them per page."""
+        version = (self._seq, len(self.subscriptions))
+        if self._subscription_order[0] != version:
+            self._subscription_order = (version, [s["id"] for s in self._newest_first(self.subscriptions.values())])
+        return [self.subscriptions[sid] for sid in self._subscription_order[1] if sid in self.subscriptions]
 
     # -- seeding ----------------------------------------------------------------------------------
 
@@ -582,6 +591,8 @@ class FakeStripe(FakeService):
             if "status" in fields and fields["status"] not in _SUBSCRIPTION_STATUSES:
                 raise ValueError(f"unknown subscription status {fields['status']!r}")
             sub.update(fields)
+            if "created" in fields:
+                self._subscription_order = ((-1, -1), [])  # the listing order changed
             for iid in self._sub_items[id]:
                 item = self.subscription_items[iid]
                 self._remember_period(item, start, end)
@@ -1267,7 +1278,7 @@ class FakeStripe(FakeService):
                 f"Invalid status: must be one of {', '.join((*_SUBSCRIPTION_STATUSES, 'ended', 'all'))}",
                 param="status",
             )
-        subs = list(self.subscriptions.values())
+        subs = self._subscriptions_newest_first()
         if status is None:
             subs = [s for s in subs if s["status"] not in ("canceled", "incomplete_expired")]
         elif status == "ended":
@@ -1284,7 +1295,7 @@ class FakeStripe(FakeService):
             ]
         cust_expand = {"customer"} if "data.customer" in expand else set()
         return self._paginate(
-            self._newest_first(subs),
+            subs,
             params,
             "/v1/subscriptions",
             "subscription",

@@ -152,7 +152,7 @@ class StripeGateway:
 
     def list_meters(self) -> dict[str, Meter]:
         meters: dict[str, Meter] = {}
-        for raw in self._pages("list meters", self._client.v1.billing.meters.list, {}):
+        for raw in self._pages("list meters", "/v1/billing/meters", {}):
             meters[raw["id"]] = Meter(
                 id=raw["id"],
                 event_name=raw["event_name"],
@@ -193,14 +193,14 @@ class StripeGateway:
         filters: list[dict[str, Any]] = [{"customer": c} for c in sorted(customers)] or [{}]
         for extra in filters:
             params: dict[str, Any] = {"status": "all", "expand": expand, **extra}
-            for subscription in self._pages("list subscriptions", self._client.v1.subscriptions.list, params):
+            for subscription in self._pages("list subscriptions", "/v1/subscriptions", params):
                 embedded = subscription["items"]
                 items = list(embedded["data"])
                 if embedded.get("has_more"):
                     items = list(
                         self._pages(
                             "list subscription items",
-                            self._client.v1.subscription_items.list,
+                            "/v1/subscription_items",
                             {"subscription": subscription["id"]},
                         )
                     )
@@ -239,13 +239,16 @@ class StripeGateway:
                 started_at=_time(subscription.get("start_date") or subscription.get("created")),
             )
 
-    def _pages(self, what: str, list_method: Callable[..., Any], params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _pages(self, what: str, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Page through a list endpoint with `starting_after`, one retried request per page. A page that does not
-        move the cursor on (a list that claims `has_more` forever) is an error, not an endless loop."""
+        move the cursor on (a list that claims `has_more` forever) is an error, not an endless loop.
+
+        Pages are read as plain JSON (`raw_request`), not as StripeObjects: building those cost ~2 ms of CPU per
+        subscription, the largest single cost of a cycle (measured with `reconciler bench`)."""
         cursor: str | None = None
         while True:
             page_params = {**params, "limit": PAGE_SIZE, **({"starting_after": cursor} if cursor else {})}
-            page = self._call(what, lambda p=page_params: list_method(params=p)).to_dict()  # type: ignore[misc]
+            page = self._call(what, lambda p=page_params: self._client.raw_request("get", path, **p).data)  # type: ignore[misc]
             data = page.get("data")
             if not isinstance(data, list):
                 raise PermanentError(API, f"{what}: the answer has no list of data: {str(page)[:200]}")
@@ -265,11 +268,7 @@ class StripeGateway:
         its own view, eventually consistent."""
         params = {"customer": customer, "start_time": epoch_seconds(start), "end_time": epoch_seconds(end)}
         total = Decimal(0)
-        for summary in self._pages(
-            "meter event summaries",
-            lambda params: self._client.v1.billing.meters.event_summaries.list(meter_id, params=params),
-            params,
-        ):
+        for summary in self._pages("meter event summaries", f"/v1/billing/meters/{meter_id}/event_summaries", params):
             total += Decimal(str(summary.get("aggregated_value") or 0))
         return total
 
@@ -297,7 +296,7 @@ class StripeGateway:
             "created": {"gte": epoch_seconds(created_since)},
             "expand": ["data.latest_charge"],
         }
-        for raw in self._pages("list payment intents", self._client.v1.payment_intents.list, params):
+        for raw in self._pages("list payment intents", "/v1/payment_intents", params):
             if raw.get("status") == "succeeded":
                 yield _top_up(raw)
 
@@ -310,7 +309,7 @@ class StripeGateway:
 
     def refunds(self, created_since: datetime) -> Iterator[Refund]:
         params = {"created": {"gte": epoch_seconds(created_since)}}
-        for raw in self._pages("list refunds", self._client.v1.refunds.list, params):
+        for raw in self._pages("list refunds", "/v1/refunds", params):
             yield Refund(
                 refund_id=raw["id"],
                 payment_intent_id=_id_of(raw.get("payment_intent")),

@@ -81,6 +81,15 @@ class OpenMeterPort(UsageQueries, Protocol):
 
 
 @dataclass(frozen=True)
+class PreparedBatch:
+    """What a batch of stream periods needs before syncing, read in a few requests for all of them: OpenMeter's
+    totals, and the ledger's state of every period with nothing pending."""
+
+    measurements: Measurements
+    states: dict[tuple[str, datetime], LedgerState]
+
+
+@dataclass(frozen=True)
 class PlannedReport:
     """The decision for one stream period and what the ledger held before it (a dry run's plan line)."""
 
@@ -216,14 +225,14 @@ class UsageSync:
         result = CycleResult(run_id=run_id, summary=CycleSummary())
         with structlog.contextvars.bound_contextvars(run_id=run_id, dry_run=dry_run):
             log.info("usage sync started", now=now.isoformat())
-            units = plan(now, result)
+            units = plan(now, result)  # counts its refusals into `result` before it yields the first item
             merging = threading.Lock()
             context = structlog.contextvars.get_contextvars()
 
-            def sync(item: WorkItem, measured: Measurements) -> None:
+            def sync(item: WorkItem, prepared: PreparedBatch) -> None:
                 own = CycleResult(run_id=run_id, summary=CycleSummary())
                 with structlog.contextvars.bound_contextvars(**context), self._streams.hold(item.unit.stream.key):
-                    self._sync_one(item.unit, now, run_id, dry_run, own, item.fence, measured=measured)
+                    self._sync_one(item.unit, now, run_id, dry_run, own, item.fence, prepared=prepared)
                 if item.done is not None:
                     item.done()
                 with merging:
@@ -232,7 +241,7 @@ class UsageSync:
             try:
                 result.interrupted = run_pipeline(
                     units,
-                    measure=lambda batch: self._measure_batch([item.unit for item in batch], now),
+                    measure=lambda batch: self._prepare_batch([item.unit for item in batch], now),
                     sync=sync,
                     batch_size=SUBJECTS_PER_QUERY,
                     workers=self._config.stripe.max_concurrency,
@@ -310,7 +319,7 @@ class UsageSync:
         result: CycleResult,
         fence: Fence | None = None,
         reopen_final: bool = False,
-        measured: Measurements | None = None,
+        prepared: PreparedBatch | None = None,
     ) -> PlannedReport | None:
         """Sync one stream period; its decision, or None if it failed or another process holds it."""
         stream, summary = work.stream, result.summary
@@ -324,12 +333,14 @@ class UsageSync:
             period_end=work.period.end.isoformat(),
         ):
             try:
-                if not dry_run:
-                    self._resend_pending(ledger, work, now)
-                state = ledger.state(work)
+                state = prepared.states.get((stream.key, work.period.start)) if prepared else None
+                if state is None:  # not read with its batch, or an intent is pending: resend it first
+                    if not dry_run:
+                        self._resend_pending(ledger, work, now)
+                    state = ledger.state(work)
                 if reopen_final:
                     state = reopen_for_backfill(work, state, now, self._timing)
-                target = self._measure(work, now, measured)
+                target = self._measure(work, now, prepared.measurements if prepared else None)
                 now = self._after_previous_event(state, now)
                 decision = decide(work, state, target, now, self._timing)
                 self._note_deadline(work, state, decision, now, result)
@@ -405,10 +416,16 @@ class UsageSync:
         window = usage_window(work.period, now, self._config.usage.window_size, self._zone)
         return None if window.is_empty else Need(work.stream.openmeter_meter, work.stream.subject, window)
 
-    def _measure_batch(self, units: list[StreamPeriod], now: datetime) -> Measurements:
+    def _prepare_batch(self, units: list[StreamPeriod], now: datetime) -> PreparedBatch:
         needs = [need for need in (self._need(unit, now) for unit in units) if need is not None]
         usage = self._config.usage
-        return measure(self._openmeter, needs, self._aggregations(), usage.window_size, usage.window_time_zone)
+        measured = measure(self._openmeter, needs, self._aggregations(), usage.window_size, usage.window_time_zone)
+        try:
+            states = self._ledger.settled_states(units)
+        except Exception:  # e.g. the database is briefly away: each item reads its own state instead
+            log.warning("could not read the batch's ledger states; reading them one by one", exc_info=True)
+            states = {}
+        return PreparedBatch(measured, states)
 
     def _aggregations(self) -> dict[str, str]:
         """OpenMeter's meters' aggregations, listed once per cycle (and again after a failure)."""

@@ -165,7 +165,7 @@ class CycleSummary:
 
     def add(self, other: CycleSummary) -> None:
         """Count `other`'s items in this summary too (one item's counts, synced in another thread)."""
-        for name in ("seen", "reported", "unchanged", "unmapped", "failed", "finalized", "late_drift"):
+        for name in self.as_dict():
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.failures += other.failures
 
