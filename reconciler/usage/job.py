@@ -196,7 +196,8 @@ class UsageSync:
             except LeaseLostError:
                 log.warning("lease lost before completing a work item; its new owner finishes it")
 
-        return self._timed(False, shared_plan)
+        # Claimed items wait in the pipeline under a lease: batches of one claim keep that wait short.
+        return self._timed(False, shared_plan, batch_size=CLAIM_BATCH)
 
     def _await_plan(self, coordinator: Coordinator, tick_key: str) -> None:
         deadline = time.monotonic() + PLAN_WAIT.total_seconds()
@@ -205,10 +206,15 @@ class UsageSync:
                 return
             time.sleep(0.2)
 
-    def _timed(self, dry_run: bool, plan: Callable[[datetime, CycleResult], Iterator[WorkItem]]) -> CycleResult:
+    def _timed(
+        self,
+        dry_run: bool,
+        plan: Callable[[datetime, CycleResult], Iterator[WorkItem]],
+        batch_size: int = SUBJECTS_PER_QUERY,
+    ) -> CycleResult:
         started = time.perf_counter()
         self._known_aggregations = None  # meters may have changed since the last cycle
-        result = self._cycle(dry_run, plan)
+        result = self._cycle(dry_run, plan, batch_size)
         if not dry_run:
             outcome = "interrupted" if result.interrupted else "succeeded" if result.ok else "partial"
             self._metrics.cycle_finished(
@@ -219,7 +225,9 @@ class UsageSync:
                     self._metrics.usage_items.labels(name).inc(value)
         return result
 
-    def _cycle(self, dry_run: bool, plan: Callable[[datetime, CycleResult], Iterator[WorkItem]]) -> CycleResult:
+    def _cycle(
+        self, dry_run: bool, plan: Callable[[datetime, CycleResult], Iterator[WorkItem]], batch_size: int
+    ) -> CycleResult:
         now = self._clock()
         run_id = None if dry_run else self._runs.start("usage_sync")
         result = CycleResult(run_id=run_id, summary=CycleSummary())
@@ -243,7 +251,7 @@ class UsageSync:
                     units,
                     measure=lambda batch: self._prepare_batch([item.unit for item in batch], now),
                     sync=sync,
-                    batch_size=SUBJECTS_PER_QUERY,
+                    batch_size=batch_size,
                     workers=self._config.stripe.max_concurrency,
                     measurers=self._config.openmeter.max_concurrency,
                     stop_requested=self._stop_requested,
