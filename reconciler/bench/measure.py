@@ -120,7 +120,7 @@ def _product_cycle(config_path: Path, log_path: Path, fakes: dict[str, FakeServi
     started = time.perf_counter()
     with open(log_path, "ab") as log, open(log_path.with_suffix(".out"), "wb") as out:
         child = subprocess.Popen(command, stdout=out, stderr=log)  # our own CLI, no shell  # nosec B603
-        _, status, usage = os.wait4(child.pid, 0)
+        peak_kib, status, usage = _wait_watching_peak(child.pid)
         child.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
     try:
@@ -131,13 +131,32 @@ def _product_cycle(config_path: Path, log_path: Path, fakes: dict[str, FakeServi
         wall_seconds=round(_cycle_seconds(log_path, log_offset), 3),
         process_seconds=round(wall, 3),
         cpu_seconds=round(usage.ru_utime + usage.ru_stime, 3),
-        peak_rss_mb=round(usage.ru_maxrss / 1024, 1),  # Linux reports KiB
+        peak_rss_mb=round(peak_kib / 1024, 1),
         exit_code=child.returncode,
         requests={name: len(fake.arrivals) for name, fake in fakes.items()},
         max_requests_in_one_second={name: fake.max_requests_in_any_window(1.0) for name, fake in fakes.items()},
         answered_429={name: fake.rate_limited for name, fake in fakes.items()},
         summary=summary,
     )
+
+
+def _wait_watching_peak(pid: int) -> tuple[int, int, Any]:
+    """Wait for the child; return its peak RSS (KiB), exit status and resource usage. The peak is the child's own
+    VmHWM, read while it runs: `ru_maxrss` would not do, as Linux carries the high-water mark of the image it was
+    forked from (this process, holding the fakes) across exec."""
+    peak = 0
+    while True:
+        try:
+            with open(f"/proc/{pid}/status") as status_file:
+                for line in status_file:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]))
+        except (OSError, ValueError):
+            pass
+        reaped, status, usage = os.wait4(pid, os.WNOHANG)
+        if reaped:
+            return peak, status, usage
+        time.sleep(0.1)
 
 
 def _cycle_seconds(log_path: Path, offset: int) -> float:
