@@ -213,6 +213,7 @@ class BalancesConfig(_Section):
     auto_correct: bool = False
     max_auto_correction: Annotated[CurrencyAmounts, BeforeValidator(_lower_currency_keys)] = Field(default_factory=dict)
     settle_delay: Duration = timedelta(minutes=10)
+    full_sweep_interval: Duration = timedelta(hours=24)
     subscription_metadata_key: str | None = "moesif_subscription_id"
     topups: TopupsConfig = TopupsConfig()
 

@@ -9,7 +9,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 from reconciler.balances.model import BalanceAccount
 from reconciler.ledger.balance_ledger import OpenUsage
-from reconciler.usage.model import MeteredItem
+from reconciler.usage.model import CustomerCredit, MeteredItem
 from reconciler.usage.streams import LIVE_STATUSES
 
 _EPOCH = datetime.min.replace(tzinfo=UTC)
@@ -20,6 +20,7 @@ class CustomerAccount:
     account: BalanceAccount
     # meter id (meter prices) or price id (legacy prices) -> minor units per unit; None if not per-unit
     unit_prices: dict[str, Decimal | None] = field(default_factory=dict)
+    stripe_credit: CustomerCredit | None = None  # the customer balance, when the listing expanded the customer
 
 
 def map_accounts(
@@ -47,7 +48,7 @@ def map_accounts(
         override = (chosen.customer_metadata or {}).get(metadata_key or "") if metadata_key else None
         account = BalanceAccount(customer, override or chosen.subscription_id, chosen.currency)
         prices = {(i.meter_id or i.price_id): i.unit_amount for i in priced}
-        accounts[customer] = CustomerAccount(account, prices)
+        accounts[customer] = CustomerAccount(account, prices, chosen.customer_credit)
     return accounts
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from itertools import chain
 
 import structlog
 
@@ -21,6 +22,7 @@ from reconciler.balances.accounts import CustomerAccount, UnpricedUsageError, ma
 from reconciler.balances.drift import UNCORRECTED, Assessment, DriftAction, DriftPolicy, assess
 from reconciler.balances.model import Refund, TopUp
 from reconciler.balances.money import to_minor, to_minor_rounded, to_units
+from reconciler.balances.sweep import LastObservation, sweep_due_after, why_read_moesif
 from reconciler.config import Config
 from reconciler.ledger.balance_ledger import (
     AlreadyRecordedError,
@@ -58,6 +60,7 @@ class CustomerReport:
     forwarded: list[str] = field(default_factory=list)  # "credit 25.00 pi_..." lines, sent or planned
     flags: list[str] = field(default_factory=list)  # things a person must look at
     error: str | None = None
+    moesif_reread: bool = True  # False: unchanged since an observation that agreed (balances.full_sweep_interval)
 
     def as_dict(self) -> dict[str, object]:
         def number(value: Decimal | None) -> str | None:
@@ -75,6 +78,7 @@ class CustomerReport:
             "forwarded": self.forwarded,
             "flags": self.flags,
             "error": self.error,
+            "moesif_reread": self.moesif_reread,
         }
 
 
@@ -99,6 +103,7 @@ class BalanceResult:
             "customers": len(self.customers),
             "forwarded": sum(len(c.forwarded) for c in self.customers),
             "in_sync": actions.count(DriftAction.IN_SYNC.value),
+            "moesif_not_reread": sum(1 for c in self.customers if not c.moesif_reread),
             "corrected": actions.count(DriftAction.CORRECT.value),
             "settling": actions.count(DriftAction.SETTLING.value),
             "uncorrected_drift": self.uncorrected_drift,
@@ -148,7 +153,9 @@ class BalanceSync:
             log.info("balance reconcile started")
             try:
                 accounts = self._accounts(customers, now)
+                top_ups = self._top_ups_by_customer(customers, now) if self._settings.topups.enabled else {}
                 refunds = self._refunds_by_payment_intent(now) if self._settings.topups.enabled else {}
+                observations = self._ledger.latest_observations(customers)
             except UpstreamError as exc:
                 result.failures.append(f"listing: {self._redact(str(exc))}")
                 log.error("balance reconcile could not list Stripe data", error=self._redact(str(exc)))
@@ -157,7 +164,16 @@ class BalanceSync:
             for customer_id in sorted(accounts):
                 if self._stop_requested():
                     break
-                result.customers.append(self._reconcile_one(accounts[customer_id], refunds, now, run_id))
+                result.customers.append(
+                    self._reconcile_one(
+                        accounts[customer_id],
+                        top_ups.get(customer_id, []),
+                        refunds,
+                        observations.get(customer_id),
+                        now,
+                        run_id,
+                    )
+                )
                 if result.customers[-1].error:
                     result.failures.append(f"{customer_id}: {result.customers[-1].error}")
             self._finish(result)
@@ -168,6 +184,17 @@ class BalanceSync:
     def _accounts(self, customers: frozenset[str], now: datetime) -> dict[str, CustomerAccount]:
         items = self._stripe.metered_items(with_customer=True, customers=customers)
         return map_accounts(items, self._settings.subscription_metadata_key, now - self._settings.topups.lookback)
+
+    def _top_ups_by_customer(self, customers: frozenset[str], now: datetime) -> dict[str, list[TopUp]]:
+        """Succeeded top-ups in the look-back, by customer: one listing for all customers (100 a page), not one
+        per customer."""
+        since = now - self._settings.topups.lookback
+        listings = [self._stripe.succeeded_payment_intents(since, customer) for customer in sorted(customers)]
+        by_customer: dict[str, list[TopUp]] = {}
+        for payment_intent in chain.from_iterable(listings or [self._stripe.succeeded_payment_intents(since)]):
+            if payment_intent.customer_id and self._is_top_up(payment_intent):
+                by_customer.setdefault(payment_intent.customer_id, []).append(payment_intent)
+        return by_customer
 
     def _refunds_by_payment_intent(self, now: datetime) -> dict[str, list[Refund]]:
         """Refunds are listed by their own creation date, so a refund of an old top-up is still seen."""
@@ -180,7 +207,13 @@ class BalanceSync:
     # -- one customer --------------------------------------------------------------------------------
 
     def _reconcile_one(
-        self, customer: CustomerAccount, refunds: dict[str, list[Refund]], now: datetime, run_id: str | None
+        self,
+        customer: CustomerAccount,
+        top_ups: list[TopUp],
+        refunds: dict[str, list[Refund]],
+        last: LastObservation | None,
+        now: datetime,
+        run_id: str | None,
     ) -> CustomerReport:
         account = customer.account
         report = CustomerReport(account.customer_id, account.subscription_id, account.currency)
@@ -192,9 +225,9 @@ class BalanceSync:
                     for stored in self._ledger.pending(account.customer_id, now - self._settings.settle_delay):
                         self._settle_interrupted(stored, report)
                 if self._settings.topups.enabled:
-                    self._forward_money(customer, refunds, now, run_id, report)
+                    self._forward_money(customer, top_ups, refunds, run_id, report)
                 if self._settings.stripe_source != "none":
-                    self._compare(customer, now, run_id, report)
+                    self._compare(customer, last, now, run_id, report)
                 else:
                     report.action = "forward_only"
                     report.reason = "stripe_source: none; top-ups forwarded exactly once are the reconciliation"
@@ -209,17 +242,13 @@ class BalanceSync:
     def _forward_money(
         self,
         customer: CustomerAccount,
+        listed_top_ups: list[TopUp],
         refunds: dict[str, list[Refund]],
-        now: datetime,
         run_id: str | None,
         report: CustomerReport,
     ) -> None:
         account = customer.account
-        top_ups = {
-            t.payment_intent_id: t
-            for t in self._stripe.succeeded_payment_intents(account.customer_id, now - self._settings.topups.lookback)
-            if self._is_top_up(t)
-        }
+        top_ups = {t.payment_intent_id: t for t in listed_top_ups}
         plans: list[PlannedTransaction | None] = []
         forwarded_already = self._ledger.known_sources("topup", list(top_ups))
         for top_up in top_ups.values():
@@ -369,19 +398,38 @@ class BalanceSync:
 
     # -- balance comparison --------------------------------------------------------------------------
 
-    def _compare(self, customer: CustomerAccount, now: datetime, run_id: str | None, report: CustomerReport) -> None:
+    def _compare(
+        self,
+        customer: CustomerAccount,
+        last: LastObservation | None,
+        now: datetime,
+        run_id: str | None,
+        report: CustomerReport,
+    ) -> None:
         account = customer.account
         currency = account.currency
-        if self._settings.stripe_source == "credit_grants":
-            credit_minor = self._stripe.metered_credit_balance(account.customer_id, currency)
-        else:
-            credit_minor, balance_currency = self._stripe.customer_credit(account.customer_id)
-            if balance_currency and balance_currency.lower() != currency:
-                raise PermanentError(
-                    "reconciler", f"customer balance is in {balance_currency}, subscription in {currency}"
-                )
+        credit_minor = self._stripe_credit_minor(customer)
         open_usage = self._ledger.open_usage(account.customer_id, now, self._config.stripe.invoice_grace_period)
         open_minor = open_usage_cost_minor(open_usage, customer.unit_prices)
+        # Anything we sent that the last observation may not have seen land, or sent since: not a stable baseline.
+        baseline = min(last.observed_at, now) if last else now
+        unsettled_since_baseline = self._ledger.recent(account.subscription_id, baseline - self._settings.settle_delay)
+        why = why_read_moesif(
+            last,
+            customer_id=account.customer_id,
+            subscription_id=account.subscription_id,
+            stripe_credit_minor=credit_minor,
+            open_usage_minor=open_minor,
+            money_in_flight=bool(unsettled_since_baseline or report.forwarded or report.flags),
+            now=now,
+            full_sweep_interval=self._settings.full_sweep_interval,
+        )
+        if why is None:
+            assert last is not None  # never observed is always a reason to read
+            self._report_unchanged(report, last, credit_minor - open_minor)
+            return
+        log.debug("reading the Moesif balance", why=why)
+        recent = self._ledger.recent(account.subscription_id, now - self._settings.settle_delay)
         moesif = self._moesif.balance(account.subscription_id).field(self._settings.moesif_balance_field)
         moesif_minor = to_minor_rounded(moesif, currency)
 
@@ -391,7 +439,6 @@ class BalanceSync:
             auto_correct=self._settings.auto_correct,
             settle_delay=self._settings.settle_delay,
         )
-        recent = self._ledger.recent(account.subscription_id, now - self._settings.settle_delay)
         assessment = assess(
             stripe_credit=to_units(credit_minor, currency),
             open_usage_cost=to_units(open_minor, currency),
@@ -454,6 +501,33 @@ class BalanceSync:
         self._ledger.link_correction(observation, transaction_id)
         report.forwarded.append(f"{planned.type} {abs(correction)} {transaction_id}")
         self._send(stored, report)
+
+    def _report_unchanged(self, report: CustomerReport, last: LastObservation, expected_minor: int) -> None:
+        """The last comparison agreed and nothing on Stripe's side moved since: report it, without reading Moesif."""
+        currency = report.currency
+        read_again = last.observed_at + sweep_due_after(report.customer_id, self._settings.full_sweep_interval)
+        report.stripe_expected = to_units(expected_minor, currency)
+        report.moesif = to_units(last.moesif_minor, currency)
+        report.difference = to_units(expected_minor - last.moesif_minor, currency)
+        report.action = DriftAction.IN_SYNC.value
+        report.reason = (
+            f"Moesif not re-read: Stripe's side is unchanged since the balances agreed at "
+            f"{last.observed_at:%Y-%m-%d %H:%M} UTC (read again by {read_again:%Y-%m-%d %H:%M} UTC)"
+        )
+        report.moesif_reread = False
+
+    def _stripe_credit_minor(self, customer: CustomerAccount) -> int:
+        """The customer's credit on Stripe, minor units: from the subscription listing's expanded customer when it
+        has it (no request), else retrieved."""
+        account = customer.account
+        if self._settings.stripe_source == "credit_grants":
+            return self._stripe.metered_credit_balance(account.customer_id, account.currency)
+        credit = customer.stripe_credit or self._stripe.customer_credit(account.customer_id)
+        if credit.currency and credit.currency.lower() != account.currency:
+            raise PermanentError(
+                "reconciler", f"customer balance is in {credit.currency}, subscription in {account.currency}"
+            )
+        return credit.minor
 
     # -- bookkeeping ---------------------------------------------------------------------------------
 

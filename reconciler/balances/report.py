@@ -38,7 +38,7 @@ def render_table(result: BalanceResult, console: Console) -> None:
             "" if c.stripe_expected is None else str(c.stripe_expected),
             "" if c.moesif is None else str(c.moesif),
             "" if c.difference is None else f"{c.difference:+}",
-            "failed" if c.error else c.action,
+            "failed" if c.error else c.action + ("" if c.moesif_reread else ", Moesif not re-read"),
         )
     console.print(table)
     for c in result.customers:

@@ -3,17 +3,18 @@ refund or a correction is forwarded at most once per transaction id, whatever cr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.balances.drift import Assessment, RecentTransaction
 from reconciler.balances.model import BalanceAccount
 from reconciler.balances.money import to_units
+from reconciler.balances.sweep import LastObservation
 from reconciler.ledger.schema import BalanceObservation, IntentState, MoesifTransaction, UsagePeriod
 
 
@@ -244,6 +245,26 @@ class BalanceLedger:
             session.add(row)
             session.flush()
             return row.id
+
+    def latest_observations(self, customer_ids: Collection[str] = ()) -> dict[str, LastObservation]:
+        """Each customer's newest observation (only `customer_ids`' if given), in one query."""
+        newest = select(func.max(BalanceObservation.id)).group_by(BalanceObservation.customer_id)
+        if customer_ids:
+            newest = newest.where(BalanceObservation.customer_id.in_(list(customer_ids)))
+        query = select(BalanceObservation).where(BalanceObservation.id.in_(newest.scalar_subquery()))
+        with self._sessions() as session:
+            rows = session.scalars(query)
+            return {
+                row.customer_id: LastObservation(
+                    observed_at=row.observed_at,
+                    subscription_id=row.subscription_id,
+                    stripe_credit_minor=row.stripe_credit_minor,
+                    open_usage_minor=row.open_usage_minor,
+                    moesif_minor=row.moesif_minor,
+                    action=row.action,
+                )
+                for row in rows
+            }
 
     def link_correction(self, observation_id: int, transaction_id: str) -> None:
         with self._sessions.begin() as session:

@@ -33,7 +33,7 @@ from reconciler.upstream.errors import (
 )
 from reconciler.upstream.rate_limit import RateLimiter
 from reconciler.upstream.retry import call_with_retries
-from reconciler.usage.model import BillingPeriod, Intent, Meter, MeteredItem
+from reconciler.usage.model import BillingPeriod, CustomerCredit, Intent, Meter, MeteredItem
 from reconciler.usage.periods import epoch_seconds, from_epoch_seconds
 
 API = "stripe"
@@ -210,6 +210,9 @@ class StripeGateway:
         customer = subscription["customer"]
         customer_id = customer if isinstance(customer, str) else customer["id"]
         metadata = None if isinstance(customer, str) else dict(customer.get("metadata") or {})
+        # The expanded customer carries its balance: the balance job reads credit from here, not per customer.
+        balance = None if isinstance(customer, str) else customer.get("balance")
+        credit = None if balance is None else CustomerCredit(-int(balance), customer.get("currency"))
         ended_at = subscription.get("ended_at")
         created = subscription.get("created")
         for item in items:
@@ -230,6 +233,7 @@ class StripeGateway:
                 period=BillingPeriod(from_epoch_seconds(start), from_epoch_seconds(end)),
                 ended_at=from_epoch_seconds(ended_at) if ended_at else None,
                 customer_metadata=metadata,
+                customer_credit=credit,
                 subscription_created=from_epoch_seconds(created) if created else None,
                 currency=(price.get("currency") or subscription.get("currency") or "usd").lower(),
                 unit_amount=_per_unit_amount(price),
@@ -290,11 +294,13 @@ class StripeGateway:
 
     # -- balances ------------------------------------------------------------------------------------
 
-    def succeeded_payment_intents(self, customer: str, created_since: datetime) -> Iterator[TopUp]:
-        params = {
-            "customer": customer,
+    def succeeded_payment_intents(self, created_since: datetime, customer: str | None = None) -> Iterator[TopUp]:
+        """Succeeded PaymentIntents created since `created_since`: every customer's (one listing, 100 a page), or
+        only `customer`'s."""
+        params: dict[str, Any] = {
             "created": {"gte": epoch_seconds(created_since)},
             "expand": ["data.latest_charge"],
+            **({"customer": customer} if customer else {}),
         }
         for raw in self._pages("list payment intents", "/v1/payment_intents", params):
             if raw.get("status") == "succeeded":
@@ -334,10 +340,10 @@ class StripeGateway:
                 return int(monetary.get("value", 0))
         return 0
 
-    def customer_credit(self, customer: str) -> tuple[int, str | None]:
+    def customer_credit(self, customer: str) -> CustomerCredit:
         """The customer balance as credit (minor units; Stripe stores credit as a negative balance)."""
         raw = self._call("retrieve customer", lambda: self._client.v1.customers.retrieve(customer)).to_dict()
-        return -int(raw.get("balance") or 0), raw.get("currency")
+        return CustomerCredit(-int(raw.get("balance") or 0), raw.get("currency"))
 
     # -- writing -------------------------------------------------------------------------------------
 

@@ -52,6 +52,15 @@ class Meter:
 
 
 @dataclass(frozen=True)
+class CustomerCredit:
+    """A Stripe customer balance as credit: minor units (Stripe stores credit as a negative balance), and the
+    balance's currency (None until the customer has one)."""
+
+    minor: int
+    currency: str | None
+
+
+@dataclass(frozen=True)
 class MeteredItem:
     """A subscription item on a metered price, with the billing period it is in now."""
 
@@ -64,6 +73,7 @@ class MeteredItem:
     period: BillingPeriod
     ended_at: datetime | None = None  # set once the subscription has ended (canceled)
     customer_metadata: dict[str, str] | None = None  # present when the listing expanded the customer
+    customer_credit: CustomerCredit | None = None  # likewise
     subscription_created: datetime | None = None
     currency: str = "usd"
     unit_amount: Decimal | None = None  # minor units per unit; None when the price is not simple per-unit

@@ -238,6 +238,77 @@ def test_customer_balance_source_reads_negative_balance_as_credit(bh):
     assert (result.customers[0].action, result.customers[0].stripe_expected) == ("in_sync", Decimal("20.00"))
 
 
+def test_unchanged_agreeing_customers_cost_no_moesif_read_until_the_full_sweep(bh):
+    """Moesif is read for a customer only when Stripe's side moved, or the last read is a full sweep old; Stripe
+    is read in listings, not per customer."""
+    bh.configure(stripe_source="customer_balance", full_sweep_interval="24h")
+    for name in ("a", "b", "c"):
+        bh.customer(f"cus_{name}", moesif_balance=20.0, subscription=f"sub_{name}")
+        bh.stripe.adjust_customer_balance(f"cus_{name}", -2000)
+
+    def balance_reads() -> list[str]:
+        reads = [r.path.rsplit("/", 1)[-1] for r in bh.moesif.requests if r.method == "GET"]
+        bh.moesif.requests.clear()
+        return sorted(reads)
+
+    def per_customer_stripe_reads() -> list[str]:
+        paths = [r.path for r in bh.stripe.requests if r.path.startswith("/v1/customers")]
+        bh.stripe.requests.clear()
+        return paths
+
+    with freeze_time(NOW) as clock:
+        first = bh.cycle()
+        assert [c.action for c in first.customers] == ["in_sync"] * 3
+        assert balance_reads() == ["sub_a", "sub_b", "sub_c"]
+        assert per_customer_stripe_reads() == []  # the credit came with the subscription listing
+
+        clock.tick(timedelta(hours=1))
+        second = bh.cycle()
+        assert balance_reads() == []
+        assert [(c.action, c.moesif_reread, c.difference) for c in second.customers] == [
+            ("in_sync", False, Decimal("0.00"))
+        ] * 3
+        assert second.summary()["moesif_not_reread"] == 3
+
+        bh.stripe.adjust_customer_balance("cus_b", -500)  # Stripe credit moved: Moesif must be looked at
+        bh.stripe.add_payment_intent("cus_c", 1000, created=ts(NOW), id="pi_c")  # a top-up to forward...
+        bh.stripe.adjust_customer_balance("cus_c", -1000)  # ...credited on Stripe
+        clock.tick(timedelta(hours=1))
+        third = bh.cycle()
+        assert balance_reads() == ["sub_b", "sub_c"]
+        assert [c.action for c in third.customers] == ["in_sync", "correct", "in_sync"]
+
+        bh.moesif.consume("sub_a", 3.0)  # Moesif moved on its own: only a full sweep can see it
+        clock.tick(timedelta(hours=1))
+        bh.cycle()
+        assert balance_reads() == ["sub_b", "sub_c"]  # last read with a correction and a top-up in flight
+
+        clock.tick(timedelta(hours=21))  # the first read of sub_a is now 24 hours old
+        swept = bh.cycle()
+    assert "sub_a" in balance_reads()
+    assert (swept.customers[0].action, swept.customers[0].difference) == ("correct", Decimal("3.00"))
+    assert len(bh.rows("select id from balance_observations where customer_id = 'cus_a'")) == 2
+
+
+def test_a_comparison_made_while_our_transaction_was_invisible_is_no_baseline_for_skipping(bh):
+    """Simulation seed 20036: a top-up forwarded but not yet visible in Moesif, and a comparison that agrees by
+    coincidence. Once the top-up lands, the balances differ; Moesif must be read again to see it."""
+    bh.configure(stripe_source="customer_balance")
+    bh.customer(moesif_balance=20.0)
+    bh.stripe.adjust_customer_balance("cus_M", -2000)
+    bh.moesif.visibility_delay_seconds = 120
+    with freeze_time(NOW) as clock:
+        bh.cycle()  # observed, in sync
+        bh.stripe.add_payment_intent("cus_M", 1000, created=ts(NOW), id="pi_1")  # not credited on Stripe
+        clock.tick(timedelta(hours=1))
+        forwarded = bh.cycle()
+        assert (forwarded.customers[0].forwarded, forwarded.customers[0].action) == (["credit 10.00 pi_1"], "in_sync")
+        clock.tick(timedelta(minutes=15))  # landed, and past the settle delay
+        after = bh.cycle()
+    assert after.customers[0].moesif_reread
+    assert (after.customers[0].action, after.customers[0].difference) == ("correct", Decimal("-10.00"))
+
+
 def test_dry_run_sends_and_writes_nothing(bh):
     bh.customer(moesif_balance=10.0, grant=5000)
     bh.stripe.add_payment_intent("cus_M", 1000, created=ts(NOW - timedelta(hours=1)), id="pi_1")
