@@ -606,7 +606,13 @@ def sandbox(
 
 @app.command("bench")
 def bench(
-    items: Annotated[list[int] | None, typer.Option("--items", help="Metered items to benchmark (repeatable).")] = None,
+    items: Annotated[
+        list[int] | None, typer.Option("--items", help="Metered items to benchmark (repeatable; 0: none).")
+    ] = None,
+    balance_customers: Annotated[
+        list[int] | None,
+        typer.Option("--balance-customers", help="Customers for the balance job benchmark (repeatable; 0: none)."),
+    ] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Where bench.json, bench.png and logs go.")] = Path(
         "bench-results"
     ),
@@ -616,14 +622,16 @@ def bench(
     ] = 10_000,
     stripe_latency_ms: Annotated[float, typer.Option(help="Stripe fake's answer latency.")] = 40,
     openmeter_latency_ms: Annotated[float, typer.Option(help="OpenMeter fake's answer latency.")] = 60,
+    moesif_latency_ms: Annotated[float, typer.Option(help="Moesif fake's answer latency.")] = 80,
     stripe_per_second: Annotated[float, typer.Option(help="Stripe request budget (live mode: 100).")] = 100,
     openmeter_per_second: Annotated[float, typer.Option(help="OpenMeter request budget.")] = 50,
+    moesif_per_minute: Annotated[float, typer.Option(help="Moesif request budget (its limit: 500).")] = 500,
     plot: Annotated[bool, typer.Option(help="Write bench.png (needs matplotlib).")] = True,
 ) -> None:
     """Benchmark a usage sync cycle against the sandbox, with latency and enforced budgets, side by side with the
-    naive sequential loop; prints a table and writes bench.json and bench.png."""
+    naive sequential loop, then the balance job; prints tables and writes bench.json and bench.png."""
     from reconciler.bench.measure import Conditions
-    from reconciler.bench.report import table_rows
+    from reconciler.bench.report import balance_rows, table_rows
     from reconciler.bench.suite import run_benchmark
 
     conditions = Conditions(
@@ -631,26 +639,42 @@ def bench(
         openmeter_latency=openmeter_latency_ms / 1000,
         stripe_per_second=stripe_per_second,
         openmeter_per_second=openmeter_per_second,
+        moesif_latency=moesif_latency_ms / 1000,
+        moesif_per_minute=moesif_per_minute,
     )
-    results = run_benchmark(
-        items or [1000, 10_000, 100_000],
+    results, balances = run_benchmark(
+        [n for n in (items or [1000, 10_000, 100_000]) if n > 0],
         conditions,
         out_dir,
         naive_up_to=naive_up_to,
         lift_above=lift_above,
+        balance_sizes=[n for n in (balance_customers or [10_000]) if n > 0],
         plot=plot,
-        progress=lambda r: err.print(f"N={r.items:,}: cold {r.cold.wall_seconds:.1f} s", markup=False),
+        progress=lambda line: err.print(line, markup=False),
     )
-    rows = table_rows(results)
-    table = Table(title=f"reconciler bench ({out_dir / 'bench.json'})")
+    if results:
+        _print_rows(f"usage sync ({out_dir / 'bench.json'})", table_rows(results))
+        out.print("requests are stripe/openmeter; * naive time extrapolated from the smaller size", markup=False)
+    if balances:
+        _print_rows("balance job", balance_rows(balances))
+        out.print(
+            "requests are stripe/moesif; floor: every Moesif balance read within the budget; "
+            "changed: one customer in 100 topped up",
+            markup=False,
+        )
+    cycles = [c for r in results for c in (r.cold, r.warm)] + [c for r in balances for c in (r.cold, r.warm, r.changed)]
+    failed = [r for r in results if r.naive_agrees is False] or [c for c in cycles if c.exit_code]
+    raise typer.Exit(EXIT_FAILURES if failed else EXIT_OK)
+
+
+def _print_rows(title: str, rows: list[dict[str, str]]) -> None:
+    table = Table(title=title)
     for column in rows[0]:
         table.add_column(column)
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
-    out.print(table)
-    out.print("requests are stripe/openmeter; * naive time extrapolated from the smaller size", markup=False)
-    failed = [r for r in results if r.naive_agrees is False or r.cold.exit_code or r.warm.exit_code]
-    raise typer.Exit(EXIT_FAILURES if failed else EXIT_OK)
+    # Every column whole, even in a narrow terminal or a pipe (where rich would assume 80 and cut the headers).
+    Console(width=max(out.width, 160), soft_wrap=True).print(table)
 
 
 def print_summary(result: CycleResult, console: Console) -> None:

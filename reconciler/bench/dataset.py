@@ -8,6 +8,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from reconciler.sandbox.moesif_fake import FakeMoesif
 from reconciler.sandbox.openmeter_fake import FakeOpenMeter
 from reconciler.sandbox.stripe_fake import FakeStripe
 
@@ -41,7 +42,7 @@ def seed_stripe(stripe: FakeStripe, items: int, now: datetime) -> None:
         stripe.add_subscription(
             customer,
             [PRICE_ID],
-            id=f"sub_bench_{index:06d}",
+            id=subscription_id(index),
             current_period_start=int(start.timestamp()),
             current_period_end=int((start + PERIOD).timestamp()),
         )
@@ -58,6 +59,35 @@ def seed_openmeter(openmeter: FakeOpenMeter, items: int, now: datetime) -> None:
             at = start + timedelta(hours=(index + event * 5) % hours, minutes=17)
             if at < now.replace(minute=0, second=0, microsecond=0):
                 openmeter.ingest(OPENMETER_METER, customer_id(index), at, 1 + (index * 31 + event * 17) % 97)
+
+
+def subscription_id(index: int) -> str:
+    return f"sub_bench_{index:06d}"
+
+
+def credit_minor(index: int) -> int:
+    return 1000 + (index * 37) % 9000
+
+
+def seed_balances(stripe: FakeStripe, moesif: FakeMoesif, customers: int) -> None:
+    """Every customer (seeded by `seed_stripe`) holds credit on its Stripe customer balance, and Moesif agrees."""
+    moesif.record_requests = False
+    for index in range(customers):
+        stripe.adjust_customer_balance(customer_id(index), -credit_minor(index))
+        moesif.add_subscription(subscription_id(index), customer_id(index), current_balance=credit_minor(index) / 100)
+
+
+TOP_UP_MINOR = 500
+
+
+def top_up_some(stripe: FakeStripe, customers: int, every: int, now: datetime) -> int:
+    """Every `every`-th customer buys credit: a succeeded PaymentIntent, credited to its Stripe balance. Returns
+    how many did."""
+    topped_up = range(0, customers, every)
+    for index in topped_up:
+        stripe.add_payment_intent(customer_id(index), TOP_UP_MINOR, created=int(now.timestamp()))
+        stripe.adjust_customer_balance(customer_id(index), -TOP_UP_MINOR)
+    return len(topped_up)
 
 
 def billed_totals(stripe: FakeStripe) -> dict[str, Decimal]:

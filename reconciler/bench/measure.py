@@ -9,7 +9,7 @@ import os
 import subprocess  # runs this same Python on the product's own CLI  # nosec B404
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,15 +35,26 @@ class Conditions:
     openmeter_latency: float = 0.060
     stripe_per_second: float = 100
     openmeter_per_second: float = 50
+    moesif_latency: float = 0.080
+    moesif_per_minute: float = 500  # Moesif's Management API budget, and the most the product may be configured to
 
     def lifted(self) -> Conditions:
         """No latency and budgets far above the loopback's speed: measures memory and CPU, not waiting."""
-        return Conditions(0.0, 0.0, stripe_per_second=5000, openmeter_per_second=1000)
+        return replace(
+            self, stripe_latency=0.0, openmeter_latency=0.0, stripe_per_second=5000, openmeter_per_second=1000
+        )
+
+
+# Each benchmarked command, and the log lines its cycle starts and finishes with.
+CYCLE_EVENTS = {
+    "sync-usage": ("usage sync started", "usage sync finished"),
+    "reconcile-balances": ("balance reconcile started", "balance reconcile finished"),
+}
 
 
 @dataclass
 class CycleMeasurement:
-    wall_seconds: float  # the cycle, from the product's own "usage sync started" to "finished" log lines
+    wall_seconds: float  # the cycle, from the product's own "... started" to "... finished" log lines
     process_seconds: float  # the whole `reconciler sync-usage` process, interpreter start-up included
     cpu_seconds: float
     peak_rss_mb: float
@@ -97,9 +108,11 @@ def warm_floor_seconds(items: int, conditions: Conditions) -> float:
     return max(stripe / conditions.stripe_per_second, openmeter / conditions.openmeter_per_second)
 
 
-def _apply(fake: FakeService, latency: float, per_second: float) -> None:
+def apply_conditions(fake: FakeService, latency: float, per_second: float, window: float = 1.0) -> None:
+    """The fake answers after `latency` seconds and refuses (429) requests above `per_second` × `window` in any
+    `window` seconds."""
     fake.latency_seconds = latency
-    fake.limit_rate(max(1, int(per_second)), 1.0)
+    fake.limit_rate(max(1, int(per_second * window)), window)
 
 
 def _config(sandbox: Sandbox, database: Path, conditions: Conditions) -> dict[str, Any]:
@@ -111,11 +124,13 @@ def _config(sandbox: Sandbox, database: Path, conditions: Conditions) -> dict[st
     return raw
 
 
-def _product_cycle(config_path: Path, log_path: Path, fakes: dict[str, FakeService]) -> CycleMeasurement:
-    """One `reconciler sync-usage` in a child process, with its wall time, CPU time and peak RSS."""
+def product_cycle(
+    config_path: Path, log_path: Path, fakes: dict[str, FakeService], command_name: str = "sync-usage"
+) -> CycleMeasurement:
+    """One `reconciler <command_name>` in a child process, with its wall time, CPU time and peak RSS."""
     for fake in fakes.values():
         fake.reset_counters()
-    command = [sys.executable, "-m", "reconciler", "sync-usage", "--config", str(config_path), "--format", "json"]
+    command = [sys.executable, "-m", "reconciler", command_name, "--config", str(config_path), "--format", "json"]
     log_offset = log_path.stat().st_size if log_path.exists() else 0
     started = time.perf_counter()
     with open(log_path, "ab") as log, open(log_path.with_suffix(".out"), "wb") as out:
@@ -128,7 +143,7 @@ def _product_cycle(config_path: Path, log_path: Path, fakes: dict[str, FakeServi
     except (yaml.YAMLError, AttributeError):
         summary = {}
     return CycleMeasurement(
-        wall_seconds=round(_cycle_seconds(log_path, log_offset), 3),
+        wall_seconds=round(_cycle_seconds(log_path, log_offset, CYCLE_EVENTS[command_name]), 3),
         process_seconds=round(wall, 3),
         cpu_seconds=round(usage.ru_utime + usage.ru_stime, 3),
         peak_rss_mb=round(peak_kib / 1024, 1),
@@ -159,8 +174,9 @@ def _wait_watching_peak(pid: int) -> tuple[int, int, Any]:
         time.sleep(0.1)
 
 
-def _cycle_seconds(log_path: Path, offset: int) -> float:
-    """The time between the cycle's "usage sync started" and "usage sync finished" log lines."""
+def _cycle_seconds(log_path: Path, offset: int, events: tuple[str, str]) -> float:
+    """The time between the cycle's start and finish log lines (`events`)."""
+    started, finished = events
     stamps = {}
     with open(log_path, "rb") as log:
         log.seek(offset)
@@ -169,17 +185,17 @@ def _cycle_seconds(log_path: Path, offset: int) -> float:
                 event = json.loads(line)
             except ValueError:
                 continue
-            if event.get("event") in ("usage sync started", "usage sync finished"):
+            if event.get("event") in events:
                 stamps[event["event"]] = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
     if len(stamps) != 2:
         return float("nan")
-    return (stamps["usage sync finished"] - stamps["usage sync started"]).total_seconds()
+    return (stamps[finished] - stamps[started]).total_seconds()
 
 
 def _naive(sandbox: Sandbox, items: int, now: datetime, conditions: Conditions) -> tuple[float, bool]:
     """The naive loop on its own Stripe, seeded as the product's was; (seconds, whether it billed the same)."""
     stripe = FakeStripe(api_key=SANDBOX_STRIPE_KEY)
-    _apply(stripe, conditions.stripe_latency, conditions.stripe_per_second)
+    apply_conditions(stripe, conditions.stripe_latency, conditions.stripe_per_second)
     seed_stripe(stripe, items, now)
     with LoopbackServer(stripe) as server:
         started = time.perf_counter()
@@ -194,6 +210,14 @@ def _naive(sandbox: Sandbox, items: int, now: datetime, conditions: Conditions) 
     return seconds, billed_totals(stripe) == billed_totals(sandbox.stripe)
 
 
+def migrate(config_path: Path) -> None:
+    subprocess.run(  # our own CLI, no shell  # nosec B603
+        [sys.executable, "-m", "reconciler", "db", "upgrade", "--config", str(config_path)],
+        check=True,
+        capture_output=True,
+    )
+
+
 def run_size(
     items: int, conditions: Conditions, workdir: Path, *, naive: bool, naive_seconds_per_item: float | None
 ) -> SizeResult:
@@ -202,8 +226,8 @@ def run_size(
     now = datetime.now(UTC)
     sandbox = Sandbox.start()
     try:
-        _apply(sandbox.stripe, conditions.stripe_latency, conditions.stripe_per_second)
-        _apply(sandbox.openmeter, conditions.openmeter_latency, conditions.openmeter_per_second)
+        apply_conditions(sandbox.stripe, conditions.stripe_latency, conditions.stripe_per_second)
+        apply_conditions(sandbox.openmeter, conditions.openmeter_latency, conditions.openmeter_per_second)
         seed_stripe(sandbox.stripe, items, now)
         seed_openmeter(sandbox.openmeter, items, now)
 
@@ -211,16 +235,12 @@ def run_size(
         database.unlink(missing_ok=True)
         config_path = workdir / f"bench-{items}.yaml"
         config_path.write_text(yaml.safe_dump(_config(sandbox, database, conditions)))
-        subprocess.run(  # our own CLI, no shell  # nosec B603
-            [sys.executable, "-m", "reconciler", "db", "upgrade", "--config", str(config_path)],
-            check=True,
-            capture_output=True,
-        )
+        migrate(config_path)
         fakes: dict[str, FakeService] = {"stripe": sandbox.stripe, "openmeter": sandbox.openmeter}
         log_path = workdir / f"bench-{items}.log"
         log_path.unlink(missing_ok=True)
-        cold = _product_cycle(config_path, log_path, fakes)
-        warm = _product_cycle(config_path, log_path, fakes)
+        cold = product_cycle(config_path, log_path, fakes)
+        warm = product_cycle(config_path, log_path, fakes)
         result = SizeResult(
             items=items,
             conditions=conditions,

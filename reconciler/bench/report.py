@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from reconciler.bench.balances import BalanceSizeResult
 from reconciler.bench.measure import SizeResult
 
 APIS = ("stripe", "openmeter")
@@ -24,8 +25,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_json(results: list[SizeResult], path: Path) -> None:
-    path.write_text(json.dumps({"machine": machine(), "sizes": [r.as_dict() for r in results]}, indent=2))
+def write_json(results: list[SizeResult], balances: list[BalanceSizeResult], path: Path) -> None:
+    document = {
+        "machine": machine(),
+        "sizes": [r.as_dict() for r in results],
+        "balance_sizes": [r.as_dict() for r in balances],
+    }
+    path.write_text(json.dumps(document, indent=2))
 
 
 def table_rows(results: list[SizeResult]) -> list[dict[str, Any]]:
@@ -51,6 +57,21 @@ def table_rows(results: list[SizeResult]) -> list[dict[str, Any]]:
                 "agrees": {None: "-", True: "yes", False: "NO"}[r.naive_agrees],
             }
         )
+    return rows
+
+
+def balance_rows(results: list[BalanceSizeResult]) -> list[dict[str, Any]]:
+    """One row per balance size: each of the three cycles' wall time and stripe/moesif requests."""
+    rows = []
+    for r in results:
+        row = {"customers": f"{r.customers:,}", "floor s": f"{r.cold_floor_seconds:.0f}"}
+        for name, cycle in (("cold", r.cold), ("warm", r.warm), ("changed", r.changed)):
+            row[f"{name} s"] = f"{cycle.wall_seconds:.1f}"
+            row[f"{name} reqs"] = f"{cycle.requests['stripe']}/{cycle.requests['moesif']}"
+        cycles = (r.cold, r.warm, r.changed)
+        row["429s"] = str(sum(sum(c.answered_429.values()) for c in cycles))
+        row["RSS MB"] = f"{max(c.peak_rss_mb for c in cycles):.0f}"
+        rows.append(row)
     return rows
 
 

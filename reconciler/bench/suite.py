@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from reconciler.bench.balances import BalanceSizeResult, run_balance_size
 from reconciler.bench.measure import Conditions, SizeResult, run_size
 from reconciler.bench.report import write_json, write_plot
 
@@ -16,13 +17,15 @@ def run_benchmark(
     *,
     naive_up_to: int,
     lift_above: int,
+    balance_sizes: list[int] = [],  # noqa: B006 (never mutated)
     plot: bool = True,
-    progress: Callable[[SizeResult], None] = lambda _: None,
-) -> list[SizeResult]:
-    """Benchmark every size; sizes above `lift_above` run under `conditions.lifted()`. Writes bench.json (and
-    bench.png) to `out_dir`."""
+    progress: Callable[[str], None] = lambda _: None,
+) -> tuple[list[SizeResult], list[BalanceSizeResult]]:
+    """Benchmark every usage size (sizes above `lift_above` run under `conditions.lifted()`), then the balance job
+    at every balance size. Writes bench.json (and bench.png) to `out_dir` as it goes."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[SizeResult] = []
+    balance_results: list[BalanceSizeResult] = []
     per_item: float | None = None
     for items in sorted(sizes):
         run_naive = items <= naive_up_to
@@ -37,8 +40,12 @@ def run_benchmark(
         if run_naive and result.naive_seconds is not None:
             per_item = result.naive_seconds / items
         results.append(result)
-        progress(result)
-        write_json(results, out_dir / "bench.json")
-    if plot:
+        progress(f"usage sync, N={items:,}: cold {result.cold.wall_seconds:.1f} s")
+        write_json(results, balance_results, out_dir / "bench.json")
+    for customers in sorted(balance_sizes):
+        balance_results.append(run_balance_size(customers, conditions, out_dir))
+        progress(f"balance job, N={customers:,}: cold {balance_results[-1].cold.wall_seconds:.1f} s")
+        write_json(results, balance_results, out_dir / "bench.json")
+    if plot and results:
         write_plot(results, out_dir / "bench.png")
-    return results
+    return results, balance_results

@@ -193,24 +193,37 @@ class UsageLedger:
 
     def mark_sent(self, intent: Intent) -> None:
         """Stripe accepted the intent: it now holds `total_after` for the period."""
+        self.mark_all_sent([intent])
+
+    def mark_all_sent(self, intents: Sequence[Intent]) -> None:
+        """Stripe accepted every one of `intents`: one transaction for all (a group commit)."""
         now = self._clock()
         with self._write() as session:
-            report = session.get_one(UsageReport, intent.id)
-            if report.state == IntentState.SENT:
-                return
-            report.state = IntentState.SENT
-            report.sent_at = now
-            report.attempts += 1
-            report.error = None
-            period = session.get_one(UsagePeriod, report.period_id)
-            period.reported_total = report.total_after
-            period.last_event_at = max(filter(None, (period.last_event_at, report.event_timestamp)))
-            period.failures = 0
-            period.last_error = None
-            period.updated_at = now
-            if report.final:
-                period.status = PeriodStatus.FINAL
-                period.finalized_at = now
+            # Load the rows in two queries; the per-intent lookups below then come from the session's identity map.
+            ids = [intent.id for intent in intents]
+            reports = session.scalars(select(UsageReport).where(UsageReport.id.in_(ids))).all()
+            session.scalars(select(UsagePeriod).where(UsagePeriod.id.in_({r.period_id for r in reports}))).all()
+            for intent in intents:
+                self._mark_sent(session, intent, now)
+
+    @staticmethod
+    def _mark_sent(session: Session, intent: Intent, now: datetime) -> None:
+        report = session.get_one(UsageReport, intent.id)
+        if report.state == IntentState.SENT:
+            return
+        report.state = IntentState.SENT
+        report.sent_at = now
+        report.attempts += 1
+        report.error = None
+        period = session.get_one(UsagePeriod, report.period_id)
+        period.reported_total = report.total_after
+        period.last_event_at = max(filter(None, (period.last_event_at, report.event_timestamp)))
+        period.failures = 0
+        period.last_error = None
+        period.updated_at = now
+        if report.final:
+            period.status = PeriodStatus.FINAL
+            period.finalized_at = now
 
     def mark_failed(self, intent: Intent, error: str) -> None:
         """Stripe refused the intent, so it was not applied: the next cycle decides afresh."""

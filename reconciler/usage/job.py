@@ -51,6 +51,7 @@ from reconciler.usage.model import (
     StreamPeriod,
     UsageWindow,
 )
+from reconciler.usage.outcomes import SentMarks
 from reconciler.usage.periods import ONE_SECOND, usage_window
 from reconciler.usage.pipeline import KeyedLocks, WorkItem, run_pipeline
 from reconciler.usage.rounding import round_quantity
@@ -60,6 +61,7 @@ log = structlog.get_logger(__name__)
 
 MAX_WAIT_FOR_EVENT_SLOT = timedelta(seconds=2)
 CLAIM_BATCH = 10  # work items a replica claims at once
+SENT_MARKS_PER_TRANSACTION = 50  # Stripe's acceptances recorded in one ledger transaction (reconciler.usage.outcomes)
 PLAN_WAIT = timedelta(seconds=60)  # how long the other replicas wait for the planning replica's plan
 # Stripe deduplicates meter event identifiers for "at least 24 hours". A pending `sum` intent older than this
 # can no longer be resent safely: if the first attempt was applied, a resend would count it twice.
@@ -142,6 +144,7 @@ class UsageSync:
         self._stop_requested = stop_requested
         self._zone = ZoneInfo(config.usage.window_time_zone)
         self._streams = KeyedLocks()
+        self._sent_marks = SentMarks(flush_at=SENT_MARKS_PER_TRANSACTION)
         self._aggregations_lock = threading.Lock()
         self._known_aggregations: dict[str, str] | None = None
         self._timing = Timing(
@@ -256,9 +259,11 @@ class UsageSync:
                     measurers=self._config.openmeter.max_concurrency,
                     stop_requested=self._stop_requested,
                 )
+                self._sent_marks.flush()
                 if result.interrupted:
                     log.warning("stop requested: ending the cycle after the items in flight")
             except UpstreamError as exc:
+                self._sent_marks.flush()
                 log.error("usage sync could not list Stripe subscriptions or meters", error=str(exc))
                 result.summary.failed += 1
                 result.summary.failures.append(f"listing: {exc}")
@@ -377,7 +382,10 @@ class UsageSync:
     def sync_for_backfill(self, work: StreamPeriod, run_id: str | None, result: CycleResult) -> PlannedReport | None:
         """One stream period of a backfill: the same rules and ledger as the cycle, plus corrections into final
         periods Stripe still bills (reconciler.usage.decide.reopen_for_backfill). `run_id` None: a dry run."""
-        return self._sync_one(work, self._clock(), run_id, run_id is None, result, reopen_final=True)
+        try:
+            return self._sync_one(work, self._clock(), run_id, run_id is None, result, reopen_final=True)
+        finally:
+            self._sent_marks.flush()
 
     def backfill_work(
         self, since: datetime, until: datetime, customers: frozenset[str], meters: frozenset[str]
@@ -553,9 +561,11 @@ class UsageSync:
         )
         direction = "up" if intent.quantity >= 0 else "down"
         self._metrics.usage_quantity.labels(work.stream.stripe_target, direction).inc(abs(intent.quantity))
-        self._send(ledger, intent)
+        self._send(ledger, intent, group_commit=True)
 
-    def _send(self, ledger: UsageLedger, intent: Intent) -> None:
+    def _send(self, ledger: UsageLedger, intent: Intent, *, group_commit: bool = False) -> None:
+        """Send an intent and record its outcome; `group_commit`: an acceptance is recorded with others, by the
+        cycle's SentMarks (reconciler.usage.outcomes)."""
         send = self._stripe.send_usage_record if intent.kind is StreamKind.LEGACY else self._stripe.send_meter_event
         try:
             send(intent)
@@ -574,7 +584,10 @@ class UsageSync:
         except TransientError as exc:
             ledger.note_attempt(intent, str(exc))  # stays pending: resent next cycle, same identifier
             raise
-        ledger.mark_sent(intent)
+        if group_commit:
+            self._sent_marks.add(ledger, intent)
+        else:
+            ledger.mark_sent(intent)
 
     # -- bookkeeping ---------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """CI's smoke run of `reconciler bench`: a small N, checking that the product and the naive loop bill the same and
-that the warm cycle makes only the reads it must. Timings are the benchmark's business, not a test's."""
+that the warm cycles make only the reads they must, for the usage sync and the balance job. Timings are the
+benchmark's business, not a test's."""
 
 from __future__ import annotations
 
@@ -22,10 +23,15 @@ def test_bench_smoke_run_agrees_with_the_naive_loop_and_writes_its_results(tmp_p
         "5",
         "--stripe-per-second",
         "200",
+        "--balance-customers",
+        "40",
+        "--moesif-latency-ms",
+        "5",
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    (size,) = json.loads((tmp_path / "bench.json").read_text())["sizes"]
+    results = json.loads((tmp_path / "bench.json").read_text())
+    (size,) = results["sizes"]
     assert size["items"] == items and size["naive_agrees"] is True
     cold, warm = size["cold"], size["warm"]
     assert (cold["exit_code"], warm["exit_code"]) == (0, 0)
@@ -36,3 +42,17 @@ def test_bench_smoke_run_agrees_with_the_naive_loop_and_writes_its_results(tmp_p
     assert cold["max_requests_in_one_second"]["stripe"] <= 200
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert "agrees" in result.stdout
+
+    # The balance job: every Moesif balance read once, then none while nothing changes, then only the changed one's.
+    (balances,) = results["balance_sizes"]
+    assert balances["customers"] == 40 and balances["topped_up"] == 1
+    cold, warm, changed = balances["cold"], balances["warm"], balances["changed"]
+    assert [c["exit_code"] for c in (cold, warm, changed)] == [0, 0, 0]
+    listings = 3  # one page each of subscriptions, PaymentIntents and refunds
+    assert cold["requests"] == {"stripe": listings, "moesif": 40}
+    assert warm["requests"] == {"stripe": listings, "moesif": 0}
+    assert changed["requests"] == {"stripe": listings, "moesif": 2}  # the top-up's POST and its balance read
+    assert (warm["summary"]["moesif_not_reread"], changed["summary"]["moesif_not_reread"]) == (40, 39)
+    assert changed["summary"]["forwarded"] == 1 and changed["summary"]["in_sync"] == 40
+    assert all(c["answered_429"] == {"stripe": 0, "moesif": 0} for c in (cold, warm, changed))
+    assert "changed reqs" in result.stdout  # the table, with its headers whole

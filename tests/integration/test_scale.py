@@ -8,9 +8,12 @@ import threading
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
 
 from reconciler.bench.dataset import billed_totals
 from reconciler.clock import utc_now
+from reconciler.ledger.usage_ledger import UsageLedger
 from tests.conftest import Harness, ts
 
 FAST = {"max_requests_per_second": 500, "max_concurrency": 8}
@@ -106,4 +109,52 @@ def test_a_crash_mid_cycle_with_workers_in_flight_bills_nothing_twice_after_the_
     assert billed_totals(h.stripe) == used
     identifiers = [event.identifier for event in h.stripe.meter_events]
     assert len(identifiers) == len(set(identifiers)) == 120
+    assert h.rows("select count(*) as n from usage_reports where state <> 'sent'")[0].n == 0
+
+
+def test_acceptances_are_recorded_many_to_a_transaction_and_intents_one_each_before_their_send(harness):
+    h = harness
+    h.configure(stripe=FAST)
+    used = customers_with_odd_anchors(h, 120)
+    commits = 0
+
+    def count(connection):
+        nonlocal commits
+        commits += 1
+
+    event.listen(h.engine, "commit", count)
+    try:
+        result = h.cycle()
+    finally:
+        event.remove(h.engine, "commit", count)
+    assert (result.summary.reported, result.summary.failed) == (120, 0), result.summary.failures
+    assert billed_totals(h.stripe) == used
+    # One transaction per intent, before its send; the 120 acceptances in ⌈120/50⌉ more (one per item: 240+).
+    assert 120 <= commits <= 120 + 10
+    assert h.rows("select count(*) as n from usage_reports where state = 'sent'")[0].n == 120
+
+
+def test_acceptances_the_ledger_could_not_record_stay_pending_and_are_resent_under_their_identifiers(
+    harness, monkeypatch
+):
+    h = harness
+    h.configure(stripe=FAST)
+    used = customers_with_odd_anchors(h, 60)
+    real = UsageLedger.mark_all_sent
+    failures = iter([True])
+
+    def database_away_once(ledger, intents):
+        if next(failures, False):
+            raise OperationalError("UPDATE usage_reports", {}, Exception("the database went away"))
+        real(ledger, intents)
+
+    monkeypatch.setattr(UsageLedger, "mark_all_sent", database_away_once)
+    first = h.cycle()
+    assert first.summary.failed == 0
+    left_pending = h.rows("select count(*) as n from usage_reports where state = 'pending'")[0].n
+    assert left_pending == 50  # the first group; the last ten were recorded at the cycle's end
+
+    second = h.cycle()
+    assert second.summary.failed == 0, second.summary.failures
+    assert billed_totals(h.stripe) == used  # resent under the same identifiers: Stripe kept one of each
     assert h.rows("select count(*) as n from usage_reports where state <> 'sent'")[0].n == 0
