@@ -154,7 +154,7 @@ class BalanceSync:
             try:
                 accounts = self._accounts(customers, now)
                 top_ups = self._top_ups_by_customer(customers, now) if self._settings.topups.enabled else {}
-                refunds = self._refunds_by_payment_intent(now) if self._settings.topups.enabled else {}
+                refunds = self._refunds_by_customer(top_ups, now, result) if self._settings.topups.enabled else {}
                 observations = self._ledger.latest_observations(customers)
             except UpstreamError as exc:
                 result.failures.append(f"listing: {self._redact(str(exc))}")
@@ -168,7 +168,7 @@ class BalanceSync:
                     self._reconcile_one(
                         accounts[customer_id],
                         top_ups.get(customer_id, []),
-                        refunds,
+                        refunds.get(customer_id, []),
                         observations.get(customer_id),
                         now,
                         run_id,
@@ -196,13 +196,29 @@ class BalanceSync:
                 by_customer.setdefault(payment_intent.customer_id, []).append(payment_intent)
         return by_customer
 
-    def _refunds_by_payment_intent(self, now: datetime) -> dict[str, list[Refund]]:
-        """Refunds are listed by their own creation date, so a refund of an old top-up is still seen."""
-        by_intent: dict[str, list[Refund]] = {}
+    def _refunds_by_customer(
+        self, top_ups: dict[str, list[TopUp]], now: datetime, result: BalanceResult
+    ) -> dict[str, list[Refund]]:
+        """Succeeded refunds of top-ups, by the top-up's customer. Refunds are listed by their own creation date,
+        so a refund of a top-up older than the look-back is still seen; such a top-up is fetched by id, once per
+        cycle. A top-up that cannot be fetched leaves its refund for the next cycle, and the rest goes on."""
+        known = {t.payment_intent_id: t for listed in top_ups.values() for t in listed}
+        by_customer: dict[str, list[Refund]] = {}
         for refund in self._stripe.refunds(now - self._settings.topups.lookback):
-            if refund.status == "succeeded" and refund.payment_intent_id:
-                by_intent.setdefault(refund.payment_intent_id, []).append(refund)
-        return by_intent
+            if refund.status != "succeeded" or not refund.payment_intent_id:
+                continue
+            top_up = known.get(refund.payment_intent_id)
+            if top_up is None:
+                try:
+                    top_up = known[refund.payment_intent_id] = self._stripe.payment_intent(refund.payment_intent_id)
+                except UpstreamError as exc:
+                    error = self._redact(f"refund {refund.refund_id}: its PaymentIntent could not be read: {exc}")
+                    log.error("refund not forwarded this cycle", error=error)
+                    result.failures.append(error)
+                    continue
+            if top_up.customer_id and self._is_top_up(top_up):
+                by_customer.setdefault(top_up.customer_id, []).append(refund)
+        return by_customer
 
     # -- one customer --------------------------------------------------------------------------------
 
@@ -210,7 +226,7 @@ class BalanceSync:
         self,
         customer: CustomerAccount,
         top_ups: list[TopUp],
-        refunds: dict[str, list[Refund]],
+        refunds: list[Refund],
         last: LastObservation | None,
         now: datetime,
         run_id: str | None,
@@ -243,7 +259,7 @@ class BalanceSync:
         self,
         customer: CustomerAccount,
         listed_top_ups: list[TopUp],
-        refunds: dict[str, list[Refund]],
+        refunds: list[Refund],
         run_id: str | None,
         report: CustomerReport,
     ) -> None:
@@ -268,9 +284,8 @@ class BalanceSync:
                     )
                 )
 
-        own_refunds = self._customer_refunds(account.customer_id, refunds, top_ups)
-        refunded_already = self._ledger.known_sources("refund", [r.refund_id for r in own_refunds])
-        for refund in own_refunds:
+        refunded_already = self._ledger.known_sources("refund", [r.refund_id for r in refunds])
+        for refund in refunds:
             if refund.refund_id not in refunded_already:
                 description = f"Stripe refund {refund.refund_id} of {refund.payment_intent_id}"
                 plans.append(
@@ -295,21 +310,6 @@ class BalanceSync:
                     continue  # another replica recorded it first and sends it
             report.forwarded.append(line)
             self._send(stored, report)
-
-    def _customer_refunds(
-        self, customer_id: str, refunds: dict[str, list[Refund]], top_ups: dict[str, TopUp]
-    ) -> list[Refund]:
-        """Refunds of this customer's top-ups, including top-ups older than the look-back (fetched by id)."""
-        mine = []
-        for payment_intent_id, its_refunds in refunds.items():
-            top_up = top_ups.get(payment_intent_id)
-            if top_up is None:
-                top_up = self._stripe.payment_intent(payment_intent_id)
-                if top_up.customer_id != customer_id or not self._is_top_up(top_up):
-                    continue
-                top_ups[payment_intent_id] = top_up
-            mine += its_refunds
-        return mine
 
     def _is_top_up(self, payment_intent: TopUp) -> bool:
         wanted = self._settings.topups.payment_intent_metadata

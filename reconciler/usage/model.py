@@ -8,7 +8,7 @@ from decimal import Decimal
 from enum import StrEnum
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BillingPeriod:
     """A half-open billing period `[start, end)` as Stripe reports it (aware UTC datetimes)."""
 
@@ -91,7 +91,7 @@ class StreamKind(StrEnum):
     LEGACY = "legacy"  # usage record with action=set at one fixed timestamp per period
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Stream:
     """One quantity Stripe holds per period, and where its usage comes from.
 
@@ -118,7 +118,7 @@ class Stream:
         return f"legacy:{self.item_id}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StreamPeriod:
     """One unit of work: a stream in one billing period."""
 

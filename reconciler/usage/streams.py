@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import datetime, timedelta
@@ -83,8 +84,9 @@ def _stream_for(item: MeteredItem, meters: dict[str, Meter], usage: UsageConfig)
         subject=subject,
         rounding=mapping.rounding,
         meter=meter,
-        unit_amount=None if item.unit_amount is None else str(item.unit_amount),
-        currency=item.currency,
+        # Interned: a few distinct values shared by every stream period a cycle holds, not one copy each.
+        unit_amount=None if item.unit_amount is None else sys.intern(str(item.unit_amount)),
+        currency=sys.intern(item.currency),
     )
 
 

@@ -160,6 +160,30 @@ def test_a_refund_becomes_one_debit_even_when_its_top_up_is_older_than_the_lookb
     assert bh.moesif.balance("sub_M") == 25.0
 
 
+def test_a_refund_of_an_old_top_up_costs_one_lookup_per_cycle_and_an_unreadable_one_waits_alone(bh):
+    bh.configure(stripe_source="none", auto_correct=False, topups={"lookback": "35d"})
+    for name in ("a", "b", "c"):
+        bh.customer(f"cus_{name}", moesif_balance=40.0, subscription=f"sub_{name}")
+    bh.stripe.add_payment_intent("cus_b", 4000, created=ts(NOW - timedelta(days=90)), id="pi_old")
+    bh.stripe.add_refund("pi_old", 1500, created=ts(NOW - timedelta(days=1)), id="re_1")
+    bh.stripe.add_payment_intent("cus_c", 1000, created=ts(NOW - timedelta(hours=1)), id="pi_new")
+    bh.stripe.inject_fault("GET", "/v1/payment_intents/pi_old", 500, times=3)  # every attempt of one cycle
+    with freeze_time(NOW) as clock:
+        first = bh.cycle()
+        assert [f.split(":")[0] for f in first.failures] == ["refund re_1"]
+        assert [p["transaction_id"] for p in bh.posts()] == ["pi_new"]  # the rest went on
+        bh.stripe.requests.clear()
+        clock.tick(timedelta(hours=1))
+        second = bh.cycle()
+    assert second.failed == 0, second.failures
+    lookups = [r for r in bh.stripe.requests if r.path == "/v1/payment_intents/pi_old"]
+    assert len(lookups) == 1  # once for the cycle, not once per customer
+    assert [(p["transaction_id"], p["company_id"], p["type"]) for p in bh.posts()] == [
+        ("pi_new", "cus_c", "credit"),
+        ("re_1", "cus_b", "debit"),
+    ]
+
+
 def test_drift_within_tolerance_needs_no_action(bh):
     bh.customer(moesif_balance=49.995, grant=5000)
     with freeze_time(NOW):
