@@ -172,6 +172,7 @@ class MoesifConfig(_Section):
     url: str = "https://api.moesif.com"
     management_token: SecretStr
     max_requests_per_minute: int = Field(default=250, gt=0, le=500)
+    max_concurrency: int = Field(default=4, ge=1, le=64)  # customers the balance job works on at once
     timeout_seconds: float = Field(default=30, gt=0)
     max_retries: int = Field(default=3, ge=0, le=10)
     # Moesif does not document what a repeated transaction_id does. Unless this says it is ignored, a POST whose

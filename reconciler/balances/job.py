@@ -9,12 +9,15 @@ context and counted; the cycle goes on.
 
 from __future__ import annotations
 
+import contextvars
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from itertools import chain
+from typing import TypeVar
 
 import structlog
 
@@ -38,6 +41,7 @@ from reconciler.upstream.moesif_api import BalanceTransaction, MoesifGateway
 from reconciler.upstream.stripe_api import StripeGateway
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 NOT_RESENT = (
     "whether Moesif applied it is unknown and it was not resent (Moesif may not ignore a repeated transaction_id); "
@@ -161,21 +165,26 @@ class BalanceSync:
                 log.error("balance reconcile could not list Stripe data", error=self._redact(str(exc)))
                 self._finish(result)
                 return result
-            for customer_id in sorted(accounts):
+
+            def reconcile(customer_id: str) -> CustomerReport | None:
                 if self._stop_requested():
-                    break
-                result.customers.append(
-                    self._reconcile_one(
-                        accounts[customer_id],
-                        top_ups.get(customer_id, []),
-                        refunds.get(customer_id, []),
-                        observations.get(customer_id),
-                        now,
-                        run_id,
-                    )
+                    return None
+                return self._reconcile_one(
+                    accounts[customer_id],
+                    top_ups.get(customer_id, []),
+                    refunds.get(customer_id, []),
+                    observations.get(customer_id),
+                    now,
+                    run_id,
                 )
-                if result.customers[-1].error:
-                    result.failures.append(f"{customer_id}: {result.customers[-1].error}")
+
+            workers = self._config.moesif.max_concurrency if self._config.moesif else 1
+            for report in _in_order(reconcile, sorted(accounts), workers):
+                if report is None:
+                    continue  # stop requested
+                result.customers.append(report)
+                if report.error:
+                    result.failures.append(f"{report.customer_id}: {report.error}")
             self._finish(result)
         return result
 
@@ -543,3 +552,16 @@ class BalanceSync:
         log.info("balance reconcile finished", status=status, **summary)
         if result.run_id is not None:
             self._runs.finish(result.run_id, status, summary)
+
+
+def _in_order(work: Callable[[str], T], keys: list[str], workers: int) -> Iterator[T]:
+    """`work` for every key, results in the keys' order: inline with one worker (a seed replays exactly), else on
+    `workers` threads, each task with the caller's logging context. Customers are independent of each other, so
+    one's Moesif wait overlaps the others' ledger work."""
+    if workers == 1:
+        yield from map(work, keys)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="balances") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, work, key) for key in keys]
+        for future in futures:
+            yield future.result()

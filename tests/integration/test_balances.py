@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -35,7 +36,9 @@ class BalanceHarness:
         upgrade(self.engine)
         self.configure()
 
-    def configure(self, token: str = MOESIF_TOKEN, *, moesif_dedupes: bool = False, **balances: Any) -> None:
+    def configure(
+        self, token: str = MOESIF_TOKEN, *, moesif_dedupes: bool = False, moesif_concurrency: int = 4, **balances: Any
+    ) -> None:
         settings = {
             "enabled": True,
             "stripe_source": "credit_grants",
@@ -55,6 +58,7 @@ class BalanceHarness:
                     "max_retries": 2,
                     "max_requests_per_minute": 500,
                     "deduplicates_transaction_ids": moesif_dedupes,
+                    "max_concurrency": moesif_concurrency,
                 },
                 "balances": settings,
                 "logging": {"level": "DEBUG", "format": "console"},
@@ -331,6 +335,32 @@ def test_a_comparison_made_while_our_transaction_was_invisible_is_no_baseline_fo
         after = bh.cycle()
     assert after.customers[0].moesif_reread
     assert (after.customers[0].action, after.customers[0].difference) == ("correct", Decimal("-10.00"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_customers_are_reconciled_side_by_side_and_reported_in_order(bh, workers):
+    """With `moesif.max_concurrency` > 1 one customer's Moesif wait overlaps another's work: two balance reads
+    meet at a barrier, which one thread alone could never reach."""
+    bh.configure(stripe_source="customer_balance", moesif_concurrency=workers)
+    for name in ("d", "a", "c", "b"):
+        bh.customer(f"cus_{name}", moesif_balance=20.0, subscription=f"sub_{name}")
+        bh.stripe.adjust_customer_balance(f"cus_{name}", -2000)
+    both_waiting = threading.Barrier(2, timeout=2)
+    read = bh.gateway.balance
+
+    def read_when_another_is_reading(subscription_id):
+        both_waiting.wait()
+        return read(subscription_id)
+
+    bh.gateway.balance = read_when_another_is_reading
+    with freeze_time(NOW):
+        result = bh.cycle()
+    assert [c.customer_id for c in result.customers] == ["cus_a", "cus_b", "cus_c", "cus_d"]
+    if workers == 1:
+        assert all("BrokenBarrierError" in (c.error or "") for c in result.customers)
+    else:
+        assert result.failed == 0, result.failures
+        assert [c.action for c in result.customers] == ["in_sync"] * 4
 
 
 def test_dry_run_sends_and_writes_nothing(bh):

@@ -96,6 +96,7 @@ def simulation_config(fakes: Sandbox, database_url: str, scenario: Scenario) -> 
         max_retries=2,
         timeout_seconds=CLIENT_TIMEOUT,
         deduplicates_transaction_ids=scenario.product_trusts_dedupe,
+        max_concurrency=1,
     )
     raw["balances"].update(max_auto_correction={"usd": 100000}, settle_delay=f"{int(SETTLE_DELAY.total_seconds())}s")
     raw["usage"].update(window_size="HOUR", grace_period=f"{int(GRACE.total_seconds())}s")
