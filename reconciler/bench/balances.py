@@ -14,10 +14,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from reconciler.bench.dataset import seed_balances, seed_stripe, top_up_some
-from reconciler.bench.measure import PAGE_SIZE, Conditions, CycleMeasurement, apply_conditions, migrate, product_cycle
+from reconciler.bench.measure import (
+    PAGE_SIZE,
+    Conditions,
+    CycleMeasurement,
+    apply_conditions,
+    fresh_product,
+    product_cycle,
+)
 from reconciler.sandbox.httpserver import FakeService
 from reconciler.sandbox.server import Sandbox
 
@@ -68,14 +73,10 @@ def run_balance_size(customers: int, conditions: Conditions, workdir: Path) -> B
         seed_stripe(sandbox.stripe, customers, now)
         seed_balances(sandbox.stripe, sandbox.moesif, customers)
 
-        database = workdir / f"bench-balances-{customers}.db"
-        database.unlink(missing_ok=True)
-        config_path = workdir / f"bench-balances-{customers}.yaml"
-        config_path.write_text(yaml.safe_dump(_config(sandbox, database, conditions)))
-        migrate(config_path)
+        config_path, log_path = fresh_product(
+            workdir, f"bench-balances-{customers}", lambda db: _config(sandbox, db, conditions)
+        )
         fakes: dict[str, FakeService] = {"stripe": sandbox.stripe, "moesif": sandbox.moesif}
-        log_path = workdir / f"bench-balances-{customers}.log"
-        log_path.unlink(missing_ok=True)
 
         cold = product_cycle(config_path, log_path, fakes, "reconcile-balances")
         warm = product_cycle(config_path, log_path, fakes, "reconcile-balances")

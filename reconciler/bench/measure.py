@@ -9,6 +9,7 @@ import os
 import subprocess  # runs this same Python on the product's own CLI  # nosec B404
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -210,12 +211,21 @@ def _naive(sandbox: Sandbox, items: int, now: datetime, conditions: Conditions) 
     return seconds, billed_totals(stripe) == billed_totals(sandbox.stripe)
 
 
-def migrate(config_path: Path) -> None:
+def fresh_product(workdir: Path, name: str, config: Callable[[Path], dict[str, Any]]) -> tuple[Path, Path]:
+    """A new, migrated database, its config file (`config` of the database's path) and an empty log, for one
+    benchmark run called `name`; returns the config's and the log's paths."""
+    database = workdir / f"{name}.db"
+    database.unlink(missing_ok=True)
+    config_path = workdir / f"{name}.yaml"
+    config_path.write_text(yaml.safe_dump(config(database)))
     subprocess.run(  # our own CLI, no shell  # nosec B603
         [sys.executable, "-m", "reconciler", "db", "upgrade", "--config", str(config_path)],
         check=True,
         capture_output=True,
     )
+    log_path = workdir / f"{name}.log"
+    log_path.unlink(missing_ok=True)
+    return config_path, log_path
 
 
 def run_size(
@@ -231,14 +241,8 @@ def run_size(
         seed_stripe(sandbox.stripe, items, now)
         seed_openmeter(sandbox.openmeter, items, now)
 
-        database = workdir / f"bench-{items}.db"
-        database.unlink(missing_ok=True)
-        config_path = workdir / f"bench-{items}.yaml"
-        config_path.write_text(yaml.safe_dump(_config(sandbox, database, conditions)))
-        migrate(config_path)
+        config_path, log_path = fresh_product(workdir, f"bench-{items}", lambda db: _config(sandbox, db, conditions))
         fakes: dict[str, FakeService] = {"stripe": sandbox.stripe, "openmeter": sandbox.openmeter}
-        log_path = workdir / f"bench-{items}.log"
-        log_path.unlink(missing_ok=True)
         cold = product_cycle(config_path, log_path, fakes)
         warm = product_cycle(config_path, log_path, fakes)
         result = SizeResult(
