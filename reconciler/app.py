@@ -12,6 +12,7 @@ from reconciler.clock import utc_now
 from reconciler.config import Config
 from reconciler.ledger.balance_ledger import BalanceLedger
 from reconciler.ledger.database import make_engine, require_migrated
+from reconciler.ledger.meter_cache import MeterCache
 from reconciler.ledger.plan_ledger import PlanLedger
 from reconciler.ledger.runs import RunLog
 from reconciler.ledger.usage_ledger import UsageLedger
@@ -78,6 +79,7 @@ def build_app(
         UsageLedger(engine, utc_now),
         runs,
         clock=utc_now,
+        meter_cache=MeterCache(engine, utc_now),
         stop_requested=stop_requested,
         metrics=metrics,
     )

@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 from reconciler.clock import utc_now
 from reconciler.config import Config, parse_config
 from reconciler.ledger.database import make_engine, upgrade
+from reconciler.ledger.meter_cache import MeterCache
 from reconciler.ledger.runs import RunLog
 from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.sandbox.httpserver import LoopbackServer
@@ -144,6 +145,7 @@ class Harness:
             self.ledger,
             self.runs,
             clock=utc_now,
+            meter_cache=MeterCache(self.engine, utc_now),
         )
 
     def cycle(self, **kwargs: Any) -> CycleResult:

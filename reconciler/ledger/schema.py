@@ -7,6 +7,7 @@
   resend after a crash is recognised by Stripe and a new intent never collides with an old one.
 - `late_drift`: totals that changed after a period could no longer be reported.
 - `runs`: one row per cycle, with its outcome and counts.
+- `openmeter_meters`: OpenMeter's meters (id, aggregation) as last listed.
 """
 
 from __future__ import annotations
@@ -305,3 +306,15 @@ class BackfillItem(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("backfill_runs.id"), index=True)
     unit_key: Mapped[str] = mapped_column(String(255))
     done_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class OpenMeterMeter(Base):
+    """OpenMeter's meters as last listed: which may be summed window by window (SUM, COUNT), and the id that
+    queries use, so that a meter deleted and made again under its slug is never queried with an old aggregation."""
+
+    __tablename__ = "openmeter_meters"
+
+    slug: Mapped[str] = mapped_column(String(64), primary_key=True)
+    meter_id: Mapped[str] = mapped_column(String(64))
+    aggregation: Mapped[str] = mapped_column(String(32))
+    listed_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -23,7 +23,7 @@ from reconciler.upstream.errors import PermanentError, RateLimitedError, Transie
 from reconciler.upstream.rate_limit import RateLimiter
 from reconciler.upstream.retry import call_with_retries
 from reconciler.usage.measure import Need, total_of
-from reconciler.usage.model import UsageRow, UsageWindow
+from reconciler.usage.model import KnownMeter, UsageRow, UsageWindow
 
 API = "openmeter"
 METERS_PAGE = 100
@@ -106,12 +106,14 @@ class OpenMeterGateway:
 
         return call_with_retries(attempt, max_retries=self._config.max_retries, what=f"openmeter {what}")
 
-    def aggregations(self) -> dict[str, str]:
-        """Every meter's aggregation (SUM, COUNT, MAX, ...) by slug."""
-        found: dict[str, str] = {}
+    def meters(self) -> dict[str, KnownMeter]:
+        """Every meter's id and aggregation (SUM, COUNT, MAX, ...), by slug."""
+        found: dict[str, KnownMeter] = {}
         for page in itertools.count(1):
             meters = self._call("list meters", lambda p=page: self._client.meters.list(page=p, page_size=METERS_PAGE))
-            found.update({m.slug: str(getattr(m.aggregation, "value", m.aggregation)).upper() for m in meters})
+            found.update(
+                {m.slug: KnownMeter(m.id, str(getattr(m.aggregation, "value", m.aggregation)).upper()) for m in meters}
+            )
             if len(meters) < METERS_PAGE:
                 return found
         return found  # pragma: no cover - itertools.count never ends

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
-from typing import Protocol
+from typing import Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 import structlog
 
 from reconciler.config import Config
 from reconciler.ledger.coordination import Claim, Coordinator, Fence, LeaseLostError
+from reconciler.ledger.meter_cache import MeterCache
 from reconciler.ledger.runs import RunLog
 from reconciler.ledger.schema import IntentState, UsagePeriod
 from reconciler.ledger.usage_ledger import ContendedError, UsageLedger, stream_period_from_row
@@ -43,6 +44,7 @@ from reconciler.usage.model import (
     BillingPeriod,
     CycleSummary,
     Intent,
+    KnownMeter,
     Meter,
     MeteredItem,
     Refusal,
@@ -58,6 +60,7 @@ from reconciler.usage.rounding import round_quantity
 from reconciler.usage.streams import LIVE_STATUSES, build_work, meter_problem
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 MAX_WAIT_FOR_EVENT_SLOT = timedelta(seconds=2)
 CLAIM_BATCH = 10  # work items a replica claims at once
@@ -79,7 +82,7 @@ class StripePort(Protocol):
 
 class OpenMeterPort(UsageQueries, Protocol):
     def query_total(self, meter: str, subject: str, window: UsageWindow) -> Decimal: ...
-    def aggregations(self) -> dict[str, str]: ...
+    def meters(self) -> dict[str, KnownMeter]: ...
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,8 @@ class UsageSync:
         ledger: UsageLedger,
         runs: RunLog,
         clock: Callable[[], datetime],
+        *,
+        meter_cache: MeterCache,
         stop_requested: Callable[[], bool] = lambda: False,
         metrics: Metrics = NO_METRICS,
     ):
@@ -145,8 +150,11 @@ class UsageSync:
         self._zone = ZoneInfo(config.usage.window_time_zone)
         self._streams = KeyedLocks()
         self._sent_marks = SentMarks(flush_at=SENT_MARKS_PER_TRANSACTION)
-        self._aggregations_lock = threading.Lock()
-        self._known_aggregations: dict[str, str] | None = None
+        self._meter_cache = meter_cache
+        self._meters_lock = threading.Lock()
+        self._known_meters: dict[str, KnownMeter] | None = None  # this cycle's; None: not read yet
+        self._listed_this_cycle = False
+        self._persist_meters = True
         self._timing = Timing(
             grace_period=config.usage.grace_period,
             invoice_grace_period=config.stripe.invoice_grace_period,
@@ -216,7 +224,8 @@ class UsageSync:
         batch_size: int = SUBJECTS_PER_QUERY,
     ) -> CycleResult:
         started = time.perf_counter()
-        self._known_aggregations = None  # meters may have changed since the last cycle
+        self._known_meters = None  # read again each cycle: another process may have listed them since
+        self._persist_meters = not dry_run
         result = self._cycle(dry_run, plan, batch_size)
         if not dry_run:
             outcome = "interrupted" if result.interrupted else "succeeded" if result.ok else "partial"
@@ -435,7 +444,11 @@ class UsageSync:
     def _prepare_batch(self, units: list[StreamPeriod], now: datetime) -> PreparedBatch:
         needs = [need for need in (self._need(unit, now) for unit in units) if need is not None]
         usage = self._config.usage
-        measured = measure(self._openmeter, needs, self._aggregations(), usage.window_size, usage.window_time_zone)
+        meters = self._meters({need.meter for need in needs})
+        measured = measure(self._openmeter, needs, meters, usage.window_size, usage.window_time_zone)
+        if measured.failed_meters & meters.keys() and self._persist_meters:
+            # Perhaps deleted or made again under its slug (a new id): list the meters afresh next cycle.
+            _best_effort(self._meter_cache.forget, "forget the meters listed")
         try:
             states = self._ledger.settled_states(units)
         except Exception:  # e.g. the database is briefly away: each item reads its own state instead
@@ -443,17 +456,26 @@ class UsageSync:
             states = {}
         return PreparedBatch(measured, states)
 
-    def _aggregations(self) -> dict[str, str]:
-        """OpenMeter's meters' aggregations, listed once per cycle (and again after a failure)."""
-        with self._aggregations_lock:
-            if self._known_aggregations is None:
-                try:
-                    self._known_aggregations = self._openmeter.aggregations()
-                except UpstreamError as exc:
-                    # Unknown aggregations are measured one window at a time: slower, never wrong.
-                    log.warning("could not list OpenMeter meters; measuring without windowed batches", error=str(exc))
-                    return {}
-            return self._known_aggregations
+    def _meters(self, needed: set[str]) -> dict[str, KnownMeter]:
+        """OpenMeter's meters (id, aggregation) as last listed (reconciler.ledger.meter_cache), listed afresh (at
+        most once a cycle) when that misses a meter in `needed`, and kept for the next cycles."""
+        with self._meters_lock:
+            if self._known_meters is None:
+                self._known_meters = _best_effort(self._meter_cache.load, "read the meters last listed") or {}
+                self._listed_this_cycle = False
+            if needed <= self._known_meters.keys() or self._listed_this_cycle:
+                return self._known_meters
+            self._listed_this_cycle = True
+            try:
+                listed = self._openmeter.meters()
+            except UpstreamError as exc:
+                # Unknown aggregations are measured one window at a time: slower, never wrong.
+                log.warning("could not list OpenMeter meters; measuring without windowed batches", error=str(exc))
+                return self._known_meters
+            if self._persist_meters:
+                _best_effort(lambda: self._meter_cache.replace(listed), "keep the meters listed")
+            self._known_meters = listed
+            return listed
 
     def _measure(self, work: StreamPeriod, now: datetime, measured: Measurements | None = None) -> int:
         need = self._need(work, now)
@@ -636,3 +658,12 @@ class UsageSync:
         log.info("usage sync finished", status=status, **result.summary.as_dict())
         if result.run_id is not None:
             self._runs.finish(result.run_id, status, result.summary.as_dict())
+
+
+def _best_effort(operation: Callable[[], T], what: str) -> T | None:
+    """The meter cache only saves a listing: when the database cannot serve it, the cycle goes on without it."""
+    try:
+        return operation()
+    except Exception:
+        log.warning(f"could not {what}; going on without", exc_info=True)
+        return None

@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Protocol
 
 from reconciler.upstream.errors import PermanentError, UpstreamError
-from reconciler.usage.model import UsageRow, UsageWindow
+from reconciler.usage.model import KnownMeter, UsageRow, UsageWindow
 
 # Far above any real total, and far below what the ledger's 64-bit integers hold.
 MAX_BILLABLE_TOTAL = Decimal(10) ** 15
@@ -99,6 +99,7 @@ class Measurements:
 
     def __init__(self) -> None:
         self._found: dict[Need, Decimal | Exception] = {}
+        self.failed_meters: set[str] = set()  # slugs of meters a query failed for
 
     def record(self, need: Need, value: Decimal | Exception) -> None:
         self._found[need] = value
@@ -114,14 +115,18 @@ class Measurements:
 
 
 def measure(
-    openmeter: UsageQueries, needs: Iterable[Need], aggregations: Mapping[str, str], window_size: str, time_zone: str
+    openmeter: UsageQueries, needs: Iterable[Need], meters: Mapping[str, KnownMeter], window_size: str, time_zone: str
 ) -> Measurements:
-    """Run the planned queries one after another; a failed query fails only the needs it was for."""
+    """Run the planned queries one after another; a failed query fails only the needs it was for. A meter in
+    `meters` is queried by its id, so that the aggregation the plan relied on is the meter's own."""
     found = Measurements()
+    aggregations = {slug: meter.aggregation for slug, meter in meters.items()}
     for query in plan_queries(needs, aggregations, window_size):
+        meter = meters[query.meter].id if query.meter in meters else query.meter
         try:
-            rows = openmeter.query_rows(query.meter, query.subjects, query.window, query.window_size, time_zone)
+            rows = openmeter.query_rows(meter, query.subjects, query.window, query.window_size, time_zone)
         except UpstreamError as exc:
+            found.failed_meters.add(query.meter)
             for need in query.needs:
                 found.record(need, exc)
             continue

@@ -52,6 +52,14 @@ class Meter:
 
 
 @dataclass(frozen=True)
+class KnownMeter:
+    """An OpenMeter meter as listed: its id (what queries name it by) and aggregation (SUM, COUNT, MAX, ...)."""
+
+    id: str
+    aggregation: str
+
+
+@dataclass(frozen=True)
 class CustomerCredit:
     """A Stripe customer balance as credit: minor units (Stripe stores credit as a negative balance), and the
     balance's currency (None until the customer has one)."""

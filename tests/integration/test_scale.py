@@ -61,7 +61,7 @@ def test_many_customers_are_billed_exactly_with_one_openmeter_query_per_100_and_
     pages = math.ceil(250 / 100)
     assert requests(h.stripe, "GET", prefix="/v1/subscriptions") == pages
     assert requests(h.stripe, "GET", prefix="/v1/billing/meters") == 1
-    assert requests(h.openmeter, "GET", "/query") == pages
+    assert requests(h.openmeter, "GET") == pages  # the queries alone: OpenMeter's meters were kept from the cold cycle
 
 
 def test_the_request_budget_holds_in_every_second_with_every_worker_busy(harness):

@@ -274,6 +274,38 @@ def test_unknown_openmeter_meter_fails_that_customer_only(harness):
     assert stripe_total(h, customer="cus_good") == 2
 
 
+def test_openmeter_meters_are_listed_once_and_a_meter_made_again_under_its_slug_is_never_summed_wrongly(harness):
+    """The meters' ids and aggregations are kept between cycles, and queries name a meter by id: a meter deleted
+    and made again as MAX under the same slug is not summed window by window with the old SUM's plan."""
+    h = harness
+    seed(h, formula="last")
+    use(h, utc(2026, 3, 2), 4)
+    use(h, utc(2026, 3, 5), 9)
+
+    def listings() -> int:
+        count = sum(1 for r in h.openmeter.requests if r.path == "/api/v1/meters")
+        h.openmeter.requests.clear()
+        return count
+
+    with freeze_time(MID) as clock:
+        assert h.cycle().summary.reported == 1
+        assert (stripe_total(h), listings()) == (13, 1)  # SUM: 4 + 9
+        clock.tick(timedelta(hours=1))
+        h.configure()  # a new process: the listing is kept in the ledger
+        assert h.cycle().summary.unchanged == 1
+        assert listings() == 0
+
+        h.openmeter.add_meter("api_requests", aggregation="MAX")  # deleted and made again: a new id
+        clock.tick(timedelta(hours=1))
+        refused = h.cycle()
+        assert refused.summary.failed == 1 and "not found" in refused.summary.failures[0]
+        assert stripe_total(h) == 13  # nothing sent on the old plan
+        clock.tick(timedelta(hours=1))
+        relisted = h.cycle()
+    assert relisted.summary.reported == 1 and listings() == 1
+    assert stripe_total(h) == 9  # MAX over the period, a `last` meter now holding 9
+
+
 def test_empty_window_sends_nothing_and_never_queries_equal_bounds(harness):
     h = harness
     seed(h, formula="sum")

@@ -19,6 +19,7 @@ REGRESSIONS = {
     8: "a sum intent past Stripe's identifier window stayed pending forever instead of being settled",
     27: "a backfill whose listing failed crashed the run instead of exiting with the error",
     35: "a correction still settling when the run ended",
+    40031: "the harness ingested two identical usage events once (it keyed them by their values)",
     20036: "a comparison that agreed while our top-up was still invisible in Moesif became the baseline for skipping "
     "Moesif reads, so the drift it left was never seen",
 }

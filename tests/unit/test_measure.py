@@ -9,7 +9,7 @@ import pytest
 
 from reconciler.upstream.errors import PermanentError, TransientError
 from reconciler.usage.measure import Need, measure, plan_queries, total_of
-from reconciler.usage.model import UsageRow, UsageWindow
+from reconciler.usage.model import KnownMeter, UsageRow, UsageWindow
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
@@ -82,9 +82,11 @@ class Answers:
     def __init__(self, answers: dict[frozenset[str], list[UsageRow] | Exception]):
         self.answers = answers
         self.asked: list[tuple[str, ...]] = []
+        self.meters: list[str] = []
 
     def query_rows(self, meter, subjects, window, window_size, time_zone):
         self.asked.append(tuple(subjects))
+        self.meters.append(meter)
         answer = self.answers[frozenset(subjects)]
         if isinstance(answer, Exception):
             raise answer
@@ -95,8 +97,10 @@ def test_a_failed_query_fails_only_the_periods_it_was_for():
     needs = [Need("api", f"cus_{i:03d}", hours(0, 4)) for i in range(150)]
     first, second = frozenset(n.subject for n in needs[:100]), frozenset(n.subject for n in needs[100:])
     openmeter = Answers({first: [row("cus_000", 0, 1, Decimal(7))], second: TransientError("openmeter", "503")})
-    found = measure(openmeter, needs, {"api": "SUM"}, "HOUR", "UTC")
+    found = measure(openmeter, needs, {"api": KnownMeter("01JMETERID", "SUM")}, "HOUR", "UTC")
     assert len(openmeter.asked) == 2
+    assert openmeter.meters == ["01JMETERID"] * 2  # by id: the meter whose aggregation the plan relied on
+    assert found.failed_meters == {"api"}
     assert found.total(needs[0]) == 7
     assert found.total(needs[1]) == 0  # no rows: no usage
     with pytest.raises(TransientError, match="503"):
