@@ -119,16 +119,24 @@ class OpenMeterGateway:
         return found  # pragma: no cover - itertools.count never ends
 
     def query_rows(
-        self, meter: str, subjects: Sequence[str], window: UsageWindow, window_size: str | None, time_zone: str
+        self,
+        meter: str,
+        subjects: Sequence[str],
+        window: UsageWindow,
+        window_size: str | None,
+        time_zone: str,
+        *,
+        meter_id: str | None = None,
     ) -> list[UsageRow]:
-        """The usage of `subjects` on `meter` over `[window.start, window.end)`, one row per subject (and per
-        `window_size` window, if given) with data. Without `window_size`, OpenMeter aggregates the whole range,
-        which is right for every aggregation (summing windows would be wrong for MAX, LATEST, UNIQUE_COUNT, ...).
-        A value that cannot be billed is kept as the error that says so, for its subject alone."""
+        """The usage of `subjects` on `meter` (a slug; asked for by `meter_id` when given) over
+        `[window.start, window.end)`, one row per subject (and per `window_size` window, if given) with data.
+        Without `window_size`, OpenMeter aggregates the whole range, which is right for every aggregation (summing
+        windows would be wrong for MAX, LATEST, UNIQUE_COUNT, ...). A value that cannot be billed is kept as the
+        error that says so, for its subject alone."""
         result = self._call(
             "query",
             lambda: self._client.meters.query_json(
-                meter,
+                meter_id or meter,
                 from_parameter=window.start,
                 to=window.end,
                 subject=list(subjects),

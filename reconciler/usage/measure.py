@@ -27,7 +27,14 @@ UNION_WINDOW_SIZES = frozenset({"HOUR", "DAY"})
 
 class UsageQueries(Protocol):
     def query_rows(
-        self, meter: str, subjects: Sequence[str], window: UsageWindow, window_size: str | None, time_zone: str
+        self,
+        meter: str,
+        subjects: Sequence[str],
+        window: UsageWindow,
+        window_size: str | None,
+        time_zone: str,
+        *,
+        meter_id: str | None = None,
     ) -> list[UsageRow]: ...
 
 
@@ -122,9 +129,16 @@ def measure(
     found = Measurements()
     aggregations = {slug: meter.aggregation for slug, meter in meters.items()}
     for query in plan_queries(needs, aggregations, window_size):
-        meter = meters[query.meter].id if query.meter in meters else query.meter
+        known = meters.get(query.meter)
         try:
-            rows = openmeter.query_rows(meter, query.subjects, query.window, query.window_size, time_zone)
+            rows = openmeter.query_rows(
+                query.meter,
+                query.subjects,
+                query.window,
+                query.window_size,
+                time_zone,
+                meter_id=known.id if known else None,
+            )
         except UpstreamError as exc:
             found.failed_meters.add(query.meter)
             for need in query.needs:

@@ -12,7 +12,10 @@ from freezegun import freeze_time
 from tests.conftest import Harness, utc
 from tests.integration.test_usage_sync import MID, seed, stripe_total, use
 
-QUERY = "/api/v1/meters/api_requests/query"
+
+def query_path(h) -> str:
+    """Where the product asks for `api_requests`: by the meter's id (see reconciler.ledger.meter_cache)."""
+    return f"/api/v1/meters/{h.openmeter.meters['api_requests']['id']}/query"
 
 
 def two_customers(h: Harness) -> None:
@@ -53,7 +56,7 @@ def test_an_unbillable_openmeter_answer_fails_that_customer_only(harness, body):
         h.cycle()  # both synced: 10 and 7
         clock.tick(900)
         use(h, utc(2026, 3, 3), 5, customer="cus_bad")
-        h.openmeter.inject_fault("GET", QUERY, 200, body=body, times=10)
+        h.openmeter.inject_fault("GET", query_path(h), 200, body=body, times=10)
         result = h.cycle()
     assert result.summary.failed == 1
     assert "cus_bad" in result.summary.failures[0] and "api_requests" in result.summary.failures[0]
@@ -102,7 +105,7 @@ def test_an_openmeter_meter_deleted_mid_cycle_fails_its_customers_and_keeps_thei
     two_customers(h)
     with freeze_time(MID):
         h.cycle()
-        h.openmeter.inject_fault("GET", QUERY, 404, times=10)
+        h.openmeter.inject_fault("GET", query_path(h), 404, times=10)
         result = h.cycle()
     assert result.summary.failed == 1
     assert "meter 'api_requests' not found" in result.summary.failures[0]

@@ -224,9 +224,11 @@ def test_rate_limit_and_server_errors_are_retried_within_the_cycle(harness):
     seed(h, formula="sum")
     use(h, utc(2026, 3, 2), 3)
     h.stripe.inject_fault("POST", "/v1/billing/meter_events", 429, headers={"Retry-After": "0"})
-    h.openmeter.inject_fault("GET", "/api/v1/meters/api_requests/query", 503)
+    meter_id = h.openmeter.meters["api_requests"]["id"]
+    unavailable = h.openmeter.inject_fault("GET", f"/api/v1/meters/{meter_id}/query", 503)
     with freeze_time(MID):
         result = h.cycle()
+    assert unavailable.hits == 1
     assert (result.summary.reported, result.summary.failed) == (1, 0)
     assert stripe_total(h) == 3
 

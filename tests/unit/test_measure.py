@@ -84,9 +84,9 @@ class Answers:
         self.asked: list[tuple[str, ...]] = []
         self.meters: list[str] = []
 
-    def query_rows(self, meter, subjects, window, window_size, time_zone):
+    def query_rows(self, meter, subjects, window, window_size, time_zone, *, meter_id=None):
         self.asked.append(tuple(subjects))
-        self.meters.append(meter)
+        self.meters.append(meter_id or meter)
         answer = self.answers[frozenset(subjects)]
         if isinstance(answer, Exception):
             raise answer
