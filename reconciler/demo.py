@@ -74,7 +74,7 @@ def _demo(console: Console, sandbox: Sandbox, database: Path) -> int:
         assert app.balance_sync is not None
         for title in (
             "Balance cycle 1: globex's lost top-up is forwarded; Moesif lost $20 of acme's credit, so it is corrected",
-            "Balance cycle 2: Stripe and Moesif agree; nothing is sent",
+            "Balance cycle 2: they agree; nothing is sent, and Moesif is not even asked about unchanged initech",
         ):
             balance = app.balance_sync.run_cycle()
             failed |= bool(balance.failed)
