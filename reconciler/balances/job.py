@@ -13,7 +13,7 @@ import contextvars
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from itertools import chain
@@ -43,6 +43,7 @@ from reconciler.upstream.stripe_api import StripeGateway
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
+HOLD_CORRECTIONS = "a refund could not be attributed to its customer this cycle; corrections wait for the next"
 NOT_RESENT = (
     "whether Moesif applied it is unknown and it was not resent (Moesif may not ignore a repeated transaction_id); "
     "check Moesif: the balance comparison after the settle delay shows a drift if it never landed"
@@ -158,13 +159,20 @@ class BalanceSync:
             try:
                 accounts = self._accounts(customers, now)
                 top_ups = self._top_ups_by_customer(customers, now) if self._settings.topups.enabled else {}
-                refunds = self._refunds_by_customer(top_ups, now, result) if self._settings.topups.enabled else {}
+                refunds, unattributed = (
+                    self._refunds_by_customer(top_ups, now) if self._settings.topups.enabled else ({}, [])
+                )
                 observations = self._ledger.latest_observations(customers)
             except UpstreamError as exc:
                 result.failures.append(f"listing: {self._redact(str(exc))}")
                 log.error("balance reconcile could not list Stripe data", error=self._redact(str(exc)))
                 self._finish(result)
                 return result
+
+            # A refund we could not attribute may have moved any customer's Stripe credit: a drift it explains
+            # must not be corrected now and debited again when the refund is forwarded next cycle.
+            result.failures += unattributed
+            hold = HOLD_CORRECTIONS if unattributed else None
 
             def reconcile(customer_id: str) -> CustomerReport | None:
                 if self._stop_requested():
@@ -176,6 +184,7 @@ class BalanceSync:
                     observations.get(customer_id),
                     now,
                     run_id,
+                    hold,
                 )
 
             workers = self._config.moesif.max_concurrency if self._config.moesif else 1
@@ -206,13 +215,15 @@ class BalanceSync:
         return by_customer
 
     def _refunds_by_customer(
-        self, top_ups: dict[str, list[TopUp]], now: datetime, result: BalanceResult
-    ) -> dict[str, list[Refund]]:
-        """Succeeded refunds of top-ups, by the top-up's customer. Refunds are listed by their own creation date,
-        so a refund of a top-up older than the look-back is still seen; such a top-up is fetched by id, once per
-        cycle. A top-up that cannot be fetched leaves its refund for the next cycle, and the rest goes on."""
+        self, top_ups: dict[str, list[TopUp]], now: datetime
+    ) -> tuple[dict[str, list[Refund]], list[str]]:
+        """Succeeded refunds of top-ups, by the top-up's customer, and an error for each refund that could not be
+        attributed. Refunds are listed by their own creation date, so a refund of a top-up older than the
+        look-back is still seen; such a top-up is fetched by id, once per cycle. A top-up that cannot be fetched
+        leaves its refund for the next cycle, and the rest goes on."""
         known = {t.payment_intent_id: t for listed in top_ups.values() for t in listed}
         by_customer: dict[str, list[Refund]] = {}
+        unattributed: list[str] = []
         for refund in self._stripe.refunds(now - self._settings.topups.lookback):
             if refund.status != "succeeded" or not refund.payment_intent_id:
                 continue
@@ -223,11 +234,11 @@ class BalanceSync:
                 except UpstreamError as exc:
                     error = self._redact(f"refund {refund.refund_id}: its PaymentIntent could not be read: {exc}")
                     log.error("refund not forwarded this cycle", error=error)
-                    result.failures.append(error)
+                    unattributed.append(error)
                     continue
             if top_up.customer_id and self._is_top_up(top_up):
                 by_customer.setdefault(top_up.customer_id, []).append(refund)
-        return by_customer
+        return by_customer, unattributed
 
     # -- one customer --------------------------------------------------------------------------------
 
@@ -239,6 +250,7 @@ class BalanceSync:
         last: LastObservation | None,
         now: datetime,
         run_id: str | None,
+        hold_corrections: str | None = None,
     ) -> CustomerReport:
         account = customer.account
         report = CustomerReport(account.customer_id, account.subscription_id, account.currency)
@@ -252,7 +264,7 @@ class BalanceSync:
                 if self._settings.topups.enabled:
                     self._forward_money(customer, top_ups, refunds, run_id, report)
                 if self._settings.stripe_source != "none":
-                    self._compare(customer, last, now, run_id, report)
+                    self._compare(customer, last, now, run_id, report, hold_corrections)
                 else:
                     report.action = "forward_only"
                     report.reason = "stripe_source: none; top-ups forwarded exactly once are the reconciliation"
@@ -414,6 +426,7 @@ class BalanceSync:
         now: datetime,
         run_id: str | None,
         report: CustomerReport,
+        hold_corrections: str | None = None,
     ) -> None:
         account = customer.account
         currency = account.currency
@@ -456,6 +469,8 @@ class BalanceSync:
             policy=policy,
             now=now,
         )
+        if assessment.action is DriftAction.CORRECT and hold_corrections:
+            assessment = replace(assessment, action=DriftAction.SETTLING, reason=hold_corrections)
         report.stripe_expected, report.moesif, report.difference = (
             assessment.expected,
             to_units(moesif_minor, currency),

@@ -188,6 +188,27 @@ def test_a_refund_of_an_old_top_up_costs_one_lookup_per_cycle_and_an_unreadable_
     ]
 
 
+def test_while_a_refund_cannot_be_attributed_no_drift_is_corrected_so_it_is_never_debited_twice(bh):
+    bh.configure(stripe_source="customer_balance", topups={"lookback": "35d"})  # auto_correct on
+    bh.customer("cus_b", moesif_balance=40.0)
+    bh.stripe.adjust_customer_balance("cus_b", -4000)
+    bh.stripe.add_payment_intent("cus_b", 4000, created=ts(NOW - timedelta(days=90)), id="pi_old")
+    bh.stripe.add_refund("pi_old", 1500, created=ts(NOW - timedelta(days=1)), id="re_1")
+    bh.stripe.adjust_customer_balance("cus_b", 1500)  # the refund took its credit back on Stripe
+    bh.stripe.inject_fault("GET", "/v1/payment_intents/pi_old", 500, times=3)
+    with freeze_time(NOW) as clock:
+        held = bh.cycle()
+        assert (held.customers[0].action, held.customers[0].difference) == ("settling", Decimal("-15.00"))
+        assert "refund could not be attributed" in held.customers[0].reason
+        assert bh.posts() == []  # no correcting debit while the refund itself is unknown
+        clock.tick(timedelta(hours=1))
+        bh.cycle()  # the refund is forwarded: the one debit
+        clock.tick(timedelta(hours=1))
+        settled = bh.cycle()
+    assert [(p["transaction_id"], p["type"], p["amount"]) for p in bh.posts()] == [("re_1", "debit", 15.0)]
+    assert (settled.customers[0].action, bh.moesif.balance("sub_M")) == ("in_sync", 25.0)
+
+
 def test_drift_within_tolerance_needs_no_action(bh):
     bh.customer(moesif_balance=49.995, grant=5000)
     with freeze_time(NOW):
