@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any
 
 from reconciler.bench.dataset import seed_balances, seed_stripe, top_up_some
 from reconciler.bench.measure import (
-    PAGE_SIZE,
     Conditions,
     CycleMeasurement,
     apply_conditions,
@@ -44,11 +42,6 @@ class BalanceSizeResult:
         data = asdict(self)
         data["cold_floor_ratio"] = round(self.cold.wall_seconds / self.cold_floor_seconds, 3)
         return data
-
-
-def stripe_listing_requests(customers: int, payment_intents: int) -> int:
-    """Subscriptions (customers expanded), PaymentIntents of the look-back and refunds: 100 a page, at least one."""
-    return math.ceil(customers / PAGE_SIZE) + max(1, math.ceil(payment_intents / PAGE_SIZE)) + 1
 
 
 def moesif_floor_seconds(requests: int, conditions: Conditions) -> float:
