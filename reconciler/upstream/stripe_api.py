@@ -99,6 +99,11 @@ def _top_up(raw: dict[str, Any]) -> TopUp:
     )
 
 
+def _credit_of(customer: dict[str, Any]) -> CustomerCredit:
+    """A customer's balance as credit, minor units: Stripe stores credit as a negative balance."""
+    return CustomerCredit(-int(customer.get("balance") or 0), customer.get("currency"))
+
+
 def _per_unit_amount(price: dict[str, Any]) -> Decimal | None:
     """Minor units per unit for a plain per-unit price; None for tiered or transformed prices."""
     if price.get("billing_scheme", "per_unit") != "per_unit" or price.get("transform_quantity"):
@@ -211,8 +216,7 @@ class StripeGateway:
         customer_id = customer if isinstance(customer, str) else customer["id"]
         metadata = None if isinstance(customer, str) else dict(customer.get("metadata") or {})
         # The expanded customer carries its balance: the balance job reads credit from here, not per customer.
-        balance = None if isinstance(customer, str) else customer.get("balance")
-        credit = None if balance is None else CustomerCredit(-int(balance), customer.get("currency"))
+        credit = _credit_of(customer) if isinstance(customer, dict) and customer.get("balance") is not None else None
         ended_at = subscription.get("ended_at")
         created = subscription.get("created")
         for item in items:
@@ -343,7 +347,7 @@ class StripeGateway:
     def customer_credit(self, customer: str) -> CustomerCredit:
         """The customer balance as credit (minor units; Stripe stores credit as a negative balance)."""
         raw = self._call("retrieve customer", lambda: self._client.v1.customers.retrieve(customer)).to_dict()
-        return CustomerCredit(-int(raw.get("balance") or 0), raw.get("currency"))
+        return _credit_of(raw)
 
     # -- writing -------------------------------------------------------------------------------------
 
