@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
-from typing import Protocol, TypeVar
+from typing import Protocol
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -29,6 +29,7 @@ from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.redact import redact
 from reconciler.upstream.errors import PermanentError, TransientError, UpstreamError
 from reconciler.usage.codec import dump_work, load_work
+from reconciler.usage.cycle_meters import CycleMeters
 from reconciler.usage.decide import (
     Action,
     Decision,
@@ -60,7 +61,6 @@ from reconciler.usage.rounding import round_quantity
 from reconciler.usage.streams import LIVE_STATUSES, build_work, meter_problem
 
 log = structlog.get_logger(__name__)
-T = TypeVar("T")
 
 MAX_WAIT_FOR_EVENT_SLOT = timedelta(seconds=2)
 CLAIM_BATCH = 10  # work items a replica claims at once
@@ -151,10 +151,6 @@ class UsageSync:
         self._streams = KeyedLocks()
         self._sent_marks = SentMarks(flush_at=SENT_MARKS_PER_TRANSACTION)
         self._meter_cache = meter_cache
-        self._meters_lock = threading.Lock()
-        self._known_meters: dict[str, KnownMeter] | None = None  # this cycle's; None: not read yet
-        self._listed_this_cycle = False
-        self._persist_meters = True
         self._timing = Timing(
             grace_period=config.usage.grace_period,
             invoice_grace_period=config.stripe.invoice_grace_period,
@@ -224,8 +220,6 @@ class UsageSync:
         batch_size: int = SUBJECTS_PER_QUERY,
     ) -> CycleResult:
         started = time.perf_counter()
-        self._known_meters = None  # read again each cycle: another process may have listed them since
-        self._persist_meters = not dry_run
         result = self._cycle(dry_run, plan, batch_size)
         if not dry_run:
             outcome = "interrupted" if result.interrupted else "succeeded" if result.ok else "partial"
@@ -248,6 +242,7 @@ class UsageSync:
             units = plan(now, result)  # counts its refusals into `result` before it yields the first item
             merging = threading.Lock()
             context = structlog.contextvars.get_contextvars()
+            meters = CycleMeters(self._meter_cache, self._openmeter.meters, keep_listing=not dry_run)
 
             def sync(item: WorkItem, prepared: PreparedBatch) -> None:
                 own = CycleResult(run_id=run_id, summary=CycleSummary())
@@ -261,7 +256,7 @@ class UsageSync:
             try:
                 result.interrupted = run_pipeline(
                     units,
-                    measure=lambda batch: self._prepare_batch([item.unit for item in batch], now),
+                    measure=lambda batch: self._prepare_batch([item.unit for item in batch], now, meters),
                     sync=sync,
                     batch_size=batch_size,
                     workers=self._config.stripe.max_concurrency,
@@ -441,41 +436,18 @@ class UsageSync:
         window = usage_window(work.period, now, self._config.usage.window_size, self._zone)
         return None if window.is_empty else Need(work.stream.openmeter_meter, work.stream.subject, window)
 
-    def _prepare_batch(self, units: list[StreamPeriod], now: datetime) -> PreparedBatch:
+    def _prepare_batch(self, units: list[StreamPeriod], now: datetime, cycle_meters: CycleMeters) -> PreparedBatch:
         needs = [need for need in (self._need(unit, now) for unit in units) if need is not None]
         usage = self._config.usage
-        meters = self._meters({need.meter for need in needs})
+        meters = cycle_meters.covering({need.meter for need in needs})
         measured = measure(self._openmeter, needs, meters, usage.window_size, usage.window_time_zone)
-        if measured.failed_meters & meters.keys() and self._persist_meters:
-            # Perhaps deleted or made again under its slug (a new id): list the meters afresh next cycle.
-            _best_effort(self._meter_cache.forget, "forget the meters listed")
+        cycle_meters.failed(measured.failed_meters & meters.keys())
         try:
             states = self._ledger.settled_states(units)
         except Exception:  # e.g. the database is briefly away: each item reads its own state instead
             log.warning("could not read the batch's ledger states; reading them one by one", exc_info=True)
             states = {}
         return PreparedBatch(measured, states)
-
-    def _meters(self, needed: set[str]) -> dict[str, KnownMeter]:
-        """OpenMeter's meters (id, aggregation) as last listed (reconciler.ledger.meter_cache), listed afresh (at
-        most once a cycle) when that misses a meter in `needed`, and kept for the next cycles."""
-        with self._meters_lock:
-            if self._known_meters is None:
-                self._known_meters = _best_effort(self._meter_cache.load, "read the meters last listed") or {}
-                self._listed_this_cycle = False
-            if needed <= self._known_meters.keys() or self._listed_this_cycle:
-                return self._known_meters
-            self._listed_this_cycle = True
-            try:
-                listed = self._openmeter.meters()
-            except UpstreamError as exc:
-                # Unknown aggregations are measured one window at a time: slower, never wrong.
-                log.warning("could not list OpenMeter meters; measuring without windowed batches", error=str(exc))
-                return self._known_meters
-            if self._persist_meters:
-                _best_effort(lambda: self._meter_cache.replace(listed), "keep the meters listed")
-            self._known_meters = listed
-            return listed
 
     def _measure(self, work: StreamPeriod, now: datetime, measured: Measurements | None = None) -> int:
         need = self._need(work, now)
@@ -658,12 +630,3 @@ class UsageSync:
         log.info("usage sync finished", status=status, **result.summary.as_dict())
         if result.run_id is not None:
             self._runs.finish(result.run_id, status, result.summary.as_dict())
-
-
-def _best_effort(operation: Callable[[], T], what: str) -> T | None:
-    """The meter cache only saves a listing: when the database cannot serve it, the cycle goes on without it."""
-    try:
-        return operation()
-    except Exception:
-        log.warning(f"could not {what}; going on without", exc_info=True)
-        return None

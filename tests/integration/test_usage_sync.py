@@ -308,6 +308,28 @@ def test_openmeter_meters_are_listed_once_and_a_meter_made_again_under_its_slug_
     assert stripe_total(h) == 9  # MAX over the period, a `last` meter now holding 9
 
 
+def test_a_dry_run_lists_meters_but_keeps_nothing_and_each_cycle_reads_the_cache_afresh(harness):
+    h = harness
+    seed(h, formula="sum")
+    use(h, utc(2026, 3, 2), 4)
+
+    def listings() -> int:
+        count = sum(1 for r in h.openmeter.requests if r.path == "/api/v1/meters")
+        h.openmeter.requests.clear()
+        return count
+
+    kept = "select slug from openmeter_meters"
+    with freeze_time(MID):
+        assert h.cycle(dry_run=True).plan and listings() == 1
+        assert h.rows(kept) == []
+        h.cycle(dry_run=True)
+        assert listings() == 1  # nothing was kept, so the next dry run lists again
+        h.cycle()
+        assert [tuple(row) for row in h.rows(kept)] == [("api_requests",)] and listings() == 1
+        h.cycle()
+        assert listings() == 0
+
+
 def test_empty_window_sends_nothing_and_never_queries_equal_bounds(harness):
     h = harness
     seed(h, formula="sum")
