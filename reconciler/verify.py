@@ -2,7 +2,10 @@
 
 For each ledger period in range: what OpenMeter measures now (rounded as configured), what the ledger says it
 reported, and what Stripe holds (meter event summaries; legacy usage record summaries). Stripe's summaries are
-eventually consistent and minute-aligned, so a difference right after a report is `settling`, not a finding.
+eventually consistent, so a difference right after a report is `settling`, not a finding. They also take whole
+minutes, while billing periods start at any second: the minutes asked for may hold the edge of the neighbouring
+period of the same customer and meter (a final event is dated `end - 1 s`), and what the ledger says we sent
+there is taken out before comparing (`attribute_to_period`).
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from reconciler.config import Config
-from reconciler.ledger.schema import UsagePeriod
+from reconciler.ledger.schema import IntentState, UsagePeriod, UsageReport
 from reconciler.upstream.errors import UpstreamError
 from reconciler.upstream.openmeter_api import OpenMeterGateway
 from reconciler.upstream.stripe_api import StripeGateway
-from reconciler.usage.model import BillingPeriod
+from reconciler.usage.model import BillingPeriod, StreamKind
 from reconciler.usage.periods import usage_window
 from reconciler.usage.rounding import round_quantity
 
@@ -56,7 +59,7 @@ def classify(
 ) -> tuple[str, str]:
     """The finding for one period: ok, settling, foreign_usage, missing_in_stripe, late_drift or unverifiable."""
     if stripe is None:
-        return "unverifiable", "Stripe returned no summary for this period"
+        return "unverifiable", "Stripe's summaries do not show this period"
     if stripe != reported:
         if last_event_at is not None and now - last_event_at < CONSISTENCY_WINDOW:
             return "settling", "Stripe's summaries may not include the latest report yet"
@@ -68,6 +71,36 @@ def classify(
             return "late_drift", f"OpenMeter now measures {measured}; the period is final"
         return "ok", f"OpenMeter now measures {measured}; the next cycle reports it"
     return "ok", ""
+
+
+@dataclass(frozen=True)
+class SentEvent:
+    """A meter event Stripe accepted from us, as the ledger recorded it."""
+
+    period_id: int
+    timestamp: datetime
+    value: int
+
+
+def attribute_to_period(
+    summary: Decimal, kind: str, period_id: int, sent: list[SentEvent]
+) -> tuple[Decimal | None, str]:
+    """The part of a minute-aligned summary that belongs to one period, given every event of the same customer
+    and meter we sent into those minutes; None when the summary cannot show it. `sum`: the neighbours' values
+    are taken out. `last`: the summary is the newest event's value, which shows this period only if that event
+    is this period's."""
+    neighbours = [event for event in sent if event.period_id != period_id]
+    if not neighbours:
+        return summary, ""
+    if kind == StreamKind.METER_SUM:
+        taken_out = sum(event.value for event in neighbours)
+        return summary - taken_out, (
+            f"Stripe's whole-minute summary also held {taken_out} we sent into the neighbouring period; taken out"
+        )
+    newest = max(sent, key=lambda event: event.timestamp)
+    if newest.period_id != period_id:
+        return None, "the newest event in Stripe's whole-minute summary belongs to the neighbouring period"
+    return summary, ""
 
 
 def _minute_floor(instant: datetime) -> datetime:
@@ -118,7 +151,7 @@ class Verifier:
     def _verify(self, row: UsagePeriod, now: datetime) -> VerifyLine:
         stripe: Decimal | None = None
         measured: int | None = None
-        note = ""
+        error = attribution = ""
         try:
             if row.meter_id:
                 # Summaries take minute-aligned bounds, end exclusive: cover every event dated up to now.
@@ -126,13 +159,14 @@ class Verifier:
                     _minute_ceil(row.period_end) if row.period_end <= now else _minute_floor(now) + timedelta(minutes=1)
                 )
                 start = _minute_floor(row.period_start)
-                stripe = self._stripe.meter_total(row.meter_id, row.customer_id, start, end)
+                summary = self._stripe.meter_total(row.meter_id, row.customer_id, start, end)
+                stripe, attribution = attribute_to_period(summary, row.kind, row.id, self._sent_events(row, start, end))
             else:
                 legacy = self._stripe.legacy_usage_total(row.subscription_item_id, row.period_start)
                 stripe = None if legacy is None else Decimal(legacy)
             measured = self._measure(row, now)
         except UpstreamError as exc:
-            note = str(exc)
+            error = str(exc)
         finding, reason = classify(
             reported=row.reported_total,
             stripe=stripe,
@@ -152,8 +186,24 @@ class Verifier:
             reported=row.reported_total,
             stripe=None if stripe is None else str(stripe),
             finding=finding,
-            note=note or reason,
+            note="; ".join(part for part in (error or reason, attribution) if part),
         )
+
+    def _sent_events(self, row: UsagePeriod, start: datetime, end: datetime) -> list[SentEvent]:
+        """Every event of the row's customer and meter that Stripe accepted from us, dated in `[start, end)`."""
+        with Session(self._engine) as session:
+            rows = session.execute(
+                select(UsageReport.period_id, UsageReport.event_timestamp, UsageReport.quantity)
+                .join(UsagePeriod, UsagePeriod.id == UsageReport.period_id)
+                .where(
+                    UsagePeriod.customer_id == row.customer_id,
+                    UsagePeriod.meter_id == row.meter_id,
+                    UsageReport.state == IntentState.SENT,
+                    UsageReport.event_timestamp >= start,
+                    UsageReport.event_timestamp < end,
+                )
+            ).all()
+        return [SentEvent(*columns) for columns in rows]
 
     def _measure(self, row: UsagePeriod, now: datetime) -> int | None:
         mapping = self._config.usage.mapping_for(row.stripe_target)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from decimal import Decimal
 
 import stripe
 from freezegun import freeze_time
 
 from reconciler.clock import utc_now
 from reconciler.upstream.openmeter_api import OpenMeterGateway
-from reconciler.verify import Verifier, classify
+from reconciler.verify import SentEvent, Verifier, attribute_to_period, classify
 from tests.conftest import STRIPE_KEY, ts, utc
-from tests.integration.test_usage_sync import MID, PERIOD_END, seed, use
+from tests.integration.test_usage_sync import MID, PERIOD_END, PERIOD_START, seed, use
 
 
 def verifier(h) -> Verifier:
@@ -61,3 +62,40 @@ def test_classify_late_drift_and_settling():
     assert classify(reported=5, stripe=None, measured=5, is_final=False, last_event_at=None, now=now)[0] == (
         "unverifiable"
     )
+
+
+def test_periods_that_start_mid_minute_are_verified_over_the_same_minutes_stripe_sums(harness):
+    """Stripe's summaries take whole minutes. With the anchor at :30 s, the minute a period starts in also holds
+    the previous period's final event (dated end - 1 s): that is ours, not another writer's."""
+    h = harness
+    start, end = PERIOD_START + timedelta(seconds=30), PERIOD_END + timedelta(seconds=30)
+    item = seed(h, formula="sum", start=start, end=end)
+    use(h, utc(2026, 3, 5), 10)
+    with freeze_time(MID) as clock:
+        h.cycle()
+        clock.move_to(end + timedelta(minutes=31))  # past the grace period: the final sync
+        h.stripe.set_item_period(item["id"], ts(end), ts(utc(2026, 5, 1, 13, 45, 30)))
+        use(h, utc(2026, 4, 1, 12, 30), 2)  # the old period's last window: its final event, at end - 1 s
+        use(h, utc(2026, 4, 1, 13, 10), 5)  # the new period's first hour window
+        h.cycle()
+        finals = [e for e in h.stripe.meter_events if e.timestamp == ts(end) - 1]
+        assert [e.value for e in finals] == [2]  # the boundary minute really holds a final difference
+        clock.tick(timedelta(minutes=10))
+        lines = verifier(h).run()
+    assert [(line.period_start[:19], line.reported, line.stripe, line.finding) for line in lines] == [
+        ("2026-03-01T13:45:30", 12, "12", "ok"),
+        ("2026-04-01T13:45:30", 5, "5", "ok"),
+    ]
+    assert "neighbouring period" in lines[1].note
+
+
+def test_a_summary_is_attributed_to_its_period_by_what_we_sent_into_its_minutes():
+    at = PERIOD_END - timedelta(seconds=1)
+    previous_final = SentEvent(period_id=1, timestamp=at, value=2)
+    own = SentEvent(period_id=2, timestamp=at + timedelta(seconds=40), value=5)
+    assert attribute_to_period(Decimal(7), "sum", 2, [previous_final, own])[0] == 5
+    assert attribute_to_period(Decimal(7), "sum", 2, [own]) == (Decimal(7), "")
+    # `last`: the summary is the newest event's value, which shows this period only if that event is its own.
+    assert attribute_to_period(Decimal(5), "last", 2, [previous_final, own])[0] == 5
+    assert attribute_to_period(Decimal(2), "last", 2, [previous_final])[0] is None
+    assert attribute_to_period(Decimal(5), "last", 1, [previous_final, own])[0] is None
