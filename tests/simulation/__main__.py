@@ -23,6 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes")
     parser.add_argument("--verbose", action="store_true", help="print every seed's scenario and fault schedule")
     parser.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="run every seed on this PostgreSQL database (each worker in a schema of its own) instead of SQLite",
+    )
+    parser.add_argument(
         "--record",
         type=Path,
         help="append each finished seed, its outcome and the commit it ran on to this file, and skip seeds it records "
@@ -39,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     hits: Counter[str] = Counter()
     failed: list[SeedResult] = []
-    for done, result in enumerate(run_seeds(seeds, args.jobs), start=1):
+    for done, result in enumerate(run_seeds(seeds, args.jobs, args.postgres), start=1):
         hits.update({kind for kind, count in result.hits.items() if count})
         if args.record is not None:
             with args.record.open("a") as record:

@@ -1,5 +1,6 @@
 """CI's share of the fault simulation: 200 seeds plus every seed that ever failed, all invariants kept, every fault
-class hit. `python -m tests.simulation --seeds N` runs more; a failure prints the command that replays it."""
+class hit; and 40 of them again on PostgreSQL, the production ledger. `python -m tests.simulation --seeds N` runs
+more; a failure prints the command that replays it."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from collections import Counter
 
 import pytest
 
+from tests.conftest import POSTGRES_URL
 from tests.simulation.runner import SeedResult, run_seeds
 from tests.simulation.scenario import FAULT_CLASSES
 
 CI_SEEDS = range(200)
+POSTGRES_SEEDS = range(40)
 # Seeds that failed while the harness was built, and what they found (fixed, each with an integration test too).
 REGRESSIONS = {
     1: "a canceled subscription lost its Moesif account, so its last invoice was never mirrored",
@@ -39,3 +42,13 @@ def test_every_seed_keeps_every_invariant(results):
 def test_every_fault_class_is_hit_by_some_seed(results):
     seeds_hitting = Counter(kind for r in results for kind, count in r.hits.items() if count)
     assert [kind for kind in FAULT_CLASSES if not seeds_hitting[kind]] == []
+
+
+@pytest.mark.postgres
+def test_seeds_keep_every_invariant_on_postgresql():
+    if not POSTGRES_URL:
+        pytest.skip("RECONCILER_TEST_POSTGRES_URL is not set: the simulation's PostgreSQL share skipped")
+    results = list(run_seeds(list(POSTGRES_SEEDS), os.cpu_count() or 1, POSTGRES_URL))
+    failed = sorted((r for r in results if not r.ok), key=lambda r: r.seed)
+    assert len(results) == len(POSTGRES_SEEDS)
+    assert not failed, "\n\n".join(r.report() for r in failed)

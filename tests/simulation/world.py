@@ -20,6 +20,7 @@ from decimal import Decimal
 from typing import Any
 from unittest import mock
 
+import psycopg
 import structlog
 from freezegun import freeze_time
 from sqlalchemy import Engine, event, exc
@@ -126,6 +127,10 @@ class World:
         self._in_backfill = False
         self._balance_at_rest = False
         self._step_faults: tuple[Fault, ...] = ()
+        # The driver's own error, which SQLAlchemy wraps as it would a real lost connection.
+        self._driver_error = (
+            psycopg.OperationalError if database_url.startswith("postgresql") else sqlite3.OperationalError
+        )
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -403,7 +408,7 @@ class World:
                     if counters[point] == fault.nth:
                         self.hits[fault.kind] += 1
                         if fault.kind == "db_connection_lost":
-                            raise sqlite3.OperationalError("simulated connection loss")
+                            raise self._driver_error("simulated connection loss")
                         raise SimulatedCrash(f"{fault.kind} at {point} #{fault.nth}")
 
         self._crash = crash
@@ -466,7 +471,8 @@ class World:
 
 
 def _no_fsync(connection: Any, record: Any) -> None:
-    connection.execute("PRAGMA synchronous=OFF")
+    if isinstance(connection, sqlite3.Connection):
+        connection.execute("PRAGMA synchronous=OFF")
 
 
 def _price(kind: str, unit_amount: int, interval: str) -> str:
