@@ -31,7 +31,7 @@ class SeedResult:
     problems: list[str]
     hits: Counter[str] = field(default_factory=Counter)
     description: str = ""
-    postgres_url: str | None = None
+    database_option: str = ""  # how `python -m tests.simulation` was told which database, for the replay
 
     @property
     def ok(self) -> bool:
@@ -41,18 +41,15 @@ class SeedResult:
         lines = [f"seed {self.seed} FAILED:", *(f"  - {p}" for p in self.problems[:20])]
         if len(self.problems) > 20:
             lines.append(f"  … and {len(self.problems) - 20} more")
-        replay = replay_command(self.seed, self.postgres_url)
+        replay = f".venv/bin/python -m tests.simulation --seed {self.seed}{self.database_option} --verbose"
         lines += ["scenario and fault schedule:", self.description, f"replay: {replay}"]
         return "\n".join(lines)
 
 
-def replay_command(seed: int, postgres_url: str | None = None) -> str:
-    database = "" if postgres_url is None else f" --postgres '{make_url(postgres_url)}'"  # the password hidden
-    return f".venv/bin/python -m tests.simulation --seed {seed}{database} --verbose"
-
-
 class SqliteLedgers:
     """Each seed on its own copy of a migrated SQLite file in `directory`."""
+
+    option = ""
 
     def __init__(self, directory: Path) -> None:
         self._directory = Path(tempfile.mkdtemp(prefix="worker-", dir=directory))
@@ -75,9 +72,12 @@ class PostgresLedgers:
     """Each seed in this worker's own migrated schema (`<prefix>_<pid>`), emptied before the seed."""
 
     def __init__(self, admin_url: str, prefix: str) -> None:
+        self.option = f" --postgres '{make_url(admin_url)}'"  # the password hidden
         schema = f"{prefix}_{os.getpid()}"
-        with create_engine(admin_url).begin() as connection:
+        admin = create_engine(admin_url)
+        with admin.begin() as connection:
             connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+        admin.dispose()
         url = make_url(admin_url).update_query_dict({"options": f"-csearch_path={schema}"})
         self._url = url.render_as_string(hide_password=False)
         self._engine = make_engine(self._url)
@@ -106,10 +106,9 @@ def drop_worker_schemas(admin_url: str, prefix: str) -> None:
 class SeedRunner:
     """Owns the fakes and its ledgers; runs any number of seeds, one by one."""
 
-    def __init__(self, ledgers: SqliteLedgers | PostgresLedgers, postgres_url: str | None) -> None:
+    def __init__(self, ledgers: SqliteLedgers | PostgresLedgers) -> None:
         self.fakes = Sandbox.start()
         self._ledgers = ledgers
-        self._postgres_url = postgres_url
 
     def run(self, seed: int) -> SeedResult:
         scenario = generate(seed)
@@ -120,7 +119,7 @@ class SeedRunner:
                 problems = world.run(then=check)
             except Exception:
                 problems = [f"the run itself crashed:\n{traceback.format_exc()}"]
-        return SeedResult(seed, problems, world.hits, scenario.describe(), self._postgres_url)
+        return SeedResult(seed, problems, world.hits, scenario.describe(), self._ledgers.option)
 
 
 _worker_runner: SeedRunner | None = None
@@ -129,7 +128,7 @@ _worker_runner: SeedRunner | None = None
 def _start_worker(directory: Path, postgres_url: str | None, schema_prefix: str) -> None:
     global _worker_runner
     ledgers = SqliteLedgers(directory) if postgres_url is None else PostgresLedgers(postgres_url, schema_prefix)
-    _worker_runner = SeedRunner(ledgers, postgres_url)
+    _worker_runner = SeedRunner(ledgers)
 
 
 def _run_in_worker(seed: int) -> SeedResult:
