@@ -250,7 +250,7 @@ class BalanceSync:
         last: LastObservation | None,
         now: datetime,
         run_id: str | None,
-        hold_corrections: str | None = None,
+        hold_corrections: str | None,
     ) -> CustomerReport:
         account = customer.account
         report = CustomerReport(account.customer_id, account.subscription_id, account.currency)
@@ -426,7 +426,7 @@ class BalanceSync:
         now: datetime,
         run_id: str | None,
         report: CustomerReport,
-        hold_corrections: str | None = None,
+        hold_corrections: str | None,
     ) -> None:
         account = customer.account
         currency = account.currency
