@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,20 +20,48 @@ from prometheus_client.parser import text_string_to_metric_families
 from reconciler.clock import utc_now
 from reconciler.sandbox.server import Sandbox
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Generous: a test may wait this long for what it expects, but never passes or fails by how fast the machine is.
+PATIENCE_SECONDS = 120
+
+
+def command_line(*args: str) -> list[str]:
+    """`reconciler ARGS…` as a subprocess; started slowly on purpose with TESTS_SLOW_START_SECONDS (see
+    `tests.integration.slow_start`)."""
+    if float(os.environ.get("TESTS_SLOW_START_SECONDS", "0")) > 0:
+        return [sys.executable, "-m", "tests.integration.slow_start", *args]
+    return [sys.executable, "-m", "reconciler", *args]
+
+
+def command_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The test process's environment without our own settings (a command reads only what a test gives it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.update(extra or {})
+    return env
+
 
 def reconciler(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = PATIENCE_SECONDS
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
-    full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "reconciler", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=cwd,
-        timeout=timeout,
+        command_line(*args), capture_output=True, text=True, env=command_env(env), cwd=cwd, timeout=timeout
     )
+
+
+def wait_until(condition: Callable[[], object], timeout: float = PATIENCE_SECONDS, what: str = "") -> None:
+    """Poll `condition` until it holds; fail (naming `what`) only after a generous timeout."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting after {timeout:.0f} s: {what or condition}")
+        time.sleep(0.05)
+
+
+def assert_ephemeral_port(config: Path) -> None:
+    """A daemon under test binds port 0 (or nothing), never a fixed port a developer or a second CI may hold."""
+    server = (yaml.safe_load(config.read_text()) or {}).get("server") or {}
+    assert server.get("enabled", True) is False or server.get("port") == 0, f"{config}: set server.port: 0 in tests"
 
 
 def write_config(path: Path, raw: dict) -> Path:
@@ -61,13 +90,13 @@ class DaemonProcess:
     """`reconciler run` in a subprocess, its JSON log lines collected as they come."""
 
     def __init__(self, config: Path):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+        assert_ephemeral_port(config)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "reconciler", "run", "--config", str(config)],
+            command_line("run", "--config", str(config)),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=env,
+            env=command_env(),
         )
         self.events: list[dict] = []
         self._lines: queue.Queue[str] = queue.Queue()
@@ -77,7 +106,7 @@ class DaemonProcess:
         for line in self.process.stderr:  # type: ignore[union-attr]
             self._lines.put(line)
 
-    def wait_for(self, event: str, timeout: float = 30, **fields) -> dict:
+    def wait_for(self, event: str, timeout: float = PATIENCE_SECONDS, **fields) -> dict:
         deadline = time.monotonic() + timeout
         seen = [e for e in self.events if e.get("event") == event and fields.items() <= e.items()]
         if seen:
@@ -102,7 +131,7 @@ class DaemonProcess:
         port = self.wait_for("reconciler running")["ops_port"]
         return f"http://127.0.0.1:{port}{path}"
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = PATIENCE_SECONDS) -> int:
         self.process.send_signal(sig)
         return self.process.wait(timeout=timeout)
 

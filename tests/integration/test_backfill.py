@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
+import threading
 from datetime import timedelta
 from decimal import Decimal
 
@@ -16,7 +14,15 @@ from freezegun import freeze_time
 from reconciler.clock import utc_now
 from reconciler.usage.backfill import Backfill, Checkpoints, command_key
 from tests.conftest import ts, utc
-from tests.integration.helpers import customer_with_usage, reconciler, write_config
+from tests.integration.helpers import (
+    PATIENCE_SECONDS,
+    command_env,
+    command_line,
+    customer_with_usage,
+    reconciler,
+    wait_until,
+    write_config,
+)
 
 DEC, JAN, FEB, MAR, APR = utc(2025, 12, 1), utc(2026, 1, 1), utc(2026, 2, 1), utc(2026, 3, 1), utc(2026, 4, 1)
 
@@ -90,18 +96,17 @@ def test_a_killed_backfill_resumes_from_its_checkpoint_and_reports_nothing_twice
     for i, customer in enumerate(customers):
         customer_with_usage(sandbox, customer, value=i + 1)
     original = sandbox.stripe.handle
+    killed = threading.Event()
 
-    def slow_posts(method, path, query, headers, body):
-        if method == "POST":
-            time.sleep(0.4)
-        return original(method, path, query, headers, body)
+    def held_until_the_kill(method, path, query, headers, body):
+        response = original(method, path, query, headers, body)
+        if method == "POST" and len(sandbox.stripe.meter_events) >= 3:
+            killed.wait(timeout=PATIENCE_SECONDS)  # the kill lands with the backfill part way through
+        return response
 
-    sandbox.stripe.handle = slow_posts
+    sandbox.stripe.handle = held_until_the_kill
     since, until = (utc_now() - timedelta(days=10)).date().isoformat(), (utc_now() + timedelta(days=1)).isoformat()
-    args = [
-        sys.executable,
-        "-m",
-        "reconciler",
+    args = command_line(
         "backfill",
         "--from",
         since,
@@ -112,18 +117,16 @@ def test_a_killed_backfill_resumes_from_its_checkpoint_and_reports_nothing_twice
         "json",
         "--config",
         str(config),
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
-    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    deadline = time.monotonic() + 30
-    while len(sandbox.stripe.meter_events) < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    )
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=command_env())
+    wait_until(lambda: len(sandbox.stripe.meter_events) >= 3, what="three reports")
     first.send_signal(signal.SIGKILL)
     first.communicate()
+    killed.set()
     sent_before = len(sandbox.stripe.meter_events)
     assert 3 <= sent_before < len(customers)
 
-    second = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    second = subprocess.run(args, capture_output=True, text=True, env=command_env(), timeout=PATIENCE_SECONDS)
     assert second.returncode == 0, second.stderr
     result = json.loads(second.stdout)
     assert result["resumed_from"] >= sent_before - 1  # the checkpoint: where the killed run stopped
@@ -142,16 +145,16 @@ def test_the_progress_bar_shows_on_a_terminal_and_not_in_a_pipe(sandbox, tmp_pat
     customer_with_usage(sandbox, "cus_bar", value=2)
     since = (utc_now() - timedelta(days=10)).date().isoformat()
     until = (utc_now() + timedelta(days=1)).isoformat()
-    command = f"{sys.executable} -m reconciler backfill --from {since} --to {until} --dry-run --config {config}"
-    piped = subprocess.run(command.split(), capture_output=True, text=True, timeout=60)
+    argv = command_line("backfill", "--from", since, "--to", until, "--dry-run", "--config", str(config))
+    piped = subprocess.run(argv, capture_output=True, text=True, timeout=PATIENCE_SECONDS, env=command_env())
     assert piped.returncode == 0, piped.stderr
     assert "1/1" not in piped.stdout and "backfill progress" in piped.stderr  # plain log lines instead
     on_terminal = subprocess.run(
-        ["script", "-qec", command, "/dev/null"],
+        ["script", "-qec", " ".join(argv), "/dev/null"],
         capture_output=True,
         text=True,
-        timeout=60,
-        env={**os.environ, "COLUMNS": "120"},
+        timeout=PATIENCE_SECONDS,
+        env=command_env({"COLUMNS": "120"}),
     )
     assert on_terminal.returncode == 0, on_terminal.stdout
     assert "1/1" in on_terminal.stdout and "backfill progress" not in on_terminal.stdout  # the bar: done/total

@@ -5,11 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,7 +16,7 @@ from sqlalchemy import create_engine, text
 
 from reconciler.clock import utc_now
 from reconciler.sandbox.server import SANDBOX_OPENMETER_TOKEN, SANDBOX_STRIPE_KEY, Sandbox
-from tests.integration.helpers import customer_with_usage, reconciler, write_config
+from tests.integration.helpers import customer_with_usage, reconciler, wait_until, write_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,6 +27,7 @@ def config_file(sandbox, tmp_path) -> Path:
         f"sqlite:///{tmp_path / 'ledger.db'}", meters=[{"stripe": "api_calls", "openmeter": "api_requests"}]
     )
     raw["logging"] = {"level": "DEBUG", "format": "json"}
+    raw["server"] = {"port": 0}
     return write_config(tmp_path / "config.yaml", raw)
 
 
@@ -143,78 +140,63 @@ def test_secrets_never_reach_logs_even_when_upstream_echoes_them(sandbox, config
     assert SANDBOX_STRIPE_KEY not in output and SANDBOX_OPENMETER_TOKEN not in output  # ...without the secrets
 
 
-def test_run_daemon_syncs_on_schedule_and_exits_0_on_sigterm(sandbox, config_file, tmp_path):
+def test_run_daemon_syncs_on_schedule_and_exits_0_on_sigterm(sandbox, config_file, daemons):
     customer_with_usage(sandbox, value=5)
     raw = yaml.safe_load(config_file.read_text())
     raw["schedule"] = {"usage_sync": "1s"}
     write_config(config_file, raw)
     reconciler("db", "upgrade", "--config", str(config_file))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "reconciler", "run", "--config", str(config_file)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not sandbox.stripe.meter_events and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert [e.value for e in sandbox.stripe.meter_events] == [5]
-        sandbox.openmeter.ingest("api_requests", "cus_cli", utc_now() - timedelta(days=1), 3)
-        while len(sandbox.stripe.meter_events) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        daemon.send_signal(signal.SIGTERM)
-        _, stderr = daemon.communicate(timeout=30)
-    finally:
-        daemon.kill()
-    assert daemon.returncode == 0, stderr
+    daemon = daemons(config_file)
+    wait_until(lambda: sandbox.stripe.meter_events, what="the first report")
+    assert [e.value for e in sandbox.stripe.meter_events] == [5]
+    sandbox.openmeter.ingest("api_requests", "cus_cli", utc_now() - timedelta(days=1), 3)
+    wait_until(lambda: len(sandbox.stripe.meter_events) >= 2, what="a later tick to report the new usage")
+    assert daemon.stop() == 0
     assert [e.value for e in sandbox.stripe.meter_events] == [5, 3]
-    assert "reconciler stopped" in stderr
+    assert daemon.wait_for("reconciler stopped")
 
 
-def test_run_daemon_wakes_up_for_a_legacy_final_sync_between_ticks(sandbox, config_file):
+def test_run_daemon_wakes_up_for_a_legacy_final_sync_between_ticks(sandbox, config_file, daemons):
+    """However late the daemon's first cycle comes, it sees a period whose final sync falls due 5 s later, long
+    before the next (yearly) tick; usage added after that first report must reach Stripe by the wake-up."""
     now = utc_now()
     sandbox.stripe.add_customer(id="cus_legacy")
     sandbox.stripe.add_price(id="price_legacy")
-    # The period ends 5 min + 3 s from now: its final sync is due in 3 s, long before the next tick.
-    period_end = now + timedelta(minutes=5, seconds=3)
     subscription = sandbox.stripe.add_subscription(
         "cus_legacy",
         ["price_legacy"],
         current_period_start=int((now - timedelta(days=2)).timestamp()),
-        current_period_end=int(period_end.timestamp()),
+        current_period_end=int((now + timedelta(days=1)).timestamp()),
     )
     sandbox.openmeter.add_meter("api_requests")
     sandbox.openmeter.ingest("api_requests", "cus_legacy", now - timedelta(days=1), 2)
     raw = yaml.safe_load(config_file.read_text())
     raw["usage"]["meters"] = [{"stripe": "price_legacy", "openmeter": "api_requests"}]
+    raw["usage"]["legacy_final_sync_before"] = "5m"
     raw["schedule"] = {"usage_sync": "0 0 1 1 *"}  # once a year: only the deadline can trigger a 2nd cycle
     write_config(config_file, raw)
     reconciler("db", "upgrade", "--config", str(config_file))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "reconciler", "run", "--config", str(config_file)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
     item = subscription["items"]["data"][0]["id"]
-    try:
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline and not sandbox.stripe.usage_records.get(item):
-            time.sleep(0.1)
-        sandbox.openmeter.ingest("api_requests", "cus_legacy", now - timedelta(hours=3), 1)
-        while time.monotonic() < deadline and sandbox.stripe.usage_record_total(item) != 3:
-            time.sleep(0.2)
-        daemon.send_signal(signal.SIGTERM)
-        _, stderr = daemon.communicate(timeout=30)
-    finally:
-        daemon.kill()
-    assert sandbox.stripe.usage_record_total(item) == 3, stderr
-    assert "extra cycle scheduled for a final-sync deadline" in stderr
+    original = sandbox.stripe.handle
+    first_listing, first_report = threading.Event(), threading.Event()
+
+    def timed_by_the_daemon(method, path, query, headers, body):
+        # Times follow the daemon's own first look, not the test's start: a slow start-up changes nothing.
+        if method == "GET" and path == "/v1/subscriptions" and not first_listing.is_set():
+            first_listing.set()
+            period_end = utc_now() + timedelta(minutes=5, seconds=5)  # final sync due 5 s from now
+            sandbox.stripe.update_subscription(subscription["id"], current_period_end=int(period_end.timestamp()))
+        response = original(method, path, query, headers, body)
+        if method == "POST" and "usage_records" in path and not first_report.is_set():
+            first_report.set()
+            sandbox.openmeter.ingest("api_requests", "cus_legacy", now - timedelta(hours=3), 1)
+        return response
+
+    sandbox.stripe.handle = timed_by_the_daemon
+    daemon = daemons(config_file)
+    daemon.wait_for("extra cycle scheduled for a final-sync deadline")
+    wait_until(lambda: sandbox.stripe.usage_record_total(item) == 3, what="the final sync's total of 3")
+    assert daemon.stop() == 0
 
 
 def balance_customer(sandbox: Sandbox, *, grant: int, moesif_balance: float) -> None:

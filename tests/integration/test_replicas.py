@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-import time
+import threading
 import uuid
 from datetime import timedelta
 from decimal import Decimal
@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from reconciler.clock import utc_now
-from tests.integration.helpers import customer_with_usage, reconciler, write_config
+from tests.integration.helpers import PATIENCE_SECONDS, customer_with_usage, reconciler, wait_until, write_config
 
 POSTGRES_URL = os.environ.get("RECONCILER_TEST_POSTGRES_URL")
 
@@ -47,22 +47,23 @@ def test_three_replicas_one_killed_mid_cycle_report_every_change_exactly_once(sa
     for i, customer in enumerate(customers):
         customer_with_usage(sandbox, customer, value=i + 1)
     original = sandbox.stripe.handle
+    killed = threading.Event()
 
-    def slow_posts(method, path, query, headers, body):
-        if method == "POST":
-            time.sleep(0.15)  # a cycle takes a few seconds, so the kill lands in the middle of one
-        return original(method, path, query, headers, body)
+    def held_until_the_kill(method, path, query, headers, body):
+        response = original(method, path, query, headers, body)
+        if method == "POST" and len(sandbox.stripe.meter_events) >= 6:
+            killed.wait(timeout=PATIENCE_SECONDS)  # the cycles are mid-way, reports in flight, when the kill lands
+        return response
 
-    sandbox.stripe.handle = slow_posts
+    sandbox.stripe.handle = held_until_the_kill
     replicas = [daemons(config) for _ in range(3)]
     for replica in replicas:
         replica.wait_for("reconciler running")
     replicas[0].wait_for("request budgets shared", replicas=3)  # each takes a third of every API's budget
-    deadline = time.monotonic() + 30
-    while len(sandbox.stripe.meter_events) < 6 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: len(sandbox.stripe.meter_events) >= 6, what="the first six reports")
     replicas[0].process.send_signal(signal.SIGKILL)  # no chance to hand anything back
     replicas[0].process.wait()
+    killed.set()
 
     # More usage arrives while the survivors carry on: each change must reach Stripe exactly once.
     for customer in customers[::4]:
@@ -75,10 +76,7 @@ def test_three_replicas_one_killed_mid_cycle_report_every_change_exactly_once(sa
             totals[event.customer] += event.value
         return totals
 
-    deadline = time.monotonic() + 60
-    while stripe_totals() != expected and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert stripe_totals() == expected
+    wait_until(lambda: stripe_totals() == expected, what=f"Stripe's totals to reach {expected}")
     changes = {c: 2 if i % 4 == 0 else 1 for i, c in enumerate(customers)}
     events_per_customer = {c: sum(1 for e in sandbox.stripe.meter_events if e.customer == c) for c in customers}
     # One accepted event per change at most (a change that lands before the first report travels with it);
@@ -86,12 +84,25 @@ def test_three_replicas_one_killed_mid_cycle_report_every_change_exactly_once(sa
     assert all(events_per_customer[c] <= changes[c] for c in customers), events_per_customer
     assert len({e.identifier for e in sandbox.stripe.meter_events}) == len(sandbox.stripe.meter_events)
 
-    time.sleep(5)  # past the lease TTL: the dead replica's claims must have been taken over
-    assert [replica.stop() for replica in replicas[1:]] == [0, 0]
     engine = create_engine(postgres_url)
-    with engine.connect() as connection:
-        leftover = connection.execute(text("select count(*) from work_items where state = 'claimed'")).scalar()
-        pending = connection.execute(text("select count(*) from usage_reports where state = 'pending'")).scalar()
+
+    def count(sql: str) -> int:
+        with engine.connect() as connection:
+            return connection.execute(text(sql)).scalar()
+
+    # Past the lease TTL a survivor's cycle takes over the dead replica's claims and settles its pending intents.
+    held_by_the_dead = (
+        "select count(*) from work_items w join replicas r on w.lease_owner = r.id "
+        f"where w.state = 'claimed' and r.pid = {replicas[0].process.pid}"
+    )
+    pending_intents = "select count(*) from usage_reports where state = 'pending'"
+    wait_until(
+        lambda: count(held_by_the_dead) == count(pending_intents) == 0,
+        what="the dead replica's claims taken over and its intents settled",
+    )
+    assert [replica.stop() for replica in replicas[1:]] == [0, 0]
+    leftover = count("select count(*) from work_items where state = 'claimed'")
+    pending = count(pending_intents)
     engine.dispose()
     # No lease is left behind: the dead replica's were taken over, the others' handed back on SIGTERM.
     assert (leftover, pending) == (0, 0)

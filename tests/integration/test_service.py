@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -17,7 +16,14 @@ from reconciler.ledger.retention import prune_ledger
 from reconciler.metrics import Metrics
 from reconciler.sandbox.server import SANDBOX_MOESIF_TOKEN, SANDBOX_OPENMETER_TOKEN, SANDBOX_STRIPE_KEY
 from reconciler.service.ops_server import Probes, readiness_problems
-from tests.integration.helpers import customer_with_usage, metric_value, reconciler, write_config
+from tests.integration.helpers import (
+    PATIENCE_SECONDS,
+    customer_with_usage,
+    metric_value,
+    reconciler,
+    wait_until,
+    write_config,
+)
 
 
 def test_health_readiness_and_metrics_of_a_running_service(sandbox, service_config, daemons):
@@ -25,9 +31,7 @@ def test_health_readiness_and_metrics_of_a_running_service(sandbox, service_conf
     daemon = daemons(service_config)
     assert httpx.get(daemon.url("/healthz")).status_code == 200
     daemon.wait_for("usage sync finished")
-    deadline = time.monotonic() + 10
-    while httpx.get(daemon.url("/readyz")).status_code != 200 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: httpx.get(daemon.url("/readyz")).status_code == 200, what="/readyz to turn ready")
     assert httpx.get(daemon.url("/readyz")).json() == {"status": "ready"}
 
     before = httpx.get(daemon.url("/metrics")).text
@@ -36,9 +40,13 @@ def test_health_readiness_and_metrics_of_a_running_service(sandbox, service_conf
     assert metric_value(before, "reconciler_usage_quantity_reported_total", meter="api_calls", direction="up") == 4
     assert metric_value(before, "reconciler_upstream_request_duration_seconds_count", api="stripe") >= 2
     assert metric_value(before, "reconciler_last_success_timestamp_seconds", job="usage_sync") > 0
-    time.sleep(1.5)
+
+    def cycles_succeeded() -> float:
+        metrics = httpx.get(daemon.url("/metrics")).text
+        return metric_value(metrics, "reconciler_cycles_total", job="usage_sync", outcome="succeeded")
+
+    wait_until(lambda: cycles_succeeded() > cycles_before, what="the next scheduled cycle to be counted")
     after = httpx.get(daemon.url("/metrics")).text
-    assert metric_value(after, "reconciler_cycles_total", job="usage_sync", outcome="succeeded") > cycles_before
     assert metric_value(after, "reconciler_pending_intents") == 0
     for secret in (SANDBOX_STRIPE_KEY, SANDBOX_OPENMETER_TOKEN, SANDBOX_MOESIF_TOKEN):
         assert secret not in after  # no secret in any metric name, label or value
@@ -98,19 +106,21 @@ def test_sigterm_during_a_cycle_exits_0_and_leaves_nothing_pending(sandbox, serv
     for i in range(customers):
         customer_with_usage(sandbox, f"cus_{i}", value=i + 1)
     sandbox.openmeter.inject_fault("GET", "/api/v1/meters", 200, times=0)  # no-op: keeps fakes comparable
-    slow = threading.Event()
+    stop_sent = threading.Event()
     original = sandbox.stripe.handle
 
-    def slow_handle(method, path, query, headers, body):
-        if method == "POST" and not slow.is_set():
-            time.sleep(0.3)  # every report takes a while: SIGTERM lands mid-cycle
-        return original(method, path, query, headers, body)
+    def held_until_the_stop(method, path, query, headers, body):
+        response = original(method, path, query, headers, body)
+        if method == "POST":
+            stop_sent.wait(timeout=PATIENCE_SECONDS)  # reports in flight are answered only once SIGTERM is sent
+        return response
 
-    sandbox.stripe.handle = slow_handle
+    sandbox.stripe.handle = held_until_the_stop
     daemon = daemons(service_config)
-    while not sandbox.stripe.meter_events:
-        time.sleep(0.05)
-    assert daemon.stop() == 0
+    wait_until(lambda: sandbox.stripe.meter_events, what="the first report")
+    daemon.process.send_signal(signal.SIGTERM)
+    stop_sent.set()
+    assert daemon.process.wait(timeout=PATIENCE_SECONDS) == 0
     stopped = daemon.wait_for("reconciler stopped")
     assert stopped
     engine = create_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
@@ -133,10 +143,9 @@ def test_sighup_applies_a_new_schedule_and_rejects_an_invalid_file(sandbox, serv
     daemon.wait_for("config reloaded", usage_sync="1s")
     # Under the old yearly schedule no further cycle would run; under the new one they come every second.
     runs_before = {e["run_id"] for e in daemon.events if e.get("event") == "usage sync finished"}
-    deadline = time.monotonic() + 15
     new_runs: set[str] = set()
-    while len(new_runs) < 2 and time.monotonic() < deadline:
-        finished = daemon.wait_for("usage sync finished", timeout=5, status="succeeded")
+    while len(new_runs) < 2:
+        finished = daemon.wait_for("usage sync finished", status="succeeded")
         daemon.events.remove(finished)
         new_runs |= {finished["run_id"]} - runs_before
     assert len(new_runs) >= 2

@@ -21,12 +21,17 @@ def item(customer: str) -> WorkItem:
 
 
 class Recorder:
-    def __init__(self, delay: float = 0.0):
+    def __init__(self, delay: float = 0.0, await_company: bool = False):
         self.delay = delay
         self.synced: Counter[str] = Counter()
         self.batches: list[int] = []
         self.in_flight = self.most_in_flight = 0
         self.lock = threading.Lock()
+        # With several workers, the first sync waits until another is in flight too: overlap is then certain,
+        # not a matter of how the machine schedules threads (a single worker would wait in vain, until timeout).
+        self.company = threading.Event()
+        if not await_company:
+            self.company.set()
 
     def measure(self, batch):
         self.batches.append(len(batch))
@@ -37,6 +42,9 @@ class Recorder:
         with self.lock:
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            if self.in_flight > 1:
+                self.company.set()
+        self.company.wait(timeout=60)
         time.sleep(self.delay)
         with self.lock:
             self.in_flight -= 1
@@ -45,7 +53,7 @@ class Recorder:
 
 @pytest.mark.parametrize("workers", [1, 4])
 def test_every_item_is_measured_in_batches_and_synced_exactly_once(workers):
-    recorder = Recorder(delay=0.002)
+    recorder = Recorder(delay=0.002, await_company=workers > 1)
     items = [item(f"cus_{i}") for i in range(250)]
     interrupted = run_pipeline(
         iter(items),
