@@ -364,6 +364,15 @@ class BalanceSync:
     def _settle_interrupted(self, stored: StoredTransaction, report: CustomerReport) -> None:
         """A transaction an earlier run recorded but never saw answered (it died, or every attempt failed)."""
         planned = stored.planned
+        if not stored.attempted:
+            # The run died before any request for it left (waiting on the Moesif budget, say): it was never
+            # applied, and leaving it would lose the customer's money.
+            report.forwarded.append(
+                f"{planned.type} {to_units(planned.amount_minor, planned.account.currency)} "
+                f"{planned.transaction_id} (recorded by an interrupted run, never sent)"
+            )
+            self._send(stored, report)
+            return
         if self._resend_is_safe:
             report.flags.append(
                 f"resending {planned.kind} {planned.transaction_id}: an earlier attempt's outcome is unknown"
@@ -387,7 +396,9 @@ class BalanceSync:
             description=planned.description,
         )
         try:
-            outcome = self._moesif.post_transaction(transaction)
+            outcome = self._moesif.post_transaction(
+                transaction, before_send=lambda: self._ledger.mark_attempted(stored)
+            )
         except PermanentError as exc:
             self._ledger.mark_failed(stored, self._redact(str(exc)))
             raise

@@ -39,6 +39,7 @@ class StoredTransaction:
     planned: PlannedTransaction
     state: str
     outcome_unknown: bool
+    attempted: bool  # a request may have left for Moesif; False: it never did, so sending it is safe
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,13 @@ class BalanceLedger:
                 return _stored(row)
         except IntegrityError:
             raise AlreadyRecordedError(planned.transaction_id) from None
+
+    def mark_attempted(self, stored: StoredTransaction) -> None:
+        """In a commit of its own, before a request for it leaves: from now on it may have been applied."""
+        with self._sessions.begin() as session:
+            row = session.get_one(MoesifTransaction, stored.id)
+            if row.attempted_at is None:
+                row.attempted_at = self._clock()
 
     def mark_sent(self, stored: StoredTransaction, *, outcome_was_unknown: bool, error: str | None = None) -> None:
         """Sent, never to be sent again. With `outcome_was_unknown` it is flagged for a person: while it may still
@@ -304,4 +312,10 @@ def _stored(row: MoesifTransaction) -> StoredTransaction:
         type=row.type,
         description=f"{row.kind} {row.source_id}",
     )
-    return StoredTransaction(id=row.id, planned=planned, state=row.state, outcome_unknown=row.outcome_unknown)
+    return StoredTransaction(
+        id=row.id,
+        planned=planned,
+        state=row.state,
+        outcome_unknown=row.outcome_unknown,
+        attempted=row.attempted_at is not None,
+    )

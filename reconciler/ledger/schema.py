@@ -178,6 +178,9 @@ class MoesifTransaction(Base):
     error: Mapped[str | None] = mapped_column(Text)
     run_id: Mapped[str] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Committed after the Moesif budget grants a slot, just before the first request leaves: a pending row
+    # without it was never sent (the process died while it waited), so sending it cannot apply it twice.
+    attempted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 

@@ -8,6 +8,7 @@ unknown is not retried: resending could credit twice. A request that never reach
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -96,8 +97,18 @@ class MoesifGateway:
     def _secrets(self) -> tuple[str, ...]:
         return (self._config.management_token.get_secret_value(), self._config.authorization)
 
-    def _request(self, method: str, path: str, *, json: Any = None, unknown_if_lost: bool) -> httpx.Response:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        unknown_if_lost: bool,
+        before_send: Callable[[], None] | None = None,
+    ) -> httpx.Response:
         self.limiter.acquire()
+        if before_send is not None:
+            before_send()  # after the wait for the budget, which may be long: the request leaves right after
         with self._metrics.upstream_call(API):
             return self._attempt(method, path, json=json, unknown_if_lost=unknown_if_lost)
 
@@ -146,7 +157,10 @@ class MoesifGateway:
             detail = redact(response.text[:200], self._secrets())
             raise PermanentError(API, f"GET {path}: no readable balance in the answer ({exc!r}): {detail}") from None
 
-    def post_transaction(self, transaction: BalanceTransaction) -> PostOutcome:
+    def post_transaction(
+        self, transaction: BalanceTransaction, before_send: Callable[[], None] | None = None
+    ) -> PostOutcome:
+        """POST one balance transaction; `before_send` runs before every attempt leaves (once the budget allows)."""
         body = {
             "company_id": transaction.company_id,
             "subscription_id": transaction.subscription_id,
@@ -160,7 +174,13 @@ class MoesifGateway:
         def attempt() -> httpx.Response:
             nonlocal unknown
             try:
-                return self._request("POST", "/~/billing/reports/balance_transactions", json=body, unknown_if_lost=True)
+                return self._request(
+                    "POST",
+                    "/~/billing/reports/balance_transactions",
+                    json=body,
+                    unknown_if_lost=True,
+                    before_send=before_send,
+                )
             except OutcomeUnknownError as exc:
                 unknown = True
                 if not self._config.deduplicates_transaction_ids:

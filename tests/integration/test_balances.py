@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 from datetime import timedelta
 from decimal import Decimal
@@ -23,6 +24,14 @@ from reconciler.logs import configure_logging
 from reconciler.upstream.moesif_api import MoesifGateway
 from reconciler.upstream.stripe_api import StripeGateway
 from tests.conftest import MOESIF_TOKEN, OPENMETER_TOKEN, STRIPE_KEY, ts, utc
+from tests.integration.helpers import (
+    command_env,
+    command_line,
+    customer_with_usage,
+    reconciler,
+    wait_until,
+    write_config,
+)
 
 NOW = utc(2026, 3, 10, 12, 0)
 PERIOD = (utc(2026, 3, 1), utc(2026, 4, 1))
@@ -552,3 +561,51 @@ def test_an_unreadable_moesif_balance_is_an_error_never_a_zero_to_correct(bh, bo
     assert result.failed == 1
     assert "no readable balance" in result.failures[0] and "cus_M" in result.failures[0]
     assert bh.posts() == []  # nothing "corrected" from a balance nobody read
+
+
+def test_a_top_up_recorded_while_waiting_on_the_moesif_budget_is_sent_after_the_process_is_killed(sandbox, tmp_path):
+    """Killed while a recorded top-up waits for the client-side Moesif budget: no request for it ever left, so
+    the next run must send it (before, it was taken as "outcome unknown", never sent: the money never arrived)."""
+    customer_with_usage(sandbox, "cus_wait", value=0)
+    subscription = next(s for s in sandbox.stripe.subscriptions.values() if s["customer"] == "cus_wait")
+    sandbox.moesif.add_subscription(subscription["id"], "cus_wait", current_balance=0.0)
+    for n, cents in enumerate([1000, 2000, 4000], start=1):
+        sandbox.stripe.add_payment_intent("cus_wait", cents, id=f"pi_wait_{n}", created=ts(utc_now()) - 3600 + n)
+    raw = sandbox.config_dict(f"sqlite:///{tmp_path / 'ledger.db'}")
+    # One request a minute: the second top-up waits a minute for its slot, long enough to be killed waiting.
+    raw["moesif"]["max_requests_per_minute"] = 1
+    raw["balances"].update(stripe_source="none", auto_correct=False, settle_delay="0s")
+    config = write_config(tmp_path / "config.yaml", raw)
+    assert reconciler("db", "upgrade", "--config", str(config)).returncode == 0
+    ledger = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+
+    def recorded() -> int:
+        with ledger.connect() as connection:
+            return connection.execute(text("select count(*) from moesif_transactions")).scalar_one()
+
+    first = subprocess.Popen(command_line("reconcile-balances", "--config", str(config)), env=command_env())
+    wait_until(lambda: recorded() == 2, what="the second top-up recorded, waiting for its Moesif slot")
+    first.kill()
+    first.wait()
+    [sent_before_the_kill] = [t["transaction_id"] for t in sandbox.moesif.transactions]  # the second never left
+    with ledger.connect() as connection:
+        waiting = connection.execute(
+            text("select transaction_id from moesif_transactions where transaction_id <> :sent"),
+            {"sent": sent_before_the_kill},
+        ).scalar_one()
+
+    raw["moesif"]["max_requests_per_minute"] = 500
+    write_config(config, raw)
+    second = reconciler("reconcile-balances", "--config", str(config))
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"{waiting} (recorded by an interrupted run, never sent)" in second.stdout
+    assert sorted(t["transaction_id"] for t in sandbox.moesif.transactions) == ["pi_wait_1", "pi_wait_2", "pi_wait_3"]
+    assert sandbox.moesif.balance(subscription["id"]) == 70.0  # each top-up credited exactly once
+    with ledger.connect() as connection:
+        rows = connection.execute(text("select transaction_id, state, outcome_unknown from moesif_transactions"))
+        assert sorted(tuple(row) for row in rows) == [
+            ("pi_wait_1", "sent", False),
+            ("pi_wait_2", "sent", False),
+            ("pi_wait_3", "sent", False),
+        ]
+    ledger.dispose()
