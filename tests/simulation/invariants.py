@@ -119,6 +119,9 @@ def _money(world: World, ledger: Ledger) -> list[str]:
     applied = Counter(t["transaction_id"] for t in moesif.transactions if t["applied"])
     problems += [f"moesif transaction {i} applied {n} times" for i, n in applied.items() if n > 1]
     unknown = {row[0] for row in ledger.rows("select transaction_id from moesif_transactions where outcome_unknown")}
+    posted = {r.params.get("transaction_id") for r in moesif.requests if r.method == "POST"}
+    # "Outcome unknown" is for a request that left; one that never did (the process died first) must be sent.
+    problems += [f"{i} flagged as outcome unknown, but no request for it ever left" for i in sorted(unknown - posted)]
     for top_up in scenario.top_ups:
         for transaction_id, due in ((top_up.id, top_up.at), (f"re_{top_up.id}", top_up.refund_at)):
             if due is None or due > world.now:
