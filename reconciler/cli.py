@@ -203,8 +203,10 @@ def reconcile_balances(
     )
     if result.failed:
         raise typer.Exit(EXIT_FAILURES)
-    if fail_on_drift and result.uncorrected_drift:
+    if fail_on_drift and (result.uncorrected_drift or result.held):
         raise typer.Exit(EXIT_DRIFT)
+    if result.held:  # money a person must place: as loud as a failure
+        raise typer.Exit(EXIT_FAILURES)
     raise typer.Exit(EXIT_OK)
 
 

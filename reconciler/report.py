@@ -17,7 +17,14 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from reconciler.balances.money import to_units
-from reconciler.ledger.schema import BalanceObservation, LateDrift, MoesifTransaction, UsagePeriod, UsageReport
+from reconciler.ledger.schema import (
+    BalanceObservation,
+    IntentState,
+    LateDrift,
+    MoesifTransaction,
+    UsagePeriod,
+    UsageReport,
+)
 from reconciler.output import STYLE, rows_table_html
 
 
@@ -162,6 +169,8 @@ def build_report(engine: Engine, since: datetime, until: datetime) -> Report:
             .order_by(MoesifTransaction.created_at, MoesifTransaction.id)
         ):
             outcome = t.state + (" (outcome was unknown once)" if t.outcome_unknown else "")
+            if t.state == IntentState.HELD:
+                outcome += f": {t.error}"
             report.audit.append(
                 AuditRow(
                     t.created_at.isoformat(),

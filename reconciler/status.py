@@ -80,6 +80,11 @@ def print_status(config: Config, engine: Engine, console: Console) -> None:
             .scalars()
             .all()
         )
+        held = connection.execute(
+            select(MoesifTransaction.customer_id, MoesifTransaction.transaction_id, MoesifTransaction.error)
+            .where(MoesifTransaction.state == IntentState.HELD)
+            .order_by(MoesifTransaction.id)
+        ).all()
     console.print(jobs)
     console.print(f"pending usage reports: {pending_reports}; pending Moesif transactions: {moesif_pending}")
     for replica_id, host, pid, heartbeat_at in replicas:
@@ -95,3 +100,7 @@ def print_status(config: Config, engine: Engine, console: Console) -> None:
         console.print(f"webhook work given up: {event_id} ({event_type}): {error}", markup=False)
     for transaction_id in unknown:
         console.print(f"check in Moesif (an attempt's outcome was unknown): {transaction_id}", markup=False)
+    for customer, transaction_id, reason in held:
+        console.print(
+            f"not forwarded to Moesif, held for a person: {customer} {transaction_id}: {reason}", markup=False
+        )

@@ -24,7 +24,7 @@ import structlog
 from reconciler.balances.accounts import CustomerAccount, UnpricedUsageError, map_accounts, open_usage_cost_minor
 from reconciler.balances.drift import UNCORRECTED, Assessment, DriftAction, DriftPolicy, assess
 from reconciler.balances.model import Refund, TopUp
-from reconciler.balances.money import to_minor, to_minor_rounded, to_units
+from reconciler.balances.money import exactly_representable, to_minor, to_minor_rounded, to_units
 from reconciler.balances.sweep import LastObservation, sweep_due_after, why_read_moesif
 from reconciler.config import Config
 from reconciler.ledger.balance_ledger import (
@@ -64,6 +64,7 @@ class CustomerReport:
     reason: str = ""
     forwarded: list[str] = field(default_factory=list)  # "credit 25.00 pi_..." lines, sent or planned
     flags: list[str] = field(default_factory=list)  # things a person must look at
+    held: list[str] = field(default_factory=list)  # money found this cycle that the job will not forward
     error: str | None = None
     moesif_reread: bool = True  # False: unchanged since an observation that agreed (balances.full_sweep_interval)
 
@@ -82,6 +83,7 @@ class CustomerReport:
             "reason": self.reason,
             "forwarded": self.forwarded,
             "flags": self.flags,
+            "held": self.held,
             "error": self.error,
             "moesif_reread": self.moesif_reread,
         }
@@ -99,6 +101,15 @@ class BalanceResult:
         return len(self.failures)
 
     @property
+    def held(self) -> int:
+        return sum(len(c.held) for c in self.customers)
+
+    @property
+    def status(self) -> str:
+        """ "partial" when a customer failed or money was held for a person: either needs one."""
+        return "partial" if self.failures or self.held else "succeeded"
+
+    @property
     def uncorrected_drift(self) -> int:
         return sum(1 for c in self.customers if c.action in UNCORRECTED)
 
@@ -113,6 +124,7 @@ class BalanceResult:
             "settling": actions.count(DriftAction.SETTLING.value),
             "uncorrected_drift": self.uncorrected_drift,
             "flagged": sum(len(c.flags) for c in self.customers),
+            "held": self.held,
             "failed": self.failed,
         }
 
@@ -143,8 +155,9 @@ class BalanceSync:
         started = time.perf_counter()
         result = self._cycle(dry_run, customers)
         if not dry_run:
-            outcome = "succeeded" if not result.failures else "partial"
-            self._metrics.cycle_finished("balance_reconcile", outcome, time.perf_counter() - started, succeeded=True)
+            self._metrics.cycle_finished(
+                "balance_reconcile", result.status, time.perf_counter() - started, succeeded=True
+            )
             for c in result.customers:
                 if c.difference is not None and c.action not in ("in_sync", "settling", ""):
                     self._metrics.drift(c.currency, c.difference, corrected=c.action == DriftAction.CORRECT.value)
@@ -286,7 +299,7 @@ class BalanceSync:
     ) -> None:
         account = customer.account
         top_ups = {t.payment_intent_id: t for t in listed_top_ups}
-        plans: list[PlannedTransaction | None] = []
+        plans: list[tuple[PlannedTransaction, str | None]] = []
         forwarded_already = self._ledger.known_sources("topup", list(top_ups))
         for top_up in top_ups.values():
             if top_up.disputed:
@@ -315,7 +328,10 @@ class BalanceSync:
                     )
                 )
 
-        for planned in filter(None, plans):
+        for planned, refusal in plans:
+            if refusal is not None:
+                self._hold(planned, refusal, run_id, report)
+                continue
             line = f"{planned.type} {to_units(planned.amount_minor, account.currency)} {planned.transaction_id}"
             if run_id is None:
                 report.forwarded.append(line)
@@ -332,6 +348,17 @@ class BalanceSync:
             report.forwarded.append(line)
             self._send(stored, report)
 
+    def _hold(self, planned: PlannedTransaction, reason: str, run_id: str | None, report: CustomerReport) -> None:
+        """Money the job will not forward: flagged in this cycle and recorded once, so that `status` and `report`
+        keep showing it to a person and later cycles do not find it again as new."""
+        amount = to_units(planned.amount_minor, planned.account.currency)
+        report.held.append(
+            f"{planned.kind} {planned.transaction_id} ({amount} {planned.account.currency.upper()}): {reason}"
+        )
+        log.warning("not forwarded to Moesif: held for a person", transaction_id=planned.transaction_id, reason=reason)
+        if run_id is not None:
+            self._ledger.hold(planned, run_id, reason)
+
     def _is_top_up(self, payment_intent: TopUp) -> bool:
         wanted = self._settings.topups.payment_intent_metadata
         return all(payment_intent.metadata.get(k) == v for k, v in wanted.items())
@@ -345,16 +372,19 @@ class BalanceSync:
         currency: str,
         direction: str,
         description: str,
-    ) -> PlannedTransaction | None:
-        if currency != customer.account.currency:
-            log.warning(
-                f"{kind} in another currency than the Moesif subscription: skipped",
-                source=source_id,
-                currency=currency,
-                subscription_currency=customer.account.currency,
+    ) -> tuple[PlannedTransaction, str | None]:
+        """The transaction for a top-up or refund, and why it cannot be forwarded (None: it can)."""
+        account = customer.account
+        refusal = None
+        if currency != account.currency:
+            refusal = (
+                f"paid in {currency.upper()} but the Moesif subscription counts {account.currency.upper()}; "
+                "the reconciler does not convert currencies"
             )
-            return None
-        return PlannedTransaction(kind, source_id, source_id, customer.account, amount_minor, direction, description)
+            account = replace(account, currency=currency)  # recorded in the currency it was paid in
+        elif not exactly_representable(to_units(amount_minor, currency), currency):
+            refusal = "the amount cannot be sent to Moesif exactly (it has no exact JSON number)"
+        return PlannedTransaction(kind, source_id, source_id, account, amount_minor, direction, description), refusal
 
     @property
     def _resend_is_safe(self) -> bool:
@@ -574,10 +604,9 @@ class BalanceSync:
 
     def _finish(self, result: BalanceResult) -> None:
         summary = result.summary()
-        status = "succeeded" if not result.failures else "partial"
-        log.info("balance reconcile finished", status=status, **summary)
+        log.info("balance reconcile finished", status=result.status, **summary)
         if result.run_id is not None:
-            self._runs.finish(result.run_id, status, summary)
+            self._runs.finish(result.run_id, result.status, summary)
 
 
 def _in_order(work: Callable[[str], T], keys: list[str], workers: int) -> Iterator[T]:

@@ -39,6 +39,11 @@ def to_minor_rounded(units: Decimal, currency: str) -> int:
     return int((units * (Decimal(10) ** exponent(currency))).to_integral_value(rounding=ROUND_HALF_UP))
 
 
+def exactly_representable(units: Decimal, currency: str) -> bool:
+    """Whether `moesif_number` carries this amount without rounding (a double holds 15-17 significant digits)."""
+    return Decimal(repr(moesif_number(units, currency))) == units
+
+
 def moesif_number(units: Decimal, currency: str) -> int | float:
     """The JSON number Moesif expects: 25.0 for $25.00, 500 for ¥500."""
     return int(units) if exponent(currency) == 0 else float(units)

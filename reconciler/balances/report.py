@@ -48,6 +48,8 @@ def render_table(result: BalanceResult, console: Console) -> None:
             console.print(f"{c.customer_id}: {c.action}: {c.reason}", markup=False)
         for flag in c.flags:
             console.print(f"{c.customer_id}: CHECK: {flag}", markup=False)
+        for line in c.held:
+            console.print(f"{c.customer_id}: NOT FORWARDED, held for a person: {line}", markup=False)
         if c.error:
             console.print(f"{c.customer_id}: failed: {c.error}", markup=False)
     summary = result.summary()

@@ -107,6 +107,14 @@ class BalanceLedger:
             ).all()
             return [_stored(row) for row in rows]
 
+    def hold(self, planned: PlannedTransaction, run_id: str, reason: str) -> None:
+        """Record money the job will not forward, once: it is never sent, and never found again as new."""
+        try:
+            with self._sessions.begin() as session:
+                session.add(_row(planned, run_id, self._clock(), state=IntentState.HELD, error=reason))
+        except IntegrityError:
+            pass  # another replica held it first
+
     def record(
         self, planned: PlannedTransaction, run_id: str, *, no_correction_since: datetime | None = None
     ) -> StoredTransaction:
@@ -128,21 +136,7 @@ class BalanceLedger:
                     ).first()
                     if recent is not None:
                         raise AlreadyRecordedError(f"a correction for {planned.account.subscription_id} is in flight")
-                row = MoesifTransaction(
-                    transaction_id=planned.transaction_id,
-                    kind=planned.kind,
-                    source_id=planned.source_id,
-                    customer_id=planned.account.customer_id,
-                    subscription_id=planned.account.subscription_id,
-                    currency=planned.account.currency,
-                    amount_minor=planned.amount_minor,
-                    type=planned.type,
-                    state=IntentState.PENDING,
-                    outcome_unknown=False,
-                    attempts=0,
-                    run_id=run_id,
-                    created_at=now,
-                )
+                row = _row(planned, run_id, now, state=IntentState.PENDING)
                 session.add(row)
                 session.flush()
                 return _stored(row)
@@ -299,6 +293,27 @@ def _serialize_subscription(session: Session, subscription_id: str) -> None:
     """On PostgreSQL, one transaction at a time per subscription (released at commit)."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"moesif:{subscription_id}"})
+
+
+def _row(
+    planned: PlannedTransaction, run_id: str, now: datetime, *, state: str, error: str | None = None
+) -> MoesifTransaction:
+    return MoesifTransaction(
+        transaction_id=planned.transaction_id,
+        kind=planned.kind,
+        source_id=planned.source_id,
+        customer_id=planned.account.customer_id,
+        subscription_id=planned.account.subscription_id,
+        currency=planned.account.currency,
+        amount_minor=planned.amount_minor,
+        type=planned.type,
+        state=state,
+        outcome_unknown=False,
+        attempts=0,
+        error=error,
+        run_id=run_id,
+        created_at=now,
+    )
 
 
 def _stored(row: MoesifTransaction) -> StoredTransaction:

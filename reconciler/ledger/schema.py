@@ -69,6 +69,7 @@ class IntentState:
     PENDING = "pending"  # written, maybe sent: resend with the same identifier before anything new
     SENT = "sent"  # Stripe accepted it
     FAILED = "failed"  # Stripe refused it; it was not applied
+    HELD = "held"  # Moesif transactions: money the job will not forward (e.g. another currency); a person decides
 
 
 class UsagePeriod(Base):
@@ -171,7 +172,7 @@ class MoesifTransaction(Base):
     currency: Mapped[str] = mapped_column(String(8))
     amount_minor: Mapped[int] = mapped_column(BigInteger)  # positive; `type` gives the direction
     type: Mapped[str] = mapped_column(String(8))  # credit | debit
-    state: Mapped[str] = mapped_column(String(16), index=True)  # pending | sent | failed
+    state: Mapped[str] = mapped_column(String(16), index=True)  # pending | sent | failed | held
     outcome_unknown: Mapped[bool] = mapped_column(Boolean, default=False)
     verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # corrections seen landed in Moesif
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -224,6 +224,33 @@ def test_reconcile_balances_writes_a_json_report_and_corrects_drift(sandbox, con
     assert sandbox.moesif.balance(line["subscription"]) == 50.0
 
 
+def test_a_top_up_that_cannot_be_forwarded_is_held_once_exits_1_and_stays_in_status(sandbox, config_file):
+    """A top-up paid in another currency than the customer's Moesif subscription is not converted: it is named,
+    counted, exits 1 (3 with --fail-on-drift), recorded once, and `status` keeps showing it to a person."""
+    balance_customer(sandbox, grant=1, moesif_balance=0.0)
+    created = int(utc_now().timestamp()) - 3600
+    sandbox.stripe.add_payment_intent("cus_bal", 2500, "usd", id="pi_usd", created=created)
+    sandbox.stripe.add_payment_intent("cus_bal", 1900, "eur", id="pi_eur", created=created + 1)
+    raw = yaml.safe_load(config_file.read_text())
+    raw["balances"].update(stripe_source="none", auto_correct=False)
+    write_config(config_file, raw)
+    reconciler("db", "upgrade", "--config", str(config_file))
+    first = reconciler("reconcile-balances", "--format", "json", "--config", str(config_file))
+    assert first.returncode == 1, first.stderr
+    [customer] = json.loads(first.stdout)["customers"]
+    [held] = customer["held"]
+    assert held.startswith("topup pi_eur (19.00 EUR): paid in EUR but the Moesif subscription counts USD")
+    assert json.loads(first.stdout)["summary"]["held"] == 1
+    subscription = next(s for s in sandbox.stripe.subscriptions.values() if s["customer"] == "cus_bal")
+    assert [t["transaction_id"] for t in sandbox.moesif.transactions] == ["pi_usd"]  # the rest still forwarded
+
+    again = reconciler("reconcile-balances", "--fail-on-drift", "--config", str(config_file))
+    assert again.returncode == 0, again.stdout  # recorded once: not found again as new
+    assert sandbox.moesif.balance(subscription["id"]) == 25.0
+    status = reconciler("status", "--config", str(config_file))
+    assert "not forwarded to Moesif, held for a person: cus_bal pi_eur: paid in EUR" in " ".join(status.stdout.split())
+
+
 def test_fail_on_drift_exits_3_when_drift_is_left_uncorrected(sandbox, config_file):
     balance_customer(sandbox, grant=5000, moesif_balance=45.0)
     raw = yaml.safe_load(config_file.read_text())

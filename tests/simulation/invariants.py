@@ -122,9 +122,14 @@ def _money(world: World, ledger: Ledger) -> list[str]:
     posted = {r.params.get("transaction_id") for r in moesif.requests if r.method == "POST"}
     # "Outcome unknown" is for a request that left; one that never did (the process died first) must be sent.
     problems += [f"{i} flagged as outcome unknown, but no request for it ever left" for i in sorted(unknown - posted)]
+    held = {row[0] for row in ledger.rows("select transaction_id from moesif_transactions where state = 'held'")}
     for top_up in scenario.top_ups:
         for transaction_id, due in ((top_up.id, top_up.at), (f"re_{top_up.id}", top_up.refund_at)):
             if due is None or due > world.now:
+                continue
+            if top_up.currency != "usd":  # Moesif counts usd: this money must wait for a person, never be sent
+                if applied[transaction_id] or transaction_id not in held:
+                    problems.append(f"{transaction_id} in {top_up.currency}: applied or not held for a person")
                 continue
             if applied[transaction_id] == 0 and transaction_id not in unknown:
                 problems.append(f"{transaction_id} ({top_up.customer}) never reached Moesif and nobody was told")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import calendar
 import itertools
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -95,6 +95,7 @@ class TopUp:
     at: datetime
     amount_minor: int
     refund_at: datetime | None
+    currency: str = "usd"  # another than the customer's (usd) cannot be forwarded: held for a person
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,9 @@ def generate(seed: int) -> Scenario:
         at = (start + span * rng.random()).replace(microsecond=0)
         refund_at = at + timedelta(hours=rng.randint(1, 72)) if rng.random() < 0.25 else None
         top_ups.append(TopUp(f"pi_sim{number}", customer, at, rng.choice([500, 1000, 2500]), refund_at))
+    # Drawn from a generator of their own, so that every other choice of a seed stays as it was before they existed.
+    currencies = random.Random(f"top-up currencies {seed}")
+    top_ups = [replace(t, currency="eur") if currencies.random() < 0.15 else t for t in top_ups]
 
     # When cycles run: every 15 minutes to 12 hours, plus a burst around period ends, where provisional totals
     # become final. (Gaps stay under 12 hours: a longer outage leaves a maybe-applied `sum` event past Stripe's

@@ -320,10 +320,14 @@ class World:
             if top_up.at <= now and ("top_up", top_up.id) not in self._applied:
                 self._applied.add(("top_up", top_up.id))
                 intent = stripe.add_payment_intent(
-                    top_up.customer, top_up.amount_minor, id=top_up.id, created=ts(top_up.at)
+                    top_up.customer, top_up.amount_minor, top_up.currency, id=top_up.id, created=ts(top_up.at)
                 )
                 stripe.add_credit_grant(
-                    top_up.customer, top_up.amount_minor, id=f"cg_{top_up.id}", effective_at=ts(top_up.at)
+                    top_up.customer,
+                    top_up.amount_minor,
+                    currency=top_up.currency,
+                    id=f"cg_{top_up.id}",
+                    effective_at=ts(top_up.at),
                 )
                 self._webhook("top_up", "payment_intent.succeeded", intent)
             if top_up.refund_at and top_up.refund_at <= now and ("refund", top_up.id) not in self._applied:
