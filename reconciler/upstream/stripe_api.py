@@ -4,7 +4,10 @@ SDK traps avoided here (see shared/api-notes.md):
 - `max_network_retries=0`: our retry loop (reconciler.upstream.retry) is the single budget, and it also
   handles 429s, which the SDK retries only with `Stripe-Should-Retry: true` and without `Retry-After`.
 - Every POST carries our deterministic idempotency key, so a retry, even from a restarted process, is one
-  request to Stripe.
+  request to Stripe. But Stripe saves a 5xx answer to the key and replays it to every retry with it
+  (https://docs.stripe.com/api/idempotent_requests): a write keeps its key only while it gets no answer at all,
+  and goes under a fresh one, committed to the ledger first, after a 5xx answer. The SDK would retry a 5xx under
+  the same key (`_should_retry`), which could only fetch the replay; with its retries off it cannot.
 - `StripeObject` is not a dict: responses are converted with `to_dict()` at this edge.
 - The API version is pinned in the config, and legacy usage records go through `raw_request` with the old
   version they still exist in.
@@ -29,6 +32,7 @@ from reconciler.upstream.errors import (
     OutcomeUnknownError,
     PermanentError,
     RateLimitedError,
+    SavedServerError,
     UpstreamError,
 )
 from reconciler.upstream.rate_limit import RateLimiter
@@ -39,6 +43,8 @@ from reconciler.usage.periods import epoch_seconds, from_epoch_seconds
 API = "stripe"
 PAGE_SIZE = 100
 T = TypeVar("T")
+# Commits a fresh idempotency key for a pending intent to the ledger and returns the intent carrying it.
+KeyRenewal = Callable[[Intent], Intent]
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -59,9 +65,12 @@ def translate_error(exc: stripe.StripeError, secrets: tuple[str, ...] = ()) -> U
         return OutcomeUnknownError(API, f"connection failed: {message}")
     if status == 429 or isinstance(exc, stripe.RateLimitError):
         return RateLimitedError(API, message, status=status, request_id=request_id, retry_after=_retry_after(headers))
-    if status is None or status < 300 or status >= 500 or status == 409:
-        # Whatever Stripe-Should-Retry says, a server error may have applied the request; so may a success
-        # whose body could not be read.
+    if status is not None and status >= 500:
+        # Whatever Stripe-Should-Retry says, a server error may have applied the request.
+        return SavedServerError(API, message, status=status, request_id=request_id)
+    if status is None or status < 300 or status == 409:
+        # A success whose body could not be read may have applied the request; a 409 (the key is in use by a
+        # concurrent request) saved nothing to the key, so it is retried under it.
         return OutcomeUnknownError(API, message, status=status, request_id=request_id)
     if str(headers.get("Stripe-Should-Retry", "")).lower() == "false":
         return PermanentError(API, message, status=status, request_id=request_id)
@@ -130,7 +139,9 @@ class StripeGateway:
             http_client=stripe.RequestsClient(timeout=config.timeout_seconds),
         )
 
-    def _call(self, what: str, operation: Callable[[], T]) -> T:
+    def _call(self, what: str, operation: Callable[[], T], *, renew_key: Callable[[], None] | None = None) -> T:
+        """`operation`, retried on transient errors. A write passes `renew_key`, called after a 5xx answer so that
+        the next attempt goes under a fresh idempotency key (see `_write`)."""
         outcome_unknown = False
 
         def attempt() -> T:
@@ -144,6 +155,8 @@ class StripeGateway:
                     if isinstance(error, RateLimitedError):
                         # A 429 slows every call to Stripe down, not just this one.
                         self.limiter.hold_off(error.retry_after or 1.0)
+                    if isinstance(error, SavedServerError) and renew_key is not None:
+                        renew_key()
                     if isinstance(error, OutcomeUnknownError):
                         outcome_unknown = True
                     elif isinstance(error, PermanentError) and outcome_unknown:
@@ -351,7 +364,7 @@ class StripeGateway:
 
     # -- writing -------------------------------------------------------------------------------------
 
-    def send_meter_event(self, intent: Intent) -> None:
+    def send_meter_event(self, intent: Intent, renew_key: KeyRenewal) -> None:
         meter = intent.meter
         assert meter is not None
         params = {
@@ -361,29 +374,41 @@ class StripeGateway:
             "payload": {meter.customer_key: intent.customer_id, meter.value_key: str(intent.quantity)},
         }
 
-        def create() -> None:
+        def create(idempotency_key: str) -> None:
             try:
                 self._client.v1.billing.meter_events.create(
                     params=params,  # type: ignore[arg-type]
-                    options={"idempotency_key": intent.idempotency_key},
+                    options={"idempotency_key": idempotency_key},
                 )
             except stripe.StripeError as exc:
                 if _is_duplicate_identifier(exc):
                     return  # Stripe already holds this very event: the earlier attempt was applied
                 raise
 
-        self._call("create meter event", create)
+        self._write("create meter event", intent, renew_key, create)
 
-    def send_usage_record(self, intent: Intent) -> None:
-        self._call(
-            "create usage record",
-            lambda: self._client.raw_request(
+    def send_usage_record(self, intent: Intent, renew_key: KeyRenewal) -> None:
+        def create(idempotency_key: str) -> None:
+            self._client.raw_request(
                 "post",
                 f"/v1/subscription_items/{intent.item_id}/usage_records",
                 quantity=intent.quantity,
-                action="set",
+                action="set",  # idempotent by value, so a fresh key after a 5xx answer cannot count it twice
                 timestamp=epoch_seconds(intent.event_timestamp),
                 stripe_version=self._config.legacy_api_version,
-                idempotency_key=intent.idempotency_key,
-            ),
-        )
+                idempotency_key=idempotency_key,
+            )
+
+        self._write("create usage record", intent, renew_key, create)
+
+    def _write(self, what: str, intent: Intent, renew_key: KeyRenewal, post: Callable[[str], None]) -> None:
+        """`post` the intent under its idempotency key, retried. A retry after no answer reuses the key, so Stripe
+        recognises the request if it arrived; a retry after a 5xx answer goes under a fresh key, which `renew_key`
+        commits before it is used: Stripe saved that answer to the old key and replays it to every retry with it."""
+        current = intent
+
+        def renew() -> None:
+            nonlocal current
+            current = renew_key(current)
+
+        self._call(what, lambda: post(current.idempotency_key), renew_key=renew)

@@ -164,9 +164,9 @@ def test_crash_between_intent_and_stripe_answer_never_double_counts(harness, str
     use(h, utc(2026, 3, 2), 10)
     real_send = h.stripe_gateway.send_meter_event
 
-    def dying_send(intent):
+    def dying_send(intent, renew_key):
         if stripe_applied_it:
-            real_send(intent)
+            real_send(intent, renew_key)
         raise ProcessKilled
 
     with freeze_time(MID) as clock:
@@ -425,9 +425,9 @@ def test_an_old_pending_sum_intent_is_settled_from_stripes_summary_of_its_minute
     use(h, utc(2026, 3, 2), 10)
     real_send = h.stripe_gateway.send_meter_event
 
-    def unanswered(intent):
+    def unanswered(intent, renew_key):
         if stripe_applied_it:
-            real_send(intent)
+            real_send(intent, renew_key)
         raise OutcomeUnknownError("stripe", "connection failed")
 
     with freeze_time(MID) as clock:
@@ -447,7 +447,7 @@ def test_an_old_pending_sum_intent_stripes_summary_cannot_settle_is_left_for_a_p
     seed(h, formula="sum")
     use(h, utc(2026, 3, 2), 10)
 
-    def unreachable(intent):
+    def unreachable(intent, renew_key):
         raise OutcomeUnknownError("stripe", "connection failed")
 
     with freeze_time(MID) as clock:
@@ -559,9 +559,9 @@ def test_a_pending_intent_is_not_resent_after_the_invoice_finalized(harness, str
     use(h, utc(2026, 3, 2), 10)
     real_send = h.stripe_gateway.send_meter_event
 
-    def unanswered(intent):
+    def unanswered(intent, renew_key):
         if stripe_applied_it:
-            real_send(intent)
+            real_send(intent, renew_key)
         raise OutcomeUnknownError("stripe", "connection failed")
 
     with freeze_time(PERIOD_END - timedelta(hours=1)) as clock:
