@@ -5,11 +5,8 @@
     └── TransientError            may succeed if tried again later
         ├── RateLimitedError      429: wait `.retry_after` seconds (or back off) before the next call
         └── OutcomeUnknownError   the request may or may not have been applied (dropped connection, 5xx,
-            │                     timeout): only ever resend it with the same idempotency key/identifier,
-            │                     but see SavedServerError
-            └── SavedServerError  a 5xx answer, saved to the request's idempotency key (Stripe): a resend
-                                  with that key gets this answer back, so resend under a fresh key (and the
-                                  same identifier)
+                                  timeout): only ever resend it with the same identifier (and idempotency
+                                  key, but a key a 5xx answer was saved to is burnt: reconciler.upstream.stripe_api)
 
 The adapters translate SDK exceptions into these; the adapters' callers never see an SDK type.
 """
@@ -45,11 +42,4 @@ class RateLimitedError(TransientError):
 
 
 class OutcomeUnknownError(TransientError):
-    """The request may have been applied; resend only with the same idempotency key (a SavedServerError's key
-    is burnt: resend that one under a fresh key, with the same identifier)."""
-
-
-class SavedServerError(OutcomeUnknownError):
-    """A 5xx answer, which Stripe saved to the request's idempotency key and replays to every retry with that key
-    (https://docs.stripe.com/api/idempotent_requests): only a fresh key gets past it. The request may have been
-    applied, so the fresh key must carry what deduplicates it (the meter event identifier, or a `set` quantity)."""
+    """The request may have been applied; resend only with the same idempotency key."""

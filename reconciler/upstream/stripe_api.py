@@ -32,7 +32,6 @@ from reconciler.upstream.errors import (
     OutcomeUnknownError,
     PermanentError,
     RateLimitedError,
-    SavedServerError,
     UpstreamError,
 )
 from reconciler.upstream.rate_limit import RateLimiter
@@ -65,12 +64,9 @@ def translate_error(exc: stripe.StripeError, secrets: tuple[str, ...] = ()) -> U
         return OutcomeUnknownError(API, f"connection failed: {message}")
     if status == 429 or isinstance(exc, stripe.RateLimitError):
         return RateLimitedError(API, message, status=status, request_id=request_id, retry_after=_retry_after(headers))
-    if status is not None and status >= 500:
-        # Whatever Stripe-Should-Retry says, a server error may have applied the request.
-        return SavedServerError(API, message, status=status, request_id=request_id)
-    if status is None or status < 300 or status == 409:
-        # A success whose body could not be read may have applied the request; a 409 (the key is in use by a
-        # concurrent request) saved nothing to the key, so it is retried under it.
+    if status is None or status < 300 or status >= 500 or status == 409:
+        # Whatever Stripe-Should-Retry says, a server error may have applied the request; so may a success
+        # whose body could not be read.
         return OutcomeUnknownError(API, message, status=status, request_id=request_id)
     if str(headers.get("Stripe-Should-Retry", "")).lower() == "false":
         return PermanentError(API, message, status=status, request_id=request_id)
@@ -82,6 +78,16 @@ def _is_duplicate_identifier(exc: stripe.StripeError) -> bool:
     code = (exc.code or "").lower()
     message = (exc.user_message or "").lower()
     return exc.http_status == 400 and ("duplicate" in code or ("identifier" in message and "already" in message))
+
+
+def _is_server_error(exc: stripe.StripeError) -> bool:
+    return exc.http_status is not None and exc.http_status >= 500
+
+
+def _is_replayed(exc: stripe.StripeError) -> bool:
+    """Whether Stripe answered with the response saved to the request's idempotency key."""
+    headers = exc.headers or {}
+    return str(headers.get("Idempotent-Replayed") or headers.get("idempotent-replayed") or "").lower() == "true"
 
 
 def _time(value: Any) -> datetime | None:
@@ -139,9 +145,7 @@ class StripeGateway:
             http_client=stripe.RequestsClient(timeout=config.timeout_seconds),
         )
 
-    def _call(self, what: str, operation: Callable[[], T], *, renew_key: Callable[[], None] | None = None) -> T:
-        """`operation`, retried on transient errors. A write passes `renew_key`, called after a 5xx answer so that
-        the next attempt goes under a fresh idempotency key (see `_write`)."""
+    def _call(self, what: str, operation: Callable[[], T]) -> T:
         outcome_unknown = False
 
         def attempt() -> T:
@@ -155,8 +159,6 @@ class StripeGateway:
                     if isinstance(error, RateLimitedError):
                         # A 429 slows every call to Stripe down, not just this one.
                         self.limiter.hold_off(error.retry_after or 1.0)
-                    if isinstance(error, SavedServerError) and renew_key is not None:
-                        renew_key()
                     if isinstance(error, OutcomeUnknownError):
                         outcome_unknown = True
                     elif isinstance(error, PermanentError) and outcome_unknown:
@@ -403,12 +405,27 @@ class StripeGateway:
 
     def _write(self, what: str, intent: Intent, renew_key: KeyRenewal, post: Callable[[str], None]) -> None:
         """`post` the intent under its idempotency key, retried. A retry after no answer reuses the key, so Stripe
-        recognises the request if it arrived; a retry after a 5xx answer goes under a fresh key, which `renew_key`
-        commits before it is used: Stripe saved that answer to the old key and replays it to every retry with it."""
+        recognises the request if it arrived. A 5xx answer was saved to the key and is replayed to every retry with
+        it, so the next try goes under a fresh key, which `renew_key` commits to the ledger before it is used."""
         current = intent
 
-        def renew() -> None:
+        def post_under_current_key() -> None:
             nonlocal current
-            current = renew_key(current)
+            try:
+                post(current.idempotency_key)
+            except stripe.StripeError as exc:
+                if _is_server_error(exc):
+                    current = renew_key(current)
+                raise
 
-        self._call(what, lambda: post(current.idempotency_key), renew_key=renew)
+        def attempt() -> None:
+            try:
+                post_under_current_key()
+            except stripe.StripeError as exc:
+                if not (_is_server_error(exc) and _is_replayed(exc)):
+                    raise
+                # The 5xx saved for an earlier try whose answer never came (a timeout, a restart): Stripe tried
+                # nothing now, so try under the fresh key at once instead of spending a retry on the replay.
+                post_under_current_key()
+
+        self._call(what, attempt)
