@@ -1232,8 +1232,9 @@ class FakeStripe(FakeService):
         one ("no API endpoint initiates the execution"). So a dropped connection and a request held back before it
         was applied (a timeout before execution) save nothing. The docs do not mention 429s: the rate limiter
         answers before any endpoint runs (and stripe-python retries a 429 under the same key), so they are not
-        saved either. The docs are silent on whether a 5xx can come from before the endpoint began executing: every
-        other injected 5xx is saved, the case worse for a client (it must change keys to get anything else back)."""
+        saved either. The docs are silent on whether a 5xx can come from before the endpoint began executing, and on
+        what is saved for a request applied but answered after its client gave up: every other injected 5xx is
+        saved (a timeout after applying included), the case worse for a client (only a fresh key gets past it)."""
         response = self._with_request_id(response)
         idem_key = _idempotency_key(method, hdrs)
         if idem_key and _reached_the_endpoint(fault):
