@@ -229,6 +229,27 @@ def test_a_500_answer_is_resent_under_a_fresh_key_and_counted_once(harness, stri
     assert states_and_key_numbers(h) == [("sent", 1)]
 
 
+def test_a_5xx_replayed_to_a_resend_after_a_timeout_is_followed_at_once_by_a_fresh_key(harness):
+    """Stripe applied the event and saved a 504 to its key, but the answer came after our timeout: the next cycle's
+    resend (same key: no answer was seen) gets the saved 504 back. Stripe tried nothing then, so the fresh key is
+    tried at once, without spending a retry (there are none here)."""
+    h = harness
+    h.configure(stripe={"max_network_retries": 0, "timeout_seconds": 0.3})
+    seed(h, formula="sum")
+    use(h, utc(2026, 3, 2), 10)
+    h.stripe.inject_fault("POST", "/v1/billing/meter_events", 504, after_apply=True, delay_seconds=1.0)
+    with freeze_time(MID) as clock:
+        assert h.cycle().summary.failed == 1
+        assert states_and_key_numbers(h) == [("pending", 0)]  # no answer: the key is kept
+        clock.tick(timedelta(minutes=15))
+        result = h.cycle()
+    assert result.summary.failed == 0, result.summary.failures
+    first = keys_sent(h)[0]
+    assert keys_sent(h) == [first, first, f"{first}-1"]
+    assert stripe_total(h) == 10 and len(h.stripe.meter_events) == 1
+    assert states_and_key_numbers(h) == [("sent", 1)]
+
+
 def test_a_fresh_key_is_committed_before_the_resend_that_uses_it(harness):
     """Every attempt of a cycle is answered 500 (legacy usage records: `set` is idempotent by value, so a fresh key
     is safe even though Stripe applied them): the ledger already holds the key the next resend goes under."""
