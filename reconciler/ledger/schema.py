@@ -3,8 +3,8 @@
 - `usage_periods`: one row per stream and billing period: what OpenMeter measured (`target`), what Stripe
   holds because of us (`reported_total`), and whether the period is still provisional or final.
 - `usage_reports`: one row per report *intent*, written before the Stripe call and marked after it. Its
-  `identifier` (meter event identifier / idempotency key) is derived from the period and `sequence`, so a
-  resend after a crash is recognised by Stripe and a new intent never collides with an old one.
+  `identifier` (meter event identifier, and the base of the idempotency key) is derived from the period and
+  `sequence`, so a resend after a crash is recognised by Stripe and a new intent never collides with an old one.
 - `late_drift`: totals that changed after a period could no longer be reported.
 - `runs`: one row per cycle, with its outcome and counts.
 - `openmeter_meters`: OpenMeter's meters (id, aggregation) as last listed.
@@ -122,6 +122,10 @@ class UsageReport(Base):
     final: Mapped[bool] = mapped_column(Boolean, default=False)
     state: Mapped[str] = mapped_column(String(16), default=IntentState.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Which idempotency key the report is sent under (Intent.idempotency_key): 0 at first, one more after each 5xx
+    # answer, which Stripe saved to the key in use and would replay to every resend with it. Raised and committed
+    # before the request that uses it is sent.
+    idempotency_key_number: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     run_id: Mapped[str] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -4,13 +4,15 @@ process may die between any two calls and the ledger still tells the truth:
     record_intent  (committed)  ->  Stripe call  ->  mark_sent / mark_failed  (committed)
 
 A crash after `record_intent` leaves a pending intent; the next cycle resends it with the same identifier
-and idempotency key before deciding anything new, so Stripe counts it once.
+and idempotency key before deciding anything new, so Stripe counts it once. After a 5xx answer the intent moves
+on to a fresh key (`renew_idempotency_key`, committed before the resend) with the same identifier.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -182,6 +184,7 @@ class UsageLedger:
                     final=decision.final,
                     state=IntentState.PENDING,
                     attempts=0,
+                    idempotency_key_number=0,
                     run_id=run_id,
                     created_at=now,
                 )
@@ -243,6 +246,14 @@ class UsageLedger:
             report.attempts += 1
             report.error = error
             self._note_failure(session.get_one(UsagePeriod, report.period_id), error, now)
+
+    def renew_idempotency_key(self, intent: Intent) -> Intent:
+        """Move a pending intent on to a fresh idempotency key, committed before any request uses it: Stripe saved a
+        5xx answer to the key in use and replays it to every resend with that key. Returns the intent under it."""
+        with self._write() as session:
+            report = session.get_one(UsageReport, intent.id, with_for_update=True)
+            report.idempotency_key_number += 1
+            return replace(intent, key_number=report.idempotency_key_number)
 
     def note_failure(self, work: StreamPeriod, error: str) -> None:
         now = self._clock()
@@ -354,6 +365,7 @@ class UsageLedger:
             final=report.final,
             created_at=report.created_at,
             attempts=report.attempts,
+            key_number=report.idempotency_key_number,
         )
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "DROP_CONNECTION",
     "App",
     "FakeService",
+    "FaultAnswered",
     "InjectedFault",
     "LoopbackServer",
     "RecordedRequest",
@@ -188,6 +189,11 @@ class InjectedFault:
         )
 
 
+# Called under the service lock with the fault, its answer, and the answer the request got when it was applied
+# first (None when it was not); returns the answer to send.
+FaultAnswered = Callable[[InjectedFault, Response, Response | None], Response]
+
+
 class FakeService:
     """Base class: a lock, a request log, fault injection, a clock, and for benchmarks: latency, an enforced
     request budget and the arrival time of every request."""
@@ -318,10 +324,12 @@ class FakeService:
         params: dict[str, Any],
         body: bytes,
         apply: Callable[[], Response],
+        on_fault: FaultAnswered | None = None,
     ) -> Response:
         """Record the request, then answer it: with an injected fault (before or after applying it) or with
         `apply()`. Requests are applied one at a time, under the service lock; latency and an injected delay are
-        waited out after the lock is released. Over the budget set by `limit_rate`, the answer is a 429."""
+        waited out after the lock is released. Over the budget set by `limit_rate`, the answer is a 429.
+        `on_fault` lets a fake finish a fault's answer under the lock (Stripe saves some to idempotency keys)."""
         with self.lock:
             arrived = time.monotonic()
             if self._over_budget(arrived):
@@ -332,21 +340,25 @@ class FakeService:
                 if self.record_requests:
                     query = {k: list(v) for k, v in query.items()}
                     self._record(RecordedRequest(method, path, query, headers, params, bytes(body)))
-                response, delay = self._answer(method, path, apply)
+                response, delay = self._answer(method, path, apply, on_fault)
         if self.latency_seconds or delay:
             # Real time, whatever clock the fake runs on; an injected delay longer than the client's timeout is
             # a timeout.
             threading.Event().wait(self.latency_seconds + delay)
         return response
 
-    def _answer(self, method: str, path: str, apply: Callable[[], Response]) -> tuple[Response, float]:
+    def _answer(
+        self, method: str, path: str, apply: Callable[[], Response], on_fault: FaultAnswered | None
+    ) -> tuple[Response, float]:
         """The answer to a request within the budget (under the lock), and how long to hold it back."""
         fault = self._take_fault(method, path)
         if fault is None:
             return apply(), 0.0
-        if fault.after_apply:
-            apply()
-        return self._fault_response(fault), fault.delay_seconds
+        applied = apply() if fault.after_apply else None
+        response = self._fault_response(fault)
+        if on_fault is not None:
+            response = on_fault(fault, response, applied)
+        return response, fault.delay_seconds
 
     def _reset_base(self) -> None:
         self.requests.clear()

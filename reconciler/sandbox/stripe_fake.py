@@ -31,10 +31,11 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
 
-from reconciler.sandbox.httpserver import FakeService, Response
+from reconciler.sandbox.httpserver import FakeService, InjectedFault, Response
 
 __all__ = ["FakeStripe", "MeterEvent", "StripeError", "parse_stripe_params"]
 
@@ -235,6 +236,30 @@ class _IdempotencyEntry:
     created: float
     response: Response
     request_id: str
+
+
+def _idempotency_key(method: str, hdrs: Mapping[str, str]) -> str | None:
+    return hdrs.get("idempotency-key") if method == "POST" else None
+
+
+def _fingerprint(method: str, path: str, params: dict[str, Any]) -> str:
+    """What a key's later requests must repeat to be answered with its saved response."""
+    return json.dumps([method, path, params], sort_keys=True)
+
+
+def _is_saved_to_key(status: int) -> bool:
+    """Whether Stripe saves an answer the endpoint gave to the request's idempotency key: successes, and server
+    errors too (https://docs.stripe.com/api/idempotent_requests: "including 500 errors"). The fake's 4xx are
+    validation failures, which are not saved: no endpoint began executing."""
+    return 200 <= status < 300 or status >= 500
+
+
+def _reached_the_endpoint(fault: InjectedFault) -> bool:
+    """Whether an injected fault stands for an answer of an endpoint that began executing: a 5xx, unless it was
+    held back without being applied (a timeout before execution). Dropped connections (status 0) and 429s never
+    reached it."""
+    held_back_before_execution = fault.delay_seconds > 0 and not fault.after_apply
+    return fault.status >= 500 and not held_back_before_execution
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1074,9 +1099,16 @@ class FakeStripe(FakeService):
             pairs += parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
         params = parse_stripe_params(pairs)
         response = self._serve(
-            method, path, query, hdrs, params, body, lambda: self._handle_locked(method, path, params, hdrs)
+            method,
+            path,
+            query,
+            hdrs,
+            params,
+            body,
+            lambda: self._handle_locked(method, path, params, hdrs),
+            partial(self._finish_fault_answer, method, path, params, hdrs),
         )
-        if "Request-Id" not in response[1]:  # an injected fault: Stripe stamps every answer
+        if "Request-Id" not in response[1]:  # a 429 for being over the budget: Stripe stamps every answer
             response = self._with_request_id(response)
         # Stripe echoes the API version the request was served with.
         response[1]["Stripe-Version"] = hdrs.get("stripe-version") or self.default_api_version
@@ -1132,53 +1164,90 @@ class FakeStripe(FakeService):
         except StripeError as e:
             return self._with_request_id(self._json(e.status, e.body()))
 
-        idem_key = hdrs.get("idempotency-key") if method == "POST" else None
-        fingerprint = ""
+        idem_key = _idempotency_key(method, hdrs)
+        fingerprint = _fingerprint(method, path, params) if idem_key else ""
         if idem_key:
-            now = self.clock()
-            # Keys are kept in the order they were first used: expire from the oldest, not by scanning them all
-            # (which made 100,000 POSTs quadratic).
-            while self._idempotency:
-                oldest = next(iter(self._idempotency))
-                if now - self._idempotency[oldest].created <= _IDEMPOTENCY_TTL:
-                    break
-                del self._idempotency[oldest]
-            fingerprint = json.dumps([method, path, params], sort_keys=True)
+            self._expire_idempotency_keys()
             entry = self._idempotency.get(idem_key)
             if entry is not None:
-                if entry.fingerprint != fingerprint:
-                    err = StripeError(
-                        400,
-                        "Keys for idempotent requests can only be used with the same parameters they were "
-                        f"first used with. Try using a key other than '{idem_key}' if you meant to execute "
-                        "a different request.",
-                        type="idempotency_error",
-                    )
-                    return self._with_request_id(self._json(400, err.body()))
-                return self._with_request_id(
-                    entry.response,
-                    {
-                        "Idempotent-Replayed": "true",
-                        "Original-Request": entry.request_id,
-                        "Idempotency-Key": idem_key,
-                    },
-                )
+                return self._replay(idem_key, entry, fingerprint)
 
         response = self._with_request_id(self._route(method, path, params, hdrs))
-        if idem_key and 200 <= response[0] < 300:
-            self._idempotency[idem_key] = _IdempotencyEntry(
-                fingerprint=fingerprint,
-                created=self.clock(),
-                response=(
-                    response[0],
-                    {k: v for k, v in response[1].items() if k != "Request-Id"},
-                    response[2],
-                ),
-                request_id=response[1]["Request-Id"],
-            )
+        if idem_key and _is_saved_to_key(response[0]):
+            self._save_to_key(idem_key, fingerprint, response)
         if idem_key:
             response[1]["Idempotency-Key"] = idem_key
         return response
+
+    def _expire_idempotency_keys(self) -> None:
+        now = self.clock()
+        # Keys are kept in the order they were first used: expire from the oldest, not by scanning them all
+        # (which made 100,000 POSTs quadratic).
+        while self._idempotency:
+            oldest = next(iter(self._idempotency))
+            if now - self._idempotency[oldest].created <= _IDEMPOTENCY_TTL:
+                break
+            del self._idempotency[oldest]
+
+    def _replay(self, idem_key: str, entry: _IdempotencyEntry, fingerprint: str) -> Response:
+        """The answer saved to `idem_key`, to a request with the same parameters; an error to any other."""
+        if entry.fingerprint != fingerprint:
+            err = StripeError(
+                400,
+                "Keys for idempotent requests can only be used with the same parameters they were "
+                f"first used with. Try using a key other than '{idem_key}' if you meant to execute "
+                "a different request.",
+                type="idempotency_error",
+            )
+            return self._with_request_id(self._json(400, err.body()))
+        return self._with_request_id(
+            entry.response,
+            {"Idempotent-Replayed": "true", "Original-Request": entry.request_id, "Idempotency-Key": idem_key},
+        )
+
+    def _save_to_key(self, idem_key: str, fingerprint: str, response: Response) -> None:
+        status, headers, body = response
+        self._idempotency[idem_key] = _IdempotencyEntry(
+            fingerprint=fingerprint,
+            created=self.clock(),
+            response=(status, {k: v for k, v in headers.items() if k != "Request-Id"}, body),
+            request_id=headers["Request-Id"],
+        )
+
+    def _finish_fault_answer(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, Any],
+        hdrs: Mapping[str, str],
+        fault: InjectedFault,
+        response: Response,
+        applied: Response | None,
+    ) -> Response:
+        """Stamp an injected fault's answer, and save it to the request's idempotency key when Stripe would.
+
+        https://docs.stripe.com/api/idempotent_requests: Stripe saves the status code and body of the first
+        request made with a key once the endpoint began executing, 500 errors included, and replays them to every
+        retry with that key; nothing is saved for a request that failed validation or conflicted with a concurrent
+        one ("no API endpoint initiates the execution"). So a dropped connection and a request held back before it
+        was applied (a timeout before execution) save nothing. The docs do not mention 429s: the rate limiter
+        answers before any endpoint runs (and stripe-python retries a 429 under the same key), so they are not
+        saved either. The docs are silent on whether a 5xx can come from before the endpoint began executing, and on
+        what is saved for a request applied but answered after its client gave up: every other injected 5xx is
+        saved (a timeout after applying included), the case worse for a client (only a fresh key gets past it)."""
+        response = self._with_request_id(response)
+        idem_key = _idempotency_key(method, hdrs)
+        if idem_key and _reached_the_endpoint(fault):
+            self._expire_idempotency_keys()
+            if self._key_is_free_for(idem_key, applied):
+                self._save_to_key(idem_key, _fingerprint(method, path, params), response)
+        return response
+
+    def _key_is_free_for(self, idem_key: str, applied: Response | None) -> bool:
+        """False when `idem_key` holds an earlier request's answer: the first answer is the one kept. An answer
+        saved while this very request was applied is replaced by its fault's."""
+        entry = self._idempotency.get(idem_key)
+        return entry is None or (applied is not None and entry.request_id == applied[1].get("Request-Id"))
 
     def _route(self, method: str, path: str, params: dict[str, Any], hdrs: Mapping[str, str]) -> Response:
         for route_method, pattern, handler in self._routes:

@@ -5,7 +5,8 @@
     └── TransientError            may succeed if tried again later
         ├── RateLimitedError      429: wait `.retry_after` seconds (or back off) before the next call
         └── OutcomeUnknownError   the request may or may not have been applied (dropped connection, 5xx,
-                                  timeout): only ever resend it with the same idempotency key/identifier
+                                  timeout): only ever resend it with the same identifier (and idempotency
+                                  key, but a key a 5xx answer was saved to is burnt: reconciler.upstream.stripe_api)
 
 The adapters translate SDK exceptions into these; the adapters' callers never see an SDK type.
 """

@@ -4,7 +4,10 @@ SDK traps avoided here (see shared/api-notes.md):
 - `max_network_retries=0`: our retry loop (reconciler.upstream.retry) is the single budget, and it also
   handles 429s, which the SDK retries only with `Stripe-Should-Retry: true` and without `Retry-After`.
 - Every POST carries our deterministic idempotency key, so a retry, even from a restarted process, is one
-  request to Stripe.
+  request to Stripe. But Stripe saves a 5xx answer to the key and replays it to every retry with it
+  (https://docs.stripe.com/api/idempotent_requests): a write keeps its key only while it gets no answer at all,
+  and goes under a fresh one, committed to the ledger first, after a 5xx answer. The SDK would retry a 5xx under
+  the same key (`_should_retry`), which could only fetch the replay; with its retries off it cannot.
 - `StripeObject` is not a dict: responses are converted with `to_dict()` at this edge.
 - The API version is pinned in the config, and legacy usage records go through `raw_request` with the old
   version they still exist in.
@@ -39,6 +42,8 @@ from reconciler.usage.periods import epoch_seconds, from_epoch_seconds
 API = "stripe"
 PAGE_SIZE = 100
 T = TypeVar("T")
+# Commits a fresh idempotency key for a pending intent to the ledger and returns the intent carrying it.
+KeyRenewal = Callable[[Intent], Intent]
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -73,6 +78,16 @@ def _is_duplicate_identifier(exc: stripe.StripeError) -> bool:
     code = (exc.code or "").lower()
     message = (exc.user_message or "").lower()
     return exc.http_status == 400 and ("duplicate" in code or ("identifier" in message and "already" in message))
+
+
+def _is_server_error(exc: stripe.StripeError) -> bool:
+    return exc.http_status is not None and exc.http_status >= 500
+
+
+def _is_replayed(exc: stripe.StripeError) -> bool:
+    """Whether Stripe answered with the response saved to the request's idempotency key."""
+    headers = exc.headers or {}
+    return str(headers.get("Idempotent-Replayed") or headers.get("idempotent-replayed") or "").lower() == "true"
 
 
 def _time(value: Any) -> datetime | None:
@@ -351,7 +366,7 @@ class StripeGateway:
 
     # -- writing -------------------------------------------------------------------------------------
 
-    def send_meter_event(self, intent: Intent) -> None:
+    def send_meter_event(self, intent: Intent, renew_key: KeyRenewal) -> None:
         meter = intent.meter
         assert meter is not None
         params = {
@@ -361,29 +376,56 @@ class StripeGateway:
             "payload": {meter.customer_key: intent.customer_id, meter.value_key: str(intent.quantity)},
         }
 
-        def create() -> None:
+        def create(idempotency_key: str) -> None:
             try:
                 self._client.v1.billing.meter_events.create(
                     params=params,  # type: ignore[arg-type]
-                    options={"idempotency_key": intent.idempotency_key},
+                    options={"idempotency_key": idempotency_key},
                 )
             except stripe.StripeError as exc:
                 if _is_duplicate_identifier(exc):
                     return  # Stripe already holds this very event: the earlier attempt was applied
                 raise
 
-        self._call("create meter event", create)
+        self._write("create meter event", intent, renew_key, create)
 
-    def send_usage_record(self, intent: Intent) -> None:
-        self._call(
-            "create usage record",
-            lambda: self._client.raw_request(
+    def send_usage_record(self, intent: Intent, renew_key: KeyRenewal) -> None:
+        def create(idempotency_key: str) -> None:
+            self._client.raw_request(
                 "post",
                 f"/v1/subscription_items/{intent.item_id}/usage_records",
                 quantity=intent.quantity,
-                action="set",
+                action="set",  # idempotent by value, so a fresh key after a 5xx answer cannot count it twice
                 timestamp=epoch_seconds(intent.event_timestamp),
                 stripe_version=self._config.legacy_api_version,
-                idempotency_key=intent.idempotency_key,
-            ),
-        )
+                idempotency_key=idempotency_key,
+            )
+
+        self._write("create usage record", intent, renew_key, create)
+
+    def _write(self, what: str, intent: Intent, renew_key: KeyRenewal, post: Callable[[str], None]) -> None:
+        """`post` the intent under its idempotency key, retried. A retry after no answer reuses the key, so Stripe
+        recognises the request if it arrived. A 5xx answer was saved to the key and is replayed to every retry with
+        it, so the next try goes under a fresh key, which `renew_key` commits to the ledger before it is used."""
+        current = intent
+
+        def post_under_current_key() -> None:
+            nonlocal current
+            try:
+                post(current.idempotency_key)
+            except stripe.StripeError as exc:
+                if _is_server_error(exc):
+                    current = renew_key(current)
+                raise
+
+        def attempt() -> None:
+            try:
+                post_under_current_key()
+            except stripe.StripeError as exc:
+                if not (_is_server_error(exc) and _is_replayed(exc)):
+                    raise
+                # The 5xx saved for an earlier try whose answer never came (a timeout, a restart): Stripe tried
+                # nothing now, so try under the fresh key at once instead of spending a retry on the replay.
+                post_under_current_key()
+
+        self._call(what, attempt)

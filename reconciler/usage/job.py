@@ -74,8 +74,9 @@ IDENTIFIER_SAFE_RESEND = timedelta(hours=23)
 class StripePort(Protocol):
     def list_meters(self) -> dict[str, Meter]: ...
     def metered_items(self, *, with_customer: bool, customers: frozenset[str] = ...) -> Iterable[MeteredItem]: ...
-    def send_meter_event(self, intent: Intent) -> None: ...
-    def send_usage_record(self, intent: Intent) -> None: ...
+    # `renew_key` commits a fresh idempotency key for the intent before a resend after a 5xx answer.
+    def send_meter_event(self, intent: Intent, renew_key: Callable[[Intent], Intent]) -> None: ...
+    def send_usage_record(self, intent: Intent, renew_key: Callable[[Intent], Intent]) -> None: ...
     def meter_total(self, meter_id: str, customer: str, start: datetime, end: datetime) -> Decimal: ...
     def legacy_usage_total(self, item_id: str, period_start: datetime) -> int | None: ...
 
@@ -562,7 +563,7 @@ class UsageSync:
         cycle's SentMarks (reconciler.usage.outcomes)."""
         send = self._stripe.send_usage_record if intent.kind is StreamKind.LEGACY else self._stripe.send_meter_event
         try:
-            send(intent)
+            send(intent, ledger.renew_idempotency_key)
         except PermanentError as exc:
             if intent.kind is StreamKind.METER_SUM and intent.attempts > 0:
                 # An earlier send of this difference may have been applied: refusing it now proves nothing, and a
@@ -576,7 +577,8 @@ class UsageSync:
             ledger.mark_failed(intent, str(exc))
             raise
         except TransientError as exc:
-            ledger.note_attempt(intent, str(exc))  # stays pending: resent next cycle, same identifier
+            # Stays pending: resent next cycle, same identifier, under the key the ledger now holds for it.
+            ledger.note_attempt(intent, str(exc))
             raise
         if group_commit:
             self._sent_marks.add(ledger, intent)

@@ -89,9 +89,9 @@ def test_a_crash_mid_cycle_with_workers_in_flight_bills_nothing_twice_after_the_
     sent = 0
     lock = threading.Lock()
 
-    def send_then_die(intent):
+    def send_then_die(intent, renew_key):
         nonlocal sent
-        send(intent)  # Stripe applied it; the process dies before the ledger hears back
+        send(intent, renew_key)  # Stripe applied it; the process dies before the ledger hears back
         with lock:
             sent += 1
             if sent == 40:

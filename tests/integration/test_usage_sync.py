@@ -164,9 +164,9 @@ def test_crash_between_intent_and_stripe_answer_never_double_counts(harness, str
     use(h, utc(2026, 3, 2), 10)
     real_send = h.stripe_gateway.send_meter_event
 
-    def dying_send(intent):
+    def dying_send(intent, renew_key):
         if stripe_applied_it:
-            real_send(intent)
+            real_send(intent, renew_key)
         raise ProcessKilled
 
     with freeze_time(MID) as clock:
@@ -200,6 +200,74 @@ def test_lost_response_is_resent_with_the_same_identifier_and_counted_once(harne
     assert stripe_total(h) == 10
     sent = {p.params["identifier"] for p in posts(h)}
     assert len(sent) == 1  # every attempt, across both cycles, carried the same identifier
+
+
+def keys_sent(h: Harness, prefix: str = "/v1/billing/meter_events") -> list[str]:
+    return [p.headers["idempotency-key"] for p in posts(h, prefix)]
+
+
+def states_and_key_numbers(h: Harness) -> list[tuple[str, int]]:
+    return [tuple(r) for r in h.rows("select state, idempotency_key_number from usage_reports order by sequence")]
+
+
+@pytest.mark.parametrize("stripe_applied_it", [False, True], ids=["failed-before-applying", "applied-then-failed"])
+def test_a_500_answer_is_resent_under_a_fresh_key_and_counted_once(harness, stripe_applied_it):
+    """Stripe saves a 500 to the idempotency key and replays it to every retry with that key
+    (https://docs.stripe.com/api/idempotent_requests): a resend under the same key could only fetch that 500 until
+    the 23-hour settle path, past the invoice for usage near a period end. A fresh key with the same identifier gets
+    through, and the identifier still deduplicates the event."""
+    h = harness
+    seed(h, formula="sum")
+    use(h, utc(2026, 3, 2), 10)
+    h.stripe.inject_fault("POST", "/v1/billing/meter_events", 500, after_apply=stripe_applied_it)
+    with freeze_time(MID):
+        result = h.cycle()
+    assert (result.summary.reported, result.summary.failed) == (1, 0), result.summary.failures
+    assert stripe_total(h) == 10 and len(h.stripe.meter_events) == 1
+    [identifier] = {p.params["identifier"] for p in posts(h)}
+    assert keys_sent(h) == [f"reconciler-{identifier}", f"reconciler-{identifier}-1"]
+    assert states_and_key_numbers(h) == [("sent", 1)]
+
+
+def test_a_5xx_replayed_to_a_resend_after_a_timeout_is_followed_at_once_by_a_fresh_key(harness):
+    """Stripe applied the event and saved a 504 to its key, but the answer came after our timeout: the next cycle's
+    resend (same key: no answer was seen) gets the saved 504 back. Stripe tried nothing then, so the fresh key is
+    tried at once, without spending a retry (there are none here)."""
+    h = harness
+    h.configure(stripe={"max_network_retries": 0, "timeout_seconds": 0.3})
+    seed(h, formula="sum")
+    use(h, utc(2026, 3, 2), 10)
+    h.stripe.inject_fault("POST", "/v1/billing/meter_events", 504, after_apply=True, delay_seconds=1.0)
+    with freeze_time(MID) as clock:
+        assert h.cycle().summary.failed == 1
+        assert states_and_key_numbers(h) == [("pending", 0)]  # no answer: the key is kept
+        clock.tick(timedelta(minutes=15))
+        result = h.cycle()
+    assert result.summary.failed == 0, result.summary.failures
+    first = keys_sent(h)[0]
+    assert keys_sent(h) == [first, first, f"{first}-1"]
+    assert stripe_total(h) == 10 and len(h.stripe.meter_events) == 1
+    assert states_and_key_numbers(h) == [("sent", 1)]
+
+
+def test_a_fresh_key_is_committed_before_the_resend_that_uses_it(harness):
+    """Every attempt of a cycle is answered 500 (legacy usage records: `set` is idempotent by value, so a fresh key
+    is safe even though Stripe applied them): the ledger already holds the key the next resend goes under."""
+    h = harness
+    item = seed(h, legacy=True, event_name="price_legacy")
+    records = f"/v1/subscription_items/{item['id']}/usage_records"
+    use(h, utc(2026, 3, 2), 4)
+    h.stripe.inject_fault("POST", records, 500, times=3, after_apply=True)  # 3 attempts = 1 + max_network_retries
+    with freeze_time(MID) as clock:
+        assert h.cycle().summary.failed == 1
+        assert states_and_key_numbers(h) == [("pending", 3)]
+        h.configure()  # a fresh process: the key comes from the ledger
+        clock.tick(timedelta(minutes=15))
+        assert h.cycle().summary.failed == 0
+    keys = keys_sent(h, records)
+    assert keys[1:] == [f"{keys[0]}-{n}" for n in (1, 2, 3)] and len(set(keys)) == 4
+    assert h.stripe.usage_record_total(item["id"]) == 4
+    assert [r.state for r in h.rows("select state from usage_reports")] == ["sent"]
 
 
 def test_a_success_whose_body_cannot_be_read_is_an_unknown_outcome_not_a_refusal(harness):
@@ -425,9 +493,9 @@ def test_an_old_pending_sum_intent_is_settled_from_stripes_summary_of_its_minute
     use(h, utc(2026, 3, 2), 10)
     real_send = h.stripe_gateway.send_meter_event
 
-    def unanswered(intent):
+    def unanswered(intent, renew_key):
         if stripe_applied_it:
-            real_send(intent)
+            real_send(intent, renew_key)
         raise OutcomeUnknownError("stripe", "connection failed")
 
     with freeze_time(MID) as clock:
@@ -447,7 +515,7 @@ def test_an_old_pending_sum_intent_stripes_summary_cannot_settle_is_left_for_a_p
     seed(h, formula="sum")
     use(h, utc(2026, 3, 2), 10)
 
-    def unreachable(intent):
+    def unreachable(intent, renew_key):
         raise OutcomeUnknownError("stripe", "connection failed")
 
     with freeze_time(MID) as clock:
@@ -559,9 +627,9 @@ def test_a_pending_intent_is_not_resent_after_the_invoice_finalized(harness, str
     use(h, utc(2026, 3, 2), 10)
     real_send = h.stripe_gateway.send_meter_event
 
-    def unanswered(intent):
+    def unanswered(intent, renew_key):
         if stripe_applied_it:
-            real_send(intent)
+            real_send(intent, renew_key)
         raise OutcomeUnknownError("stripe", "connection failed")
 
     with freeze_time(PERIOD_END - timedelta(hours=1)) as clock:

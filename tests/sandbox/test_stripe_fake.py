@@ -13,7 +13,7 @@ import pytest
 import stripe
 from freezegun import freeze_time
 
-from reconciler.sandbox.httpserver import LoopbackServer
+from reconciler.sandbox.httpserver import DROP_CONNECTION, LoopbackServer
 from reconciler.sandbox.stripe_fake import FakeStripe, parse_stripe_params
 
 NOW = 1_767_225_600  # 2026-01-01T00:00:00Z
@@ -550,17 +550,17 @@ def test_fault_before_apply_stores_nothing(client: stripe.StripeClient, fake: Fa
         _meter_event(client, "cus_1", "1", identifier="f1", idempotency_key="fk")
     assert exc.value.http_status == 500
     assert fake.meter_events == []
-    event = _meter_event(client, "cus_1", "1", identifier="f1", idempotency_key="fk")  # fault used up
+    event = _meter_event(client, "cus_1", "1", identifier="f1", idempotency_key="fk-2")  # fault used up
     assert event.identifier == "f1" and len(fake.meter_events) == 1
 
 
 def test_lost_response_then_idempotent_retry(client: stripe.StripeClient, fake: FakeStripe):
     fake.add_customer(id="cus_1")
     fake.add_meter("api_calls")
-    fake.inject_fault("POST", "/v1/billing/meter_events", 503, after_apply=True)
-    with pytest.raises(stripe.APIError):
+    fake.inject_fault("POST", "/v1/billing/meter_events", DROP_CONNECTION, after_apply=True)
+    with pytest.raises(stripe.APIConnectionError):
         _meter_event(client, "cus_1", "1", identifier="lost", idempotency_key="k-lost")
-    assert len(fake.meter_events) == 1  # applied although the client saw an error
+    assert len(fake.meter_events) == 1  # applied although the client got no answer
     retry = _meter_event(client, "cus_1", "1", identifier="lost", idempotency_key="k-lost")
     assert retry.last_response.headers.get("Idempotent-Replayed") == "true"
     assert len(fake.meter_events) == 1
@@ -568,6 +568,75 @@ def test_lost_response_then_idempotent_retry(client: stripe.StripeClient, fake: 
     with pytest.raises(stripe.InvalidRequestError) as exc:
         _meter_event(client, "cus_1", "1", identifier="lost")
     assert exc.value.code == "duplicate_meter_event"
+
+
+@pytest.mark.parametrize("applied", [False, True], ids=["before-apply", "after-apply"])
+def test_a_5xx_is_saved_to_its_idempotency_key_and_replayed(
+    client: stripe.StripeClient, fake: FakeStripe, applied: bool
+):
+    """https://docs.stripe.com/api/idempotent_requests: "Stripe saves the status code and body of the first request
+    made with a given idempotency key after endpoint execution begins. Retries with the same key return the saved
+    response, including 500 errors." Only a fresh key gets past it."""
+    fake.add_customer(id="cus_1")
+    fake.add_meter("api_calls")
+    fake.inject_fault("POST", "/v1/billing/meter_events", 500, after_apply=applied)
+    with pytest.raises(stripe.APIError) as first:
+        _meter_event(client, "cus_1", "1", identifier="e5", idempotency_key="k5")
+    with pytest.raises(stripe.APIError) as retry:
+        _meter_event(client, "cus_1", "1", identifier="e5", idempotency_key="k5")
+    assert retry.value.http_status == 500
+    assert retry.value.headers["Idempotent-Replayed"] == "true"
+    assert retry.value.headers["Original-Request"] == first.value.request_id
+    assert len(fake.meter_events) == int(applied)  # the replay applied nothing
+    if applied:
+        with pytest.raises(stripe.InvalidRequestError) as duplicate:
+            _meter_event(client, "cus_1", "1", identifier="e5", idempotency_key="k5-1")
+        assert duplicate.value.code == "duplicate_meter_event"  # the identifier still deduplicates the event
+    else:
+        assert _meter_event(client, "cus_1", "1", identifier="e5", idempotency_key="k5-1").identifier == "e5"
+    assert len(fake.meter_events) == 1
+
+
+def test_a_5xx_does_not_replace_the_answer_a_key_already_holds(client: stripe.StripeClient, fake: FakeStripe):
+    fake.add_customer(id="cus_1")
+    fake.add_meter("api_calls")
+    first = _meter_event(client, "cus_1", "1", identifier="e6", idempotency_key="k6")
+    fake.inject_fault("POST", "/v1/billing/meter_events", 503)
+    with pytest.raises(stripe.APIError):
+        _meter_event(client, "cus_1", "1", identifier="e6", idempotency_key="k6")
+    again = _meter_event(client, "cus_1", "1", identifier="e6", idempotency_key="k6")
+    assert again.to_dict() == first.to_dict() and again.last_response.headers["Idempotent-Replayed"] == "true"
+
+
+@pytest.mark.parametrize(
+    ("status", "delay_seconds", "error"),
+    [
+        (DROP_CONNECTION, 0.0, stripe.APIConnectionError),
+        (429, 0.0, stripe.RateLimitError),
+        (504, 1.0, stripe.APIConnectionError),  # held back past the client's timeout, never applied
+    ],
+    ids=["dropped-connection", "rate-limited", "timeout-before-execution"],
+)
+def test_an_answer_from_before_the_endpoint_is_not_saved_to_the_key(
+    server: LoopbackServer, fake: FakeStripe, status: int, delay_seconds: float, error: type[Exception]
+):
+    """https://docs.stripe.com/api/idempotent_requests saves results "only after the execution of an endpoint
+    begins": a request that never reached it can be retried with the same key."""
+    fake.add_customer(id="cus_1")
+    fake.add_meter("api_calls")
+    fake.inject_fault("POST", "/v1/billing/meter_events", status, delay_seconds=delay_seconds)
+    http = stripe.RequestsClient(timeout=0.3)
+    client = stripe.StripeClient(
+        "sk_test_sandbox", base_addresses={"api": server.url}, max_network_retries=0, http_client=http
+    )
+    try:
+        with pytest.raises(error):
+            _meter_event(client, "cus_1", "1", identifier="e7", idempotency_key="k7")
+        retry = _meter_event(client, "cus_1", "1", identifier="e7", idempotency_key="k7")
+    finally:
+        http.close()
+    assert retry.last_response.headers.get("Idempotent-Replayed") is None
+    assert len(fake.meter_events) == 1
 
 
 def test_fault_times_headers_and_body(client: stripe.StripeClient, fake: FakeStripe):
