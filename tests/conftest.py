@@ -34,6 +34,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The fault simulation first: it is the longest part of the suite and runs its seeds in processes of its own,
     so with `pytest -n` the rest of the suite runs beside it instead of after it."""
     items.sort(key=lambda item: "tests/simulation/" not in item.nodeid)
+
+
 STRIPE_KEY = "sk_test_sandbox"
 OPENMETER_TOKEN = "om_sandbox_token"
 MOESIF_TOKEN = "moesif_sandbox_token"

@@ -52,6 +52,13 @@ class Problem(Exception):
         self.detail = detail
 
 
+def _positive(query: Mapping[str, list[str]], name: str, default: int, maximum: int | None) -> int:
+    raw = (query.get(name) or [str(default)])[0]
+    if not raw.isdigit() or int(raw) < 1 or (maximum is not None and int(raw) > maximum):
+        raise Problem(400, f"{name} must be an integer from 1" + (f" to {maximum}" if maximum else "") + f": {raw!r}")
+    return int(raw)
+
+
 def _ulid(ms: int) -> str:
     value = (ms << 80) | secrets.randbits(80)
     out = []
@@ -110,6 +117,7 @@ class FakeOpenMeter(FakeService):
 
     def _init_state(self) -> None:
         self.meters: dict[str, dict[str, Any]] = {}  # slug -> Meter JSON
+        self.ignores_paging = False
         self.events: dict[str, list[OpenMeterEvent]] = {}  # slug -> events
         self._by_subject: dict[str, dict[str, list[OpenMeterEvent]]] = {}  # slug -> subject -> events
         self._seq = 0
@@ -249,6 +257,16 @@ class FakeOpenMeter(FakeService):
             return self._problem(p.status, p.detail)
         return 200, {"Content-Type": "application/json"}, json.dumps(payload).encode()
 
+    def _meters_page(self, query: dict[str, list[str]]) -> list[dict[str, Any]]:
+        """`GET /api/v1/meters` pages as the contract says (listMeters in shared/contracts/openmeter-openapi.yaml:
+        `page` from 1, `pageSize` 1..1000, default 100). `ignores_paging` plays a server that returns every meter
+        on every page, which a client must survive."""
+        meters = [json.loads(json.dumps(m)) for m in self.meters.values()]
+        if self.ignores_paging:
+            return meters
+        page, size = _positive(query, "page", 1, None), _positive(query, "pageSize", 100, 1000)
+        return meters[(page - 1) * size : page * size]
+
     def _route(self, method: str, path: str, query: dict[str, list[str]]) -> Any:
         parts = [unquote(p) for p in path.strip("/").split("/")]
         if parts[:3] != ["api", "v1", "meters"]:
@@ -257,7 +275,7 @@ class FakeOpenMeter(FakeService):
         if method != "GET":
             raise Problem(405, f"method {method} is not supported by the sandbox on {path}")
         if not rest:
-            return [json.loads(json.dumps(m)) for m in self.meters.values()]
+            return self._meters_page(query)
         meter = self._find_meter(rest[0])
         if len(rest) == 1:
             return json.loads(json.dumps(meter))

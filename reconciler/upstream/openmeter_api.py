@@ -11,7 +11,7 @@ import json
 import threading
 from collections.abc import Callable, Sequence
 from decimal import Decimal
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import openmeter
 from corehttp.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
@@ -75,6 +75,10 @@ def usage_number(value: object, meter: str, subject: str) -> Decimal:
     return number
 
 
+def _aggregation(meter: Any) -> str:
+    return str(getattr(meter.aggregation, "value", meter.aggregation)).upper()
+
+
 class OpenMeterGateway:
     def __init__(self, config: OpenMeterConfig, metrics: Metrics = NO_METRICS):
         self._config = config
@@ -111,10 +115,16 @@ class OpenMeterGateway:
         found: dict[str, KnownMeter] = {}
         for page in itertools.count(1):
             meters = self._call("list meters", lambda p=page: self._client.meters.list(page=p, page_size=METERS_PAGE))
+            new = {m.slug: m for m in meters if m.slug not in found}
             found.update(
-                {m.slug: KnownMeter(m.id, str(getattr(m.aggregation, "value", m.aggregation)).upper()) for m in meters}
+                {
+                    slug: KnownMeter(m.id, str(getattr(m.aggregation, "value", m.aggregation)).upper())
+                    for slug, m in new.items()
+                }
             )
-            if len(meters) < METERS_PAGE:
+            # A short page is the last; a page that brings nothing new means the server ignores paging: stop
+            # rather than ask for ever.
+            if len(meters) < METERS_PAGE or not new:
                 return found
         return found  # pragma: no cover - itertools.count never ends
 

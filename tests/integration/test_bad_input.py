@@ -5,10 +5,12 @@ test_webhooks; Moesif's answers: test_balances.)"""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from freezegun import freeze_time
 
+from reconciler.upstream.openmeter_api import OpenMeterGateway
 from tests.conftest import Harness, utc
 from tests.integration.test_usage_sync import MID, seed, stripe_total, use
 
@@ -89,6 +91,25 @@ def test_a_stripe_list_that_never_ends_is_an_error_not_an_endless_loop(harness):
     assert result.summary.failed == 1
     assert "has_more is true but the page after sub_loop does not move on" in result.summary.failures[0]
     assert len([r for r in h.stripe.requests if r.path == "/v1/subscriptions"]) == 2
+
+
+@pytest.mark.parametrize("ignores_paging", [False, True], ids=["pages", "every-meter-on-every-page"])
+def test_openmeter_meters_are_listed_page_by_page_and_a_server_ignoring_pages_ends_the_listing(harness, ignores_paging):
+    """A server that answers every page with the same meters must not keep the listing going for ever."""
+    h = harness
+    h.openmeter.ignores_paging = ignores_paging
+    for i in range(150):
+        h.openmeter.add_meter(f"meter_{i:03d}", aggregation="MAX" if i == 149 else "SUM")
+    gateway = OpenMeterGateway(h.config.openmeter)
+    found: list[dict] = []
+    # A daemon thread: before the fix, with every meter on every page, the listing never ended.
+    listing = threading.Thread(target=lambda: found.append(gateway.meters()), daemon=True)
+    listing.start()
+    listing.join(timeout=60)
+    assert found, "the meter listing did not end"
+    [meters] = found
+    assert len(meters) == 150 and meters["meter_149"].aggregation == "MAX"
+    assert len([r for r in h.openmeter.requests if r.path == "/api/v1/meters"]) == 2
 
 
 def test_a_stripe_page_without_data_is_named(harness):

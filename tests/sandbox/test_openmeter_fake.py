@@ -266,3 +266,15 @@ def test_ingest_accepts_offsets_and_reset(fake: FakeOpenMeter, client: openmeter
     assert fake.requests == [] and fake.meters == {}
     with pytest.raises(ResourceNotFoundError):
         client.meters.get("tokens_total")
+
+
+def test_meters_are_listed_in_pages(client: openmeter.Client, fake: FakeOpenMeter, server):
+    """listMeters pages by `page` (from 1) and `pageSize` (1..1000, default 100): shared/contracts/
+    openmeter-openapi.yaml, components/parameters/Pagination.page and Pagination.pageSize."""
+    for i in range(150):
+        fake.add_meter(f"meter_{i:03d}")
+    assert [len(client.meters.list(page=p)) for p in (1, 2, 3)] == [100, 50, 0]
+    assert client.meters.list(page=2, page_size=100)[0].slug == "meter_100"
+    assert len(client.meters.list(page_size=1000)) == 150
+    assert _raw(server, "/api/v1/meters", [("pageSize", "1001")])[0] == 400
+    assert _raw(server, "/api/v1/meters", [("page", "0")])[0] == 400
