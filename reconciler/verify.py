@@ -154,13 +154,14 @@ class Verifier:
         error = attribution = ""
         try:
             if row.meter_id:
-                # Summaries take minute-aligned bounds, end exclusive: cover every event dated up to now.
-                end = (
-                    _minute_ceil(row.period_end) if row.period_end <= now else _minute_floor(now) + timedelta(minutes=1)
-                )
+                # Summaries take minute-aligned bounds, end exclusive, and never an end in the future: the
+                # minutes that have ended. A report in the current minute is within CONSISTENCY_WINDOW anyway.
                 start = _minute_floor(row.period_start)
-                summary = self._stripe.meter_total(row.meter_id, row.customer_id, start, end)
-                stripe, attribution = attribute_to_period(summary, row.kind, row.id, self._sent_events(row, start, end))
+                end = min(_minute_ceil(row.period_end), _minute_floor(now))
+                if end > start:
+                    summary = self._stripe.meter_total(row.meter_id, row.customer_id, start, end)
+                    sent = self._sent_events(row, start, end)
+                    stripe, attribution = attribute_to_period(summary, row.kind, row.id, sent)
             else:
                 legacy = self._stripe.legacy_usage_total(row.subscription_item_id, row.period_start)
                 stripe = None if legacy is None else Decimal(legacy)

@@ -1594,6 +1594,10 @@ class FakeStripe(FakeService):
                 )
         if start >= end:
             raise StripeError(400, "start_time must be before end_time.", param="start_time")
+        # https://docs.stripe.com/api/billing/meter-event-summary/list documents minute-aligned bounds but not
+        # what an end_time in the future does: refused here, the answer worse for a client that sends one.
+        if end > self._now():
+            raise StripeError(400, "Invalid end_time: must not be in the future.", param="end_time")
         grouping = params.get("value_grouping_window")
         if grouping is not None and grouping not in ("hour", "day"):
             raise StripeError(

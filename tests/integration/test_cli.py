@@ -292,10 +292,14 @@ def test_verify_exits_3_when_stripe_holds_usage_the_reconciler_never_sent(sandbo
     customer_with_usage(sandbox, value=5)
     reconciler("db", "upgrade", "--config", str(config_file))
     assert reconciler("sync-usage", "--config", str(config_file)).returncode == 0
+    # As if reported ten minutes ago, on both sides: past the time Stripe's summaries may lag.
+    ten_minutes_ago = utc_now() - timedelta(minutes=10)
+    [event] = sandbox.stripe.meter_events
+    event.timestamp = int(ten_minutes_ago.timestamp())
     with create_engine(f"sqlite:///{tmp_path / 'ledger.db'}").begin() as connection:
-        # as if reported ten minutes ago: past the time Stripe's summaries may lag
-        ten_minutes_ago = (utc_now() - timedelta(minutes=10)).replace(tzinfo=None)
-        connection.execute(text("update usage_periods set last_event_at = :t"), {"t": ten_minutes_ago})
+        at = {"t": ten_minutes_ago.replace(tzinfo=None)}
+        connection.execute(text("update usage_periods set last_event_at = :t"), at)
+        connection.execute(text("update usage_reports set event_timestamp = :t"), at)
     clean = reconciler("verify", "--format", "json", "--config", str(config_file))
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert [p["finding"] for p in json.loads(clean.stdout)["periods"]] == ["ok"]

@@ -32,7 +32,9 @@ def test_verify_agrees_after_a_cycle_then_flags_another_writer_and_missing_usage
         use(h, utc(2026, 3, 2), 7, customer=customer)
     with freeze_time(MID) as clock:
         h.cycle()
-        assert findings(h) == [("cus_A", "ok"), ("cus_B", "ok"), ("cus_L", "ok")]
+        # The events are dated in the current minute, which no summary may cover yet (an end_time in the future
+        # is never asked for): not yet known, never "missing". Legacy records are read back at once.
+        assert findings(h) == [("cus_A", "settling"), ("cus_B", "settling"), ("cus_L", "ok")]
         clock.tick(timedelta(minutes=10))  # past the summaries' consistency window
         assert findings(h) == [("cus_A", "ok"), ("cus_B", "ok"), ("cus_L", "ok")]
 

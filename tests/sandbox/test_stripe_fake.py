@@ -685,3 +685,17 @@ def test_concurrent_meter_events(client: stripe.StripeClient, fake: FakeStripe):
         t.join()
     assert errors == []
     assert fake.meter_total("cus_1", "api_calls", NOW - 60, NOW + 60) == Decimal(16)
+
+
+def test_an_event_summary_end_time_in_the_future_is_refused(client: stripe.StripeClient, fake: FakeStripe):
+    """https://docs.stripe.com/api/billing/meter-event-summary/list requires minute-aligned bounds and says nothing
+    of an end_time in the future: the sandbox refuses one, the answer worse for a client that sends it."""
+    fake.add_customer(id="cus_1")
+    meter = fake.add_meter("api_calls")
+    aligned = NOW - NOW % 60
+    params = {"customer": "cus_1", "start_time": aligned - 3600, "end_time": aligned + 60}
+    with pytest.raises(stripe.InvalidRequestError) as exc:
+        client.v1.billing.meters.event_summaries.list(meter["id"], params=params)
+    assert exc.value.param == "end_time"
+    params["end_time"] = aligned
+    assert client.v1.billing.meters.event_summaries.list(meter["id"], params=params).data[0].aggregated_value == 0
