@@ -706,3 +706,38 @@ def test_an_identifier_is_stored_with_its_intent_kept_while_it_is_pending_and_wi
     assert match and match["sequence"] == "1", stored.identifier  # readable parts, then a 12-hex nonce
     assert [e.identifier for e in h.stripe.meter_events] == [stored.identifier]
 
+
+def test_a_duplicate_answer_to_an_intents_first_send_is_settled_from_stripes_summary_not_taken_as_sent(harness):
+    """Stripe refuses an event whose identifier it holds, whatever the held event's quantity, so the refusal of a
+    first send says nothing about ours. (A resend's refusal does: the event it holds is our earlier attempt.)"""
+    h = harness
+    seed(h, formula="sum")
+    use(h, utc(2026, 3, 2), 10)
+    real_send = h.stripe_gateway.send_meter_event
+    other_writer = stripe.StripeClient(STRIPE_KEY, base_addresses={"api": h.stripe_url})
+
+    def identifier_taken_first(intent, renew_key):
+        # Stands in for a ledger restored from a backup, or identifiers from before they had nonces: an event with
+        # the identifier and another quantity, dated a day earlier, already exists at Stripe.
+        h.stripe_gateway.send_meter_event = real_send
+        other_writer.v1.billing.meter_events.create(
+            params={
+                "event_name": "api_calls",
+                "payload": {"stripe_customer_id": "cus_A", "value": "3"},
+                "identifier": intent.identifier,
+                "timestamp": ts(MID - timedelta(days=1)),
+            }
+        )
+        real_send(intent, renew_key)
+
+    h.stripe_gateway.send_meter_event = identifier_taken_first
+    with freeze_time(MID) as clock:
+        refused = h.cycle()
+        assert refused.summary.failed == 1 and "may not show it yet" in refused.summary.failures[0]
+        assert [tuple(r) for r in h.rows("select state, attempts from usage_reports")] == [("pending", 0)]
+        clock.tick(timedelta(minutes=15))
+        settled = h.cycle()  # Stripe's summary of the intent's minute shows it never landed: decided afresh
+    assert settled.summary.failed == 0, settled.summary.failures
+    assert [r.state for r in h.rows("select state from usage_reports order by sequence")] == ["failed", "sent"]
+    assert [event.value for event in h.stripe.meter_events] == [3, 10]
+    assert sent_reports_agree_with_stripe(h)
