@@ -3,8 +3,10 @@
 - `usage_periods`: one row per stream and billing period: what OpenMeter measured (`target`), what Stripe
   holds because of us (`reported_total`), and whether the period is still provisional or final.
 - `usage_reports`: one row per report *intent*, written before the Stripe call and marked after it. Its
-  `identifier` (meter event identifier, and the base of the idempotency key) is derived from the period and
-  `sequence`, so a resend after a crash is recognised by Stripe and a new intent never collides with an old one.
+  `identifier` (meter event identifier, and the base of the idempotency key) is the period, `sequence` and a
+  random nonce, made once when the intent is written and stored: a resend after a crash carries it, so Stripe
+  recognises it, and a new intent never collides with an old one, not even one a restored or recreated ledger
+  forgot.
 - `late_drift`: totals that changed after a period could no longer be reported.
 - `runs`: one row per cycle, with its outcome and counts.
 - `openmeter_meters`: OpenMeter's meters (id, aggregation) as last listed.

@@ -11,6 +11,7 @@ on to a fresh key (`renew_idempotency_key`, committed before the resend) with th
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -27,19 +28,30 @@ from reconciler.usage.model import BillingPeriod, Intent, Stream, StreamPeriod
 from reconciler.usage.periods import epoch_seconds
 
 MAX_IDENTIFIER_LENGTH = 100  # Stripe's limit for meter event identifiers
+NONCE_BYTES = 6  # 12 hex characters in each identifier
 
 
 class ContendedError(Exception):
     """Another process wrote the same intent first; this one backs off for the cycle."""
 
 
-def report_identifier(stream_key: str, period_start: datetime, sequence: int) -> str:
-    """Deterministic per (stream, period, sequence): fixed across retries, new for every new intent."""
-    readable = f"{stream_key}:{epoch_seconds(period_start)}:{sequence}"
-    if len(readable) <= MAX_IDENTIFIER_LENGTH:
-        return readable
-    digest = hashlib.sha256(readable.encode()).hexdigest()[:40]
-    return f"rcn:{digest}:{sequence}"
+def new_nonce() -> str:
+    """Random hex for a new intent's identifier: 48 bits, so no two ledgers' intents share an identifier."""
+    return secrets.token_hex(NONCE_BYTES)
+
+
+def report_identifier(stream_key: str, period_start: datetime, sequence: int, nonce: str) -> str:
+    """A new intent's identifier: readable (stream, period, sequence) plus `nonce`. Stored with the intent and never
+    recomputed, so it is fixed across the intent's resends. The nonce makes it new beyond this ledger's life: a
+    ledger restored from a backup, or created afresh, reuses (stream, period, sequence) triples whose identifiers
+    may already exist at Stripe with another quantity, and Stripe would refuse the event as a duplicate."""
+    readable = f"{stream_key}:{epoch_seconds(period_start)}:{sequence}:{nonce}"
+    if len(readable) > MAX_IDENTIFIER_LENGTH:
+        digest = hashlib.sha256(readable.encode()).hexdigest()[:40]
+        readable = f"rcn:{digest}:{sequence}:{nonce}"
+    if len(readable) > MAX_IDENTIFIER_LENGTH:
+        raise ValueError(f"meter event identifier {readable!r} is longer than Stripe's {MAX_IDENTIFIER_LENGTH}")
+    return readable
 
 
 class UsageLedger:
@@ -177,7 +189,7 @@ class UsageLedger:
                 report = UsageReport(
                     period_id=row.id,
                     sequence=sequence,
-                    identifier=report_identifier(work.stream.key, work.period.start, sequence),
+                    identifier=report_identifier(work.stream.key, work.period.start, sequence, new_nonce()),
                     quantity=decision.quantity,
                     total_after=decision.target,
                     event_timestamp=decision.timestamp,

@@ -1516,12 +1516,10 @@ class FakeStripe(FakeService):
             if previous is not None and now - previous.created < _IDENTIFIER_WINDOW:
                 if self.duplicate_identifier_response == "ignore":
                     return previous.to_api()
-                raise StripeError(
-                    400,
-                    f"An event with identifier '{identifier}' already exists.",
-                    param="identifier",
-                    code="duplicate_meter_event",
-                )
+                # Stripe's docs promise uniqueness "within a rolling period of at least 24 hours"
+                # (https://docs.stripe.com/api/billing/meter-event/create) but are silent on the refusal; this is
+                # the answer seen in the wild (shared/api-notes.md): no `code`, only the message names the cause.
+                raise StripeError(400, f"An event already exists with identifier {identifier}.")
         else:
             identifier = str(uuid.uuid4())
 

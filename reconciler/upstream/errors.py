@@ -1,6 +1,8 @@
 """What can go wrong when talking to an upstream API, in the terms our code branches on.
 
     UpstreamError                 any failed call; `.api` names the upstream, `.status` the HTTP status
+    ├── IdentifierTakenError      Stripe holds an event with the identifier, sent by none of our attempts that
+    │                             we know of: whether it carries our quantity is unknown, and a resend cannot tell
     ├── PermanentError            the request was refused and was not applied: fix the input, don't retry
     └── TransientError            may succeed if tried again later
         ├── RateLimitedError      429: wait `.retry_after` seconds (or back off) before the next call
@@ -25,6 +27,12 @@ class UpstreamError(Exception):
         if request_id:
             detail += f" [request {request_id}]"
         super().__init__(detail)
+
+
+class IdentifierTakenError(UpstreamError):
+    """A meter event refused because Stripe already holds one with its identifier, on a first attempt. Stripe
+    answers so to any event with that identifier, whatever its quantity (e.g. one a lost ledger sent): the answer
+    says nothing about our quantity, so it is neither "applied" nor "refused"; Stripe's summary settles it."""
 
 
 class PermanentError(UpstreamError):

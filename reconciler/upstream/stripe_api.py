@@ -29,6 +29,7 @@ from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.plans.desired import SubscriptionSnapshot
 from reconciler.redact import redact
 from reconciler.upstream.errors import (
+    IdentifierTakenError,
     OutcomeUnknownError,
     PermanentError,
     RateLimitedError,
@@ -74,7 +75,8 @@ def translate_error(exc: stripe.StripeError, secrets: tuple[str, ...] = ()) -> U
 
 
 def _is_duplicate_identifier(exc: stripe.StripeError) -> bool:
-    """Stripe's answer to an identifier it has already recorded (unverified wording: match loosely)."""
+    """Stripe's answer to an identifier it has already recorded, with any quantity: a 400 "An event already exists
+    with identifier …" without a `code` (undocumented wording, seen in the wild: match loosely)."""
     code = (exc.code or "").lower()
     message = (exc.user_message or "").lower()
     return exc.http_status == 400 and ("duplicate" in code or ("identifier" in message and "already" in message))
@@ -376,16 +378,23 @@ class StripeGateway:
             "payload": {meter.customer_key: intent.customer_id, meter.value_key: str(intent.quantity)},
         }
 
+        earlier_try_may_have_landed = intent.attempts > 0  # by an earlier cycle, or by a try of this call
+
         def create(idempotency_key: str) -> None:
+            nonlocal earlier_try_may_have_landed
             try:
                 self._client.v1.billing.meter_events.create(
                     params=params,  # type: ignore[arg-type]
                     options={"idempotency_key": idempotency_key},
                 )
             except stripe.StripeError as exc:
-                if _is_duplicate_identifier(exc):
-                    return  # Stripe already holds this very event: the earlier attempt was applied
-                raise
+                if not _is_duplicate_identifier(exc):
+                    earlier_try_may_have_landed |= isinstance(translate_error(exc), OutcomeUnknownError)
+                    raise
+                if earlier_try_may_have_landed:
+                    return  # the event Stripe holds is our earlier try's: it was applied
+                # Stripe says only that *an* event has this identifier, whatever its quantity.
+                raise IdentifierTakenError(API, exc.user_message or "duplicate identifier", status=400) from None
 
         self._write("create meter event", intent, renew_key, create)
 

@@ -27,7 +27,13 @@ from reconciler.ledger.schema import IntentState, UsagePeriod
 from reconciler.ledger.usage_ledger import ContendedError, UsageLedger, stream_period_from_row
 from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.redact import redact
-from reconciler.upstream.errors import PermanentError, TransientError, UpstreamError
+from reconciler.upstream.errors import (
+    IdentifierTakenError,
+    OutcomeUnknownError,
+    PermanentError,
+    TransientError,
+    UpstreamError,
+)
 from reconciler.usage.codec import dump_work, load_work
 from reconciler.usage.cycle_meters import CycleMeters
 from reconciler.usage.decide import (
@@ -59,6 +65,7 @@ from reconciler.usage.periods import ONE_SECOND, usage_window
 from reconciler.usage.pipeline import KeyedLocks, WorkItem, run_pipeline
 from reconciler.usage.rounding import round_quantity
 from reconciler.usage.streams import LIVE_STATUSES, build_work, meter_problem
+from reconciler.verify import CONSISTENCY_WINDOW
 
 log = structlog.get_logger(__name__)
 
@@ -481,7 +488,7 @@ class UsageSync:
             self._settle_from_meter_summary(ledger, work, intent, "it is older than Stripe's identifier window")
             return
         log.info("resending pending intent", identifier=intent.identifier, quantity=intent.quantity)
-        self._send(ledger, intent)
+        self._send(ledger, work, intent)
 
     def _settle_from_meter_summary(self, ledger: UsageLedger, work: StreamPeriod, intent: Intent, why: str) -> None:
         """Stripe's aggregate for the one minute the intent's event was dated in settles whether it landed, when
@@ -502,7 +509,16 @@ class UsageSync:
         else:
             without, with_it, knowable = 0, intent.total_after, not others
         if knowable and held in (without, with_it) and without != with_it:
-            self._settle(ledger, intent, landed=held == with_it, evidence=f"{why}; Stripe's summary holds {held}")
+            landed = held == with_it
+            if not landed and self._clock() - intent.created_at < CONSISTENCY_WINDOW:
+                # Stripe's summaries lag its events: one sent moments ago may not show yet. Calling it lost now
+                # could have its difference sent, and billed, a second time.
+                raise OutcomeUnknownError(
+                    "reconciler",
+                    f"intent {intent.identifier} ({intent.quantity:+}) has an unknown outcome ({why}), and Stripe's "
+                    f"summary ({held}) may not show it yet; it is settled at a later cycle",
+                )
+            self._settle(ledger, intent, landed=landed, evidence=f"{why}; Stripe's summary holds {held}")
             return
         raise PermanentError(
             "reconciler",
@@ -556,14 +572,20 @@ class UsageSync:
         )
         direction = "up" if intent.quantity >= 0 else "down"
         self._metrics.usage_quantity.labels(work.stream.stripe_target, direction).inc(abs(intent.quantity))
-        self._send(ledger, intent, group_commit=True)
+        self._send(ledger, work, intent, group_commit=True)
 
-    def _send(self, ledger: UsageLedger, intent: Intent, *, group_commit: bool = False) -> None:
+    def _send(self, ledger: UsageLedger, work: StreamPeriod, intent: Intent, *, group_commit: bool = False) -> None:
         """Send an intent and record its outcome; `group_commit`: an acceptance is recorded with others, by the
         cycle's SentMarks (reconciler.usage.outcomes)."""
         send = self._stripe.send_usage_record if intent.kind is StreamKind.LEGACY else self._stripe.send_meter_event
         try:
             send(intent, ledger.renew_idempotency_key)
+        except IdentifierTakenError as exc:
+            # The event Stripe holds under the identifier may carry another quantity than ours (a ledger restored
+            # from a backup, or one with identifiers from before they had nonces): marking the intent sent could
+            # lose or mis-bill usage. It stays pending, attempts unchanged, until Stripe's summary settles it.
+            self._settle_from_meter_summary(ledger, work, intent, f"Stripe already holds its identifier: {exc}")
+            return
         except PermanentError as exc:
             if intent.kind is StreamKind.METER_SUM and intent.attempts > 0:
                 # An earlier send of this difference may have been applied: refusing it now proves nothing, and a

@@ -168,7 +168,7 @@ class Intent:
     def idempotency_key(self) -> str:
         """Key 0 is the one every intent was first sent under. A fresh one (`-1`, `-2`, ...) follows each 5xx answer:
         Stripe saved that answer to the key in use and replays it to every resend with it. The meter event
-        identifier stays the same, so Stripe still counts the event once. (Identifiers end in `:sequence`, never in
+        identifier stays the same, so Stripe still counts the event once. (Identifiers end in `:<hex nonce>`, never in
         `-n`, so a fresh key never equals another intent's first.)"""
         first = f"reconciler-{self.identifier}"
         return first if self.key_number == 0 else f"{first}-{self.key_number}"

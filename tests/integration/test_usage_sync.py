@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from decimal import Decimal
 
 import pytest
 import stripe
 from freezegun import freeze_time
+from sqlalchemy import text
 
 from reconciler.upstream.errors import OutcomeUnknownError
 from tests.conftest import STRIPE_KEY, Harness, ts, utc
@@ -643,3 +645,99 @@ def test_a_pending_intent_is_not_resent_after_the_invoice_finalized(harness, str
     assert result.summary.late_drift == (0 if stripe_applied_it else 1)
     assert [r.state for r in h.rows("select state from usage_reports")] == ["sent" if stripe_applied_it else "failed"]
     assert h.rows("select reported_total from usage_periods order by period_start")[0][0] == stripe_total(h)
+
+
+def forget_ledger(h: Harness) -> None:
+    """The ledger lost, as after a restore from an old backup or a database made afresh."""
+    with h.engine.begin() as connection:
+        for table in ("late_drift", "usage_reports", "usage_periods"):
+            connection.execute(text(f"delete from {table}"))
+
+
+def sent_reports_agree_with_stripe(h: Harness) -> bool:
+    """Every report the ledger marks sent is an event Stripe holds under its identifier with its quantity."""
+    held = {event.identifier: event.value for event in h.stripe.meter_events}
+    sent = h.rows("select identifier, quantity from usage_reports where state = 'sent'")
+    return all(held.get(row.identifier) == row.quantity for row in sent)
+
+
+def test_a_fresh_ledger_never_sends_an_identifier_an_earlier_ledger_sent(harness):
+    """Stripe keeps identifiers "within a rolling period of at least 24 hours"
+    (https://docs.stripe.com/api/billing/meter-event/create). A ledger that forgot what it sent numbers its intents
+    from 1 again: each identifier's random nonce keeps them apart from the earlier ledger's events, which carry
+    other quantities (they used to collide, the duplicate was taken for our event, and the usage was lost)."""
+    h = harness
+    seed(h, formula="sum")
+    use(h, utc(2026, 3, 2), 10)
+    with freeze_time(MID) as clock:
+        assert h.cycle().summary.failed == 0
+        forget_ledger(h)
+        use(h, utc(2026, 3, 3), 4)
+        clock.tick(timedelta(minutes=15))
+        result = h.cycle()
+    assert (result.summary.reported, result.summary.failed) == (1, 0), result.summary.failures
+    first, second = (event.identifier for event in h.stripe.meter_events)
+    assert first != second
+    assert [event.value for event in h.stripe.meter_events] == [10, 14]  # Stripe took the fresh ledger's event
+    assert sent_reports_agree_with_stripe(h)
+
+
+IDENTIFIER = re.compile(r"^(meter:mtr_\w+:cus_\w+:\d+|rcn:[0-9a-f]{40}):(?P<sequence>\d+):[0-9a-f]{12}$")
+
+
+@pytest.mark.parametrize("customer", ["cus_A", "cus_" + "x" * 80], ids=["readable", "hashed-past-100-chars"])
+def test_an_identifier_is_stored_with_its_intent_kept_while_it_is_pending_and_within_stripes_100_chars(
+    harness, customer
+):
+    h = harness
+    seed(h, formula="sum", customer=customer)
+    use(h, utc(2026, 3, 2), 10, customer=customer)
+    h.stripe.inject_fault("POST", "/v1/billing/meter_events", 503, times=6)  # two cycles' worth of attempts
+    with freeze_time(MID) as clock:
+        for _ in range(2):
+            assert h.cycle().summary.failed == 1
+            clock.tick(timedelta(minutes=15))
+        [stored] = h.rows("select identifier, state from usage_reports")
+        assert stored.state == "pending"
+        assert h.cycle().summary.failed == 0
+    assert {p.params["identifier"] for p in posts(h)} == {stored.identifier}  # every resend carried the stored one
+    assert len(stored.identifier) <= 100
+    match = IDENTIFIER.match(stored.identifier)
+    assert match and match["sequence"] == "1", stored.identifier  # readable parts, then a 12-hex nonce
+    assert [e.identifier for e in h.stripe.meter_events] == [stored.identifier]
+
+
+def test_a_duplicate_answer_to_an_intents_first_send_is_settled_from_stripes_summary_not_taken_as_sent(harness):
+    """Stripe refuses an event whose identifier it holds, whatever the held event's quantity, so the refusal of a
+    first send says nothing about ours. (A resend's refusal does: the event it holds is our earlier attempt.)"""
+    h = harness
+    seed(h, formula="sum")
+    use(h, utc(2026, 3, 2), 10)
+    real_send = h.stripe_gateway.send_meter_event
+    other_writer = stripe.StripeClient(STRIPE_KEY, base_addresses={"api": h.stripe_url})
+
+    def identifier_taken_first(intent, renew_key):
+        # Stands in for a ledger restored from a backup, or identifiers from before they had nonces: an event with
+        # the identifier and another quantity, dated a day earlier, already exists at Stripe.
+        h.stripe_gateway.send_meter_event = real_send
+        other_writer.v1.billing.meter_events.create(
+            params={
+                "event_name": "api_calls",
+                "payload": {"stripe_customer_id": "cus_A", "value": "3"},
+                "identifier": intent.identifier,
+                "timestamp": ts(MID - timedelta(days=1)),
+            }
+        )
+        real_send(intent, renew_key)
+
+    h.stripe_gateway.send_meter_event = identifier_taken_first
+    with freeze_time(MID) as clock:
+        refused = h.cycle()
+        assert refused.summary.failed == 1 and "may not show it yet" in refused.summary.failures[0]
+        assert [tuple(r) for r in h.rows("select state, attempts from usage_reports")] == [("pending", 0)]
+        clock.tick(timedelta(minutes=15))
+        settled = h.cycle()  # Stripe's summary of the intent's minute shows it never landed: decided afresh
+    assert settled.summary.failed == 0, settled.summary.failures
+    assert [r.state for r in h.rows("select state from usage_reports order by sequence")] == ["failed", "sent"]
+    assert [event.value for event in h.stripe.meter_events] == [3, 10]
+    assert sent_reports_agree_with_stripe(h)

@@ -347,14 +347,20 @@ def test_idempotent_replay_and_mismatch(client: stripe.StripeClient, fake: FakeS
     assert len(fake.meter_events) == 1
 
 
-def test_duplicate_identifier(client: stripe.StripeClient, fake: FakeStripe):
+def test_duplicate_identifier_is_refused_as_stripe_refuses_it(client: stripe.StripeClient, fake: FakeStripe):
+    """https://docs.stripe.com/api/billing/meter-event/create: "We will enforce uniqueness within a rolling period of
+    at least 24 hours." The docs do not give the refusal; this is Stripe's as seen in the wild
+    (shared/api-notes.md): a 400 invalid_request_error naming the identifier, without a `code`."""
     fake.add_customer(id="cus_1")
     fake.add_meter("api_calls")
     original = _meter_event(client, "cus_1", "3", identifier="dup")
     with pytest.raises(stripe.InvalidRequestError) as exc:
         _meter_event(client, "cus_1", "9", identifier="dup")
-    assert exc.value.code == "duplicate_meter_event"
-    assert exc.value.user_message == "An event with identifier 'dup' already exists."
+    assert exc.value.http_status == 400
+    assert exc.value.error is not None and exc.value.error.type == "invalid_request_error"
+    assert exc.value.code is None
+    assert exc.value.user_message == "An event already exists with identifier dup."
+    assert [e.value for e in fake.meter_events] == [Decimal(3)]  # the event Stripe holds keeps its own quantity
     fake.duplicate_identifier_response = "ignore"
     ignored = _meter_event(client, "cus_1", "9", identifier="dup")
     assert ignored.payload["value"] == "3" and ignored.created == original.created
@@ -567,7 +573,7 @@ def test_lost_response_then_idempotent_retry(client: stripe.StripeClient, fake: 
     # A retry without the key hits the identifier check instead.
     with pytest.raises(stripe.InvalidRequestError) as exc:
         _meter_event(client, "cus_1", "1", identifier="lost")
-    assert exc.value.code == "duplicate_meter_event"
+    assert exc.value.user_message == "An event already exists with identifier lost."
 
 
 @pytest.mark.parametrize("applied", [False, True], ids=["before-apply", "after-apply"])
@@ -591,7 +597,8 @@ def test_a_5xx_is_saved_to_its_idempotency_key_and_replayed(
     if applied:
         with pytest.raises(stripe.InvalidRequestError) as duplicate:
             _meter_event(client, "cus_1", "1", identifier="e5", idempotency_key="k5-1")
-        assert duplicate.value.code == "duplicate_meter_event"  # the identifier still deduplicates the event
+        # the identifier still deduplicates the event
+        assert duplicate.value.user_message == "An event already exists with identifier e5."
     else:
         assert _meter_event(client, "cus_1", "1", identifier="e5", idempotency_key="k5-1").identifier == "e5"
     assert len(fake.meter_events) == 1
