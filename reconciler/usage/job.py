@@ -502,6 +502,13 @@ class UsageSync:
             if state != IntentState.FAILED
         ]
         others.remove((IntentState.PENDING, intent.quantity))
+        if minute + timedelta(minutes=1) > self._clock():
+            # No summary may end in the future: the intent's minute is read once it has passed.
+            raise OutcomeUnknownError(
+                "reconciler",
+                f"intent {intent.identifier} ({intent.quantity:+}) has an unknown outcome ({why}); Stripe's summary "
+                "of its minute can be read once the minute has passed; it is settled at a later cycle",
+            )
         held = self._stripe.meter_total(intent.meter.id, intent.customer_id, minute, minute + timedelta(minutes=1))
         if intent.kind is StreamKind.METER_SUM:
             without, with_it = sum(q for _, q in others), sum(q for _, q in others) + intent.quantity

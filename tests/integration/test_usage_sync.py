@@ -733,7 +733,7 @@ def test_a_duplicate_answer_to_an_intents_first_send_is_settled_from_stripes_sum
     h.stripe_gateway.send_meter_event = identifier_taken_first
     with freeze_time(MID) as clock:
         refused = h.cycle()
-        assert refused.summary.failed == 1 and "may not show it yet" in refused.summary.failures[0]
+        assert refused.summary.failed == 1 and "settled at a later cycle" in refused.summary.failures[0]
         assert [tuple(r) for r in h.rows("select state, attempts from usage_reports")] == [("pending", 0)]
         clock.tick(timedelta(minutes=15))
         settled = h.cycle()  # Stripe's summary of the intent's minute shows it never landed: decided afresh
