@@ -25,11 +25,10 @@ from reconciler.ledger.schema import IntentState, UsagePeriod, UsageReport
 from reconciler.upstream.errors import UpstreamError
 from reconciler.upstream.openmeter_api import OpenMeterGateway
 from reconciler.upstream.stripe_api import StripeGateway
-from reconciler.usage.model import BillingPeriod, StreamKind
+from reconciler.usage.model import CONSISTENCY_WINDOW, BillingPeriod, StreamKind
 from reconciler.usage.periods import usage_window
 from reconciler.usage.rounding import round_quantity
 
-CONSISTENCY_WINDOW = timedelta(minutes=5)  # how long Stripe's summaries may lag a report
 NEEDS_A_PERSON = frozenset({"foreign_usage", "missing_in_stripe", "late_drift", "unverifiable"})
 
 

@@ -297,7 +297,6 @@ class BalanceSync:
         run_id: str | None,
         report: CustomerReport,
     ) -> None:
-        account = customer.account
         top_ups = {t.payment_intent_id: t for t in listed_top_ups}
         plans: list[tuple[PlannedTransaction, str | None]] = []
         forwarded_already = self._ledger.known_sources("topup", list(top_ups))
@@ -332,7 +331,7 @@ class BalanceSync:
             if refusal is not None:
                 self._hold(planned, refusal, run_id, report)
                 continue
-            line = f"{planned.type} {to_units(planned.amount_minor, account.currency)} {planned.transaction_id}"
+            line = _forwarded_line(planned)
             if run_id is None:
                 report.forwarded.append(line)
                 continue
@@ -397,10 +396,7 @@ class BalanceSync:
         if not stored.attempted:
             # The run died before any request for it left (waiting on the Moesif budget, say): it was never
             # applied, and leaving it would lose the customer's money.
-            report.forwarded.append(
-                f"{planned.type} {to_units(planned.amount_minor, planned.account.currency)} "
-                f"{planned.transaction_id} (recorded by an interrupted run, never sent)"
-            )
+            report.forwarded.append(f"{_forwarded_line(planned)} (recorded by an interrupted run, never sent)")
             self._send(stored, report)
             return
         if self._resend_is_safe:
@@ -607,6 +603,11 @@ class BalanceSync:
         log.info("balance reconcile finished", status=result.status, **summary)
         if result.run_id is not None:
             self._runs.finish(result.run_id, result.status, summary)
+
+
+def _forwarded_line(planned: PlannedTransaction) -> str:
+    """How a sent (or planned) transaction reads in the report: "credit 25.00 pi_…"."""
+    return f"{planned.type} {to_units(planned.amount_minor, planned.account.currency)} {planned.transaction_id}"
 
 
 def _in_order(work: Callable[[str], T], keys: list[str], workers: int) -> Iterator[T]:

@@ -258,9 +258,11 @@ class FakeOpenMeter(FakeService):
         return 200, {"Content-Type": "application/json"}, json.dumps(payload).encode()
 
     def _meters_page(self, query: dict[str, list[str]]) -> list[dict[str, Any]]:
-        """`GET /api/v1/meters` pages as the contract says (listMeters in shared/contracts/openmeter-openapi.yaml:
-        `page` from 1, `pageSize` 1..1000, default 100). `ignores_paging` plays a server that returns every meter
-        on every page, which a client must survive."""
+        """`GET /api/v1/meters` pages as the contract says (listMeters in shared/contracts/openmeter-openapi.yaml,
+        OpenMeter's own spec: `page` from 1, `pageSize` 1..1000, default 100; no documentation page beyond it was
+        found). The spec is silent on an out-of-range value: refused (400) rather than clamped, the answer worse
+        for a client. `ignores_paging` plays a server that returns every meter on every page, which a client must
+        survive."""
         meters = [json.loads(json.dumps(m)) for m in self.meters.values()]
         if self.ignores_paging:
             return meters

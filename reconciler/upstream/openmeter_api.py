@@ -115,13 +115,8 @@ class OpenMeterGateway:
         found: dict[str, KnownMeter] = {}
         for page in itertools.count(1):
             meters = self._call("list meters", lambda p=page: self._client.meters.list(page=p, page_size=METERS_PAGE))
-            new = {m.slug: m for m in meters if m.slug not in found}
-            found.update(
-                {
-                    slug: KnownMeter(m.id, str(getattr(m.aggregation, "value", m.aggregation)).upper())
-                    for slug, m in new.items()
-                }
-            )
+            new = {m.slug: KnownMeter(m.id, _aggregation(m)) for m in meters if m.slug not in found}
+            found.update(new)
             # A short page is the last; a page that brings nothing new means the server ignores paging: stop
             # rather than ask for ever.
             if len(meters) < METERS_PAGE or not new:

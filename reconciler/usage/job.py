@@ -48,6 +48,7 @@ from reconciler.usage.decide import (
 from reconciler.usage.history import periods_between
 from reconciler.usage.measure import SUBJECTS_PER_QUERY, Measurements, Need, UsageQueries, measure
 from reconciler.usage.model import (
+    CONSISTENCY_WINDOW,
     BillingPeriod,
     CycleSummary,
     Intent,
@@ -65,7 +66,6 @@ from reconciler.usage.periods import ONE_SECOND, usage_window
 from reconciler.usage.pipeline import KeyedLocks, WorkItem, run_pipeline
 from reconciler.usage.rounding import round_quantity
 from reconciler.usage.streams import LIVE_STATUSES, build_work, meter_problem
-from reconciler.verify import CONSISTENCY_WINDOW
 
 log = structlog.get_logger(__name__)
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
+
+# How long Stripe's meter event summaries may lag a report (they are eventually consistent): read sooner, a
+# summary that lacks our event says "not yet", never "missing".
+CONSISTENCY_WINDOW = timedelta(minutes=5)
 
 
 @dataclass(frozen=True, slots=True)

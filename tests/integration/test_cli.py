@@ -16,9 +16,7 @@ from sqlalchemy import create_engine, text
 
 from reconciler.clock import utc_now
 from reconciler.sandbox.server import SANDBOX_OPENMETER_TOKEN, SANDBOX_STRIPE_KEY, Sandbox
-from tests.integration.helpers import customer_with_usage, reconciler, wait_until, write_config
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.helpers import REPO_ROOT, customer_with_usage, reconciler, wait_until, write_config
 
 
 @pytest.fixture
