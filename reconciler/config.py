@@ -201,6 +201,9 @@ def _lower_currency_keys(value: Any) -> Any:
 class TopupsConfig(_Section):
     enabled: bool = True
     payment_intent_metadata: dict[str, str] = Field(default_factory=dict)
+    # PaymentIntents that paid an invoice are never top-ups, unless every line of the invoice has one of these
+    # prices (a company that sells prepaid credit through invoices names those prices here).
+    invoice_prices: list[str] = Field(default_factory=list)
     lookback: Duration = timedelta(days=35)
 
 
@@ -368,6 +371,13 @@ class Config(_Section):
                 f"usage.grace_period ({format_duration(self.usage.grace_period)}) is not shorter than "
                 f"stripe.invoice_grace_period ({format_duration(self.stripe.invoice_grace_period)}): the final "
                 "sync of a period would run after Stripe finalizes its invoice, and late usage would be lost"
+            )
+        topups = self.balances.topups
+        if self.balances.enabled and topups.enabled and not topups.payment_intent_metadata:
+            found.append(
+                "balances.topups.payment_intent_metadata is empty: every succeeded PaymentIntent that pays no "
+                "invoice (one-off charges too) is credited to Moesif as a top-up; name the metadata your top-ups "
+                "carry, e.g. {type: credit_topup}"
             )
         return found
 

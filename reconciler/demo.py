@@ -9,6 +9,7 @@ balance cycles (a lost top-up forwarded and a drift corrected, then everything i
 
 from __future__ import annotations
 
+import json
 import tempfile
 from datetime import timedelta
 from decimal import Decimal
@@ -73,7 +74,8 @@ def _demo(console: Console, sandbox: Sandbox, database: Path) -> int:
         _moesif_burns_usage(sandbox, seeded)
         assert app.balance_sync is not None
         for title in (
-            "Balance cycle 1: globex's lost top-up is forwarded; Moesif lost $20 of acme's credit, so it is corrected",
+            "Balance cycle 1: globex's lost top-up is forwarded, acme's paid $49 plan invoice is left alone (Stripe's "
+            "InvoicePayments say it paid a bill); Moesif lost $20 of acme's credit, so it is corrected",
             "Balance cycle 2: they agree; nothing is sent, and Moesif is not even asked about unchanged initech",
         ):
             balance = app.balance_sync.run_cycle()
@@ -81,6 +83,7 @@ def _demo(console: Console, sandbox: Sandbox, database: Path) -> int:
             console.print(f"[bold]{title}[/bold]")
             render_table(balance, console)
             console.print()
+        _print_invoice_payments(console, sandbox)
 
         assert app.plan_sync is not None
         for title, before in (
@@ -99,6 +102,15 @@ def _demo(console: Console, sandbox: Sandbox, database: Path) -> int:
     finally:
         app.close()
     return 1 if failed else 0
+
+
+def _print_invoice_payments(console: Console, sandbox: Sandbox) -> None:
+    """Each invoice payment the sandbox holds, and whether it reached Moesif (it must not)."""
+    sent = {json.loads(r.body)["transaction_id"] for r in sandbox.moesif.requests if r.method == "POST"}
+    for payment in sandbox.stripe.invoice_payments.values():
+        paid_with = payment["payment"]["payment_intent"]
+        fate = "credited to Moesif (wrong!)" if paid_with in sent else "not forwarded: a bill paid, not a top-up"
+        console.print(f"invoice {payment['invoice']} paid by {paid_with}: {fate}\n", markup=False)
 
 
 def _downgrade(sandbox: Sandbox) -> None:

@@ -171,6 +171,8 @@ def build_report(engine: Engine, since: datetime, until: datetime) -> Report:
             outcome = t.state + (" (outcome was unknown once)" if t.outcome_unknown else "")
             if t.state == IntentState.HELD:
                 outcome += f": {t.error}"
+            elif t.attention:
+                outcome += f"; needs a person: {t.attention}"
             report.audit.append(
                 AuditRow(
                     t.created_at.isoformat(),

@@ -85,6 +85,11 @@ def print_status(config: Config, engine: Engine, console: Console) -> None:
             .where(MoesifTransaction.state == IntentState.HELD)
             .order_by(MoesifTransaction.id)
         ).all()
+        attention = connection.execute(
+            select(MoesifTransaction.customer_id, MoesifTransaction.transaction_id, MoesifTransaction.attention)
+            .where(MoesifTransaction.attention.is_not(None), MoesifTransaction.state != IntentState.HELD)
+            .order_by(MoesifTransaction.id)
+        ).all()
     console.print(jobs)
     console.print(f"pending usage reports: {pending_reports}; pending Moesif transactions: {moesif_pending}")
     for replica_id, host, pid, heartbeat_at in replicas:
@@ -104,3 +109,5 @@ def print_status(config: Config, engine: Engine, console: Console) -> None:
         console.print(
             f"not forwarded to Moesif, held for a person: {customer} {transaction_id}: {reason}", markup=False
         )
+    for customer, transaction_id, reason in attention:
+        console.print(f"forwarded to Moesif, check it: {customer} {transaction_id}: {reason}", markup=False)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from itertools import chain
 from typing import TypeVar
@@ -23,7 +23,8 @@ import structlog
 
 from reconciler.balances.accounts import CustomerAccount, UnpricedUsageError, map_accounts, open_usage_cost_minor
 from reconciler.balances.drift import UNCORRECTED, Assessment, DriftAction, DriftPolicy, assess
-from reconciler.balances.model import Refund, TopUp
+from reconciler.balances.invoices import PaymentRole, role_of, unclear_reason
+from reconciler.balances.model import InvoicePayment, Refund, TopUp
 from reconciler.balances.money import exactly_representable, to_minor, to_minor_rounded, to_units
 from reconciler.balances.sweep import LastObservation, sweep_due_after, why_read_moesif
 from reconciler.config import Config
@@ -48,6 +49,43 @@ NOT_RESENT = (
     "whether Moesif applied it is unknown and it was not resent (Moesif may not ignore a repeated transaction_id); "
     "check Moesif: the balance comparison after the settle delay shows a drift if it never landed"
 )
+
+
+# The docs do not promise that an InvoicePayment is never created before the PaymentIntent it names.
+INVOICE_PAYMENT_SLACK = timedelta(hours=1)
+
+
+@dataclass
+class _Money:
+    """What one cycle found in Stripe to forward, for all customers."""
+
+    top_ups: dict[str, list[TopUp]] = field(default_factory=dict)  # by customer id
+    refunds: dict[str, list[Refund]] = field(default_factory=dict)  # by the refunded top-up's customer id
+    held: dict[str, str] = field(default_factory=dict)  # PaymentIntent id -> why its money waits for a person
+    invoice_paid: dict[str, str] = field(default_factory=dict)  # PaymentIntent id -> the invoice it paid
+    unattributed: list[str] = field(default_factory=list)  # refunds whose PaymentIntent could not be read
+
+
+class _InvoicesOf:
+    """Which invoice a PaymentIntent paid: looked up in one listing of every InvoicePayment created since
+    `complete_since`, or, for a PaymentIntent older than that (or with no listing), asked of Stripe by id."""
+
+    def __init__(
+        self,
+        stripe: StripeGateway,
+        with_lines: bool,
+        listing: Iterable[InvoicePayment] = (),
+        complete_since: datetime | None = None,
+    ):
+        self._stripe = stripe
+        self._with_lines = with_lines
+        self._listed = {payment.payment_intent_id: payment for payment in listing}
+        self._complete_since = complete_since
+
+    def of(self, payment_intent: TopUp) -> InvoicePayment | None:
+        if self._complete_since is not None and payment_intent.created >= self._complete_since:
+            return self._listed.get(payment_intent.payment_intent_id)
+        return self._stripe.invoice_payment_of(payment_intent.payment_intent_id, with_lines=self._with_lines)
 
 
 @dataclass
@@ -169,41 +207,37 @@ class BalanceSync:
         result = BalanceResult(run_id=run_id, dry_run=dry_run)
         with structlog.contextvars.bound_contextvars(run_id=run_id, dry_run=dry_run, job="balance_reconcile"):
             log.info("balance reconcile started")
+            listing = "subscriptions"
             try:
                 accounts = self._accounts(customers, now)
-                top_ups = self._top_ups_by_customer(customers, now) if self._settings.topups.enabled else {}
-                refunds, unattributed = (
-                    self._refunds_by_customer(top_ups, now) if self._settings.topups.enabled else ({}, [])
-                )
+                # Fail closed: without the InvoicePayments listing no PaymentIntent can be told from a bill.
+                listing = "payments, invoice payments and refunds (nothing is forwarded this cycle)"
+                money = self._money(customers, now) if self._settings.topups.enabled else _Money()
                 observations = self._ledger.latest_observations(customers)
             except UpstreamError as exc:
-                result.failures.append(f"listing: {self._redact(str(exc))}")
+                result.failures.append(f"listing {listing}: {self._redact(str(exc))}")
                 log.error("balance reconcile could not list Stripe data", error=self._redact(str(exc)))
                 self._finish(result)
                 return result
 
             # A refund we could not attribute may have moved any customer's Stripe credit: a drift it explains
             # must not be corrected now and debited again when the refund is forwarded next cycle.
-            result.failures += unattributed
-            hold = HOLD_CORRECTIONS if unattributed else None
+            result.failures += money.unattributed
+            hold = HOLD_CORRECTIONS if money.unattributed else None
+            invoice_flags = {} if dry_run else self._flag_forwarded_invoice_payments(money.invoice_paid)
 
             def reconcile(customer_id: str) -> CustomerReport | None:
                 if self._stop_requested():
                     return None
                 return self._reconcile_one(
-                    accounts[customer_id],
-                    top_ups.get(customer_id, []),
-                    refunds.get(customer_id, []),
-                    observations.get(customer_id),
-                    now,
-                    run_id,
-                    hold,
+                    accounts[customer_id], money, observations.get(customer_id), now, run_id, hold
                 )
 
             workers = self._config.moesif.max_concurrency if self._config.moesif else 1
             for report in _in_order(reconcile, sorted(accounts), workers):
                 if report is None:
                     continue  # stop requested
+                report.flags += invoice_flags.get(report.customer_id, [])
                 result.customers.append(report)
                 if report.error:
                     result.failures.append(f"{report.customer_id}: {report.error}")
@@ -216,50 +250,93 @@ class BalanceSync:
         items = self._stripe.metered_items(with_customer=True, customers=customers)
         return map_accounts(items, self._settings.subscription_metadata_key, now - self._settings.topups.lookback)
 
-    def _top_ups_by_customer(self, customers: frozenset[str], now: datetime) -> dict[str, list[TopUp]]:
-        """Succeeded top-ups in the look-back, by customer: one listing for all customers (100 a page), not one
-        per customer."""
+    def _money(self, customers: frozenset[str], now: datetime) -> _Money:
+        """Succeeded top-ups in the look-back and succeeded refunds of top-ups, by customer: one listing each for
+        all customers (100 a page), not one per customer, and one listing of InvoicePayments that tells the
+        PaymentIntents which paid an invoice apart from top-ups (reconciler.balances.invoices). A run for a few
+        customers (a webhook's) asks about each of their PaymentIntents instead of listing everyone's invoices."""
         since = now - self._settings.topups.lookback
-        listings = [self._stripe.succeeded_payment_intents(since, customer) for customer in sorted(customers)]
-        by_customer: dict[str, list[TopUp]] = {}
-        for payment_intent in chain.from_iterable(listings or [self._stripe.succeeded_payment_intents(since)]):
-            if payment_intent.customer_id and self._is_top_up(payment_intent):
-                by_customer.setdefault(payment_intent.customer_id, []).append(payment_intent)
-        return by_customer
+        with_lines = bool(self._invoice_top_up_prices)
+        if customers:
+            listing = chain.from_iterable(self._stripe.succeeded_payment_intents(since, c) for c in sorted(customers))
+            invoices = _InvoicesOf(self._stripe, with_lines)
+        else:
+            # The docs do not say an InvoicePayment is never created before its PaymentIntent: an hour of slack.
+            complete_since = since - INVOICE_PAYMENT_SLACK
+            invoices = _InvoicesOf(
+                self._stripe,
+                with_lines,
+                self._stripe.invoice_payments(complete_since, with_lines=with_lines),
+                complete_since,
+            )
+            listing = self._stripe.succeeded_payment_intents(since)
+        money = _Money()
+        roles: dict[str, tuple[TopUp, PaymentRole]] = {}
+        for payment_intent in listing:
+            if payment_intent.customer_id:
+                role = self._classify(payment_intent, invoices.of(payment_intent), money)
+                roles[payment_intent.payment_intent_id] = (payment_intent, role)
+                if role in (PaymentRole.TOP_UP, PaymentRole.UNCLEAR_INVOICE):
+                    money.top_ups.setdefault(payment_intent.customer_id, []).append(payment_intent)
+        self._attribute_refunds(money, roles, invoices, since)
+        return money
 
-    def _refunds_by_customer(
-        self, top_ups: dict[str, list[TopUp]], now: datetime
-    ) -> tuple[dict[str, list[Refund]], list[str]]:
+    def _attribute_refunds(
+        self, money: _Money, roles: dict[str, tuple[TopUp, PaymentRole]], invoices: _InvoicesOf, since: datetime
+    ) -> None:
         """Succeeded refunds of top-ups, by the top-up's customer, and an error for each refund that could not be
         attributed. Refunds are listed by their own creation date, so a refund of a top-up older than the
-        look-back is still seen; such a top-up is fetched by id, once per cycle. A top-up that cannot be fetched
-        leaves its refund for the next cycle, and the rest goes on."""
-        known = {t.payment_intent_id: t for listed in top_ups.values() for t in listed}
-        by_customer: dict[str, list[Refund]] = {}
-        unattributed: list[str] = []
-        for refund in self._stripe.refunds(now - self._settings.topups.lookback):
+        look-back is still seen; such a PaymentIntent is fetched by id, and whether it paid an invoice asked of
+        InvoicePayments, once per cycle. One that cannot be read leaves its refund for the next cycle, and the
+        rest goes on."""
+        for refund in self._stripe.refunds(since):
             if refund.status != "succeeded" or not refund.payment_intent_id:
                 continue
-            top_up = known.get(refund.payment_intent_id)
-            if top_up is None:
+            if refund.payment_intent_id not in roles:
                 try:
-                    top_up = known[refund.payment_intent_id] = self._stripe.payment_intent(refund.payment_intent_id)
+                    payment_intent = self._stripe.payment_intent(refund.payment_intent_id)
+                    invoice = invoices.of(payment_intent)
                 except UpstreamError as exc:
                     error = self._redact(f"refund {refund.refund_id}: its PaymentIntent could not be read: {exc}")
                     log.error("refund not forwarded this cycle", error=error)
-                    unattributed.append(error)
+                    money.unattributed.append(error)
                     continue
-            if top_up.customer_id and self._is_top_up(top_up):
-                by_customer.setdefault(top_up.customer_id, []).append(refund)
-        return by_customer, unattributed
+                roles[refund.payment_intent_id] = (payment_intent, self._classify(payment_intent, invoice, money))
+            payment_intent, role = roles[refund.payment_intent_id]
+            if payment_intent.customer_id and role in (PaymentRole.TOP_UP, PaymentRole.UNCLEAR_INVOICE):
+                money.refunds.setdefault(payment_intent.customer_id, []).append(refund)
+
+    @property
+    def _invoice_top_up_prices(self) -> frozenset[str]:
+        return frozenset(self._settings.topups.invoice_prices)
+
+    def _classify(self, payment_intent: TopUp, invoice: InvoicePayment | None, money: _Money) -> PaymentRole:
+        role = role_of(
+            payment_intent.metadata, invoice, self._settings.topups.payment_intent_metadata, self._invoice_top_up_prices
+        )
+        if invoice is not None and role is PaymentRole.INVOICE:
+            money.invoice_paid[payment_intent.payment_intent_id] = invoice.invoice_id
+        elif invoice is not None and role is PaymentRole.UNCLEAR_INVOICE:
+            money.held[payment_intent.payment_intent_id] = unclear_reason(invoice)
+        return role
+
+    def _flag_forwarded_invoice_payments(self, invoice_paid: dict[str, str]) -> dict[str, list[str]]:
+        """Invoice payments an earlier version forwarded as top-ups: shown to a person, never debited on a guess
+        (the customer may have spent the credit, or the company may have meant it)."""
+        flags: dict[str, list[str]] = {}
+        for customer_id, transaction_id, invoice_id in self._ledger.flag_invoice_payments(invoice_paid):
+            flags.setdefault(customer_id, []).append(
+                f"top-up {transaction_id} was credited to Moesif but paid invoice {invoice_id}: check the customer's "
+                "Moesif balance (not debited automatically)"
+            )
+        return flags
 
     # -- one customer --------------------------------------------------------------------------------
 
     def _reconcile_one(
         self,
         customer: CustomerAccount,
-        top_ups: list[TopUp],
-        refunds: list[Refund],
+        money: _Money,
         last: LastObservation | None,
         now: datetime,
         run_id: str | None,
@@ -275,7 +352,7 @@ class BalanceSync:
                     for stored in self._ledger.pending(account.customer_id, now - self._settings.settle_delay):
                         self._settle_interrupted(stored, report)
                 if self._settings.topups.enabled:
-                    self._forward_money(customer, top_ups, refunds, run_id, report)
+                    self._forward_money(customer, money, run_id, report)
                 if self._settings.stripe_source != "none":
                     self._compare(customer, last, now, run_id, report, hold_corrections)
                 else:
@@ -290,14 +367,11 @@ class BalanceSync:
         return report
 
     def _forward_money(
-        self,
-        customer: CustomerAccount,
-        listed_top_ups: list[TopUp],
-        refunds: list[Refund],
-        run_id: str | None,
-        report: CustomerReport,
+        self, customer: CustomerAccount, money: _Money, run_id: str | None, report: CustomerReport
     ) -> None:
-        top_ups = {t.payment_intent_id: t for t in listed_top_ups}
+        customer_id = customer.account.customer_id
+        top_ups = {t.payment_intent_id: t for t in money.top_ups.get(customer_id, [])}
+        refunds = money.refunds.get(customer_id, [])
         plans: list[tuple[PlannedTransaction, str | None]] = []
         forwarded_already = self._ledger.known_sources("topup", list(top_ups))
         for top_up in top_ups.values():
@@ -305,27 +379,26 @@ class BalanceSync:
                 report.flags.append(f"top-up {top_up.payment_intent_id} is disputed: not debited automatically")
             elif top_up.payment_intent_id not in forwarded_already:
                 description = f"Stripe top-up {top_up.payment_intent_id}"
-                plans.append(
-                    self._plan(
-                        "topup",
-                        top_up.payment_intent_id,
-                        customer,
-                        top_up.amount_minor,
-                        top_up.currency,
-                        "credit",
-                        description,
-                    )
+                planned, refusal = self._plan(
+                    "topup",
+                    top_up.payment_intent_id,
+                    customer,
+                    top_up.amount_minor,
+                    top_up.currency,
+                    "credit",
+                    description,
                 )
+                plans.append((planned, money.held.get(top_up.payment_intent_id) or refusal))
 
         refunded_already = self._ledger.known_sources("refund", [r.refund_id for r in refunds])
         for refund in refunds:
             if refund.refund_id not in refunded_already:
                 description = f"Stripe refund {refund.refund_id} of {refund.payment_intent_id}"
-                plans.append(
-                    self._plan(
-                        "refund", refund.refund_id, customer, refund.amount_minor, refund.currency, "debit", description
-                    )
+                planned, refusal = self._plan(
+                    "refund", refund.refund_id, customer, refund.amount_minor, refund.currency, "debit", description
                 )
+                held = money.held.get(refund.payment_intent_id or "")
+                plans.append((planned, f"a refund of a PaymentIntent that {held}" if held else refusal))
 
         for planned, refusal in plans:
             if refusal is not None:
@@ -357,10 +430,6 @@ class BalanceSync:
         log.warning("not forwarded to Moesif: held for a person", transaction_id=planned.transaction_id, reason=reason)
         if run_id is not None:
             self._ledger.hold(planned, run_id, reason)
-
-    def _is_top_up(self, payment_intent: TopUp) -> bool:
-        wanted = self._settings.topups.payment_intent_metadata
-        return all(payment_intent.metadata.get(k) == v for k, v in wanted.items())
 
     def _plan(
         self,

@@ -21,6 +21,18 @@ class TopUp:
 
 
 @dataclass(frozen=True)
+class InvoicePayment:
+    """Stripe's record that a PaymentIntent paid an invoice (https://docs.stripe.com/api/invoice-payment/object):
+    a subscription's bill, not a top-up, unless the invoice sells nothing but top-up prices."""
+
+    payment_intent_id: str
+    invoice_id: str
+    # The prices on the invoice's lines, when they were read and fit on the invoice's first page of lines;
+    # None otherwise (nothing about the invoice's content is then assumed).
+    line_prices: frozenset[str] | None
+
+
+@dataclass(frozen=True)
 class Refund:
     refund_id: str
     payment_intent_id: str | None

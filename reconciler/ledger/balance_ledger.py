@@ -107,6 +107,32 @@ class BalanceLedger:
             ).all()
             return [_stored(row) for row in rows]
 
+    def flag_invoice_payments(self, invoice_paid: dict[str, str]) -> list[tuple[str, str, str]]:
+        """Top-ups recorded for PaymentIntents that Stripe says paid an invoice (`invoice_paid`: PaymentIntent id ->
+        invoice id), newly marked for a person: (customer, transaction id, invoice id) each. One still pending is
+        never sent; one sent stays as it is, since only a person can tell what debiting it would do."""
+        if not invoice_paid:
+            return []
+        flagged = []
+        with self._sessions.begin() as session:
+            rows = session.scalars(
+                select(MoesifTransaction)
+                .where(
+                    MoesifTransaction.kind == "topup",
+                    MoesifTransaction.source_id.in_(list(invoice_paid)),
+                    MoesifTransaction.attention.is_(None),
+                )
+                .with_for_update()
+            ).all()
+            for row in rows:
+                invoice = invoice_paid[row.source_id]
+                row.attention = f"paid invoice {invoice}: an invoice payment, not a top-up"
+                if row.state == IntentState.PENDING:
+                    row.state = IntentState.HELD
+                    row.error = row.attention
+                flagged.append((row.customer_id, row.transaction_id, invoice))
+        return flagged
+
     def hold(self, planned: PlannedTransaction, run_id: str, reason: str) -> None:
         """Record money the job will not forward, once: it is never sent, and never found again as new."""
         try:

@@ -189,6 +189,8 @@ class MoesifTransaction(Base):
     # without it was never sent (the process died while it waited), so sending it cannot apply it twice.
     attempted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Why a person must look at it (e.g. an invoice payment an earlier version forwarded as a top-up); None: no one.
+    attention: Mapped[str | None] = mapped_column(Text)
 
 
 class BalanceObservation(Base):

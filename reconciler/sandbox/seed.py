@@ -27,7 +27,7 @@ PREPAID_CREDIT = {"cus_sandbox_acme": 20000, "cus_sandbox_globex": 2500, "cus_sa
 def seed_sandbox(stripe: FakeStripe, openmeter: FakeOpenMeter, moesif: FakeMoesif, now: datetime) -> dict[str, Any]:
     """Three customers in the middle of a monthly period, one per kind of price, with usage so far and prepaid
     credit: a Stripe credit grant each, mirrored by a Moesif subscription (globex's top-up webhook was lost, so
-    Moesif never heard of its $25)."""
+    Moesif never heard of its $25). acme paid its plan's $49 invoice by card: a PaymentIntent that is no top-up."""
     start = (now - timedelta(days=10)).replace(minute=45, second=0, microsecond=0)
     end = start + timedelta(days=30)
     period = {"current_period_start": int(start.timestamp()), "current_period_end": int(end.timestamp())}
@@ -63,9 +63,11 @@ def seed_sandbox(stripe: FakeStripe, openmeter: FakeOpenMeter, moesif: FakeMoesi
         ("cus_sandbox_acme", "price_sandbox_pro"),
         ("cus_sandbox_globex", "price_sandbox_starter"),
     ):
-        stripe.add_subscription(
+        plan = stripe.add_subscription(
             customer, [price_id], metadata={"user_id": f"user_{customer.removeprefix('cus_sandbox_')}"}, **period
         )
+        if customer == "cus_sandbox_acme":  # its plan's invoice, paid by card: a PaymentIntent, not a top-up
+            stripe.pay_invoice(customer, [(price_id, 4900)], subscription=plan["id"], created=int(start.timestamp()))
 
     add_usage(openmeter, now, hours=10 * 24)
     return {"period_start": start, "period_end": end, "customers": sorted(customers)}

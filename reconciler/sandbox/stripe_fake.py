@@ -12,7 +12,8 @@ Wire formats follow Stripe's public API (billing meters per the contract subset 
 items as of API 2025-03-31.basil and later, where the billing period lives on each item). The legacy
 usage-record endpoints are only served to requests pinned to an API version older than basil.
 
-Balances (read-only, seeded through helpers): PaymentIntents with their charges, refunds and disputes, the
+Balances (read-only, seeded through helpers): PaymentIntents with their charges, refunds and disputes; paid
+invoices with the PaymentIntent each created and the InvoicePayment mapping the two; the
 customer cash balance (``customer.balance``, minor units, negative = credit) with its balance transactions,
 and billing credit grants with ``/v1/billing/credit_balance_summary``.
 
@@ -304,6 +305,9 @@ class FakeStripe(FakeService):
             ),
             ("GET", re.compile(r"/v1/payment_intents"), self._h_list_payment_intents),
             ("GET", re.compile(r"/v1/payment_intents/(?P<id>[^/]+)"), self._h_get_payment_intent),
+            ("GET", re.compile(r"/v1/invoices/(?P<id>[^/]+)"), self._h_get_invoice),
+            ("GET", re.compile(r"/v1/invoice_payments"), self._h_list_invoice_payments),
+            ("GET", re.compile(r"/v1/invoice_payments/(?P<id>[^/]+)"), self._h_get_invoice_payment),
             ("GET", re.compile(r"/v1/charges"), self._h_list_charges),
             ("GET", re.compile(r"/v1/charges/(?P<id>[^/]+)"), self._h_get_charge),
             ("GET", re.compile(r"/v1/refunds"), self._h_list_refunds),
@@ -335,6 +339,8 @@ class FakeStripe(FakeService):
         self._idempotency: dict[str, _IdempotencyEntry] = {}
         self.payment_intents: dict[str, dict[str, Any]] = {}  # stored with "latest_charge" as an id
         self.charges: dict[str, dict[str, Any]] = {}
+        self.invoices: dict[str, dict[str, Any]] = {}
+        self.invoice_payments: dict[str, dict[str, Any]] = {}
         self.refunds: dict[str, dict[str, Any]] = {}
         self.customer_balance_transactions: dict[str, list[dict[str, Any]]] = {}  # customer id -> oldest first
         self.credit_grants: dict[str, dict[str, Any]] = {}
@@ -777,6 +783,87 @@ class FakeStripe(FakeService):
             }
             self._register(pid)
             return self._render_payment_intent(self.payment_intents[pid], set())
+
+    def pay_invoice(
+        self,
+        customer: str,
+        lines: list[tuple[str, int]],
+        currency: str = "usd",
+        *,
+        subscription: str | None = None,
+        created: int | None = None,
+        id: str | None = None,
+    ) -> dict[str, Any]:
+        """An invoice (one line per ``(price id, amount)``) finalized and paid by card, as Stripe bills a
+        subscription period: the invoice creates its PaymentIntent, and an InvoicePayment maps one to the other.
+
+        https://docs.stripe.com/billing/billing-apis: subscriptions create invoices and PaymentIntents.
+        https://docs.stripe.com/changelog/basil/2025-03-31/invoice-pricing-configurations: since 2025-03-31 the
+        PaymentIntent no longer names its invoice (no ``invoice`` field) and a line's price is at
+        ``pricing.price_details.price``. https://docs.stripe.com/api/invoice-payment/object: the mapping.
+        The docs do not say when the InvoicePayment appears relative to the PaymentIntent; here both carry the same
+        ``created`` second, so a listing bounded by the PaymentIntent's ``created`` finds its InvoicePayment only
+        when it uses that same bound (no slack for the product)."""
+        with self.lock:
+            if customer not in self.customers:
+                raise KeyError(f"unknown customer {customer!r}")
+            created = created if created is not None else self._now()
+            total = sum(amount for _, amount in lines)
+            invoice_id = id or _new_id("in_", 24)
+            description = "Subscription update" if subscription else None
+            intent = self.add_payment_intent(customer, total, currency, created=created, description=description)
+            self.invoices[invoice_id] = {
+                "id": invoice_id,
+                "object": "invoice",
+                "amount_due": total,
+                "amount_paid": total,
+                "amount_remaining": 0,
+                "created": created,
+                "currency": currency,
+                "customer": customer,
+                "lines": {
+                    "object": "list",
+                    "data": [
+                        {
+                            "id": _new_id("il_", 24),
+                            "object": "line_item",
+                            "amount": amount,
+                            "currency": currency,
+                            "invoice": invoice_id,
+                            "pricing": {"price_details": {"price": price, "product": None}, "type": "price_details"},
+                            "quantity": 1,
+                        }
+                        for price, amount in lines
+                    ],
+                    "has_more": False,
+                    "url": f"/v1/invoices/{invoice_id}/lines",
+                },
+                "parent": (
+                    {"subscription_details": {"subscription": subscription}, "type": "subscription_details"}
+                    if subscription
+                    else None
+                ),
+                "status": "paid",
+                "status_transitions": {"finalized_at": created, "paid_at": created},
+            }
+            self._register(invoice_id)
+            payment_id = _new_id("inpay_", 24)
+            self.invoice_payments[payment_id] = {
+                "id": payment_id,
+                "object": "invoice_payment",
+                "amount_paid": total,
+                "amount_requested": total,
+                "created": created,
+                "currency": currency,
+                "invoice": invoice_id,
+                "is_default": True,
+                "livemode": False,
+                "payment": {"type": "payment_intent", "payment_intent": intent["id"]},
+                "status": "paid",
+                "status_transitions": {"canceled_at": None, "paid_at": created},
+            }
+            self._register(payment_id)
+            return {**json.loads(json.dumps(self.invoices[invoice_id])), "payment_intent": intent["id"]}
 
     def dispute_charge(self, payment_intent_id: str) -> dict[str, Any]:
         """Mark the PaymentIntent's latest charge as disputed (``charge.disputed = true``)."""
@@ -1668,6 +1755,57 @@ class FakeStripe(FakeService):
         if id not in self.payment_intents:
             raise _no_such("payment_intent", id, param="intent")
         return self._render_payment_intent(self.payment_intents[id], expand)
+
+    def _h_get_invoice(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
+        self._expand(params, set())
+        if id not in self.invoices:
+            raise _no_such("invoice", id, param="invoice")
+        return json.loads(json.dumps(self.invoices[id]))
+
+    def _render_invoice_payment(self, payment: dict[str, Any], expand: set[str]) -> dict[str, Any]:
+        out = json.loads(json.dumps(payment))
+        if "invoice" in expand:
+            out["invoice"] = json.loads(json.dumps(self.invoices[payment["invoice"]]))
+        return out
+
+    def _h_list_invoice_payments(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
+        """https://docs.stripe.com/api/invoice-payment/list: filters ``invoice``, ``payment[type]``,
+        ``payment[payment_intent]``, ``status`` and ``created``. The docs list ``payment.type`` as required within
+        ``payment``; a filter by PaymentIntent without it is refused here, as the stricter reading."""
+        expand = self._expand(params, {"data.invoice"})
+        objs = list(self.invoice_payments.values())
+        payment = params.get("payment")
+        if payment not in (None, ""):
+            if not isinstance(payment, dict):
+                raise StripeError(400, "Invalid object", param="payment", code="parameter_invalid_object")
+            kind = payment.get("type")
+            if not kind:
+                raise _missing("payment[type]")
+            if kind not in ("payment_intent", "payment_record"):
+                raise StripeError(
+                    400, "Invalid payment[type]: must be one of payment_intent or payment_record", param="payment[type]"
+                )
+            objs = [o for o in objs if o["payment"]["type"] == kind]
+            if payment.get("payment_intent"):
+                objs = [o for o in objs if o["payment"].get("payment_intent") == payment["payment_intent"]]
+        for name in ("invoice", "status"):
+            if params.get(name):
+                objs = [o for o in objs if o[name] == params[name]]
+        objs = _filter_created(objs, params)
+        invoice_expand = {"invoice"} if "data.invoice" in expand else set()
+        return self._paginate(
+            self._newest_first(objs),
+            params,
+            "/v1/invoice_payments",
+            "invoice_payment",
+            lambda o: self._render_invoice_payment(o, invoice_expand),
+        )
+
+    def _h_get_invoice_payment(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
+        expand = self._expand(params, {"invoice"})
+        if id not in self.invoice_payments:
+            raise _no_such("invoice_payment", id, param="invoice_payment")
+        return self._render_invoice_payment(self.invoice_payments[id], expand)
 
     def _h_list_charges(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
         self._expand(params, set())

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import stripe
 
-from reconciler.balances.model import Refund, TopUp
+from reconciler.balances.model import InvoicePayment, Refund, TopUp
 from reconciler.config import StripeConfig
 from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.plans.desired import SubscriptionSnapshot
@@ -114,6 +114,22 @@ def _top_up(raw: dict[str, Any]) -> TopUp:
         metadata=dict(raw.get("metadata") or {}),
         disputed=bool(isinstance(charge, dict) and charge.get("disputed")),
     )
+
+
+def _invoice_payment(raw: dict[str, Any]) -> InvoicePayment | None:
+    payment_intent = _id_of((raw.get("payment") or {}).get("payment_intent"))
+    if not payment_intent:
+        return None
+    invoice = raw.get("invoice")
+    line_prices = None
+    if isinstance(invoice, dict):  # expanded: lines as of API 2025-03-31, price at pricing.price_details.price
+        lines = invoice.get("lines") or {}
+        if not lines.get("has_more"):
+            line_prices = frozenset(
+                str((line.get("pricing") or {}).get("price_details", {}).get("price") or "")
+                for line in lines.get("data") or []
+            )
+    return InvoicePayment(payment_intent, _id_of(invoice) or "", line_prices)
 
 
 def _credit_of(customer: dict[str, Any]) -> CustomerCredit:
@@ -326,6 +342,29 @@ class StripeGateway:
         for raw in self._pages("list payment intents", "/v1/payment_intents", params):
             if raw.get("status") == "succeeded":
                 yield _top_up(raw)
+
+    def invoice_payments(self, created_since: datetime, *, with_lines: bool) -> Iterator[InvoicePayment]:
+        """Every PaymentIntent that paid an invoice, created since `created_since`: one listing for all customers
+        (https://docs.stripe.com/api/invoice-payment/list). `with_lines` expands each invoice to read its prices."""
+        params: dict[str, Any] = {
+            "payment": {"type": "payment_intent"},
+            "created": {"gte": epoch_seconds(created_since)},
+            **({"expand": ["data.invoice"]} if with_lines else {}),
+        }
+        for raw in self._pages("list invoice payments", "/v1/invoice_payments", params):
+            if (payment := _invoice_payment(raw)) is not None:
+                yield payment
+
+    def invoice_payment_of(self, payment_intent_id: str, *, with_lines: bool) -> InvoicePayment | None:
+        """The invoice a PaymentIntent paid, if any: for a refund of a PaymentIntent older than the look-back."""
+        params: dict[str, Any] = {
+            "payment": {"type": "payment_intent", "payment_intent": payment_intent_id},
+            **({"expand": ["data.invoice"]} if with_lines else {}),
+        }
+        for raw in self._pages("list invoice payments", "/v1/invoice_payments", params):
+            if (payment := _invoice_payment(raw)) is not None:
+                return payment
+        return None
 
     def payment_intent(self, payment_intent_id: str) -> TopUp:
         raw = self._call(

@@ -366,3 +366,55 @@ def test_reset_clears_payments_and_balances(fake: FakeStripe, client: stripe.Str
     assert fake.customer_balance_transactions == {}
     with pytest.raises(stripe.InvalidRequestError):
         client.v1.customers.balance_transactions.list("cus_A")
+
+
+def test_a_paid_subscription_invoice_has_its_payment_intent_and_an_invoice_payment_mapping_them(
+    fake: FakeStripe, client: stripe.StripeClient
+):
+    """https://docs.stripe.com/billing/billing-apis: a subscription's invoice is paid by a PaymentIntent it creates;
+    https://docs.stripe.com/changelog/basil/2025-03-31/invoice-pricing-configurations: since 2025-03-31 that
+    PaymentIntent names no invoice and a line's price is at pricing.price_details.price;
+    https://docs.stripe.com/api/invoice-payment/object and /list: the InvoicePayment maps one to the other."""
+    fake.add_customer("cus_A")
+    top_up = fake.add_payment_intent("cus_A", 2500, created=NOW - DAY)
+    invoice = fake.pay_invoice("cus_A", [("price_base", 4900)], subscription="sub_A", created=NOW - 2 * DAY)
+
+    payment_intent = client.v1.payment_intents.retrieve(invoice["payment_intent"]).to_dict()
+    assert (payment_intent["status"], payment_intent["amount_received"], payment_intent["customer"]) == (
+        "succeeded",
+        4900,
+        "cus_A",
+    )
+    assert "invoice" not in payment_intent  # nothing on the PaymentIntent says it paid a bill
+
+    listed = client.v1.invoice_payments.list(
+        params={"payment": {"type": "payment_intent"}, "created": {"gte": NOW - 3 * DAY}}
+    ).to_dict()["data"]
+    assert [(p["object"], p["invoice"], p["payment"]) for p in listed] == [
+        ("invoice_payment", invoice["id"], {"type": "payment_intent", "payment_intent": payment_intent["id"]})
+    ]
+    assert (listed[0]["status"], listed[0]["amount_paid"], listed[0]["is_default"]) == ("paid", 4900, True)
+
+    by_intent = client.v1.invoice_payments.list(
+        params={"payment": {"type": "payment_intent", "payment_intent": top_up["id"]}}
+    )
+    assert by_intent.data == []  # a top-up paid no invoice
+    expanded = client.v1.invoice_payments.list(
+        params={
+            "payment": {"type": "payment_intent", "payment_intent": payment_intent["id"]},
+            "expand": ["data.invoice"],
+        }
+    ).data[0]
+    line = expanded.invoice.lines.data[0]
+    assert (line.pricing.type, line.pricing.price_details.price, line.amount) == ("price_details", "price_base", 4900)
+    assert client.v1.invoices.retrieve(invoice["id"]).status == "paid"
+
+    assert client.v1.invoice_payments.list(params={"created": {"gte": NOW - DAY}}).data == []  # created filters
+
+
+def test_invoice_payments_by_payment_intent_need_the_payment_type(client: stripe.StripeClient):
+    """https://docs.stripe.com/api/invoice-payment/list lists payment.type as required within `payment`; the
+    stricter reading is the sandbox's."""
+    with pytest.raises(stripe.InvalidRequestError) as refused:
+        client.v1.invoice_payments.list(params={"payment": {"payment_intent": "pi_1"}})  # type: ignore[typeddict-item]
+    assert refused.value.param == "payment[type]"

@@ -123,6 +123,10 @@ def _money(world: World, ledger: Ledger) -> list[str]:
     # "Outcome unknown" is for a request that left; one that never did (the process died first) must be sent.
     problems += [f"{i} flagged as outcome unknown, but no request for it ever left" for i in sorted(unknown - posted)]
     held = {row[0] for row in ledger.rows("select transaction_id from moesif_transactions where state = 'held'")}
+    # An invoice payment settles a bill: crediting it (or debiting its refund) in Moesif is never right.
+    paid_invoices = {p["payment"]["payment_intent"] for p in stripe.invoice_payments.values()}
+    invoice_refunds = {r["id"] for r in stripe.refunds.values() if r["payment_intent"] in paid_invoices}
+    problems += [f"invoice payment {i} was sent to Moesif" for i in sorted(posted & (paid_invoices | invoice_refunds))]
     for top_up in scenario.top_ups:
         for transaction_id, due in ((top_up.id, top_up.at), (f"re_{top_up.id}", top_up.refund_at)):
             if due is None or due > world.now:

@@ -56,6 +56,8 @@ SCENARIO_FAULTS = (
     "webhook_out_of_order",
     "webhook_lost",
     "crash_mid_backfill",
+    "invoice_payment",  # a subscription invoice paid by card: a PaymentIntent that is no top-up
+    "invoice_refund",
 )
 # Every fault class the harness knows; coverage is counted against this list.
 FAULT_CLASSES = STEP_FAULTS + SCENARIO_FAULTS
@@ -125,6 +127,10 @@ class Scenario:
     product_trusts_dedupe: bool
     moesif_visibility_delay: timedelta
     webhooks: dict[str, str] = field(default_factory=dict)  # delivery mode per event kind
+    # Each period's invoice charges this plan fee, and whatever the prepaid credit does not cover, by card: a
+    # succeeded PaymentIntent that is an invoice payment, never a top-up. 0: no card payments.
+    plan_fee_minor: int = 0
+    invoice_refunds: bool = False  # some card-paid invoices are partly refunded (never a Moesif debit)
 
     @property
     def customers(self) -> list[str]:
@@ -146,6 +152,7 @@ class Scenario:
             f"visibility delay={self.moesif_visibility_delay}"
         )
         lines.append(f"  webhooks: {self.webhooks}")
+        lines.append(f"  plan fee {self.plan_fee_minor} minor units by card, invoice refunds={self.invoice_refunds}")
         for number, step in enumerate(self.steps):
             if step.faults:
                 faults = ", ".join(f"{f.kind}({f.target}, #{f.nth})" for f in step.faults)
@@ -261,6 +268,8 @@ def generate(seed: int) -> Scenario:
         steps.append(Step(at.replace(microsecond=0), tuple(jobs), tuple(faults)))
 
     moesif_dedupes = rng.random() < 0.6
+    invoices = random.Random(f"invoice payments {seed}")  # a generator of their own, as for currencies
+    plan_fee_minor = invoices.choice([0, 900, 4900])
     return Scenario(
         seed=seed,
         start=start.replace(microsecond=0),
@@ -275,6 +284,8 @@ def generate(seed: int) -> Scenario:
         webhooks={
             kind: rng.choice(["delivered", "duplicate", "out_of_order", "lost"]) for kind in ("period", "top_up")
         },
+        plan_fee_minor=plan_fee_minor,
+        invoice_refunds=invoices.random() < 0.5,
     )
 
 

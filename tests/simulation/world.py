@@ -358,8 +358,23 @@ class World:
                     self.billed(plan, position, start, end) * self.unit_amount(plan, position)
                     for position in range(len(plan.items))
                 )
-                if amount:
-                    self.fakes.stripe.consume_credit(plan.customer, int(amount))
+                covered = self.fakes.stripe.consume_credit(plan.customer, int(amount)) if amount else 0
+                by_card = self.scenario.plan_fee_minor + int(amount) - covered
+                if self.scenario.plan_fee_minor and by_card > 0:
+                    self._pay_invoice(plan, by_card, now)
+
+    def _pay_invoice(self, plan: SubscriptionPlan, amount_minor: int, now: datetime) -> None:
+        """The invoice's card payment, with the webhook Stripe sends for any succeeded PaymentIntent; sometimes
+        partly refunded."""
+        stripe = self.fakes.stripe
+        invoice = stripe.pay_invoice(
+            plan.customer, [("price_plan_fee", amount_minor)], subscription=plan.id, created=ts(now)
+        )
+        self._webhook("top_up", "payment_intent.succeeded", stripe.payment_intents[invoice["payment_intent"]])
+        self.hits["invoice_payment"] += 1
+        if self.scenario.invoice_refunds and len(stripe.invoices) % 2:
+            stripe.add_refund(invoice["payment_intent"], amount_minor // 2 or None, created=ts(now))
+            self.hits["invoice_refund"] += 1
 
     def _advance_subscription(self, plan: SubscriptionPlan, now: datetime) -> None:
         stripe = self.fakes.stripe

@@ -142,3 +142,17 @@ def test_a_database_url_that_is_not_one_is_named_and_its_password_is_a_secret():
     config = parse_config({**MINIMAL, "database": {"url": "postgresql+psycopg://app:pw_s3cret@db/reconciler"}})
     assert "pw_s3cret" in config.secret_values()
     assert "pw_s3cret" not in str(config.masked())
+
+
+def test_a_top_up_filter_that_matches_every_payment_intent_is_warned_about():
+    moesif = {"url": "http://127.0.0.1:9", "management_token": "t"}
+    every = parse_config({**MINIMAL, "moesif": moesif, "balances": {"enabled": True}})
+    named = parse_config(
+        {
+            **MINIMAL,
+            "moesif": moesif,
+            "balances": {"enabled": True, "topups": {"payment_intent_metadata": {"type": "credit_topup"}}},
+        }
+    )
+    assert [w.split(" is empty")[0] for w in every.warnings()] == ["balances.topups.payment_intent_metadata"]
+    assert named.warnings() == []
