@@ -432,7 +432,11 @@ def test_async_rejections_become_thin_meter_error_events(client: stripe.StripeCl
     thin = json.loads(body)
     assert "data" not in thin
     assert thin["object"] == "v2.core.event" and thin["livemode"] is False and thin["created"].endswith("Z")
-    assert thin["related_object"] == {"id": meter["id"], "type": "billing.meter", "url": f"/v1/billing/meters/{meter['id']}"}
+    assert thin["related_object"] == {
+        "id": meter["id"],
+        "type": "billing.meter",
+        "url": f"/v1/billing/meters/{meter['id']}",
+    }
     # The SDK accepts the signature (signed at the fake's clock, NOW: the age check is the receiver's, off here).
     assert signature.startswith(f"t={NOW},v1=")
     notification = client.parse_event_notification(body, signature, "whsec_thin", tolerance=0)
