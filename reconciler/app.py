@@ -30,6 +30,7 @@ from reconciler.usage.job import UsageSync
 class App:
     config: Config
     engine: Engine
+    stripe: StripeGateway  # for the webhook worker's reads of thin events
     usage_sync: UsageSync
     balance_sync: BalanceSync | None  # None unless balances.enabled
     plan_sync: PlanSync | None  # None unless plans.enabled
@@ -106,6 +107,7 @@ def build_app(
     return App(
         config=config,
         engine=engine,
+        stripe=stripe,
         usage_sync=usage_sync,
         balance_sync=balance_sync,
         plan_sync=plan_sync,

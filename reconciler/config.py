@@ -88,8 +88,12 @@ class StripeConfig(_Section):
     max_concurrency: int = Field(default=8, ge=1, le=64)
     # Signing secret of the webhook endpoint (`whsec_…`); unset or empty: POST /webhooks/stripe is off.
     webhook_secret: SecretStr | None = None
+    # Signing secret of the thin-payload event destination (its own `whsec_…`): Stripe sends the meter error
+    # reports (v1.billing.meter.error_report_triggered, v1.billing.meter.no_meter_found) only as thin events
+    # (https://docs.stripe.com/api/v2/core/events/event-types). Unset or empty: POST /webhooks/stripe/thin is off.
+    thin_webhook_secret: SecretStr | None = None
 
-    @field_validator("webhook_secret")
+    @field_validator("webhook_secret", "thin_webhook_secret")
     @classmethod
     def _empty_means_off(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value().strip() else None
@@ -353,8 +357,9 @@ class Config(_Section):
     def secret_values(self) -> list[str]:
         """Every secret in the config, so logs and errors can be scrubbed of them."""
         secrets = [self.stripe.api_key, self.openmeter.token]
-        if self.stripe.webhook_secret is not None:
-            secrets.append(self.stripe.webhook_secret)
+        for webhook_secret in (self.stripe.webhook_secret, self.stripe.thin_webhook_secret):
+            if webhook_secret is not None:
+                secrets.append(webhook_secret)
         if self.moesif is not None:
             secrets.append(self.moesif.management_token)
         if self.plans.api_key is not None:

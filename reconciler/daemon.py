@@ -302,6 +302,8 @@ class Daemon:
                 secret=lambda: s.get_secret_value() if (s := self.config.stripe.webhook_secret) else None,
                 inbox=self.inbox,
                 wake=self._webhook_wake.set,
+                thin_secret=lambda: s.get_secret_value() if (s := self.config.stripe.thin_webhook_secret) else None,
+                parse_thin=lambda *args: self.app.stripe.parse_thin_event(*args),
             )
             app = build_ops_app(probes, webhooks)
             self.ops_server = OpsServer(app, self.config.server.host, self.config.server.port)

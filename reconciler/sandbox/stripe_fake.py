@@ -24,13 +24,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import re
 import secrets
 import string
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from functools import partial
 from typing import Any
@@ -38,7 +42,7 @@ from urllib.parse import parse_qsl
 
 from reconciler.sandbox.httpserver import FakeService, InjectedFault, Response
 
-__all__ = ["FakeStripe", "MeterEvent", "StripeError", "parse_stripe_params"]
+__all__ = ["FakeStripe", "MeterEvent", "StripeError", "parse_stripe_params", "stripe_signature"]
 
 LEGACY_USAGE_REMOVED_IN = "2025-03-31"
 DEFAULT_API_VERSION = "2026-07-29.dahlia"
@@ -218,6 +222,7 @@ class MeterEvent:
     value: Decimal | None
     seq: int
     reason: str | None = None  # set for events in ``rejected_meter_events``
+    meter_id: str | None = None  # the active meter of ``event_name`` when the event came in
 
     def to_api(self) -> dict[str, Any]:
         return {
@@ -261,6 +266,53 @@ def _reached_the_endpoint(fault: InjectedFault) -> bool:
     reached it."""
     held_back_before_execution = fault.delay_seconds > 0 and not fault.after_apply
     return fault.status >= 500 and not held_back_before_execution
+
+
+# --------------------------------------------------------------------------------------------------
+# Thin events (v2): the meter error reports
+#
+# https://docs.stripe.com/api/v2/core/events/event-types: v1.billing.meter.error_report_triggered ("a Meter has
+# invalid async usage events", related object: the meter) and v1.billing.meter.no_meter_found (no related object)
+# are thin events: they go only to event destinations with the thin payload style, whose body is the event without
+# `data` (https://docs.stripe.com/event-destinations); GET /v2/core/events/{id} returns it with `data`
+# (https://docs.stripe.com/api/v2/core/events/object: developer_message_summary, reason.error_count,
+# reason.error_types[].code/error_count/sample_errors[].error_message/request.identifier, validation_start/end).
+
+_THIN_METER_EVENTS = ("v1.billing.meter.error_report_triggered", "v1.billing.meter.no_meter_found")
+# The docs call them *sample* errors and give no number: at most this many are named per error type, so a
+# client cannot count on every rejected identifier being named (the case worse for it).
+_MAX_SAMPLE_ERRORS = 5
+
+
+def _rfc3339(epoch: float) -> str:
+    """v2 timestamps are RFC 3339 strings with milliseconds, e.g. "2024-09-26T17:46:22.134Z"."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(epoch * 1000) % 1000:03d}Z"
+
+
+def stripe_signature(payload: bytes, secret: str, timestamp: int) -> str:
+    """The `Stripe-Signature` header Stripe sends with every event, thin or snapshot: `t=<unix time>,v1=<hex
+    HMAC-SHA256 of "<t>.<payload>" under the destination's signing secret>`
+    (https://docs.stripe.com/webhooks#verify-manually)."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + payload, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def _rejection_message(event: MeterEvent) -> str:
+    # The docs show only one sample message ("Customer mapping key stripe_customer_id not found in payload."):
+    # these two are the fake's own wording.
+    if event.reason == "no_meter":
+        return f"No active meter was found for event_name {event.event_name}."
+    return f"No customer with id {event.customer} was found."
+
+
+@dataclass
+class EventDestination:
+    """A webhook endpoint with the thin payload style, subscribed to `events`, signing with its own secret."""
+
+    url: str
+    secret: str
+    events: tuple[str, ...] = _THIN_METER_EVENTS
+    deliveries: list[tuple[str, int]] = field(default_factory=list)  # (event id, HTTP status; 0: no answer)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,6 +367,7 @@ class FakeStripe(FakeService):
             ("GET", re.compile(r"/v1/billing/credit_grants"), self._h_list_credit_grants),
             ("GET", re.compile(r"/v1/billing/credit_grants/(?P<id>[^/]+)"), self._h_get_credit_grant),
             ("GET", re.compile(r"/v1/billing/credit_balance_summary"), self._h_credit_balance_summary),
+            ("GET", re.compile(r"/v2/core/events/(?P<id>[^/]+)"), self._h_get_v2_event),
         ]
         self._init_state()
 
@@ -332,6 +385,10 @@ class FakeStripe(FakeService):
         self._subscription_order: tuple[tuple[int, int], list[str]] = ((-1, -1), [])
         self.meter_events: list[MeterEvent] = []
         self.rejected_meter_events: list[MeterEvent] = []
+        self._rejections_reported = 0  # rejected_meter_events[:n] are in an error report already
+        self.v2_events: dict[str, dict[str, Any]] = {}  # thin events as GET /v2/core/events/{id} returns them
+        self.thin_events: list[dict[str, Any]] = []  # the pushed (thin) bodies, oldest first
+        self.event_destinations: list[EventDestination] = []
         self._identifiers: dict[str, MeterEvent] = {}
         # item id -> {timestamp: quantity}
         self.usage_records: dict[str, dict[int, int]] = {}
@@ -1626,11 +1683,119 @@ class FakeStripe(FakeService):
             self.rejected_meter_events.append(event)
         elif customer not in self.customers:
             event.reason = "meter_event_customer_not_found"
+            event.meter_id = meter["id"]
             self.rejected_meter_events.append(event)
         else:
             self.meter_events.append(event)
         self._identifiers[identifier] = event
         return event.to_api()
+
+    # -- thin events: meter error reports ------------------------------------------------------------
+
+    def add_event_destination(
+        self, url: str, secret: str, events: Iterable[str] = _THIN_METER_EVENTS
+    ) -> EventDestination:
+        """Register a thin-payload webhook destination; `flush_meter_error_reports` POSTs to it."""
+        destination = EventDestination(url, secret, tuple(events))
+        with self.lock:
+            self.event_destinations.append(destination)
+        return destination
+
+    def flush_meter_error_reports(self) -> list[dict[str, Any]]:
+        """Turn the meter events rejected since the last flush into thin events, deliver them to the registered
+        destinations, and return the pushed bodies.
+
+        Stripe validates meter events asynchronously and reports the invalid ones in batches, one event per meter
+        and window (`validation_start`..`validation_end`). The docs do not say how often: their example covers a
+        10-second window. The fake reports whenever this is called (tests and the simulation choose the moment),
+        one error_report_triggered per meter, and one no_meter_found for events that matched no active meter."""
+        with self.lock:
+            pending = self.rejected_meter_events[self._rejections_reported :]
+            self._rejections_reported = len(self.rejected_meter_events)
+            groups: dict[tuple[str, str | None], list[MeterEvent]] = {}
+            for rejected in pending:
+                if rejected.reason == "no_meter":
+                    groups.setdefault(("v1.billing.meter.no_meter_found", None), []).append(rejected)
+                else:
+                    groups.setdefault(("v1.billing.meter.error_report_triggered", rejected.meter_id), []).append(
+                        rejected
+                    )
+            pushed = [self._thin_meter_event(kind, meter_id, events) for (kind, meter_id), events in groups.items()]
+            destinations = list(self.event_destinations)
+        for body in pushed:  # outside the lock: the receiver may call back (GET /v2/core/events/{id})
+            for destination in destinations:
+                if body["type"] in destination.events:
+                    destination.deliveries.append((body["id"], self._post_thin_event(destination, body)))
+        return pushed
+
+    def _thin_meter_event(self, kind: str, meter_id: str | None, events: list[MeterEvent]) -> dict[str, Any]:
+        now = self.clock()
+        event_id = _new_id("evt_test_", 46)
+        by_code: dict[str, list[MeterEvent]] = {}
+        for rejected in events:
+            by_code.setdefault(rejected.reason or "unknown", []).append(rejected)
+        thin: dict[str, Any] = {
+            "id": event_id,
+            "object": "v2.core.event",
+            "type": kind,
+            "created": _rfc3339(now),
+            "livemode": False,
+            "context": None,
+            "reason": None,
+        }
+        if meter_id is not None:  # no_meter_found has no related object: there is no meter to name
+            thin["related_object"] = {"id": meter_id, "type": "billing.meter", "url": f"/v1/billing/meters/{meter_id}"}
+        count = len(events)
+        full = {
+            **thin,
+            "data": {
+                "developer_message_summary": f"There {'is' if count == 1 else 'are'} {count} invalid "
+                f"event{'' if count == 1 else 's'}",
+                "reason": {
+                    "error_count": count,
+                    "error_types": [
+                        {
+                            "code": code,
+                            "error_count": len(of_code),
+                            "sample_errors": [
+                                {"error_message": _rejection_message(e), "request": {"identifier": e.identifier}}
+                                for e in of_code[:_MAX_SAMPLE_ERRORS]
+                            ],
+                        }
+                        for code, of_code in by_code.items()
+                    ],
+                },
+                "validation_start": _rfc3339(min(e.created for e in events)),
+                "validation_end": _rfc3339(now),
+            },
+        }
+        self.v2_events[event_id] = full
+        self.thin_events.append(thin)
+        return json.loads(json.dumps(thin))
+
+    def _post_thin_event(self, destination: EventDestination, body: dict[str, Any]) -> int:
+        """One delivery attempt (Stripe retries failures for days; tests redeliver by hand if they need to)."""
+        payload = json.dumps(body).encode()
+        request = urllib.request.Request(destination.url, data=payload, method="POST")
+        request.add_header("Content-Type", "application/json")
+        request.add_header("Stripe-Signature", stripe_signature(payload, destination.secret, int(self.clock())))
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            error.close()
+            return int(error.code)
+        except OSError:
+            return 0
+
+    def _h_get_v2_event(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
+        event = self.v2_events.get(id)
+        if event is None:
+            # https://docs.stripe.com/api/v2/core/events/retrieve documents no error body, and we found no v2
+            # not-found example: this is v1's shape (`{"error": {"type", "code", "message"}}`), which the SDK's
+            # v2 error path falls back to, answered with 404.
+            raise StripeError(404, f"No such event: '{id}'", code="resource_missing")
+        return json.loads(json.dumps(event))
 
     def _aggregate(self, meter: Mapping[str, Any], customer: str, start: int, end: int) -> Decimal:
         events = [

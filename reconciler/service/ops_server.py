@@ -4,6 +4,8 @@
     GET /readyz    200 when the database answers, its migrations are current, and every enabled job completed
                    a cycle within `server.max_cycle_age` (readiness: something is wrong if not)
     GET /metrics   Prometheus text format
+    POST /webhooks/stripe        snapshot events, signed with stripe.webhook_secret
+    POST /webhooks/stripe/thin   thin events (meter error reports), signed with stripe.thin_webhook_secret
 
 Starlette routes, uvicorn serves them on a background thread; signals stay with the daemon's main thread.
 """
@@ -15,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import stripe
 import structlog
@@ -39,11 +42,16 @@ COMPLETED = ("succeeded", "partial")  # a partial cycle ran to the end; some ite
 
 @dataclass
 class WebhookEndpoint:
-    """POST /webhooks/stripe: verify, store with its work, answer; `wake` nudges the worker."""
+    """POST /webhooks/stripe and /webhooks/stripe/thin: verify, store with its work, answer; `wake` nudges the
+    worker. Each destination signs with a secret of its own (https://docs.stripe.com/event-destinations)."""
 
     secret: Callable[[], str | None]
     inbox: WebhookInbox
     wake: Callable[[], None]
+    thin_secret: Callable[[], str | None] = lambda: None
+    # (payload, Stripe-Signature, secret) -> the verified thin event notification; the SDK's
+    # StripeClient.parse_event_notification (StripeGateway.parse_thin_event)
+    parse_thin: Callable[[bytes, str | None, str], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -107,8 +115,29 @@ def build_ops_app(probes: Probes, webhooks: WebhookEndpoint | None = None) -> St
             return JSONResponse({"error": "invalid signature"}, status_code=400)
         except ValueError:
             return JSONResponse({"error": "invalid payload"}, status_code=400)
+        body = event.to_dict()
+        if body.get("object") == "v2.core.event":  # thin events have a destination and a secret of their own
+            return JSONResponse({"error": "a thin event: send it to /webhooks/stripe/thin"}, status_code=400)
+        return await store(webhooks, body, payload)
+
+    async def stripe_thin_webhook(request: Request) -> Response:
+        secret = webhooks.thin_secret() if webhooks else None
+        if webhooks is None or webhooks.parse_thin is None or not secret:
+            return JSONResponse(
+                {"error": "thin webhooks are off (stripe.thin_webhook_secret is not set)"}, status_code=404
+            )
+        payload = await request.body()
         try:
-            new = await run_in_threadpool(webhooks.inbox.record, event.to_dict(), payload.decode("utf-8"))
+            event = webhooks.parse_thin(payload, request.headers.get("stripe-signature"), secret)
+        except stripe.SignatureVerificationError:
+            return JSONResponse({"error": "invalid signature"}, status_code=400)
+        except (ValueError, KeyError, TypeError):  # not JSON, a snapshot event, or a thin event missing its fields
+            return JSONResponse({"error": "invalid payload: not a thin event"}, status_code=400)
+        return await store(webhooks, event, payload)
+
+    async def store(webhooks: WebhookEndpoint, event: dict[str, Any], payload: bytes) -> Response:
+        try:
+            new = await run_in_threadpool(webhooks.inbox.record, event, payload.decode("utf-8"))
         except Exception:
             log.exception("webhook could not be stored; Stripe will redeliver it")
             return JSONResponse({"error": "not stored"}, status_code=500)
@@ -122,6 +151,7 @@ def build_ops_app(probes: Probes, webhooks: WebhookEndpoint | None = None) -> St
             Route("/readyz", readyz),
             Route("/metrics", metrics),
             Route("/webhooks/stripe", stripe_webhook, methods=["POST"]),
+            Route("/webhooks/stripe/thin", stripe_thin_webhook, methods=["POST"]),
         ]
     )
 

@@ -15,6 +15,7 @@ SDK traps avoided here (see shared/api-notes.md):
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -328,6 +329,20 @@ class StripeGateway:
             if (summary.get("period") or {}).get("start") == epoch_seconds(period_start):
                 return int(summary.get("total_usage") or 0)
         return None
+
+    # -- thin events ---------------------------------------------------------------------------------
+
+    def v2_event(self, event_id: str) -> dict[str, Any]:
+        """A thin event with its `data`, which the pushed notification never carries
+        (https://docs.stripe.com/api/v2/core/events/retrieve; events stay retrievable for 30 days)."""
+        return self._call("retrieve v2 event", lambda: self._client.v2.core.events.retrieve(event_id)).to_dict()
+
+    def parse_thin_event(self, payload: bytes, signature: str | None, secret: str) -> dict[str, Any]:
+        """A thin event notification, its `Stripe-Signature` verified against the destination's secret by the SDK
+        (raises stripe.SignatureVerificationError, or ValueError/KeyError for a body that is no thin event)."""
+        self._client.parse_event_notification(payload, signature, secret)
+        body: dict[str, Any] = json.loads(payload)  # what the inbox stores: the notification as Stripe sent it
+        return body
 
     # -- balances ------------------------------------------------------------------------------------
 

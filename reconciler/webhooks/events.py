@@ -14,6 +14,11 @@ PLAN_SYNC = "plan_sync"  # an immediate entitlement sync of the customer
 BALANCE_SYNC = "balance_sync"  # immediate top-up forwarding for the customer
 METER_ERRORS = "meter_errors"  # Stripe's asynchronous meter-event errors, recorded against their items
 
+# Stripe reports meter events it rejected after accepting them only as v2 thin events, to thin-payload event
+# destinations: the pushed body has no `data`; the details are fetched with GET /v2/core/events/{id}
+# (https://docs.stripe.com/api/v2/core/events/event-types, https://docs.stripe.com/event-destinations).
+THIN_METER_ERROR_EVENTS = frozenset({"v1.billing.meter.error_report_triggered", "v1.billing.meter.no_meter_found"})
+
 
 @dataclass(frozen=True)
 class WebhookWork:
@@ -54,9 +59,15 @@ def works_for_event(event: dict[str, Any]) -> list[WebhookWork]:
     return works
 
 
+def is_thin(event: dict[str, Any]) -> bool:
+    return event.get("object") == "v2.core.event"
+
+
 def work_for_event(event: dict[str, Any]) -> WebhookWork | None:
-    """The usage or balance work an event implies, or None."""
+    """The usage, balance or meter-error work an event implies, or None."""
     kind = event.get("type", "")
+    if is_thin(event):
+        return WebhookWork(METER_ERRORS, None) if kind in THIN_METER_ERROR_EVENTS else None
     data = event.get("data") or {}
     obj = data.get("object") or {}
     if kind == "customer.subscription.updated":
@@ -71,8 +82,6 @@ def work_for_event(event: dict[str, Any]) -> WebhookWork | None:
         return WebhookWork(USAGE_SYNC, _id(obj.get("customer"))) if obj.get("customer") else None
     if kind == "payment_intent.succeeded":
         return WebhookWork(BALANCE_SYNC, _id(obj.get("customer"))) if obj.get("customer") else None
-    if kind == "v1.billing.meter.error_report_triggered":
-        return WebhookWork(METER_ERRORS, None)
     return None
 
 
@@ -84,11 +93,10 @@ class MeterEventError:
 
 
 def meter_event_errors(event: dict[str, Any]) -> list[MeterEventError]:
-    """The sample errors of a meter error report, each naming the meter event identifier it concerns."""
-    data = event.get("data") or {}
-    report = data.get("object") if isinstance(data.get("object"), dict) else data
+    """The sample errors of a fetched thin meter-error event (error_report_triggered or no_meter_found: both carry
+    `data.reason.error_types[].sample_errors[]`), each naming the meter event identifier it concerns."""
     errors = []
-    for error_type in ((report or {}).get("reason") or {}).get("error_types") or []:
+    for error_type in (((event.get("data") or {}).get("reason")) or {}).get("error_types") or []:
         code = error_type.get("code", "unknown")
         for sample in error_type.get("sample_errors") or []:
             identifier = ((sample.get("request") or {}).get("identifier")) or ""

@@ -11,6 +11,7 @@ import structlog
 from reconciler.app import App
 from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.metrics import Metrics
+from reconciler.upstream.errors import UpstreamError
 from reconciler.webhooks.events import BALANCE_SYNC, METER_ERRORS, PLAN_SYNC, USAGE_SYNC, meter_event_errors
 from reconciler.webhooks.inbox import InboxItem, WebhookInbox
 
@@ -41,14 +42,16 @@ class WebhookWorker:
                 by_work[(work, item.customer_id)].append(item)
         errors: dict[int, str] = {}
         for (work, customer), items in by_work.items():
-            with structlog.contextvars.bound_contextvars(webhook_work=work, customer=customer):
-                try:
-                    error = self._run(work, customer, items)
-                except Exception as exc:  # retried with backoff; the scheduled cycles are the safety net
-                    log.exception("webhook work crashed")
-                    error = f"{type(exc).__name__}: {exc}"
-            if error:
-                errors.update({item.id: error for item in items})
+            # Each meter-error event is fetched on its own, so one failed fetch retries only its own event.
+            for group in [[item] for item in items] if work == METER_ERRORS else [items]:
+                with structlog.contextvars.bound_contextvars(webhook_work=work, customer=customer):
+                    try:
+                        error = self._run(work, customer, group)
+                    except Exception as exc:  # retried with backoff; the scheduled cycles are the safety net
+                        log.exception("webhook work crashed")
+                        error = f"{type(exc).__name__}: {exc}"
+                if error:
+                    errors.update({item.id: error for item in group})
         for item in claimed:
             if item.id in errors:
                 self._inbox.retry_later(item, errors[item.id])
@@ -78,15 +81,33 @@ class WebhookWorker:
             )
         if work == METER_ERRORS:
             for item in items:
-                for error in meter_event_errors(item.event):
-                    self._metrics.meter_event_errors.labels(error.code).inc()
-                    found = self._ledger.record_rejected_event(error.identifier, f"{error.code}: {error.message}")
-                    log.warning(
-                        "Stripe rejected a meter event",
-                        identifier=error.identifier,
-                        code=error.code,
-                        message=error.message,
-                        known=found,
-                    )
+                try:
+                    self._record_meter_errors(app, item)
+                except UpstreamError as exc:  # Stripe keeps the event for 30 days: the retries have time
+                    log.warning("could not fetch a thin event from Stripe", event_id=item.event_id, error=str(exc))
+                    return f"fetching {item.event_id}: {exc}"
             return None
         return None
+
+    def _record_meter_errors(self, app: App, item: InboxItem) -> None:
+        """A thin meter-error event names no errors itself: its `data` is fetched from Stripe (a failed fetch raises,
+        and the item is retried like other failed work), then each sample error is noted on the intent it names."""
+        event = app.stripe.v2_event(item.event_id)
+        errors = meter_event_errors(event)
+        log.warning(
+            "Stripe reported rejected meter events",
+            event_id=item.event_id,
+            type=event.get("type"),
+            summary=(event.get("data") or {}).get("developer_message_summary"),
+            samples=len(errors),
+        )
+        for error in errors:
+            self._metrics.meter_event_errors.labels(error.code).inc()
+            found = self._ledger.record_rejected_event(error.identifier, f"{error.code}: {error.message}")
+            log.warning(
+                "Stripe rejected a meter event" if found else "Stripe rejected a meter event the ledger does not know",
+                identifier=error.identifier,
+                code=error.code,
+                message=error.message,
+                known=found,
+            )

@@ -14,10 +14,13 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from reconciler.clock import utc_now
-from reconciler.webhooks.events import BALANCE_SYNC, USAGE_SYNC, work_for_event
+from reconciler.sandbox.server import SANDBOX_STRIPE_KEY
+from reconciler.sandbox.stripe_fake import stripe_signature
+from reconciler.webhooks.events import BALANCE_SYNC, METER_ERRORS, USAGE_SYNC, work_for_event
 from tests.integration.helpers import customer_with_usage, reconciler, wait_until, write_config
 
 SECRET = "whsec_test_reconciler"
+THIN_SECRET = "whsec_test_thin_destination"
 
 
 @pytest.fixture
@@ -115,30 +118,92 @@ def test_payment_intent_succeeded_forwards_the_top_up_at_once(sandbox, webhook_c
     assert daemon.stop() == 0
 
 
-def test_a_meter_error_report_is_recorded_against_the_item(sandbox, webhook_config, daemons):
+@pytest.fixture
+def thin_config(webhook_config):
+    raw = yaml.safe_load(webhook_config.read_text())
+    raw["stripe"]["thin_webhook_secret"] = THIN_SECRET
+    write_config(webhook_config, raw)
+    return webhook_config
+
+
+def signed_thin(body: dict, secret: str = THIN_SECRET) -> tuple[bytes, dict[str, str]]:
+    """A thin event as its destination signs it (https://docs.stripe.com/webhooks#verify-manually)."""
+    payload = json.dumps(body).encode()
+    return payload, {"Stripe-Signature": stripe_signature(payload, secret, int(time.time()))}
+
+
+def test_a_meter_event_stripe_rejects_later_is_shown_rejected(sandbox, thin_config, daemons):
+    # Stripe reports meter events it rejects asynchronously only as thin events, to a thin-payload destination
+    # signed with that destination's secret; their details come from GET /v2/core/events/{id}
+    # (https://docs.stripe.com/api/v2/core/events/event-types, https://docs.stripe.com/event-destinations).
     customer_with_usage(sandbox, "cus_err", value=2)
-    daemon = daemons(webhook_config)
+    with sandbox.stripe.lock:  # the customer is gone by the time Stripe processes the event: accepted, then rejected
+        del sandbox.stripe.customers["cus_err"]
+    daemon = daemons(thin_config)
     daemon.wait_for("usage sync finished")
-    identifier = sandbox.stripe.meter_events[0].identifier
-    report = {
-        "object": "billing.meter_error_report",
-        "reason": {
-            "error_count": 1,
-            "error_types": [
-                {
-                    "code": "meter_event_customer_not_found",
-                    "error_count": 1,
-                    "sample_errors": [{"error_message": "No customer cus_err", "request": {"identifier": identifier}}],
-                }
-            ],
-        },
-    }
-    body, headers = signed(event("v1.billing.meter.error_report_triggered", report))
-    assert httpx.post(daemon.url("/webhooks/stripe"), content=body, headers=headers).status_code == 200
-    daemon.wait_for("Stripe rejected a meter event")
+    [rejected] = sandbox.stripe.rejected_meter_events
+    destination = sandbox.stripe.add_event_destination(daemon.url("/webhooks/stripe/thin"), THIN_SECRET)
+    [pushed] = sandbox.stripe.flush_meter_error_reports()
+    assert pushed["type"] == "v1.billing.meter.error_report_triggered" and "data" not in pushed
+    assert destination.deliveries == [(pushed["id"], 200)]
+    daemon.wait_for("Stripe rejected a meter event", identifier=rejected.identifier)
+    body, headers = signed_thin(pushed)  # Stripe redelivers until it gets a 2xx: a repeat is no new work
+    assert httpx.post(daemon.url("/webhooks/stripe/thin"), content=body, headers=headers).json()["duplicate"] is True
     assert daemon.stop() == 0
-    status = reconciler("status", "--config", str(webhook_config))
-    assert "rejected by Stripe: meter_event_customer_not_found: No customer cus_err" in status.stdout
+    status = reconciler("status", "--config", str(thin_config))
+    assert "rejected by Stripe: meter_event_customer_not_found: No customer with id cus_err was found." in status.stdout
+
+
+def test_no_meter_found_names_identifiers_the_ledger_may_not_know(sandbox, thin_config, daemons):
+    # v1.billing.meter.no_meter_found: async usage events whose event_name matched no meter, a thin event with no
+    # related object (https://docs.stripe.com/api/v2/core/events/event-types).
+    daemon = daemons(thin_config)
+    sandbox.stripe.add_event_destination(daemon.url("/webhooks/stripe/thin"), THIN_SECRET)
+    client = stripe.StripeClient(SANDBOX_STRIPE_KEY, base_addresses={"api": sandbox.stripe_server.url})
+    client.v1.billing.meter_events.create(  # another integration on the same account, sending to no meter
+        params={"event_name": "retired_meter", "identifier": "not-ours-1", "payload": {"stripe_customer_id": "cus_x"}}
+    )
+    [pushed] = sandbox.stripe.flush_meter_error_reports()
+    assert pushed["type"] == "v1.billing.meter.no_meter_found" and "related_object" not in pushed
+    logged = daemon.wait_for("Stripe rejected a meter event the ledger does not know", identifier="not-ours-1")
+    assert logged["code"] == "no_meter" and logged["known"] is False
+    assert daemon.stop() == 0
+
+
+def test_thin_events_need_their_own_path_and_secret(sandbox, thin_config, daemons):
+    # Each event destination signs with its own secret (https://docs.stripe.com/event-destinations): a thin body
+    # signed with the snapshot endpoint's secret is refused, and the snapshot endpoint takes no thin bodies.
+    sandbox.stripe.add_meter("api_calls")
+    thin = {
+        "id": "evt_test_thin_1",
+        "object": "v2.core.event",
+        "type": "v1.billing.meter.no_meter_found",
+        "created": "2026-01-01T00:00:00.000Z",
+        "livemode": False,
+    }
+    daemon = daemons(thin_config)
+    body, headers = signed_thin(thin, secret=SECRET)
+    assert httpx.post(daemon.url("/webhooks/stripe/thin"), content=body, headers=headers).status_code == 400
+    assert httpx.post(daemon.url("/webhooks/stripe"), content=body, headers=headers).status_code == 400
+    snapshot = signed_thin(event("invoice.created", {"customer": "cus_x"}), secret=THIN_SECRET)
+    assert httpx.post(daemon.url("/webhooks/stripe/thin"), content=snapshot[0], headers=snapshot[1]).status_code == 400
+    assert daemon.stop() == 0
+
+
+def test_the_thin_endpoint_is_off_without_its_secret(sandbox, webhook_config, daemons):
+    daemon = daemons(webhook_config)
+    answer = httpx.post(daemon.url("/webhooks/stripe/thin"), content=b"{}")
+    assert answer.status_code == 404 and "stripe.thin_webhook_secret" in answer.json()["error"]
+    assert daemon.stop() == 0
+
+
+def test_a_snapshot_shaped_meter_error_report_is_no_work():
+    # Stripe never sends v1.billing.meter.error_report_triggered as a snapshot event
+    # (https://docs.stripe.com/api/v2/core/events/event-types lists it among the thin events only).
+    report = event("v1.billing.meter.error_report_triggered", {"object": "billing.meter_error_report"})
+    assert work_for_event(report) is None
+    thin = {"id": "evt_1", "object": "v2.core.event", "type": "v1.billing.meter.error_report_triggered"}
+    assert work_for_event(thin).kind == METER_ERRORS
 
 
 def test_which_events_imply_work():

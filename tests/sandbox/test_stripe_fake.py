@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import threading
 import urllib.error
@@ -387,6 +388,77 @@ def test_unknown_meter_or_customer_is_accepted_but_rejected(client: stripe.Strip
     _meter_event(client, "cus_ghost", "1")
     assert fake.meter_events == []
     assert [e.reason for e in fake.rejected_meter_events] == ["no_meter", "meter_event_customer_not_found"]
+
+
+@pytest.fixture
+def thin_receiver() -> Iterator[tuple[str, list[tuple[bytes, str]]]]:
+    """A local webhook endpoint recording each (body, Stripe-Signature) it is sent."""
+    received: list[tuple[bytes, str]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append((self.rfile.read(int(self.headers["Content-Length"])), self.headers["Stripe-Signature"]))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/webhooks/stripe/thin", received
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_async_rejections_become_thin_meter_error_events(client: stripe.StripeClient, fake: FakeStripe, thin_receiver):
+    # https://docs.stripe.com/api/v2/core/events/event-types: both meter error events are thin events; the pushed
+    # body has no `data` (https://docs.stripe.com/event-destinations#thin-events), GET /v2/core/events/{id} returns
+    # it with `data` (https://docs.stripe.com/api/v2/core/events/object), signed per destination.
+    url, received = thin_receiver
+    fake.add_customer(id="cus_1")
+    meter = fake.add_meter("api_calls")
+    fake.add_event_destination(url, "whsec_thin")
+    _meter_event(client, "cus_ghost", "1", identifier="idem-ghost")
+    client.v1.billing.meter_events.create(
+        params={"event_name": "no_such_meter", "identifier": "idem-nometer", "payload": {"stripe_customer_id": "cus_1"}}
+    )
+    assert fake.flush_meter_error_reports() != [] and fake.flush_meter_error_reports() == []  # each reported once
+
+    pushed = {json.loads(body)["type"]: (body, signature) for body, signature in received}
+    assert set(pushed) == {"v1.billing.meter.error_report_triggered", "v1.billing.meter.no_meter_found"}
+    body, signature = pushed["v1.billing.meter.error_report_triggered"]
+    thin = json.loads(body)
+    assert "data" not in thin
+    assert thin["object"] == "v2.core.event" and thin["livemode"] is False and thin["created"].endswith("Z")
+    assert thin["related_object"] == {
+        "id": meter["id"],
+        "type": "billing.meter",
+        "url": f"/v1/billing/meters/{meter['id']}",
+    }
+    # The SDK accepts the signature (signed at the fake's clock, NOW: the age check is the receiver's, off here).
+    assert signature.startswith(f"t={NOW},v1=")
+    notification = client.parse_event_notification(body, signature, "whsec_thin", tolerance=0)
+    with pytest.raises(stripe.SignatureVerificationError):
+        client.parse_event_notification(body, signature, "whsec_other", tolerance=0)
+
+    report = notification.fetch_event()  # GET /v2/core/events/{id}
+    assert report.type == "v1.billing.meter.error_report_triggered"
+    error_type = report.data.reason.error_types[0]
+    assert report.data.reason.error_count == 1 and error_type.code == "meter_event_customer_not_found"
+    assert error_type.sample_errors[0].request.identifier == "idem-ghost"
+    assert report.data.validation_start <= report.data.validation_end
+
+    no_meter = json.loads(pushed["v1.billing.meter.no_meter_found"][0])
+    assert "data" not in no_meter and "related_object" not in no_meter
+    fetched = client.v2.core.events.retrieve(no_meter["id"]).to_dict()
+    assert fetched["data"]["reason"]["error_types"][0]["code"] == "no_meter"
+    assert fetched["data"]["reason"]["error_types"][0]["sample_errors"][0]["request"]["identifier"] == "idem-nometer"
+
+    with pytest.raises(stripe.InvalidRequestError) as missing:
+        client.v2.core.events.retrieve("evt_test_unknown")
+    assert missing.value.http_status == 404
 
 
 def test_event_summaries_sum_last_count(client: stripe.StripeClient, fake: FakeStripe):
