@@ -51,6 +51,7 @@ SCENARIO_FAULTS = (
     "openmeter_late_event",
     "openmeter_subject_missing",
     "moesif_slow_visibility",
+    "stripe_summary_lag",
     "moesif_no_dedupe",
     "webhook_duplicate",
     "webhook_out_of_order",
@@ -125,6 +126,8 @@ class Scenario:
     product_trusts_dedupe: bool
     moesif_visibility_delay: timedelta
     webhooks: dict[str, str] = field(default_factory=dict)  # delivery mode per event kind
+    summary_lag: timedelta = timedelta(minutes=10)  # the product's stripe.summary_lag
+    stripe_summary_lag: timedelta = timedelta(0)  # how long the sandbox's summaries really lag: at most summary_lag
 
     @property
     def customers(self) -> list[str]:
@@ -146,6 +149,9 @@ class Scenario:
             f"visibility delay={self.moesif_visibility_delay}"
         )
         lines.append(f"  webhooks: {self.webhooks}")
+        lines.append(
+            f"  stripe summaries lag {self.stripe_summary_lag} (product's stripe.summary_lag {self.summary_lag})"
+        )
         for number, step in enumerate(self.steps):
             if step.faults:
                 faults = ", ".join(f"{f.kind}({f.target}, #{f.nth})" for f in step.faults)
@@ -261,6 +267,11 @@ def generate(seed: int) -> Scenario:
         steps.append(Step(at.replace(microsecond=0), tuple(jobs), tuple(faults)))
 
     moesif_dedupes = rng.random() < 0.6
+    # Stripe's summaries lag its events by an undocumented time, which the product's stripe.summary_lag must cover
+    # (a generator of their own, like the currencies above).
+    lag = random.Random(f"summary lag {seed}")
+    summary_lag = timedelta(minutes=lag.choice([10, 10, 30]))
+    stripe_summary_lag = timedelta(seconds=0 if lag.random() < 0.25 else lag.randint(1, summary_lag.seconds))
     return Scenario(
         seed=seed,
         start=start.replace(microsecond=0),
@@ -275,6 +286,8 @@ def generate(seed: int) -> Scenario:
         webhooks={
             kind: rng.choice(["delivered", "duplicate", "out_of_order", "lost"]) for kind in ("period", "top_up")
         },
+        summary_lag=summary_lag,
+        stripe_summary_lag=stripe_summary_lag,
     )
 
 
