@@ -272,12 +272,6 @@ class FakeStripe(FakeService):
         super().__init__(clock)
         self.api_key = api_key
         self.duplicate_identifier_response = "error"  # or "ignore"
-        # Stripe aggregates meter events asynchronously: "aggregated usage in meter event summaries ... might not
-        # immediately reflect recently received meter events"
-        # (https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api). The docs give no bound,
-        # and say nothing about legacy usage record summaries; here an event or record created at `created` shows
-        # in either summary only from `created + summary_lag_seconds`. 0 (the default): at once, as before.
-        self.summary_lag_seconds: float = 0
         self.default_api_version = DEFAULT_API_VERSION  # used when a request has no Stripe-Version
         self._routes: list[tuple[str, re.Pattern[str], Callable[..., Any]]] = [
             ("GET", re.compile(r"/v1/customers"), self._h_list_customers),
@@ -323,6 +317,12 @@ class FakeStripe(FakeService):
     # -- state ------------------------------------------------------------------------------------
 
     def _init_state(self) -> None:
+        # Stripe aggregates meter events asynchronously: "aggregated usage in meter event summaries ... might not
+        # immediately reflect recently received meter events"
+        # (https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api). The docs give no bound,
+        # and say nothing about legacy usage record summaries; here an event or record created at `created` shows
+        # in either summary only from `created + summary_lag_seconds`. 0 (the default, and after `reset`): at once.
+        self.summary_lag_seconds: float = 0
         self._seq = 0
         self.customers: dict[str, dict[str, Any]] = {}
         self.prices: dict[str, dict[str, Any]] = {}

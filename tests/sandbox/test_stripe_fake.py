@@ -735,6 +735,8 @@ def test_an_event_shows_in_event_summaries_only_once_the_summary_lag_has_passed(
     assert summarized() == [5] and summarized(value_grouping_window="hour") == [5]
     clock.now += 300
     assert summarized() == [12]
+    fake.reset()  # a fake shared between tests starts each one without a lag
+    assert fake.summary_lag_seconds == 0
 
 
 def test_a_usage_record_shows_in_usage_record_summaries_only_once_the_summary_lag_has_passed(
