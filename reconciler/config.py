@@ -81,6 +81,11 @@ class StripeConfig(_Section):
     api_version: str = "2026-10-28.endive"
     max_network_retries: int = Field(default=3, ge=0, le=10)
     invoice_grace_period: Duration = timedelta(hours=1)
+    # How long Stripe's summaries (meter event summaries, legacy usage record summaries) may lag a report we sent.
+    # Stripe says only that meter events are aggregated asynchronously and summaries are eventually consistent
+    # (https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api,
+    # https://docs.stripe.com/api/billing/meter-event-summary); it gives no bound, so the default is generous.
+    summary_lag: Duration = Field(default=timedelta(minutes=10), gt=timedelta(0))
     timeout_seconds: float = Field(default=30, gt=0)
     # Request budget of this deployment (all replicas together): a safe share of Stripe's test-mode 25/s.
     max_requests_per_second: float = Field(default=20, gt=0)

@@ -2,7 +2,8 @@
 
 For each ledger period in range: what OpenMeter measures now (rounded as configured), what the ledger says it
 reported, and what Stripe holds (meter event summaries; legacy usage record summaries). Stripe's summaries are
-eventually consistent, so a difference right after a report is `settling`, not a finding. They also take whole
+eventually consistent, so a difference less than `stripe.summary_lag` after we sent a report the summary covers is
+`settling`, not a finding. They also take whole
 minutes, while billing periods start at any second: the minutes asked for may hold the edge of the neighbouring
 period of the same customer and meter (a final event is dated `end - 1 s`), and what the ledger says we sent
 there is taken out before comparing (`attribute_to_period`).
@@ -17,7 +18,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from reconciler.config import Config
@@ -25,7 +26,7 @@ from reconciler.ledger.schema import IntentState, UsagePeriod, UsageReport
 from reconciler.upstream.errors import UpstreamError
 from reconciler.upstream.openmeter_api import OpenMeterGateway
 from reconciler.upstream.stripe_api import StripeGateway
-from reconciler.usage.model import CONSISTENCY_WINDOW, BillingPeriod, StreamKind
+from reconciler.usage.model import BillingPeriod, StreamKind
 from reconciler.usage.periods import usage_window
 from reconciler.usage.rounding import round_quantity
 
@@ -53,14 +54,17 @@ def classify(
     stripe: Decimal | None,
     measured: int | None,
     is_final: bool,
-    last_event_at: datetime | None,
+    last_sent_at: datetime | None,
     now: datetime,
+    summary_lag: timedelta,
 ) -> tuple[str, str]:
-    """The finding for one period: ok, settling, foreign_usage, missing_in_stripe, late_drift or unverifiable."""
+    """The finding for one period: ok, settling, foreign_usage, missing_in_stripe, late_drift or unverifiable.
+    `last_sent_at`: when we last sent an event the summary covers (when it was sent, not the date it carries: a
+    final event is dated before its period ends but may be sent an hour later)."""
     if stripe is None:
         return "unverifiable", "Stripe's summaries do not show this period"
     if stripe != reported:
-        if last_event_at is not None and now - last_event_at < CONSISTENCY_WINDOW:
+        if last_sent_at is not None and now - last_sent_at < summary_lag:
             return "settling", "Stripe's summaries may not include the latest report yet"
         if stripe > reported:
             return "foreign_usage", f"Stripe holds {stripe - reported} more than the reconciler sent (another writer?)"
@@ -79,6 +83,7 @@ class SentEvent:
     period_id: int
     timestamp: datetime
     value: int
+    sent_at: datetime | None
 
 
 def attribute_to_period(
@@ -151,16 +156,19 @@ class Verifier:
         stripe: Decimal | None = None
         measured: int | None = None
         error = attribution = ""
+        last_sent_at = self._last_sent_at(row)
         try:
             if row.meter_id:
                 # Summaries take minute-aligned bounds, end exclusive, and never an end in the future: the
-                # minutes that have ended. A report in the current minute is within CONSISTENCY_WINDOW anyway.
+                # minutes that have ended. A report in the current minute is within stripe.summary_lag anyway.
                 start = _minute_floor(row.period_start)
                 end = min(_minute_ceil(row.period_end), _minute_floor(now))
                 if end > start:
                     summary = self._stripe.meter_total(row.meter_id, row.customer_id, start, end)
                     sent = self._sent_events(row, start, end)
                     stripe, attribution = attribute_to_period(summary, row.kind, row.id, sent)
+                    # The neighbours' events taken out of the summary may be as new to Stripe as our own.
+                    last_sent_at = max(filter(None, [last_sent_at, *(event.sent_at for event in sent)]), default=None)
             else:
                 legacy = self._stripe.legacy_usage_total(row.subscription_item_id, row.period_start)
                 stripe = None if legacy is None else Decimal(legacy)
@@ -172,8 +180,9 @@ class Verifier:
             stripe=stripe,
             measured=measured,
             is_final=row.status == "final",
-            last_event_at=row.last_event_at,
+            last_sent_at=last_sent_at,
             now=now,
+            summary_lag=self._config.stripe.summary_lag,
         )
         return VerifyLine(
             customer=row.customer_id,
@@ -193,7 +202,7 @@ class Verifier:
         """Every event of the row's customer and meter that Stripe accepted from us, dated in `[start, end)`."""
         with Session(self._engine) as session:
             rows = session.execute(
-                select(UsageReport.period_id, UsageReport.event_timestamp, UsageReport.quantity)
+                select(UsageReport.period_id, UsageReport.event_timestamp, UsageReport.quantity, UsageReport.sent_at)
                 .join(UsagePeriod, UsagePeriod.id == UsageReport.period_id)
                 .where(
                     UsagePeriod.customer_id == row.customer_id,
@@ -204,6 +213,16 @@ class Verifier:
                 )
             ).all()
         return [SentEvent(*columns) for columns in rows]
+
+    def _last_sent_at(self, row: UsagePeriod) -> datetime | None:
+        """When Stripe last accepted an event of ours for the period (recorded just after it answered)."""
+        with Session(self._engine) as session:
+            sent_at = session.scalar(
+                select(func.max(UsageReport.sent_at)).where(
+                    UsageReport.period_id == row.id, UsageReport.state == IntentState.SENT
+                )
+            )
+        return sent_at
 
     def _measure(self, row: UsagePeriod, now: datetime) -> int | None:
         mapping = self._config.usage.mapping_for(row.stripe_target)

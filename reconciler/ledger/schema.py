@@ -130,6 +130,9 @@ class UsageReport(Base):
     idempotency_key_number: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     run_id: Mapped[str] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # When the latest resend may have left (written before it is sent); None: only the first send, at created_at.
+    # Stripe's summaries are not trusted about a report until stripe.summary_lag after it.
+    attempted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     error: Mapped[str | None] = mapped_column(Text)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -29,6 +29,16 @@ from reconciler.usage.periods import epoch_seconds
 
 MAX_IDENTIFIER_LENGTH = 100  # Stripe's limit for meter event identifiers
 NONCE_BYTES = 6  # 12 hex characters in each identifier
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """A report of a stream as `stream_events_between` lists it."""
+
+    report_id: int
+    state: str
+    quantity: int
+    last_sent_at: datetime  # its latest send (or resend) that may have landed, or when Stripe accepted it
 
 
 class ContendedError(Exception):
@@ -129,11 +139,11 @@ class UsageLedger:
             ).first()
             return None if report is None else self._intent(report, work.stream)
 
-    def stream_events_between(self, stream_key: str, start: datetime, end: datetime) -> list[tuple[str, int]]:
-        """(state, quantity) of this stream's reports dated in `[start, end)`, whatever their period."""
+    def stream_events_between(self, stream_key: str, start: datetime, end: datetime) -> list[StreamEvent]:
+        """This stream's reports dated in `[start, end)`, whatever their period."""
         with self._sessions() as session:
-            rows = session.execute(
-                select(UsageReport.state, UsageReport.quantity)
+            reports = session.scalars(
+                select(UsageReport)
                 .join(UsagePeriod, UsagePeriod.id == UsageReport.period_id)
                 .where(
                     UsagePeriod.stream_key == stream_key,
@@ -141,7 +151,15 @@ class UsageLedger:
                     UsageReport.event_timestamp < end,
                 )
             ).all()
-        return [(str(state), int(quantity)) for state, quantity in rows]
+            return [
+                StreamEvent(
+                    report.id,
+                    str(report.state),
+                    int(report.quantity),
+                    max(filter(None, (report.created_at, report.attempted_at, report.sent_at))),
+                )
+                for report in reports
+            ]
 
     def periods_to_revisit(
         self, now: datetime, lookback: timedelta, skip: set[tuple[str, datetime]]
@@ -258,6 +276,11 @@ class UsageLedger:
             report.attempts += 1
             report.error = error
             self._note_failure(session.get_one(UsagePeriod, report.period_id), error, now)
+
+    def note_resend(self, intent: Intent) -> None:
+        """A resend is about to leave: committed first, so a crash mid-request still leaves when it may have landed."""
+        with self._write() as session:
+            session.get_one(UsageReport, intent.id).attempted_at = self._clock()
 
     def renew_idempotency_key(self, intent: Intent) -> Intent:
         """Move a pending intent on to a fresh idempotency key, committed before any request uses it: Stripe saved a
@@ -378,6 +401,7 @@ class UsageLedger:
             created_at=report.created_at,
             attempts=report.attempts,
             key_number=report.idempotency_key_number,
+            attempted_at=report.attempted_at,
         )
 
 

@@ -374,6 +374,12 @@ class FakeStripe(FakeService):
     # -- state ------------------------------------------------------------------------------------
 
     def _init_state(self) -> None:
+        # Stripe aggregates meter events asynchronously: "aggregated usage in meter event summaries ... might not
+        # immediately reflect recently received meter events"
+        # (https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api). The docs give no bound,
+        # and say nothing about legacy usage record summaries; here an event or record created at `created` shows
+        # in either summary only from `created + summary_lag_seconds`. 0 (the default, and after `reset`): at once.
+        self.summary_lag_seconds: float = 0
         self._seq = 0
         self.customers: dict[str, dict[str, Any]] = {}
         self.prices: dict[str, dict[str, Any]] = {}
@@ -392,6 +398,8 @@ class FakeStripe(FakeService):
         self._identifiers: dict[str, MeterEvent] = {}
         # item id -> {timestamp: quantity}
         self.usage_records: dict[str, dict[int, int]] = {}
+        # item id -> (created, timestamp, action, quantity) of each record, for summaries that lag
+        self._usage_record_log: dict[str, list[tuple[float, int, str, int]]] = {}
         self._past_periods: dict[str, list[tuple[int, int]]] = {}  # item id -> periods it rolled over from
         self._idempotency: dict[str, _IdempotencyEntry] = {}
         self.payment_intents: dict[str, dict[str, Any]] = {}  # stored with "latest_charge" as an id
@@ -1797,10 +1805,18 @@ class FakeStripe(FakeService):
             raise StripeError(404, f"No such event: '{id}'", code="resource_missing")
         return json.loads(json.dumps(event))
 
-    def _aggregate(self, meter: Mapping[str, Any], customer: str, start: int, end: int) -> Decimal:
+    def _summarized_events(self) -> list[MeterEvent]:
+        """The accepted events Stripe's summaries show by now (see summary_lag_seconds)."""
+        visible_from = self.clock() - self.summary_lag_seconds
+        return [e for e in self.meter_events if e.created <= visible_from]
+
+    def _aggregate(
+        self, meter: Mapping[str, Any], customer: str, start: int, end: int, events: Iterable[MeterEvent] | None = None
+    ) -> Decimal:
+        """The meter's aggregate over `events` (default: every accepted event, as the invoice will bill them)."""
         events = [
             e
-            for e in self.meter_events
+            for e in (self.meter_events if events is None else events)
             if e.event_name == meter["event_name"] and e.customer == customer and start <= e.timestamp < end
         ]
         window = meter.get("event_time_window")
@@ -1855,6 +1871,7 @@ class FakeStripe(FakeService):
             )
         if customer not in self.customers:
             raise _no_such("customer", customer, param="customer", status=400)
+        shown = self._summarized_events()
 
         def summary(s: int, e: int, value: Decimal) -> dict[str, Any]:
             digest = hashlib.sha1(f"{id}|{customer}|{s}|{e}".encode(), usedforsecurity=False).hexdigest()
@@ -1869,7 +1886,7 @@ class FakeStripe(FakeService):
             }
 
         if grouping is None:
-            summaries = [summary(start, end, self._aggregate(meter, customer, start, end))]
+            summaries = [summary(start, end, self._aggregate(meter, customer, start, end, shown))]
         else:
             size = 3600 if grouping == "hour" else 86400
             for name, value in (("start_time", start), ("end_time", end)):
@@ -1883,12 +1900,12 @@ class FakeStripe(FakeService):
             summaries = []
             with_data = {
                 e.timestamp // size
-                for e in self.meter_events
+                for e in shown
                 if e.event_name == meter["event_name"] and e.customer == customer and start <= e.timestamp < end
             }
             for bucket in sorted(with_data, reverse=True):  # newest window first, like Stripe
                 s, e = bucket * size, (bucket + 1) * size
-                summaries.append(summary(s, e, self._aggregate(meter, customer, s, e)))
+                summaries.append(summary(s, e, self._aggregate(meter, customer, s, e, shown)))
         return self._paginate(summaries, params, f"/v1/billing/meters/{id}/event_summaries", "meter event summary")
 
     # -- payments, refunds, customer balance ------------------------------------------------------
@@ -2163,11 +2180,8 @@ class FakeStripe(FakeService):
                 "subscription's last invoice period (or current period start time).",
                 param="timestamp",
             )
-        records = self.usage_records.setdefault(id, {})
-        if action == "set":
-            records[timestamp] = quantity
-        else:
-            records[timestamp] = records.get(timestamp, 0) + quantity
+        _apply_usage_record(self.usage_records.setdefault(id, {}), timestamp, action, quantity)
+        self._usage_record_log.setdefault(id, []).append((self.clock(), timestamp, action, quantity))
         return {
             "id": _new_id("mbur_", 14),
             "object": "usage_record",
@@ -2179,7 +2193,11 @@ class FakeStripe(FakeService):
 
     def _h_usage_record_summaries(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
         item = self._legacy_item(hdrs, id, "usage record summaries")
-        records = self.usage_records.get(id, {})
+        records: dict[int, int] = {}  # as the summaries show them by now: replayed up to summary_lag_seconds ago
+        visible_from = self.clock() - self.summary_lag_seconds
+        for created, timestamp, action, quantity in self._usage_record_log.get(id, []):
+            if created <= visible_from:
+                _apply_usage_record(records, timestamp, action, quantity)
         periods = [
             (item["current_period_start"], item["current_period_end"]),
             *reversed(self._past_periods.get(id, [])),
@@ -2236,6 +2254,10 @@ class FakeStripe(FakeService):
         """Sum of the stored legacy usage quantities in the item's current period."""
         with self.lock:
             return self._usage_total(self.subscription_items[item_id])
+
+
+def _apply_usage_record(records: dict[int, int], timestamp: int, action: str, quantity: int) -> None:
+    records[timestamp] = quantity if action == "set" else records.get(timestamp, 0) + quantity
 
 
 def _parse_value(raw: str, param: str) -> Decimal:

@@ -48,7 +48,6 @@ from reconciler.usage.decide import (
 from reconciler.usage.history import periods_between
 from reconciler.usage.measure import SUBJECTS_PER_QUERY, Measurements, Need, UsageQueries, measure
 from reconciler.usage.model import (
-    CONSISTENCY_WINDOW,
     BillingPeriod,
     CycleSummary,
     Intent,
@@ -475,8 +474,12 @@ class UsageSync:
             return
         if intent.kind is StreamKind.LEGACY and not work.is_current:
             # Stripe takes no usage records for a period it has rolled over from; its summary says what it holds.
+            # Stripe documents no lag for usage record summaries (nor their absence): assumed to lag like meters'.
             held = self._stripe.legacy_usage_total(intent.item_id, work.period.start)
-            self._settle(ledger, intent, landed=held == intent.total_after, evidence=f"Stripe holds {held}")
+            landed = held == intent.total_after
+            if not landed:
+                self._wait_for_summary(intent, intent.last_sent_at, "its period has rolled over")
+            self._settle(ledger, intent, landed=landed, evidence=f"Stripe holds {held}")
             return
         invoice_final = now >= work.period.end + self._timing.invoice_grace_period
         if intent.kind is not StreamKind.LEGACY and invoice_final:
@@ -488,6 +491,7 @@ class UsageSync:
             self._settle_from_meter_summary(ledger, work, intent, "it is older than Stripe's identifier window")
             return
         log.info("resending pending intent", identifier=intent.identifier, quantity=intent.quantity)
+        ledger.note_resend(intent)  # `intent` keeps the previous time: a duplicate answer points before this resend
         self._send(ledger, work, intent)
 
     def _settle_from_meter_summary(self, ledger: UsageLedger, work: StreamPeriod, intent: Intent, why: str) -> None:
@@ -497,11 +501,10 @@ class UsageSync:
         assert intent.meter is not None
         minute = intent.event_timestamp.replace(second=0, microsecond=0)
         others = [
-            (state, quantity)
-            for state, quantity in ledger.stream_events_between(work.stream.key, minute, minute + timedelta(minutes=1))
-            if state != IntentState.FAILED
+            event
+            for event in ledger.stream_events_between(work.stream.key, minute, minute + timedelta(minutes=1))
+            if event.state != IntentState.FAILED and event.report_id != intent.id
         ]
-        others.remove((IntentState.PENDING, intent.quantity))
         if minute + timedelta(minutes=1) > self._clock():
             # No summary may end in the future: the intent's minute is read once it has passed.
             raise OutcomeUnknownError(
@@ -509,23 +512,18 @@ class UsageSync:
                 f"intent {intent.identifier} ({intent.quantity:+}) has an unknown outcome ({why}); Stripe's summary "
                 "of its minute can be read once the minute has passed; it is settled at a later cycle",
             )
+        # Every event of ours in the minute must have had time to show: one of the others still missing from the
+        # summary would make ours look lost (or landed) and leave it to a person.
+        self._wait_for_summary(intent, max([intent.last_sent_at, *(event.last_sent_at for event in others)]), why)
         held = self._stripe.meter_total(intent.meter.id, intent.customer_id, minute, minute + timedelta(minutes=1))
         if intent.kind is StreamKind.METER_SUM:
-            without, with_it = sum(q for _, q in others), sum(q for _, q in others) + intent.quantity
-            knowable = all(state == IntentState.SENT for state, _ in others)
+            without = sum(event.quantity for event in others)
+            with_it = without + intent.quantity
+            knowable = all(event.state == IntentState.SENT for event in others)
         else:
             without, with_it, knowable = 0, intent.total_after, not others
         if knowable and held in (without, with_it) and without != with_it:
-            landed = held == with_it
-            if not landed and self._clock() - intent.created_at < CONSISTENCY_WINDOW:
-                # Stripe's summaries lag its events: one sent moments ago may not show yet. Calling it lost now
-                # could have its difference sent, and billed, a second time.
-                raise OutcomeUnknownError(
-                    "reconciler",
-                    f"intent {intent.identifier} ({intent.quantity:+}) has an unknown outcome ({why}), and Stripe's "
-                    f"summary ({held}) may not show it yet; it is settled at a later cycle",
-                )
-            self._settle(ledger, intent, landed=landed, evidence=f"{why}; Stripe's summary holds {held}")
+            self._settle(ledger, intent, landed=held == with_it, evidence=f"{why}; Stripe's summary holds {held}")
             return
         raise PermanentError(
             "reconciler",
@@ -533,6 +531,18 @@ class UsageSync:
             f"and Stripe's summary for its minute ({held}) does not settle it; resending could bill it twice. "
             "Check the meter's event summaries in Stripe before resolving it",
         )
+
+    def _wait_for_summary(self, intent: Intent, last_sent_at: datetime, why: str) -> None:
+        """Stripe aggregates events asynchronously: a summary read less than stripe.summary_lag after an event was
+        sent may not show it yet (https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api).
+        Calling the intent lost then could have its difference sent, and billed, a second time: it waits."""
+        ready_at = last_sent_at + self._config.stripe.summary_lag
+        if self._clock() < ready_at:
+            raise OutcomeUnknownError(
+                "reconciler",
+                f"intent {intent.identifier} ({intent.quantity:+}) has an unknown outcome ({why}), and Stripe's "
+                f"summary may not show it before {ready_at.isoformat()}; it is settled at a later cycle",
+            )
 
     @staticmethod
     def _settle(ledger: UsageLedger, intent: Intent, *, landed: bool, evidence: str) -> None:

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
-
-# How long Stripe's meter event summaries may lag a report (they are eventually consistent): read sooner, a
-# summary that lacks our event says "not yet", never "missing".
-CONSISTENCY_WINDOW = timedelta(minutes=5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +163,12 @@ class Intent:
     created_at: datetime
     attempts: int = 0  # earlier sends whose outcome was unknown
     key_number: int = 0  # which idempotency key it is sent under, as the ledger stores it
+    attempted_at: datetime | None = None  # when its latest resend may have left; None: only sent at created_at
+
+    @property
+    def last_sent_at(self) -> datetime:
+        """When the latest send that may have landed left: Stripe's summary may not show it until summary_lag later."""
+        return self.attempted_at or self.created_at
 
     @property
     def idempotency_key(self) -> str:

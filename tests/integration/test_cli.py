@@ -286,18 +286,22 @@ def test_reconcile_balances_needs_balances_enabled(sandbox, config_file):
     assert result.returncode == 2 and "balances.enabled is false" in result.stderr
 
 
+def as_if_sent_ago(sandbox, tmp_path, ago: timedelta) -> None:
+    """Move the one report of a `sync-usage` back in time on both sides, when it was sent as well as its date."""
+    then = utc_now() - ago
+    [event] = sandbox.stripe.meter_events
+    event.timestamp = event.created = int(then.timestamp())
+    with create_engine(f"sqlite:///{tmp_path / 'ledger.db'}").begin() as connection:
+        at = {"t": then.replace(tzinfo=None)}
+        connection.execute(text("update usage_periods set last_event_at = :t"), at)
+        connection.execute(text("update usage_reports set event_timestamp = :t, created_at = :t, sent_at = :t"), at)
+
+
 def test_verify_exits_3_when_stripe_holds_usage_the_reconciler_never_sent(sandbox, config_file, tmp_path):
     customer_with_usage(sandbox, value=5)
     reconciler("db", "upgrade", "--config", str(config_file))
     assert reconciler("sync-usage", "--config", str(config_file)).returncode == 0
-    # As if reported ten minutes ago, on both sides: past the time Stripe's summaries may lag.
-    ten_minutes_ago = utc_now() - timedelta(minutes=10)
-    [event] = sandbox.stripe.meter_events
-    event.timestamp = int(ten_minutes_ago.timestamp())
-    with create_engine(f"sqlite:///{tmp_path / 'ledger.db'}").begin() as connection:
-        at = {"t": ten_minutes_ago.replace(tzinfo=None)}
-        connection.execute(text("update usage_periods set last_event_at = :t"), at)
-        connection.execute(text("update usage_reports set event_timestamp = :t"), at)
+    as_if_sent_ago(sandbox, tmp_path, timedelta(minutes=10))  # past the time Stripe's summaries may lag
     clean = reconciler("verify", "--format", "json", "--config", str(config_file))
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert [p["finding"] for p in json.loads(clean.stdout)["periods"]] == ["ok"]
@@ -315,6 +319,29 @@ def test_verify_exits_3_when_stripe_holds_usage_the_reconciler_never_sent(sandbo
     assert found.returncode == 3
     [period] = json.loads(found.stdout)["periods"]
     assert (period["finding"], period["stripe"], period["reported"]) == ("foreign_usage", "7", 5)
+
+
+def test_verify_waits_out_stripe_summary_lag_before_calling_a_report_missing(sandbox, config_file, tmp_path):
+    """Stripe aggregates meter events asynchronously and gives no bound
+    (https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api): here the sandbox's summaries
+    lag 9 minutes, and `stripe.summary_lag` (10m by default) covers that. verify's old fixed window (5 minutes) did
+    not: a report sent 6 minutes ago was `missing_in_stripe`, exit 3."""
+    sandbox.stripe.summary_lag_seconds = 9 * 60
+    customer_with_usage(sandbox, value=5)
+    reconciler("db", "upgrade", "--config", str(config_file))
+    assert reconciler("sync-usage", "--config", str(config_file)).returncode == 0
+
+    def verify() -> tuple[int, dict]:
+        done = reconciler("verify", "--format", "json", "--config", str(config_file))
+        [period] = json.loads(done.stdout)["periods"]
+        return done.returncode, {key: period[key] for key in ("finding", "stripe", "reported")}
+
+    as_if_sent_ago(sandbox, tmp_path, timedelta(minutes=6))
+    assert verify() == (0, {"finding": "settling", "stripe": "0", "reported": 5})  # not yet known: no person needed
+    as_if_sent_ago(sandbox, tmp_path, timedelta(minutes=10))
+    assert verify() == (0, {"finding": "ok", "stripe": "5", "reported": 5})
+    sandbox.stripe.meter_events.clear()  # Stripe dropped it after all: past the lag, that is a finding
+    assert verify() == (3, {"finding": "missing_in_stripe", "stripe": "0", "reported": 5})
 
 
 def test_report_writes_html_and_json_files(sandbox, config_file, tmp_path):

@@ -741,3 +741,45 @@ def test_a_duplicate_answer_to_an_intents_first_send_is_settled_from_stripes_sum
     assert [r.state for r in h.rows("select state from usage_reports order by sequence")] == ["failed", "sent"]
     assert [event.value for event in h.stripe.meter_events] == [3, 10]
     assert sent_reports_agree_with_stripe(h)
+
+
+@pytest.mark.parametrize("stripe_applied_it", [False, True], ids=["never-arrived", "arrived-answer-lost"])
+def test_a_pending_intent_is_settled_from_stripes_summary_only_once_the_summary_lag_has_passed(
+    harness, stripe_applied_it
+):
+    """Stripe aggregates meter events asynchronously and documents no bound
+    (https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api). A final report sent 6 minutes
+    before the settle path reads the summary is not yet in it (the sandbox lags 8 minutes, stripe.summary_lag is
+    10): reading its absence as "never landed" would leave the ledger short of what Stripe bills."""
+    h = harness
+    h.stripe.summary_lag_seconds = 8 * 60
+    item = seed(h, formula="sum")
+    use(h, utc(2026, 3, 2), 10)
+    real_send = h.stripe_gateway.send_meter_event
+
+    def unanswered(intent, renew_key):
+        if stripe_applied_it:
+            real_send(intent, renew_key)
+        raise OutcomeUnknownError("stripe", "connection failed")
+
+    with freeze_time(MID) as clock:
+        h.cycle()
+        use(h, utc(2026, 3, 20), 5)
+        clock.move_to(PERIOD_END + timedelta(minutes=55))  # the final sync, 5 minutes before the invoice finalizes
+        h.stripe.set_item_period(item["id"], ts(PERIOD_END), ts(PERIOD_END + timedelta(days=30)))
+        h.stripe_gateway.send_meter_event = unanswered
+        assert h.cycle().summary.failed == 1  # outcome unknown: pending
+        h.configure()
+        clock.tick(timedelta(minutes=6))  # the invoice has finalized: settled from the summary, not resent
+        waiting = h.cycle()
+        assert waiting.summary.failed == 1 and "may not show it before" in waiting.summary.failures[0]
+        assert [r.state for r in h.rows("select state from usage_reports order by sequence")] == ["sent", "pending"]
+        clock.tick(timedelta(minutes=5))
+        settled = h.cycle()
+    assert settled.summary.failed == 0, settled.summary.failures
+    assert [r.state for r in h.rows("select state from usage_reports order by sequence")] == [
+        "sent",
+        "sent" if stripe_applied_it else "failed",
+    ]
+    assert h.rows("select reported_total from usage_periods order by period_start")[0][0] == stripe_total(h)
+    assert stripe_total(h) == (15 if stripe_applied_it else 10)

@@ -57,13 +57,26 @@ def test_verify_agrees_after_a_cycle_then_flags_another_writer_and_missing_usage
 
 def test_classify_late_drift_and_settling():
     now = PERIOD_END + timedelta(hours=5)
-    assert classify(reported=5, stripe=5, measured=9, is_final=True, last_event_at=None, now=now)[0] == "late_drift"
-    assert classify(reported=5, stripe=5, measured=9, is_final=False, last_event_at=None, now=now)[0] == "ok"
-    recent = now - timedelta(minutes=1)
-    assert classify(reported=5, stripe=3, measured=5, is_final=False, last_event_at=recent, now=now)[0] == "settling"
-    assert classify(reported=5, stripe=None, measured=5, is_final=False, last_event_at=None, now=now)[0] == (
-        "unverifiable"
-    )
+    lag = timedelta(minutes=10)
+
+    def finding(stripe, *, measured=5, is_final=False, last_sent_at=None):
+        return classify(
+            reported=5,
+            stripe=stripe,
+            measured=measured,
+            is_final=is_final,
+            last_sent_at=last_sent_at,
+            now=now,
+            summary_lag=lag,
+        )[0]
+
+    assert finding(5, measured=9, is_final=True) == "late_drift"
+    assert finding(5, measured=9) == "ok"
+    # Sent 6 minutes ago: within stripe.summary_lag (verify's old fixed window was 5 minutes), not yet known.
+    assert finding(3, last_sent_at=now - timedelta(minutes=6)) == "settling"
+    assert finding(7, last_sent_at=now - timedelta(minutes=6)) == "settling"
+    assert finding(3, last_sent_at=now - lag) == "missing_in_stripe"
+    assert finding(None) == "unverifiable"
 
 
 def test_periods_that_start_mid_minute_are_verified_over_the_same_minutes_stripe_sums(harness):
@@ -93,8 +106,8 @@ def test_periods_that_start_mid_minute_are_verified_over_the_same_minutes_stripe
 
 def test_a_summary_is_attributed_to_its_period_by_what_we_sent_into_its_minutes():
     at = PERIOD_END - timedelta(seconds=1)
-    previous_final = SentEvent(period_id=1, timestamp=at, value=2)
-    own = SentEvent(period_id=2, timestamp=at + timedelta(seconds=40), value=5)
+    previous_final = SentEvent(period_id=1, timestamp=at, value=2, sent_at=None)
+    own = SentEvent(period_id=2, timestamp=at + timedelta(seconds=40), value=5, sent_at=None)
     assert attribute_to_period(Decimal(7), "sum", 2, [previous_final, own])[0] == 5
     assert attribute_to_period(Decimal(7), "sum", 2, [own]) == (Decimal(7), "")
     # `last`: the summary is the newest event's value, which shows this period only if that event is its own.

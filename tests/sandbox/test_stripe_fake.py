@@ -778,3 +778,57 @@ def test_an_event_summary_end_time_in_the_future_is_refused(client: stripe.Strip
     assert exc.value.param == "end_time"
     params["end_time"] = aligned
     assert client.v1.billing.meters.event_summaries.list(meter["id"], params=params).data[0].aggregated_value == 0
+
+
+# -- summaries lag events (https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api) ------------
+
+
+def test_an_event_shows_in_event_summaries_only_once_the_summary_lag_has_passed(
+    client: stripe.StripeClient, fake: FakeStripe, clock
+):
+    fake.clock = clock
+    fake.summary_lag_seconds = 600
+    fake.add_customer(id="cus_1")
+    meter = fake.add_meter("api_calls")
+    hour = NOW - 3600
+    _meter_event(client, "cus_1", "5", identifier="early", timestamp=hour + 10)
+    clock.now += 300
+    _meter_event(client, "cus_1", "7", identifier="late", timestamp=hour + 20)
+
+    def summarized(**grouping) -> list[float]:
+        params = {"customer": "cus_1", "start_time": hour, "end_time": NOW, **grouping}
+        return [s.aggregated_value for s in client.v1.billing.meters.event_summaries.list(meter["id"], params=params)]
+
+    assert summarized() == [0] and summarized(value_grouping_window="hour") == []
+    assert fake.meter_total("cus_1", "api_calls", hour, NOW) == 12  # what the invoice bills: every accepted event
+    clock.now += 299
+    assert summarized() == [0]  # the first event is 599 s old
+    clock.now += 1
+    assert summarized() == [5] and summarized(value_grouping_window="hour") == [5]
+    clock.now += 300
+    assert summarized() == [12]
+    fake.reset()  # a fake shared between tests starts each one without a lag
+    assert fake.summary_lag_seconds == 0
+
+
+def test_a_usage_record_shows_in_usage_record_summaries_only_once_the_summary_lag_has_passed(
+    client: stripe.StripeClient, fake: FakeStripe, clock
+):
+    fake.clock = clock
+    fake.summary_lag_seconds = 600
+    item = _legacy_item(fake)
+
+    def total_usage() -> int:
+        summaries = client.raw_request(
+            "get", f"/v1/subscription_items/{item}/usage_record_summaries", stripe_version=LEGACY
+        )
+        return client.deserialize(summaries, api_mode="V1").data[0].total_usage
+
+    _usage(client, item, quantity=3, action="set", timestamp=NOW)
+    clock.now += 300
+    _usage(client, item, quantity=5, action="set", timestamp=NOW)  # replaces the 3 at the same timestamp
+    assert (total_usage(), fake.usage_record_total(item)) == (0, 5)
+    clock.now += 300
+    assert total_usage() == 3  # the set the summary shows, not yet the one that replaced it
+    clock.now += 300
+    assert total_usage() == 5

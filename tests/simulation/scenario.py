@@ -51,6 +51,7 @@ SCENARIO_FAULTS = (
     "openmeter_late_event",
     "openmeter_subject_missing",
     "moesif_slow_visibility",
+    "stripe_summary_lag",
     "moesif_no_dedupe",
     "webhook_duplicate",
     "webhook_out_of_order",
@@ -131,6 +132,8 @@ class Scenario:
     # succeeded PaymentIntent that is an invoice payment, never a top-up. 0: no card payments.
     plan_fee_minor: int = 0
     invoice_refunds: bool = False  # some card-paid invoices are partly refunded (never a Moesif debit)
+    summary_lag: timedelta = timedelta(minutes=10)  # the product's stripe.summary_lag
+    stripe_summary_lag: timedelta = timedelta(0)  # how long the sandbox's summaries really lag: at most summary_lag
 
     @property
     def customers(self) -> list[str]:
@@ -153,6 +156,9 @@ class Scenario:
         )
         lines.append(f"  webhooks: {self.webhooks}")
         lines.append(f"  plan fee {self.plan_fee_minor} minor units by card, invoice refunds={self.invoice_refunds}")
+        lines.append(
+            f"  stripe summaries lag {self.stripe_summary_lag} (product's stripe.summary_lag {self.summary_lag})"
+        )
         for number, step in enumerate(self.steps):
             if step.faults:
                 faults = ", ".join(f"{f.kind}({f.target}, #{f.nth})" for f in step.faults)
@@ -270,6 +276,11 @@ def generate(seed: int) -> Scenario:
     moesif_dedupes = rng.random() < 0.6
     invoices = random.Random(f"invoice payments {seed}")  # a generator of their own, as for currencies
     plan_fee_minor = invoices.choice([0, 900, 4900])
+    # Stripe's summaries lag its events by an undocumented time, which the product's stripe.summary_lag must cover
+    # (a generator of their own, like the currencies above).
+    lag = random.Random(f"summary lag {seed}")
+    summary_lag = timedelta(minutes=lag.choice([10, 10, 30]))
+    stripe_summary_lag = timedelta(seconds=0 if lag.random() < 0.25 else lag.randint(1, summary_lag.seconds))
     return Scenario(
         seed=seed,
         start=start.replace(microsecond=0),
@@ -286,6 +297,8 @@ def generate(seed: int) -> Scenario:
         },
         plan_fee_minor=plan_fee_minor,
         invoice_refunds=invoices.random() < 0.5,
+        summary_lag=summary_lag,
+        stripe_summary_lag=stripe_summary_lag,
     )
 
 

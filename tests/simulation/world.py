@@ -91,6 +91,7 @@ def simulation_config(fakes: Sandbox, database_url: str, scenario: Scenario) -> 
         timeout_seconds=CLIENT_TIMEOUT,
         invoice_grace_period=f"{int(INVOICE_GRACE.total_seconds())}s",
         max_concurrency=1,
+        summary_lag=f"{int(scenario.summary_lag.total_seconds())}s",
     )
     raw["openmeter"].update(max_retries=2, timeout_seconds=CLIENT_TIMEOUT, max_concurrency=1)
     raw["moesif"].update(
@@ -265,6 +266,8 @@ class World:
         moesif.visibility_delay_seconds = self.scenario.moesif_visibility_delay.total_seconds()
         self.hits["moesif_no_dedupe"] += not self.scenario.moesif_dedupes
         self.hits["moesif_slow_visibility"] += bool(self.scenario.moesif_visibility_delay)
+        stripe.summary_lag_seconds = self.scenario.stripe_summary_lag.total_seconds()
+        self.hits["stripe_summary_lag"] += bool(self.scenario.stripe_summary_lag)
         for kind, (stripe_target, om_meter, aggregation, formula) in METERS.items():
             openmeter.add_meter(om_meter, aggregation=aggregation, value_property=None if kind == "legacy" else "$.v")
             if formula is None:

@@ -1,5 +1,6 @@
 """Loading and validating config.yaml: key paths in every message, secrets from the environment only."""
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,16 @@ def test_durations_and_schedules_parse():
     )
     assert config.usage.grace_period.total_seconds() == 45 * 60
     assert config.usage.lookback.days == 10
+
+
+def test_stripe_summary_lag_defaults_to_ten_minutes_and_parses_durations():
+    assert parse_config(MINIMAL).stripe.summary_lag == timedelta(minutes=10)
+    config = parse_config({**MINIMAL, "stripe": {"api_key": "k", "summary_lag": "90s"}})
+    assert config.stripe.summary_lag == timedelta(seconds=90)
+    assert config.masked()["stripe"]["summary_lag"] == "90s"  # the effective config prints it back as written
+    for wrong in ("soon", "0s"):  # no lag at all would call a lagging summary's missing event lost
+        raw = {**MINIMAL, "stripe": {"api_key": "k", "summary_lag": wrong}}
+        assert any(p.startswith("stripe.summary_lag:") for p in problems_of(raw)), problems_of(raw)
 
 
 def test_secrets_are_masked_in_the_effective_config():
