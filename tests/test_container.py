@@ -21,7 +21,13 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 COMPOSE = REPO_ROOT / "compose.yaml"
-SECRET_VARIABLES = ("STRIPE_API_KEY", "OPENMETER_API_TOKEN", "MOESIF_MANAGEMENT_TOKEN")
+SECRET_VARIABLES = (
+    "STRIPE_API_KEY",
+    "OPENMETER_API_TOKEN",
+    "MOESIF_MANAGEMENT_TOKEN",
+    "STRIPE_WEBHOOK_SECRET",
+    "STRIPE_THIN_WEBHOOK_SECRET",
+)
 HEALTHCHECK = 'HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 CMD ["reconciler", "healthcheck"]'
 
 
