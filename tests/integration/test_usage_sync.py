@@ -486,6 +486,17 @@ def test_customer_filter_syncs_only_that_customer(harness):
     assert stripe_total(h, customer="cus_A") == 0
 
 
+def answer_lost(real_send, *, applied: bool):
+    """A meter event send whose answer never comes back: Stripe applied it, or it never arrived."""
+
+    def unanswered(intent, renew_key):
+        if applied:
+            real_send(intent, renew_key)
+        raise OutcomeUnknownError("stripe", "connection failed")
+
+    return unanswered
+
+
 @pytest.mark.parametrize("stripe_applied_it", [False, True], ids=["never-arrived", "arrived-answer-lost"])
 def test_an_old_pending_sum_intent_is_settled_from_stripes_summary_of_its_minute(harness, stripe_applied_it):
     """Past Stripe's 24-hour identifier window a resend could bill twice; Stripe's own aggregate for the minute the
@@ -493,12 +504,7 @@ def test_an_old_pending_sum_intent_is_settled_from_stripes_summary_of_its_minute
     h = harness
     seed(h, formula="sum")
     use(h, utc(2026, 3, 2), 10)
-    real_send = h.stripe_gateway.send_meter_event
-
-    def unanswered(intent, renew_key):
-        if stripe_applied_it:
-            real_send(intent, renew_key)
-        raise OutcomeUnknownError("stripe", "connection failed")
+    unanswered = answer_lost(h.stripe_gateway.send_meter_event, applied=stripe_applied_it)
 
     with freeze_time(MID) as clock:
         h.stripe_gateway.send_meter_event = unanswered
@@ -627,12 +633,7 @@ def test_a_pending_intent_is_not_resent_after_the_invoice_finalized(harness, str
     h = harness
     item = seed(h, formula="sum")
     use(h, utc(2026, 3, 2), 10)
-    real_send = h.stripe_gateway.send_meter_event
-
-    def unanswered(intent, renew_key):
-        if stripe_applied_it:
-            real_send(intent, renew_key)
-        raise OutcomeUnknownError("stripe", "connection failed")
+    unanswered = answer_lost(h.stripe_gateway.send_meter_event, applied=stripe_applied_it)
 
     with freeze_time(PERIOD_END - timedelta(hours=1)) as clock:
         h.stripe_gateway.send_meter_event = unanswered
@@ -755,12 +756,7 @@ def test_a_pending_intent_is_settled_from_stripes_summary_only_once_the_summary_
     h.stripe.summary_lag_seconds = 8 * 60
     item = seed(h, formula="sum")
     use(h, utc(2026, 3, 2), 10)
-    real_send = h.stripe_gateway.send_meter_event
-
-    def unanswered(intent, renew_key):
-        if stripe_applied_it:
-            real_send(intent, renew_key)
-        raise OutcomeUnknownError("stripe", "connection failed")
+    unanswered = answer_lost(h.stripe_gateway.send_meter_event, applied=stripe_applied_it)
 
     with freeze_time(MID) as clock:
         h.cycle()
