@@ -450,7 +450,8 @@ def report(
     output: OutputOption = None,
     audit: Annotated[bool, typer.Option("--audit", help="CSV: the audit trail instead of the periods.")] = False,
     fail_on_drift: Annotated[
-        bool, typer.Option("--fail-on-drift", help="Exit 3 when late drift, failures or uncorrected drift remain.")
+        bool,
+        typer.Option("--fail-on-drift", help="Exit 3 when anything needs a person (see `status`), e.g. late drift."),
     ] = False,
     config: ConfigOption = None,
 ) -> None:
@@ -487,6 +488,13 @@ def report(
             )
         console.print(table)
         console.print(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in built.totals.items()), markup=False)
+        if built.attention:
+            needs = Table(title="needs a person")
+            for column in ("job", "reason", "customer", "item", "since", "detail"):
+                needs.add_column(column)
+            for i in built.attention:
+                needs.add_row(i.job, i.reason, i.customer or "", i.key, f"{i.since:%Y-%m-%d %H:%M:%S}", i.detail)
+            console.print(needs)
 
     if output_format is OutputFormat.html:  # the full report page, with its charts
         page = render_html(built)

@@ -28,6 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from reconciler.app import App, build_app, open_database
+from reconciler.attention import AttentionCollector
 from reconciler.clock import utc_now
 from reconciler.config import Config, ConfigError, load_config
 from reconciler.ledger.coordination import Coordinator
@@ -96,6 +97,7 @@ class Daemon:
                 self._pending_intents,
             )
         )
+        self.metrics.add_collector(AttentionCollector(self.engine, utc_now, self.enabled_jobs))
         self.scheduler = BackgroundScheduler(
             timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 300}
         )

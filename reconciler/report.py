@@ -16,6 +16,8 @@ from decimal import Decimal
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from reconciler.attention import AttentionItem, items_needing_attention
+from reconciler.balances.drift import UNCORRECTED
 from reconciler.balances.money import to_units
 from reconciler.ledger.schema import (
     BalanceObservation,
@@ -71,6 +73,7 @@ class Report:
     periods: list[PeriodRow] = field(default_factory=list)
     drift: list[DriftRow] = field(default_factory=list)
     audit: list[AuditRow] = field(default_factory=list)
+    attention: list[AttentionItem] = field(default_factory=list)  # what needs a person now, whatever the window
 
     @property
     def totals(self) -> dict[str, int]:
@@ -84,6 +87,7 @@ class Report:
             "failed_periods": sum(1 for p in self.periods if p.status == "failed"),
             "stripe_writes": sum(1 for a in self.audit if a.system == "stripe"),
             "moesif_writes": sum(1 for a in self.audit if a.system == "moesif"),
+            "needing_a_person": len(self.attention),
         }
 
     def _at_risk(self) -> str:
@@ -96,8 +100,10 @@ class Report:
 
     @property
     def needs_a_person(self) -> bool:
-        return any(p.status in ("late drift", "failed") for p in self.periods) or any(
-            d.action in ("report", "over_limit", "unsettled") for d in self.drift
+        return (
+            bool(self.attention)
+            or any(p.status in ("late drift", "failed") for p in self.periods)
+            or any(d.action in UNCORRECTED for d in self.drift)
         )
 
 
@@ -185,6 +191,7 @@ def build_report(engine: Engine, since: datetime, until: datetime) -> Report:
                 )
             )
     report.audit.sort(key=lambda a: a.time)
+    report.attention = items_needing_attention(engine)
     return report
 
 
@@ -197,9 +204,15 @@ def render_json(report: Report) -> str:
             "periods": [asdict(p) for p in report.periods],
             "balance_drift": [asdict(d) for d in report.drift],
             "audit": [asdict(a) for a in report.audit],
+            "needs_a_person": report.needs_a_person,
+            "attention": [_attention_row(i) for i in report.attention],
         },
         indent=2,
     )
+
+
+def _attention_row(item: AttentionItem) -> dict[str, object]:
+    return {**asdict(item), "since": item.since.isoformat()}
 
 
 def render_rows(report: Report, *, audit: bool = False) -> list[dict[str, object]]:
@@ -266,6 +279,7 @@ def render_html(report: Report) -> str:
 <h2>Totals</h2><dl id="totals">{totals}</dl>
 {usage_chart}
 {drift_chart}
+<h2>Needs a person</h2>{rows_table_html([_attention_row(i) for i in report.attention])}
 <h2>Periods</h2>{rows_table_html([asdict(p) for p in report.periods])}
 <h2>Balance drift</h2>{rows_table_html([asdict(d) for d in report.drift])}
 <h2>Audit trail: every write to Stripe and Moesif</h2>{rows_table_html([asdict(a) for a in report.audit])}

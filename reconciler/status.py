@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine, desc, func, select
 
+from reconciler.attention import items_needing_attention
 from reconciler.config import Config
 from reconciler.ledger.coordination import REPLICA_TIMEOUT
 from reconciler.ledger.schema import (
@@ -16,9 +17,7 @@ from reconciler.ledger.schema import (
     MoesifTransaction,
     Replica,
     Run,
-    UsagePeriod,
     UsageReport,
-    WebhookEvent,
     WorkItem,
 )
 from reconciler.schedule import parse_schedule
@@ -52,11 +51,6 @@ def print_status(config: Config, engine: Engine, console: Console) -> None:
         pending_reports = connection.execute(
             select(func.count()).select_from(UsageReport).where(UsageReport.state == IntentState.PENDING)
         ).scalar_one()
-        failing = connection.execute(
-            select(UsagePeriod.customer_id, UsagePeriod.stripe_target, UsagePeriod.period_start, UsagePeriod.last_error)
-            .where(UsagePeriod.last_error.is_not(None))
-            .order_by(UsagePeriod.customer_id)
-        ).all()
         moesif_pending = connection.execute(
             select(func.count()).select_from(MoesifTransaction).where(MoesifTransaction.state == IntentState.PENDING)
         ).scalar_one()
@@ -70,26 +64,6 @@ def print_status(config: Config, engine: Engine, console: Console) -> None:
                 .group_by(WorkItem.lease_owner)
             ).all()
         )
-        failed_webhooks = connection.execute(
-            select(WebhookEvent.event_id, WebhookEvent.type, WebhookEvent.error).where(WebhookEvent.state == "failed")
-        ).all()
-        unknown = (
-            connection.execute(
-                select(MoesifTransaction.transaction_id).where(MoesifTransaction.outcome_unknown.is_(True))
-            )
-            .scalars()
-            .all()
-        )
-        held = connection.execute(
-            select(MoesifTransaction.customer_id, MoesifTransaction.transaction_id, MoesifTransaction.error)
-            .where(MoesifTransaction.state == IntentState.HELD)
-            .order_by(MoesifTransaction.id)
-        ).all()
-        attention = connection.execute(
-            select(MoesifTransaction.customer_id, MoesifTransaction.transaction_id, MoesifTransaction.attention)
-            .where(MoesifTransaction.attention.is_not(None), MoesifTransaction.state != IntentState.HELD)
-            .order_by(MoesifTransaction.id)
-        ).all()
     console.print(jobs)
     console.print(f"pending usage reports: {pending_reports}; pending Moesif transactions: {moesif_pending}")
     for replica_id, host, pid, heartbeat_at in replicas:
@@ -99,15 +73,7 @@ def print_status(config: Config, engine: Engine, console: Console) -> None:
             f"{leases.get(replica_id, 0)} lease(s)",
             markup=False,
         )
-    for customer, target, period_start, error in failing:
-        console.print(f"failing: {customer} {target} period {period_start:%Y-%m-%d}: {error}", markup=False)
-    for event_id, event_type, error in failed_webhooks:
-        console.print(f"webhook work given up: {event_id} ({event_type}): {error}", markup=False)
-    for transaction_id in unknown:
-        console.print(f"check in Moesif (an attempt's outcome was unknown): {transaction_id}", markup=False)
-    for customer, transaction_id, reason in held:
-        console.print(
-            f"not forwarded to Moesif, held for a person: {customer} {transaction_id}: {reason}", markup=False
-        )
-    for customer, transaction_id, reason in attention:
-        console.print(f"forwarded to Moesif, check it: {customer} {transaction_id}: {reason}", markup=False)
+    attention = items_needing_attention(engine)
+    console.print(f"items needing a person: {len(attention)}")
+    for item in attention:
+        console.print(f"{item.line()} (since {item.since:%Y-%m-%d %H:%M:%S})", markup=False)

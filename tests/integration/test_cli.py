@@ -249,6 +249,37 @@ def test_a_top_up_that_cannot_be_forwarded_is_held_once_exits_1_and_stays_in_sta
     assert "not forwarded to Moesif, held for a person: cus_bal pi_eur: paid in EUR" in " ".join(status.stdout.split())
 
 
+def test_a_held_top_up_is_listed_by_report_and_status_until_it_is_resolved(sandbox, config_file, tmp_path):
+    balance_customer(sandbox, grant=1, moesif_balance=0.0)
+    sandbox.stripe.add_payment_intent("cus_bal", 1900, "eur", id="pi_eur", created=int(utc_now().timestamp()) - 60)
+    raw = yaml.safe_load(config_file.read_text())
+    raw["balances"].update(stripe_source="none", auto_correct=False)
+    write_config(config_file, raw)
+    reconciler("db", "upgrade", "--config", str(config_file))
+    reconciler("reconcile-balances", "--config", str(config_file))
+
+    data = json.loads(reconciler("report", "--format", "json", "--config", str(config_file)).stdout)
+    [item] = data["attention"]
+    assert [item[k] for k in ("job", "reason", "customer", "key")] == ["balance_reconcile", "held", "cus_bal", "pi_eur"]
+    assert item["detail"].startswith("paid in EUR") and item["since"]
+    assert data["needs_a_person"] is True and data["totals"]["needing_a_person"] == 1
+    strict = reconciler("report", "--fail-on-drift", "--config", str(config_file))
+    assert strict.returncode == 3 and "needs a person" in strict.stdout and "pi_eur" in strict.stdout
+    page = tmp_path / "report.html"
+    reconciler("report", "--format", "html", "--output", str(page), "--config", str(config_file))
+    assert "<h2>Needs a person</h2>" in page.read_text() and "<td>pi_eur</td>" in page.read_text()
+    status = reconciler("status", "--config", str(config_file)).stdout
+    assert "items needing a person: 1" in status and "held for a person: cus_bal pi_eur" in " ".join(status.split())
+
+    ledger = create_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    with ledger.begin() as connection:  # what `balances resolve` does
+        connection.execute(text("update moesif_transactions set state = 'sent' where transaction_id = 'pi_eur'"))
+    ledger.dispose()
+    data = json.loads(reconciler("report", "--format", "json", "--config", str(config_file)).stdout)
+    assert data["attention"] == [] and data["needs_a_person"] is False
+    assert "items needing a person: 0" in reconciler("status", "--config", str(config_file)).stdout
+
+
 def test_fail_on_drift_exits_3_when_drift_is_left_uncorrected(sandbox, config_file):
     balance_customer(sandbox, grant=5000, moesif_balance=45.0)
     raw = yaml.safe_load(config_file.read_text())

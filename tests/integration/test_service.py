@@ -24,6 +24,7 @@ from tests.integration.helpers import (
     wait_until,
     write_config,
 )
+from tests.integration.test_cli import balance_customer
 
 
 def test_health_readiness_and_metrics_of_a_running_service(sandbox, service_config, daemons):
@@ -50,6 +51,30 @@ def test_health_readiness_and_metrics_of_a_running_service(sandbox, service_conf
     assert metric_value(after, "reconciler_pending_intents") == 0
     for secret in (SANDBOX_STRIPE_KEY, SANDBOX_OPENMETER_TOKEN, SANDBOX_MOESIF_TOKEN):
         assert secret not in after  # no secret in any metric name, label or value
+    assert daemon.stop() == 0
+
+
+def test_metrics_show_what_needs_a_person_and_for_how_long(sandbox, service_config, daemons):
+    balance_customer(sandbox, grant=1, moesif_balance=0.0)  # a top-up in EUR for a USD customer: held
+    sandbox.stripe.add_payment_intent("cus_bal", 1900, "eur", id="pi_eur", created=int(utc_now().timestamp()) - 60)
+    raw = yaml.safe_load(service_config.read_text())
+    raw["balances"].update(enabled=True, stripe_source="none", auto_correct=False)
+    raw["schedule"]["balance_reconcile"] = "0 0 1 1 *"  # once, at start
+    write_config(service_config, raw)
+    daemon = daemons(service_config)
+    daemon.wait_for("balance reconcile finished")
+
+    def scrape(name: str, **labels: str) -> float:
+        return metric_value(httpx.get(daemon.url("/metrics")).text, name, **labels)
+
+    assert scrape("reconciler_items_needing_attention", job="balance_reconcile", reason="held") == 1
+    age = scrape("reconciler_oldest_item_needing_attention_seconds", job="balance_reconcile")
+    assert age > 0
+    assert scrape("reconciler_oldest_item_needing_attention_seconds", job="usage_sync") == 0
+    wait_until(  # read at each scrape: the age grows between cycles
+        lambda: scrape("reconciler_oldest_item_needing_attention_seconds", job="balance_reconcile") > age,
+        what="the oldest item's age to grow",
+    )
     assert daemon.stop() == 0
 
 
