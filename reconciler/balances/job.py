@@ -204,7 +204,12 @@ class BalanceSync:
 
     def run_cycle(self, *, dry_run: bool = False, customers: frozenset[str] = frozenset()) -> BalanceResult:
         started = time.perf_counter()
-        result = self._cycle(dry_run, customers)
+        if dry_run:
+            result = self._cycle(dry_run, customers)
+        else:
+            # Shared with other cycles; waits while a person resolves a transaction (`balances resolve`).
+            with self._ledger.job_lock(exclusive=False):
+                result = self._cycle(dry_run, customers)
         if not dry_run:
             self._metrics.cycle_finished(
                 "balance_reconcile", result.status, time.perf_counter() - started, succeeded=True
