@@ -6,8 +6,9 @@ it exclusively, without waiting: while a person resends a transaction no cycle m
 see the resend missing and correct it) or pick the transaction up itself; while a cycle runs, the resolution is
 refused and the person tries again. A cycle that finds a resolution in progress waits for it (one Moesif POST).
 
-PostgreSQL: a session advisory lock. SQLite: an flock on `<db>.balances.lock` (the kernel releases it when the
-process dies). An in-memory SQLite database lives in one process and needs none.
+PostgreSQL: a session advisory lock, per schema (deployments sharing a database do not block each other).
+SQLite: an flock on `<db>.balances.lock` (the kernel releases it when the process dies). An in-memory SQLite
+database lives in one process and needs none.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from contextlib import contextmanager
 from sqlalchemy import Engine, text
 
 KEY = "reconciler:balance_job"
+# Each statement names the lock by KEY and the schema.
+TRY_EXCLUSIVE = "SELECT pg_try_advisory_lock(hashtext(:key || current_schema()))"
+WAIT_SHARED = "SELECT pg_advisory_lock_shared(hashtext(:key || current_schema()))"
+UNLOCK_EXCLUSIVE = "SELECT pg_advisory_unlock(hashtext(:key || current_schema()))"
+UNLOCK_SHARED = "SELECT pg_advisory_unlock_shared(hashtext(:key || current_schema()))"
 
 
 class BalanceJobBusyError(Exception):
@@ -46,16 +52,14 @@ def balance_job_lock(engine: Engine, *, exclusive: bool) -> Iterator[None]:
 
 @contextmanager
 def _advisory_lock(engine: Engine, exclusive: bool) -> Iterator[None]:
-    unlock = "SELECT pg_advisory_unlock(hashtext(:key))"
-    if not exclusive:
-        unlock = "SELECT pg_advisory_unlock_shared(hashtext(:key))"
+    unlock = UNLOCK_EXCLUSIVE if exclusive else UNLOCK_SHARED
     with engine.connect() as connection:
         if exclusive:
-            taken = connection.execute(text("SELECT pg_try_advisory_lock(hashtext(:key))"), {"key": KEY}).scalar()
+            taken = connection.execute(text(TRY_EXCLUSIVE), {"key": KEY}).scalar()
             if not taken:
                 raise BalanceJobBusyError(_BUSY)
         else:
-            connection.execute(text("SELECT pg_advisory_lock_shared(hashtext(:key))"), {"key": KEY})
+            connection.execute(text(WAIT_SHARED), {"key": KEY})
         connection.commit()  # the lock belongs to the session: no transaction is left open while it is held
         try:
             yield
