@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import sys
 from dataclasses import asdict
@@ -43,6 +44,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+balances_app = typer.Typer(help="Balance transactions only a person can settle.", no_args_is_help=True)
+app.add_typer(balances_app, name="balances")
 
 ConfigOption = Annotated[
     Path | None,
@@ -208,6 +211,71 @@ def reconcile_balances(
     if result.held:  # money a person must place: as loud as a failure
         raise typer.Exit(EXIT_FAILURES)
     raise typer.Exit(EXIT_OK)
+
+
+@balances_app.command("resolve")
+def balances_resolve(
+    ctx: typer.Context,
+    transaction_id: Annotated[str, typer.Argument(help="The Moesif transaction_id (pi_…, re_…, reconciler-drift-…).")],
+    applied: Annotated[
+        bool | None,
+        typer.Option(
+            "--applied/--not-applied",
+            help="Moesif has it (close it) / Moesif does not have it (resend it once, same transaction_id).",
+        ),
+    ] = None,
+    note: Annotated[str | None, typer.Option("--note", help="Why, for the audit trail.")] = None,
+    by: Annotated[str | None, typer.Option("--by", help="Who decided (default: the login name).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Settle a Moesif transaction the balance job cannot: outcome unknown, held, marked, or an unsettled
+    correction. Exit 0 done, 1 a balance cycle is running (try again) or the resend failed, 2 refused."""
+    from reconciler.app import open_database
+    from reconciler.balances.resolve import Resolver, ResolveRefusedError
+    from reconciler.clock import utc_now
+    from reconciler.ledger.balance_lock import BalanceJobBusyError
+    from reconciler.upstream.moesif_api import MoesifGateway
+
+    loaded = _load(ctx, config)
+    if applied is None:
+        raise _setup_error("say what Moesif shows: --applied or --not-applied")
+    if loaded.moesif is None:
+        raise _setup_error("no moesif section in the config: nothing to resolve against")
+    moesif_config = loaded.moesif
+    try:
+        engine = open_database(loaded)
+    except DatabaseNotMigratedError as exc:
+        raise _setup_error(str(exc)) from None
+    try:
+        resolver = Resolver(loaded, engine, utc_now)
+        try:
+            stored = resolver.find(transaction_id)
+            out.print(resolver.latest_comparison(stored.planned.account.customer_id), markup=False, highlight=False)
+            resolved = resolver.resolve(
+                transaction_id,
+                applied=applied,
+                by=by or _login_name(),
+                note=note,
+                moesif=lambda: MoesifGateway(moesif_config),
+            )
+        except ResolveRefusedError as exc:
+            raise _setup_error(f"refused: {exc}") from None
+        except BalanceJobBusyError as exc:
+            err.print(f"error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(EXIT_FAILURES) from None
+    finally:
+        engine.dispose()
+    out.print(f"{resolved.transaction_id}: {resolved.action.replace('_', ' ')} (was {resolved.was})", markup=False)
+    if resolved.resend:
+        out.print(f"{resolved.transaction_id}: {resolved.resend}", markup=False, highlight=False)
+    raise typer.Exit(EXIT_FAILURES if resolved.resend_failed else EXIT_OK)
+
+
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no $USER/$LOGNAME and no passwd entry (a bare container)
+        return "unknown"
 
 
 @app.command("sync-plans")

@@ -21,6 +21,7 @@ from reconciler.balances.drift import UNCORRECTED
 from reconciler.balances.money import to_units
 from reconciler.ledger.schema import (
     BalanceObservation,
+    BalanceResolution,
     IntentState,
     LateDrift,
     MoesifTransaction,
@@ -58,7 +59,7 @@ class DriftRow:
 @dataclass(frozen=True)
 class AuditRow:
     time: str
-    system: str  # stripe | moesif
+    system: str  # stripe | moesif | person (a decision made with `reconciler balances resolve`)
     request: str
     key: str  # meter event identifier / idempotency key, or Moesif transaction id
     customer: str
@@ -190,6 +191,36 @@ def build_report(engine: Engine, since: datetime, until: datetime) -> Report:
                     outcome,
                 )
             )
+        for r, t in session.execute(
+            select(BalanceResolution, MoesifTransaction)
+            .join(MoesifTransaction, MoesifTransaction.transaction_id == BalanceResolution.transaction_id)
+            .where(BalanceResolution.resolved_at >= since, BalanceResolution.resolved_at < until)
+            .order_by(BalanceResolution.resolved_at, BalanceResolution.id)
+        ):
+            amount = f"{t.type} {t.amount_minor} {t.currency} minor units"
+            report.audit.append(
+                AuditRow(
+                    r.resolved_at.isoformat(),
+                    "person",
+                    f"reconciler balances resolve --{r.action.replace('_', '-')}",
+                    r.transaction_id,
+                    r.customer_id,
+                    amount,
+                    f"by {r.resolved_by}: was {r.was}" + (f"; note: {r.note}" if r.note else ""),
+                )
+            )
+            if r.action == "not_applied":  # the one resend it allows is a write to Moesif too
+                report.audit.append(
+                    AuditRow(
+                        r.resolved_at.isoformat(),
+                        "moesif",
+                        "POST /v1/~/billing/reports/balance_transactions (resent)",
+                        r.transaction_id,
+                        r.customer_id,
+                        amount,
+                        t.state + (f": {t.error}" if t.error else ""),
+                    )
+                )
     report.audit.sort(key=lambda a: a.time)
     report.attention = items_needing_attention(engine)
     return report

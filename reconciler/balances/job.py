@@ -45,10 +45,23 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 HOLD_CORRECTIONS = "a refund could not be attributed to its customer this cycle; corrections wait for the next"
-NOT_RESENT = (
-    "whether Moesif applied it is unknown and it was not resent (Moesif may not ignore a repeated transaction_id); "
-    "check Moesif: the balance comparison after the settle delay shows a drift if it never landed"
-)
+
+
+def not_resent(stripe_source: str) -> str:
+    """What a person is told about a transaction whose outcome is unknown and that was not resent. Only a source
+    with a Stripe balance has a comparison that would show it missing; with `none` nothing ever will."""
+    unknown = (
+        "whether Moesif applied it is unknown and it was not resent (Moesif may not ignore a repeated transaction_id); "
+    )
+    if stripe_source == "none":
+        return unknown + (
+            "nothing compares balances (balances.stripe_source: none): check it in Moesif, then run "
+            "`reconciler balances resolve <transaction_id> --applied` or `--not-applied`"
+        )
+    return unknown + (
+        "check Moesif: the balance comparison after the settle delay shows a drift if it never landed; "
+        "close it with `reconciler balances resolve <transaction_id>`"
+    )
 
 
 # The docs do not promise that an InvoicePayment is never created before the PaymentIntent it names.
@@ -191,7 +204,12 @@ class BalanceSync:
 
     def run_cycle(self, *, dry_run: bool = False, customers: frozenset[str] = frozenset()) -> BalanceResult:
         started = time.perf_counter()
-        result = self._cycle(dry_run, customers)
+        if dry_run:
+            result = self._cycle(dry_run, customers)
+        else:
+            # Shared with other cycles; waits while a person resolves a transaction (`balances resolve`).
+            with self._ledger.job_lock(exclusive=False):
+                result = self._cycle(dry_run, customers)
         if not dry_run:
             self._metrics.cycle_finished(
                 "balance_reconcile", result.status, time.perf_counter() - started, succeeded=True
@@ -459,6 +477,10 @@ class BalanceSync:
         assert self._config.moesif is not None  # the balance job runs only with a moesif section
         return self._config.moesif.deduplicates_transaction_ids
 
+    @property
+    def _not_resent(self) -> str:
+        return not_resent(self._settings.stripe_source)
+
     def _settle_interrupted(self, stored: StoredTransaction, report: CustomerReport) -> None:
         """A transaction an earlier run recorded but never saw answered (it died, or every attempt failed)."""
         planned = stored.planned
@@ -477,7 +499,7 @@ class BalanceSync:
         self._ledger.mark_sent(
             stored, outcome_was_unknown=True, error="a run stopped between recording and confirming it"
         )
-        report.flags.append(f"{planned.kind} {planned.transaction_id}: {NOT_RESENT}")
+        report.flags.append(f"{planned.kind} {planned.transaction_id}: {self._not_resent}")
 
     def _send(self, stored: StoredTransaction, report: CustomerReport) -> None:
         planned = stored.planned
@@ -500,7 +522,7 @@ class BalanceSync:
         except OutcomeUnknownError as exc:
             if not self._resend_is_safe:
                 self._ledger.mark_sent(stored, outcome_was_unknown=True, error=self._redact(str(exc)))
-                report.flags.append(f"{planned.transaction_id}: {NOT_RESENT}")
+                report.flags.append(f"{planned.transaction_id}: {self._not_resent}")
                 log.warning("moesif transaction outcome unknown; not resent", transaction_id=planned.transaction_id)
                 return
             self._ledger.note_unknown_outcome(stored, self._redact(str(exc)))

@@ -4,6 +4,7 @@ refund or a correction is forwarded at most once per transaction id, whatever cr
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -15,6 +16,7 @@ from reconciler.balances.drift import Assessment, RecentTransaction
 from reconciler.balances.model import BalanceAccount
 from reconciler.balances.money import to_units
 from reconciler.balances.sweep import LastObservation
+from reconciler.ledger.balance_lock import balance_job_lock
 from reconciler.ledger.schema import BalanceObservation, IntentState, MoesifTransaction, UsagePeriod
 
 
@@ -55,10 +57,22 @@ class OpenUsage:
 
 class BalanceLedger:
     def __init__(self, engine: Engine, clock: Callable[[], datetime]):
+        self._engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._clock = clock
 
+    def job_lock(self, *, exclusive: bool) -> AbstractContextManager[None]:
+        """Balance cycles hold it shared, a person resolving a transaction exclusively (ledger.balance_lock)."""
+        return balance_job_lock(self._engine, exclusive=exclusive)
+
     # -- Moesif transactions -------------------------------------------------------------------------
+
+    def get(self, transaction_id: str) -> StoredTransaction | None:
+        with self._sessions() as session:
+            row = session.scalars(
+                select(MoesifTransaction).where(MoesifTransaction.transaction_id == transaction_id)
+            ).one_or_none()
+            return None if row is None else _stored(row)
 
     def known_sources(self, kind: str, source_ids: list[str]) -> set[str]:
         """Which of these top-ups/refunds already have a transaction that is pending or sent."""

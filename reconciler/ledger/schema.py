@@ -196,6 +196,23 @@ class MoesifTransaction(Base):
     attention: Mapped[str | None] = mapped_column(Text)
 
 
+class BalanceResolution(Base):
+    """A person's decision on a Moesif transaction the balance job could not settle (`reconciler balances
+    resolve`): who, when, what it needed a person for, and whether it was applied in Moesif. A `not_applied` row
+    is written before the one resend it allows, so a crash during the resend cannot lead to a second one."""
+
+    __tablename__ = "balance_resolutions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    transaction_id: Mapped[str] = mapped_column(String(255), index=True)
+    customer_id: Mapped[str] = mapped_column(String(255))
+    action: Mapped[str] = mapped_column(String(16))  # applied | not_applied
+    was: Mapped[str] = mapped_column(Text)  # why it needed a person
+    note: Mapped[str | None] = mapped_column(Text)
+    resolved_by: Mapped[str] = mapped_column(String(255))
+    resolved_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
 class BalanceObservation(Base):
     """Every comparison of a customer's Stripe credit with Moesif's balance, in minor units."""
 

@@ -29,8 +29,6 @@ import json
 import re
 import secrets
 import string
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +37,8 @@ from decimal import Decimal, InvalidOperation
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
+
+import httpx
 
 from reconciler.sandbox.httpserver import FakeService, InjectedFault, Response
 
@@ -1784,16 +1784,13 @@ class FakeStripe(FakeService):
     def _post_thin_event(self, destination: EventDestination, body: dict[str, Any]) -> int:
         """One delivery attempt (Stripe retries failures for days; tests redeliver by hand if they need to)."""
         payload = json.dumps(body).encode()
-        request = urllib.request.Request(destination.url, data=payload, method="POST")
-        request.add_header("Content-Type", "application/json")
-        request.add_header("Stripe-Signature", stripe_signature(payload, destination.secret, int(self.clock())))
+        headers = {
+            "Content-Type": "application/json",
+            "Stripe-Signature": stripe_signature(payload, destination.secret, int(self.clock())),
+        }
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return int(response.status)
-        except urllib.error.HTTPError as error:
-            error.close()
-            return int(error.code)
-        except OSError:
+            return httpx.post(destination.url, content=payload, headers=headers, timeout=10).status_code
+        except httpx.HTTPError:
             return 0
 
     def _h_get_v2_event(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from reconciler.balances.job import BalanceSync
 from reconciler.clock import utc_now
 from reconciler.config import parse_config
 from reconciler.ledger.balance_ledger import BalanceLedger
+from reconciler.ledger.balance_lock import BalanceJobBusyError, balance_job_lock
 from reconciler.ledger.database import make_engine, upgrade
 from reconciler.ledger.runs import RunLog
 from reconciler.logs import configure_logging
@@ -609,3 +610,30 @@ def test_a_top_up_recorded_while_waiting_on_the_moesif_budget_is_sent_after_the_
             ("pi_wait_3", "sent", False),
         ]
     ledger.dispose()
+
+
+def test_balance_cycles_share_the_job_lock_and_a_resolution_is_refused_while_one_runs(database_url):
+    """`balances resolve` must not resend while a cycle compares that balance (it would correct the resend away)."""
+    engine = make_engine(database_url)
+    try:
+        with (
+            balance_job_lock(engine, exclusive=False),
+            balance_job_lock(engine, exclusive=False),  # cycles side by side
+            pytest.raises(BalanceJobBusyError, match="a balance cycle is running"),
+            balance_job_lock(engine, exclusive=True),
+        ):
+            pass
+        with balance_job_lock(engine, exclusive=True):  # released: free again
+            waited = threading.Event()
+
+            def cycle() -> None:
+                with balance_job_lock(engine, exclusive=False):
+                    waited.set()
+
+            thread = threading.Thread(target=cycle)
+            thread.start()
+            assert not waited.wait(0.5)  # a cycle waits for the resolution
+        thread.join(timeout=30)
+        assert waited.is_set()
+    finally:
+        engine.dispose()

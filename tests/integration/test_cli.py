@@ -328,6 +328,129 @@ def as_if_sent_ago(sandbox, tmp_path, ago: timedelta) -> None:
         connection.execute(text("update usage_reports set event_timestamp = :t, created_at = :t, sent_at = :t"), at)
 
 
+MOESIF_POSTS = "/v1/~/billing/reports/balance_transactions"
+
+
+def posts_of(sandbox: Sandbox, transaction_id: str) -> int:
+    """POSTs that reached the Moesif fake for this transaction_id, applied or not."""
+    return sum(
+        1
+        for r in sandbox.moesif.requests
+        if r.method == "POST"
+        and r.path.endswith("/balance_transactions")
+        and json.loads(r.body)["transaction_id"] == transaction_id
+    )
+
+
+def a_top_up_whose_outcome_is_unknown(sandbox: Sandbox, config_file: Path, *, applied: bool) -> dict:
+    """pi_lost (25.00 USD) forwarded with stripe_source: none; Moesif answers 503 (after applying it, or not) and,
+    as Moesif may not deduplicate transaction ids, it is flagged and not resent. The cycle's JSON output."""
+    balance_customer(sandbox, grant=1, moesif_balance=0.0)
+    sandbox.moesif.dedupe_transaction_ids = False
+    created = int(utc_now().timestamp()) - 3600
+    sandbox.stripe.add_payment_intent("cus_bal", 2500, "usd", id="pi_lost", created=created)
+    raw = yaml.safe_load(config_file.read_text())
+    raw["balances"].update(stripe_source="none", auto_correct=False)
+    write_config(config_file, raw)
+    reconciler("db", "upgrade", "--config", str(config_file))
+    sandbox.moesif.inject_fault("POST", MOESIF_POSTS, 503, after_apply=applied)
+    result = reconciler("reconcile-balances", "--format", "json", "--config", str(config_file))
+    assert posts_of(sandbox, "pi_lost") == 1
+    return json.loads(result.stdout)
+
+
+def test_with_stripe_source_none_an_unknown_outcome_asks_a_person_to_resolve_it(sandbox, config_file):
+    """No comparison runs with stripe_source: none, so the flag must not promise one."""
+    cycle = a_top_up_whose_outcome_is_unknown(sandbox, config_file, applied=False)
+    [flag] = cycle["customers"][0]["flags"]
+    assert flag.startswith("pi_lost: whether Moesif applied it is unknown and it was not resent")
+    assert "nothing compares balances (balances.stripe_source: none)" in flag
+    assert "reconciler balances resolve" in flag and "drift" not in flag
+    status = reconciler("status", "--config", str(config_file))
+    assert "check in Moesif (an attempt's outcome was unknown): pi_lost" in status.stdout
+
+
+def test_resolve_not_applied_resends_once_and_a_second_is_refused(sandbox, config_file):
+    a_top_up_whose_outcome_is_unknown(sandbox, config_file, applied=False)
+    subscription = next(s for s in sandbox.stripe.subscriptions.values() if s["customer"] == "cus_bal")
+    assert sandbox.moesif.balance(subscription["id"]) == 0.0  # it never landed
+
+    args = ("balances", "resolve", "pi_lost", "--not-applied", "--config", str(config_file))
+    first = reconciler(*args, "--note", "not in Moesif's transaction list", "--by", "alice")
+    assert first.returncode == 0, first.stderr
+    assert "no balance comparison recorded for cus_bal" in first.stdout  # shown before acting
+    assert "resent to Moesif with the same transaction_id" in first.stdout
+    assert posts_of(sandbox, "pi_lost") == 2  # exactly one more
+    assert sandbox.moesif.balance(subscription["id"]) == 25.0
+
+    second = reconciler(*args)
+    assert second.returncode == 2
+    assert "pi_lost was already resent once (--not-applied by alice" in " ".join(second.stderr.split())
+    assert posts_of(sandbox, "pi_lost") == 2
+
+    status = reconciler("status", "--config", str(config_file))
+    assert "pi_lost" not in status.stdout
+    report = json.loads(reconciler("report", "--format", "json", "--config", str(config_file)).stdout)
+    decisions = [a for a in report["audit"] if a["system"] == "person"]
+    assert [(a["request"], a["key"], a["customer"]) for a in decisions] == [
+        ("reconciler balances resolve --not-applied", "pi_lost", "cus_bal")
+    ]
+    assert decisions[0]["outcome"].startswith("by alice: was outcome unknown")
+    assert decisions[0]["outcome"].endswith("; note: not in Moesif's transaction list")
+    resends = [a for a in report["audit"] if a["request"].endswith("(resent)")]
+    assert [(a["system"], a["key"], a["outcome"]) for a in resends] == [("moesif", "pi_lost", "sent")]
+    assert report["totals"]["moesif_writes"] == 2
+
+
+def test_resolve_applied_closes_it_without_sending(sandbox, config_file):
+    a_top_up_whose_outcome_is_unknown(sandbox, config_file, applied=True)
+    result = reconciler("balances", "resolve", "pi_lost", "--applied", "--by", "bob", "--config", str(config_file))
+    assert result.returncode == 0, result.stderr
+    assert posts_of(sandbox, "pi_lost") == 1
+    status = reconciler("status", "--config", str(config_file))
+    assert "pi_lost" not in status.stdout
+    again = reconciler("balances", "resolve", "pi_lost", "--not-applied", "--config", str(config_file))
+    assert again.returncode == 2 and "nothing to resolve" in again.stderr
+    report = json.loads(reconciler("report", "--format", "json", "--config", str(config_file)).stdout)
+    [decision] = [a for a in report["audit"] if a["system"] == "person"]
+    assert (decision["request"], decision["key"]) == ("reconciler balances resolve --applied", "pi_lost")
+    assert decision["outcome"].startswith("by bob: ")
+    html = reconciler("report", "--format", "html", "--config", str(config_file)).stdout
+    assert "reconciler balances resolve --applied" in html
+
+
+def test_a_held_top_up_is_closed_by_hand_never_resent(sandbox, config_file):
+    balance_customer(sandbox, grant=1, moesif_balance=0.0)
+    sandbox.stripe.add_payment_intent("cus_bal", 1900, "eur", id="pi_eur", created=int(utc_now().timestamp()) - 60)
+    raw = yaml.safe_load(config_file.read_text())
+    raw["balances"].update(stripe_source="none", auto_correct=False)
+    write_config(config_file, raw)
+    reconciler("db", "upgrade", "--config", str(config_file))
+    assert reconciler("reconcile-balances", "--config", str(config_file)).returncode == 1
+    refused = reconciler("balances", "resolve", "pi_eur", "--not-applied", "--config", str(config_file))
+    assert refused.returncode == 2 and "pi_eur is held" in refused.stderr
+    closed = reconciler(
+        "balances", "resolve", "pi_eur", "--applied", "--note", "credited by hand", "--config", str(config_file)
+    )
+    assert closed.returncode == 0, closed.stderr
+    assert posts_of(sandbox, "pi_eur") == 0
+    assert "pi_eur" not in reconciler("status", "--config", str(config_file)).stdout
+
+
+def test_resolve_names_an_unknown_transaction_and_waits_for_no_running_cycle(sandbox, config_file, tmp_path):
+    import fcntl
+
+    a_top_up_whose_outcome_is_unknown(sandbox, config_file, applied=False)
+    unknown = reconciler("balances", "resolve", "pi_nope", "--applied", "--config", str(config_file))
+    assert unknown.returncode == 2 and "no Moesif transaction pi_nope in the ledger" in unknown.stderr
+    with open(tmp_path / "ledger.db.balances.lock", "a+") as cycle:  # as a running balance cycle holds it
+        fcntl.flock(cycle, fcntl.LOCK_SH)
+        busy = reconciler("balances", "resolve", "pi_lost", "--not-applied", "--config", str(config_file))
+    assert busy.returncode == 1 and "a balance cycle is running" in busy.stderr
+    assert posts_of(sandbox, "pi_lost") == 1  # nothing sent, and it may still be resolved
+    assert "pi_lost" in reconciler("status", "--config", str(config_file)).stdout
+
+
 def test_verify_exits_3_when_stripe_holds_usage_the_reconciler_never_sent(sandbox, config_file, tmp_path):
     customer_with_usage(sandbox, value=5)
     reconciler("db", "upgrade", "--config", str(config_file))
