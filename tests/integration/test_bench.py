@@ -48,7 +48,7 @@ def test_bench_smoke_run_agrees_with_the_naive_loop_and_writes_its_results(tmp_p
     assert balances["customers"] == 40 and balances["topped_up"] == 1
     cold, warm, changed = balances["cold"], balances["warm"], balances["changed"]
     assert [c["exit_code"] for c in (cold, warm, changed)] == [0, 0, 0]
-    listings = 3  # one page each of subscriptions, PaymentIntents and refunds
+    listings = 4  # one page each of subscriptions, PaymentIntents, InvoicePayments and refunds
     assert cold["requests"] == {"stripe": listings, "moesif": 40}
     assert warm["requests"] == {"stripe": listings, "moesif": 0}
     assert changed["requests"] == {"stripe": listings, "moesif": 2}  # the top-up's POST and its balance read

@@ -367,7 +367,7 @@ def test_with_stripe_source_none_an_unknown_outcome_asks_a_person_to_resolve_it(
     assert "nothing compares balances (balances.stripe_source: none)" in flag
     assert "reconciler balances resolve" in flag and "drift" not in flag
     status = reconciler("status", "--config", str(config_file))
-    assert "check in Moesif (an attempt's outcome was unknown): pi_lost" in status.stdout
+    assert "check in Moesif (an attempt's outcome was unknown): cus_bal pi_lost" in status.stdout
 
 
 def test_resolve_not_applied_resends_once_and_a_second_is_refused(sandbox, config_file):
