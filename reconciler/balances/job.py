@@ -76,6 +76,7 @@ class _Money:
     refunds: dict[str, list[Refund]] = field(default_factory=dict)  # by the refunded top-up's customer id
     held: dict[str, str] = field(default_factory=dict)  # PaymentIntent id -> why its money waits for a person
     invoice_paid: dict[str, str] = field(default_factory=dict)  # PaymentIntent id -> the invoice it paid
+    invoice_paid_since: datetime | None = None  # when the oldest of them was created
     unattributed: list[str] = field(default_factory=list)  # refunds whose PaymentIntent could not be read
 
 
@@ -242,7 +243,7 @@ class BalanceSync:
             # must not be corrected now and debited again when the refund is forwarded next cycle.
             result.failures += money.unattributed
             hold = HOLD_CORRECTIONS if money.unattributed else None
-            invoice_flags = {} if dry_run else self._flag_forwarded_invoice_payments(money.invoice_paid)
+            invoice_flags = {} if dry_run else self._flag_forwarded_invoice_payments(money)
 
             def reconcile(customer_id: str) -> CustomerReport | None:
                 if self._stop_requested():
@@ -334,15 +335,19 @@ class BalanceSync:
         )
         if invoice is not None and role is PaymentRole.INVOICE:
             money.invoice_paid[payment_intent.payment_intent_id] = invoice.invoice_id
+            money.invoice_paid_since = min(money.invoice_paid_since or payment_intent.created, payment_intent.created)
         elif invoice is not None and role is PaymentRole.UNCLEAR_INVOICE:
             money.held[payment_intent.payment_intent_id] = unclear_reason(invoice)
         return role
 
-    def _flag_forwarded_invoice_payments(self, invoice_paid: dict[str, str]) -> dict[str, list[str]]:
+    def _flag_forwarded_invoice_payments(self, money: _Money) -> dict[str, list[str]]:
         """Invoice payments an earlier version forwarded as top-ups: shown to a person, never debited on a guess
         (the customer may have spent the credit, or the company may have meant it)."""
+        if money.invoice_paid_since is None:
+            return {}
         flags: dict[str, list[str]] = {}
-        for customer_id, transaction_id, invoice_id in self._ledger.flag_invoice_payments(invoice_paid):
+        paid = self._ledger.flag_invoice_payments(money.invoice_paid, money.invoice_paid_since)
+        for customer_id, transaction_id, invoice_id in paid:
             flags.setdefault(customer_id, []).append(
                 f"top-up {transaction_id} was credited to Moesif but paid invoice {invoice_id}: check the customer's "
                 "Moesif balance (not debited automatically)"

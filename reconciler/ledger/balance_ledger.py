@@ -121,11 +121,27 @@ class BalanceLedger:
             ).all()
             return [_stored(row) for row in rows]
 
-    def flag_invoice_payments(self, invoice_paid: dict[str, str]) -> list[tuple[str, str, str]]:
+    def flag_invoice_payments(self, invoice_paid: dict[str, str], paid_since: datetime) -> list[tuple[str, str, str]]:
         """Top-ups recorded for PaymentIntents that Stripe says paid an invoice (`invoice_paid`: PaymentIntent id ->
-        invoice id), newly marked for a person: (customer, transaction id, invoice id) each. One still pending is
-        never sent; one sent stays as it is, since only a person can tell what debiting it would do."""
+        invoice id, none created before `paid_since`), newly marked for a person: (customer, transaction id, invoice
+        id) each. One still pending is never sent; one sent stays as it is, since only a person can tell what
+        debiting it would do.
+
+        A cycle lists every invoice payment of the look-back, so `invoice_paid` can hold 100,000s of ids: rather
+        than asking the ledger about each, its top-ups recorded since `paid_since` (a top-up's row is written after
+        its PaymentIntent was created) are matched against them, and only the matches are locked."""
         if not invoice_paid:
+            return []
+        with self._sessions() as session:
+            recorded = session.scalars(
+                select(MoesifTransaction.source_id).where(
+                    MoesifTransaction.kind == "topup",
+                    MoesifTransaction.attention.is_(None),
+                    MoesifTransaction.created_at >= paid_since,
+                )
+            ).all()
+        matches = [source_id for source_id in recorded if source_id in invoice_paid]
+        if not matches:
             return []
         flagged = []
         with self._sessions.begin() as session:
@@ -133,7 +149,7 @@ class BalanceLedger:
                 select(MoesifTransaction)
                 .where(
                     MoesifTransaction.kind == "topup",
-                    MoesifTransaction.source_id.in_(list(invoice_paid)),
+                    MoesifTransaction.source_id.in_(matches),
                     MoesifTransaction.attention.is_(None),
                 )
                 .with_for_update()
