@@ -508,15 +508,7 @@ class BalanceSync:
 
     def _send(self, stored: StoredTransaction, report: CustomerReport) -> None:
         planned = stored.planned
-        transaction = BalanceTransaction(
-            company_id=planned.account.customer_id,
-            subscription_id=planned.account.subscription_id,
-            amount=to_units(planned.amount_minor, planned.account.currency),
-            currency=planned.account.currency,
-            type=planned.type,
-            transaction_id=planned.transaction_id,
-            description=planned.description,
-        )
+        transaction = moesif_transaction(planned)
         try:
             outcome = self._moesif.post_transaction(
                 transaction, before_send=lambda: self._ledger.mark_attempted(stored)
@@ -699,6 +691,19 @@ class BalanceSync:
         log.info("balance reconcile finished", status=result.status, **summary)
         if result.run_id is not None:
             self._runs.finish(result.run_id, result.status, summary)
+
+
+def moesif_transaction(planned: PlannedTransaction, description: str | None = None) -> BalanceTransaction:
+    """What Moesif is sent for a ledger transaction: currency units, under its one `transaction_id`."""
+    return BalanceTransaction(
+        company_id=planned.account.customer_id,
+        subscription_id=planned.account.subscription_id,
+        amount=to_units(planned.amount_minor, planned.account.currency),
+        currency=planned.account.currency,
+        type=planned.type,
+        transaction_id=planned.transaction_id,
+        description=description or planned.description,
+    )
 
 
 def _forwarded_line(planned: PlannedTransaction) -> str:

@@ -25,13 +25,14 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.balances.drift import DriftAction
+from reconciler.balances.job import moesif_transaction
 from reconciler.balances.money import to_units
 from reconciler.config import Config
 from reconciler.ledger.balance_ledger import BalanceLedger, StoredTransaction
 from reconciler.ledger.schema import BalanceObservation, BalanceResolution, IntentState, MoesifTransaction
 from reconciler.redact import redact
 from reconciler.upstream.errors import PermanentError, UpstreamError
-from reconciler.upstream.moesif_api import BalanceTransaction, MoesifGateway
+from reconciler.upstream.moesif_api import MoesifGateway
 
 APPLIED, NOT_APPLIED = "applied", "not_applied"
 
@@ -140,15 +141,7 @@ class Resolver:
 
     def _resend(self, stored: StoredTransaction, was: str, moesif: MoesifGateway) -> Resolved:
         planned = stored.planned
-        transaction = BalanceTransaction(
-            company_id=planned.account.customer_id,
-            subscription_id=planned.account.subscription_id,
-            amount=to_units(planned.amount_minor, planned.account.currency),
-            currency=planned.account.currency,
-            type=planned.type,
-            transaction_id=planned.transaction_id,
-            description=f"{planned.description} (resent: not applied, per a person)",
-        )
+        transaction = moesif_transaction(planned, f"{planned.description} (resent: not applied, per a person)")
 
         def resolved(resend: str, failed: bool = False) -> Resolved:
             return Resolved(planned.transaction_id, NOT_APPLIED, was, resend, failed)
