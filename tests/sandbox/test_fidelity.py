@@ -33,11 +33,9 @@ from reconciler.sandbox.httpserver import DROP_CONNECTION, LoopbackServer
 from reconciler.sandbox.moesif_fake import FakeMoesif
 from reconciler.sandbox.openmeter_fake import FakeOpenMeter
 from reconciler.sandbox.stripe_fake import FakeStripe
-from tests.sandbox.conftest import NOW, Clock
-from tests.sandbox.test_moesif_fake import TOKEN as MOESIF_TOKEN
+from tests.sandbox.conftest import NOW, Clock, openmeter_sdk, stripe_sdk
 from tests.sandbox.test_moesif_fake import TXN_PATH, _balance, _txn
 from tests.sandbox.test_openmeter_fake import T0, _raw
-from tests.sandbox.test_openmeter_fake import TOKEN as OPENMETER_TOKEN
 from tests.sandbox.test_stripe_fake import LEGACY, _legacy_item, _meter_event, _seed_subscriptions, _usage
 
 DAY = 86400
@@ -59,14 +57,8 @@ def stripe_server(stripe_fake: FakeStripe) -> Iterator[LoopbackServer]:
 
 @pytest.fixture
 def stripe_client(stripe_server: LoopbackServer) -> Iterator[stripe.StripeClient]:
-    http = stripe.RequestsClient()
-    yield stripe.StripeClient(
-        "sk_test_sandbox",
-        base_addresses={"api": stripe_server.url},
-        max_network_retries=0,
-        http_client=http,
-    )
-    http.close()
+    with stripe_sdk(stripe_server.url) as client:
+        yield client
 
 
 @pytest.fixture
@@ -82,26 +74,8 @@ def openmeter_server(openmeter_fake: FakeOpenMeter) -> Iterator[LoopbackServer]:
 
 @pytest.fixture
 def openmeter_client(openmeter_server: LoopbackServer) -> Iterator[openmeter.Client]:
-    with openmeter.Client(
-        endpoint=openmeter_server.url, token=OPENMETER_TOKEN, retry_total=0, connection_timeout=5, read_timeout=5
-    ) as c:
+    with openmeter_sdk(openmeter_server.url) as c:
         yield c
-
-
-@pytest.fixture
-def moesif_fake(clock: Clock) -> FakeMoesif:
-    fake = FakeMoesif(token=MOESIF_TOKEN, clock=clock)
-    fake.add_subscription("sub_1", "cus_1", current_balance=10.0)
-    return fake
-
-
-@pytest.fixture
-def moesif_client(moesif_fake: FakeMoesif) -> Iterator[httpx.Client]:
-    with (
-        LoopbackServer(moesif_fake) as server,
-        httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {MOESIF_TOKEN}"}, timeout=5) as http,
-    ):
-        yield http
 
 
 # -- Stripe: idempotency (https://docs.stripe.com/api/idempotent_requests) ----------------------------------------

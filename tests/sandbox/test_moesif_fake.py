@@ -2,34 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from reconciler.sandbox.httpserver import LoopbackServer
 from reconciler.sandbox.moesif_fake import FakeMoesif
-from tests.sandbox.conftest import NOW, Clock
+from tests.sandbox.conftest import MOESIF_TOKEN, NOW, Clock
 
-TOKEN = "moesif_sandbox_token"
+TOKEN = MOESIF_TOKEN
 TXN_PATH = "/v1/~/billing/reports/balance_transactions"
 
 
 @pytest.fixture
-def fake(clock: Clock) -> FakeMoesif:
-    fake = FakeMoesif(token=TOKEN, clock=clock)
-    fake.add_subscription("sub_1", "cus_1", current_balance=10.0)
-    return fake
+def fake(moesif_fake: FakeMoesif) -> FakeMoesif:
+    return moesif_fake
 
 
 @pytest.fixture
-def client(fake: FakeMoesif) -> Iterator[httpx.Client]:
-    with (
-        LoopbackServer(fake) as server,
-        httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5) as http,
-    ):
-        yield http
+def client(moesif_client: httpx.Client) -> httpx.Client:
+    return moesif_client
 
 
 def _txn(transaction_id: str = "t1", amount: float = 25.0, type: str = "credit", **extra: Any) -> dict[str, Any]:

@@ -16,8 +16,9 @@ from freezegun import freeze_time
 
 from reconciler.sandbox.httpserver import LoopbackServer
 from reconciler.sandbox.openmeter_fake import FakeOpenMeter
+from tests.sandbox.conftest import OPENMETER_TOKEN, openmeter_sdk
 
-TOKEN = "om_sandbox_token"
+TOKEN = OPENMETER_TOKEN
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
@@ -28,7 +29,7 @@ def fake() -> FakeOpenMeter:
 
 @pytest.fixture
 def client(server: LoopbackServer) -> Iterator[openmeter.Client]:
-    with openmeter.Client(endpoint=server.url, token=TOKEN, retry_total=0, connection_timeout=5, read_timeout=5) as c:
+    with openmeter_sdk(server.url) as c:
         yield c
 
 

@@ -15,6 +15,7 @@ from freezegun import freeze_time
 
 from reconciler.sandbox.httpserver import LoopbackServer
 from reconciler.sandbox.stripe_fake import FakeStripe, parse_stripe_params
+from tests.sandbox.conftest import stripe_sdk
 
 NOW = 1_767_225_600  # 2026-01-01T00:00:00Z
 FROZEN = "2026-01-01 00:00:00"
@@ -30,14 +31,8 @@ def fake() -> FakeStripe:
 
 @pytest.fixture
 def client(server: LoopbackServer) -> Iterator[stripe.StripeClient]:
-    http = stripe.RequestsClient()
-    yield stripe.StripeClient(
-        "sk_test_sandbox",
-        base_addresses={"api": server.url},
-        max_network_retries=0,
-        http_client=http,
-    )
-    http.close()
+    with stripe_sdk(server.url) as client:
+        yield client
 
 
 def _raw(server: LoopbackServer, method: str, path: str, *, key: str = "sk_test_sandbox", data: bytes | None = None):

@@ -10,7 +10,7 @@ import stripe
 
 from reconciler.sandbox.httpserver import LoopbackServer
 from reconciler.sandbox.stripe_fake import FakeStripe
-from tests.sandbox.conftest import NOW, Clock
+from tests.sandbox.conftest import NOW, Clock, stripe_sdk
 
 DAY = 86400
 METERED = {"type": "applicability_scope", "applicability_scope": {"price_type": "metered"}}
@@ -23,14 +23,8 @@ def fake(clock: Clock) -> FakeStripe:
 
 @pytest.fixture
 def client(server: LoopbackServer) -> Iterator[stripe.StripeClient]:
-    http = stripe.RequestsClient()
-    yield stripe.StripeClient(
-        "sk_test_sandbox",
-        base_addresses={"api": server.url},
-        max_network_retries=0,
-        http_client=http,
-    )
-    http.close()
+    with stripe_sdk(server.url) as client:
+        yield client
 
 
 def _summary(client: stripe.StripeClient, customer: str, flt: dict | None = None) -> list[dict]:
