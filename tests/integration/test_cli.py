@@ -222,6 +222,14 @@ def test_reconcile_balances_writes_a_json_report_and_corrects_drift(sandbox, con
     assert sandbox.moesif.balance(line["subscription"]) == 50.0
 
 
+def forward_only(config_file) -> None:
+    """Balances that only forward money (stripe_source: none, nothing corrected), on a migrated ledger."""
+    raw = yaml.safe_load(config_file.read_text())
+    raw["balances"].update(stripe_source="none", auto_correct=False)
+    write_config(config_file, raw)
+    reconciler("db", "upgrade", "--config", str(config_file))
+
+
 def test_a_top_up_that_cannot_be_forwarded_is_held_once_exits_1_and_stays_in_status(sandbox, config_file):
     """A top-up paid in another currency than the customer's Moesif subscription is not converted: it is named,
     counted, exits 1 (3 with --fail-on-drift), recorded once, and `status` keeps showing it to a person."""
@@ -229,10 +237,7 @@ def test_a_top_up_that_cannot_be_forwarded_is_held_once_exits_1_and_stays_in_sta
     created = int(utc_now().timestamp()) - 3600
     sandbox.stripe.add_payment_intent("cus_bal", 2500, "usd", id="pi_usd", created=created)
     sandbox.stripe.add_payment_intent("cus_bal", 1900, "eur", id="pi_eur", created=created + 1)
-    raw = yaml.safe_load(config_file.read_text())
-    raw["balances"].update(stripe_source="none", auto_correct=False)
-    write_config(config_file, raw)
-    reconciler("db", "upgrade", "--config", str(config_file))
+    forward_only(config_file)
     first = reconciler("reconcile-balances", "--format", "json", "--config", str(config_file))
     assert first.returncode == 1, first.stderr
     [customer] = json.loads(first.stdout)["customers"]
@@ -252,10 +257,7 @@ def test_a_top_up_that_cannot_be_forwarded_is_held_once_exits_1_and_stays_in_sta
 def test_a_held_top_up_is_listed_by_report_and_status_until_it_is_resolved(sandbox, config_file, tmp_path):
     balance_customer(sandbox, grant=1, moesif_balance=0.0)
     sandbox.stripe.add_payment_intent("cus_bal", 1900, "eur", id="pi_eur", created=int(utc_now().timestamp()) - 60)
-    raw = yaml.safe_load(config_file.read_text())
-    raw["balances"].update(stripe_source="none", auto_correct=False)
-    write_config(config_file, raw)
-    reconciler("db", "upgrade", "--config", str(config_file))
+    forward_only(config_file)
     reconciler("reconcile-balances", "--config", str(config_file))
 
     data = json.loads(reconciler("report", "--format", "json", "--config", str(config_file)).stdout)
@@ -349,10 +351,7 @@ def a_top_up_whose_outcome_is_unknown(sandbox: Sandbox, config_file: Path, *, ap
     sandbox.moesif.dedupe_transaction_ids = False
     created = int(utc_now().timestamp()) - 3600
     sandbox.stripe.add_payment_intent("cus_bal", 2500, "usd", id="pi_lost", created=created)
-    raw = yaml.safe_load(config_file.read_text())
-    raw["balances"].update(stripe_source="none", auto_correct=False)
-    write_config(config_file, raw)
-    reconciler("db", "upgrade", "--config", str(config_file))
+    forward_only(config_file)
     sandbox.moesif.inject_fault("POST", MOESIF_POSTS, 503, after_apply=applied)
     result = reconciler("reconcile-balances", "--format", "json", "--config", str(config_file))
     assert posts_of(sandbox, "pi_lost") == 1
@@ -422,10 +421,7 @@ def test_resolve_applied_closes_it_without_sending(sandbox, config_file):
 def test_a_held_top_up_is_closed_by_hand_never_resent(sandbox, config_file):
     balance_customer(sandbox, grant=1, moesif_balance=0.0)
     sandbox.stripe.add_payment_intent("cus_bal", 1900, "eur", id="pi_eur", created=int(utc_now().timestamp()) - 60)
-    raw = yaml.safe_load(config_file.read_text())
-    raw["balances"].update(stripe_source="none", auto_correct=False)
-    write_config(config_file, raw)
-    reconciler("db", "upgrade", "--config", str(config_file))
+    forward_only(config_file)
     assert reconciler("reconcile-balances", "--config", str(config_file)).returncode == 1
     refused = reconciler("balances", "resolve", "pi_eur", "--not-applied", "--config", str(config_file))
     assert refused.returncode == 2 and "pi_eur is held" in refused.stderr
