@@ -97,6 +97,9 @@ def _kinds() -> list[_Kind]:
     period = UsagePeriod
     rejected = period.last_error.like("rejected by Stripe:%")
 
+    period_columns = (period.customer_id, period.stripe_target, period.period_start)  # what period_key reads
+    late_drift_columns = (*period_columns, period.reported_total, period.late_total)
+
     def period_key(r: Row) -> str:
         return f"{r.stripe_target} period {r.period_start:%Y-%m-%d}"
 
@@ -146,24 +149,9 @@ def _kinds() -> list[_Kind]:
         ),
         _Kind(
             USAGE,
-            select(
-                period.customer_id,
-                period.stripe_target,
-                period.period_start,
-                period.reported_total,
-                period.late_total,
-                _reason("late_drift"),
-                func.min(LateDrift.observed_at).label("since"),
-            )
+            select(*late_drift_columns, _reason("late_drift"), func.min(LateDrift.observed_at).label("since"))
             .join(LateDrift, LateDrift.period_id == period.id)
-            .group_by(
-                period.id,
-                period.customer_id,
-                period.stripe_target,
-                period.period_start,
-                period.reported_total,
-                period.late_total,
-            ),
+            .group_by(period.id, *late_drift_columns),
             lambda r: (
                 period_key(r),
                 r.customer_id,
@@ -173,9 +161,7 @@ def _kinds() -> list[_Kind]:
         _Kind(
             USAGE,
             select(
-                period.customer_id,
-                period.stripe_target,
-                period.period_start,
+                *period_columns,
                 period.last_error,
                 case((rejected, "rejected_by_stripe"), else_="failed").label("reason"),
                 # no column records the first failure: the age restarts at each failed attempt
