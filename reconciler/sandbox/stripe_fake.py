@@ -359,7 +359,6 @@ class FakeStripe(FakeService):
             ("GET", re.compile(r"/v1/payment_intents/(?P<id>[^/]+)"), self._h_get_payment_intent),
             ("GET", re.compile(r"/v1/invoices/(?P<id>[^/]+)"), self._h_get_invoice),
             ("GET", re.compile(r"/v1/invoice_payments"), self._h_list_invoice_payments),
-            ("GET", re.compile(r"/v1/invoice_payments/(?P<id>[^/]+)"), self._h_get_invoice_payment),
             ("GET", re.compile(r"/v1/charges"), self._h_list_charges),
             ("GET", re.compile(r"/v1/charges/(?P<id>[^/]+)"), self._h_get_charge),
             ("GET", re.compile(r"/v1/refunds"), self._h_list_refunds),
@@ -849,7 +848,7 @@ class FakeStripe(FakeService):
             self._register(pid)
             return self._render_payment_intent(self.payment_intents[pid], set())
 
-    def pay_invoice(
+    def open_invoice(
         self,
         customer: str,
         lines: list[tuple[str, int]],
@@ -859,30 +858,21 @@ class FakeStripe(FakeService):
         created: int | None = None,
         id: str | None = None,
     ) -> dict[str, Any]:
-        """An invoice (one line per ``(price id, amount)``) finalized and paid by card, as Stripe bills a
-        subscription period: the invoice creates its PaymentIntent, and an InvoicePayment maps one to the other.
-
-        https://docs.stripe.com/billing/billing-apis: subscriptions create invoices and PaymentIntents.
-        https://docs.stripe.com/changelog/basil/2025-03-31/invoice-pricing-configurations: since 2025-03-31 the
-        PaymentIntent no longer names its invoice (no ``invoice`` field) and a line's price is at
-        ``pricing.price_details.price``. https://docs.stripe.com/api/invoice-payment/object: the mapping.
-        The docs do not say when the InvoicePayment appears relative to the PaymentIntent; here both carry the same
-        ``created`` second, so a listing bounded by the PaymentIntent's ``created`` finds its InvoicePayment only
-        when it uses that same bound (no slack for the product)."""
+        """A finalized, unpaid invoice with one line per ``(price id, amount)``. Since API 2025-03-31 a line's price
+        is at ``pricing.price_details.price``
+        (https://docs.stripe.com/changelog/basil/2025-03-31/invoice-pricing-configurations)."""
         with self.lock:
             if customer not in self.customers:
                 raise KeyError(f"unknown customer {customer!r}")
             created = created if created is not None else self._now()
             total = sum(amount for _, amount in lines)
             invoice_id = id or _new_id("in_", 24)
-            description = "Subscription update" if subscription else None
-            intent = self.add_payment_intent(customer, total, currency, created=created, description=description)
             self.invoices[invoice_id] = {
                 "id": invoice_id,
                 "object": "invoice",
                 "amount_due": total,
-                "amount_paid": total,
-                "amount_remaining": 0,
+                "amount_paid": 0,
+                "amount_remaining": total,
                 "created": created,
                 "currency": currency,
                 "customer": customer,
@@ -908,27 +898,71 @@ class FakeStripe(FakeService):
                     if subscription
                     else None
                 ),
-                "status": "paid",
-                "status_transitions": {"finalized_at": created, "paid_at": created},
+                "status": "open",
+                "status_transitions": {"finalized_at": created, "paid_at": None},
             }
             self._register(invoice_id)
+            return json.loads(json.dumps(self.invoices[invoice_id]))
+
+    def attach_payment(self, invoice_id: str, payment_intent_id: str, *, created: int | None = None) -> dict[str, Any]:
+        """Attach a PaymentIntent to an invoice (https://docs.stripe.com/api/invoices/attach_payment): an
+        InvoicePayment maps the two (https://docs.stripe.com/api/invoice-payment/object), created now. "If the
+        PaymentIntent's status is already succeeded when it's attached, it's credited to the invoice immediately":
+        so a PaymentIntent can succeed first and only later turn out to have paid an invoice. Returns the
+        InvoicePayment."""
+        with self.lock:
+            invoice, intent = self.invoices[invoice_id], self.payment_intents[payment_intent_id]
+            created = created if created is not None else self._now()
+            paid = intent["status"] == "succeeded"
             payment_id = _new_id("inpay_", 24)
             self.invoice_payments[payment_id] = {
                 "id": payment_id,
                 "object": "invoice_payment",
-                "amount_paid": total,
-                "amount_requested": total,
+                "amount_paid": intent["amount_received"] if paid else None,
+                "amount_requested": intent["amount"],
                 "created": created,
-                "currency": currency,
+                "currency": intent["currency"],
                 "invoice": invoice_id,
-                "is_default": True,
+                "is_default": not any(p["invoice"] == invoice_id for p in self.invoice_payments.values()),
                 "livemode": False,
-                "payment": {"type": "payment_intent", "payment_intent": intent["id"]},
-                "status": "paid",
-                "status_transitions": {"canceled_at": None, "paid_at": created},
+                "payment": {"type": "payment_intent", "payment_intent": payment_intent_id},
+                "status": "paid" if paid else "open",
+                "status_transitions": {"canceled_at": None, "paid_at": created if paid else None},
             }
             self._register(payment_id)
-            return {**json.loads(json.dumps(self.invoices[invoice_id])), "payment_intent": intent["id"]}
+            if paid:
+                invoice["amount_paid"] += intent["amount_received"]
+                invoice["amount_remaining"] = max(0, invoice["amount_due"] - invoice["amount_paid"])
+                if invoice["amount_remaining"] == 0:
+                    invoice["status"] = "paid"
+                    invoice["status_transitions"]["paid_at"] = created
+            return json.loads(json.dumps(self.invoice_payments[payment_id]))
+
+    def pay_invoice(
+        self,
+        customer: str,
+        lines: list[tuple[str, int]],
+        currency: str = "usd",
+        *,
+        subscription: str | None = None,
+        created: int | None = None,
+        id: str | None = None,
+    ) -> dict[str, Any]:
+        """An invoice finalized and paid by card, as Stripe bills a subscription period: the invoice creates its
+        PaymentIntent (https://docs.stripe.com/billing/billing-apis), which since API 2025-03-31 names no invoice,
+        and an InvoicePayment maps one to the other. The docs do not say when that InvoicePayment appears relative
+        to the PaymentIntent; here both carry the same ``created`` second, so a listing bounded by the
+        PaymentIntent's ``created`` finds it only when it uses that same bound (no slack for the product). Returns
+        the invoice, with the id of the PaymentIntent that paid it as ``payment_intent``."""
+        with self.lock:
+            created = created if created is not None else self._now()
+            invoice = self.open_invoice(customer, lines, currency, subscription=subscription, created=created, id=id)
+            description = "Subscription update" if subscription else None
+            intent = self.add_payment_intent(
+                customer, invoice["amount_due"], currency, created=created, description=description
+            )
+            self.attach_payment(invoice["id"], intent["id"], created=created)
+            return {**json.loads(json.dumps(self.invoices[invoice["id"]])), "payment_intent": intent["id"]}
 
     def dispute_charge(self, payment_intent_id: str) -> dict[str, Any]:
         """Mark the PaymentIntent's latest charge as disputed (``charge.disputed = true``)."""
@@ -1936,6 +1970,7 @@ class FakeStripe(FakeService):
         return self._render_payment_intent(self.payment_intents[id], expand)
 
     def _h_get_invoice(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
+        """https://docs.stripe.com/api/invoices/retrieve (lines as of API 2025-03-31; see open_invoice)."""
         self._expand(params, set())
         if id not in self.invoices:
             raise _no_such("invoice", id, param="invoice")
@@ -1979,12 +2014,6 @@ class FakeStripe(FakeService):
             "invoice_payment",
             lambda o: self._render_invoice_payment(o, invoice_expand),
         )
-
-    def _h_get_invoice_payment(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
-        expand = self._expand(params, {"invoice"})
-        if id not in self.invoice_payments:
-            raise _no_such("invoice_payment", id, param="invoice_payment")
-        return self._render_invoice_payment(self.invoice_payments[id], expand)
 
     def _h_list_charges(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
         self._expand(params, set())

@@ -109,3 +109,22 @@ def test_invoices_selling_only_named_top_up_prices_are_top_ups_and_mixed_ones_ar
     [held] = result.customers[0].held
     assert held.startswith(f"topup {mixed['payment_intent']} (59.00 USD): paid invoice {mixed['id']}")
     assert result.summary()["held"] == 1
+
+
+def test_a_top_up_later_attached_to_an_invoice_is_shown_to_a_person_never_debited(bh):  # noqa: F811
+    """https://docs.stripe.com/api/invoices/attach_payment: a PaymentIntent that already succeeded can be attached to
+    an invoice afterwards. Until then nothing tells it from a top-up, so it is credited; once Stripe maps it to the
+    invoice, a person is told, and nothing is debited on a guess."""
+    bh.configure(stripe_source="none", auto_correct=False)
+    bh.customer()
+    bh.stripe.add_payment_intent("cus_M", 4900, created=ts(NOW - timedelta(hours=2)), id="pi_later_a_bill")
+    invoice = bh.stripe.open_invoice("cus_M", [("price_base", 4900)], created=ts(NOW - timedelta(hours=3)))
+    with freeze_time(NOW) as clock:
+        bh.cycle()
+        clock.tick(timedelta(hours=1))
+        bh.stripe.attach_payment(invoice["id"], "pi_later_a_bill")
+        flagged = bh.cycle()
+    assert [(p["transaction_id"], p["type"]) for p in bh.posts()] == [("pi_later_a_bill", "credit")]
+    assert [f"paid invoice {invoice['id']}" in flag for flag in flagged.customers[0].flags] == [True]
+    [(state, attention)] = bh.rows("select state, attention from moesif_transactions")
+    assert (state, attention) == ("sent", f"paid invoice {invoice['id']}: an invoice payment, not a top-up")

@@ -572,6 +572,30 @@ def test_invoice_payments_by_payment_intent_need_the_payment_type(stripe_client:
     assert refused.value.param == "payment[type]"
 
 
+def test_a_payment_intent_that_already_succeeded_can_be_attached_to_an_invoice_later(
+    stripe_client: stripe.StripeClient, stripe_fake: FakeStripe, clock: Clock
+):
+    """https://docs.stripe.com/api/invoices/attach_payment: "If the PaymentIntent's status is already succeeded when
+    it's attached, it's credited to the invoice immediately". Its InvoicePayment exists only from then on: a
+    PaymentIntent that looked like a top-up can turn out, later, to have paid an invoice."""
+    stripe_fake.add_customer("cus_A")
+    intent = stripe_fake.add_payment_intent("cus_A", 4900, created=NOW - DAY)
+    invoice = stripe_fake.open_invoice("cus_A", [("price_base", 4900)], created=NOW - DAY)
+    by_intent = {"payment": {"type": "payment_intent", "payment_intent": intent["id"]}}
+    assert stripe_client.v1.invoice_payments.list(params=by_intent).data == []  # nothing says it paid a bill yet
+
+    clock.now = NOW + 60
+    stripe_fake.attach_payment(invoice["id"], intent["id"])
+    [payment] = stripe_client.v1.invoice_payments.list(params=by_intent).to_dict()["data"]
+    assert (payment["invoice"], payment["status"], payment["amount_paid"], payment["created"]) == (
+        invoice["id"],
+        "paid",
+        4900,
+        NOW + 60,
+    )
+    assert stripe_client.v1.invoices.retrieve(invoice["id"]).status == "paid"
+
+
 # -- Stripe: lists and API versions ----------------------------------------------------------------------------------
 
 
