@@ -377,7 +377,9 @@ class FakeStripe(FakeService):
         # immediately reflect recently received meter events"
         # (https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api). The docs give no bound,
         # and say nothing about legacy usage record summaries; here an event or record created at `created` shows
-        # in either summary only from `created + summary_lag_seconds`. 0 (the default, and after `reset`): at once.
+        # in either summary only from `created + summary_lag_seconds`. 0 (the default, and after `reset`): at once,
+        # which is the optimistic end, kept as the default only so that tests of other behaviours need not wait; the
+        # summary-lag tests and the fault simulation (three seeds in four) turn a lag on.
         self.summary_lag_seconds: float = 0
         self._seq = 0
         self.customers: dict[str, dict[str, Any]] = {}
