@@ -6,6 +6,8 @@ from __future__ import annotations
 import getpass
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -23,6 +25,8 @@ from reconciler.output import emit
 from reconciler.usage.job import CycleResult
 
 if TYPE_CHECKING:  # the app pulls in every SDK: imported only by the commands that run jobs
+    from sqlalchemy import Engine
+
     from reconciler.app import App
 
 EXIT_OK, EXIT_FAILURES, EXIT_CONFIG, EXIT_DRIFT = 0, 1, 2, 3
@@ -84,6 +88,21 @@ def _build(loaded: Config) -> App:
         return build_app(loaded)
     except DatabaseNotMigratedError as exc:
         raise _setup_error(str(exc)) from None
+
+
+@contextmanager
+def _ledger(loaded: Config) -> Iterator[Engine]:
+    """The migrated ledger's engine, disposed of afterwards; or exit 2 with the command to run if not migrated."""
+    from reconciler.app import open_database
+
+    try:
+        engine = open_database(loaded)
+    except DatabaseNotMigratedError as exc:
+        raise _setup_error(str(exc)) from None
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 def _setup_error(message: str) -> typer.Exit:
@@ -230,7 +249,6 @@ def balances_resolve(
 ) -> None:
     """Settle a Moesif transaction the balance job cannot: outcome unknown, held, marked, or an unsettled
     correction. Exit 0 done, 1 a balance cycle is running (try again) or the resend failed, 2 refused."""
-    from reconciler.app import open_database
     from reconciler.balances.resolve import Resolver, ResolveRefusedError
     from reconciler.clock import utc_now
     from reconciler.ledger.balance_lock import BalanceJobBusyError
@@ -242,11 +260,7 @@ def balances_resolve(
     if loaded.moesif is None:
         raise _setup_error("no moesif section in the config: nothing to resolve against")
     moesif_config = loaded.moesif
-    try:
-        engine = open_database(loaded)
-    except DatabaseNotMigratedError as exc:
-        raise _setup_error(str(exc)) from None
-    try:
+    with _ledger(loaded) as engine:
         resolver = Resolver(loaded, engine, utc_now)
         try:
             stored = resolver.find(transaction_id)
@@ -263,8 +277,6 @@ def balances_resolve(
         except BalanceJobBusyError as exc:
             err.print(f"error: {exc}", markup=False, highlight=False)
             raise typer.Exit(EXIT_FAILURES) from None
-    finally:
-        engine.dispose()
     out.print(f"{resolved.transaction_id}: {resolved.action.replace('_', ' ')} (was {resolved.was})", markup=False)
     if resolved.resend:
         out.print(f"{resolved.transaction_id}: {resolved.resend}", markup=False, highlight=False)
@@ -451,7 +463,6 @@ def verify(
     config: ConfigOption = None,
 ) -> None:
     """Read Stripe's own totals back and compare them with the ledger and OpenMeter (exit 3: a person must act)."""
-    from reconciler.app import open_database
     from reconciler.clock import utc_now
     from reconciler.upstream.openmeter_api import OpenMeterGateway
     from reconciler.upstream.stripe_api import StripeGateway
@@ -459,15 +470,9 @@ def verify(
 
     loaded = _load(ctx, config)
     window = (_parse_date(since, "--from"), _parse_date(until, "--to"))
-    try:
-        engine = open_database(loaded)
-    except DatabaseNotMigratedError as exc:
-        raise _setup_error(str(exc)) from None
-    try:
+    with _ledger(loaded) as engine:
         verifier = Verifier(loaded, engine, StripeGateway(loaded.stripe), OpenMeterGateway(loaded.openmeter), utc_now)
         lines = verifier.run(*window)
-    finally:
-        engine.dispose()
 
     def as_table(console: Console) -> None:
         table = Table(title="verify: Stripe's view against the ledger and OpenMeter")
@@ -524,21 +529,14 @@ def report(
     config: ConfigOption = None,
 ) -> None:
     """Measured, reported and corrected per customer and period, balance drift, and every write we made."""
-    from reconciler.app import open_database
     from reconciler.clock import utc_now
     from reconciler.report import build_report, render_html, render_json, render_rows
 
     loaded = _load(ctx, config)
     now = utc_now()
     window = (_parse_date(since, "--from") or now - loaded.usage.lookback, _parse_date(until, "--to") or now)
-    try:
-        engine = open_database(loaded)
-    except DatabaseNotMigratedError as exc:
-        raise _setup_error(str(exc)) from None
-    try:
+    with _ledger(loaded) as engine:
         built = build_report(engine, *window)
-    finally:
-        engine.dispose()
 
     def as_table(console: Console) -> None:
         table = Table(title=f"report {window[0]:%Y-%m-%d} → {window[1]:%Y-%m-%d}")
@@ -622,18 +620,11 @@ def healthcheck(ctx: typer.Context, config: ConfigOption = None) -> None:
 @app.command("status")
 def status(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Jobs with their last and next runs, pending and failed items, from the ledger."""
-    from reconciler.app import open_database
     from reconciler.status import print_status
 
     loaded = _load(ctx, config)
-    try:
-        engine = open_database(loaded)
-    except DatabaseNotMigratedError as exc:
-        raise _setup_error(str(exc)) from None
-    try:
+    with _ledger(loaded) as engine:
         print_status(loaded, engine, out)
-    finally:
-        engine.dispose()
 
 
 @app.command("demo")
