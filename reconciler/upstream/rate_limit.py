@@ -32,13 +32,16 @@ class RateLimiter:
         self._next_slot = 0.0
         self._lock = threading.Lock()
 
-    def acquire(self) -> None:
+    def acquire(self) -> float:
+        """Waits for the next slot and returns it (on the limiter's clock): the moment the budget let this request
+        go, which a busy machine may delay the waking thread past but never brings forward."""
         with self._lock:
             now = self._clock()
             slot = max(now, self._next_slot)
             self._next_slot = slot + self._interval
         if slot > now:
             self._sleep(slot - now)
+        return slot
 
     def share(self, replicas: int) -> None:
         """Use 1/`replicas` of the budget: live replicas split each upstream API's request budget."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import bisect
 import math
 import threading
-import time
 from datetime import timedelta
 
 import pytest
@@ -67,8 +66,9 @@ def test_many_customers_are_billed_exactly_with_one_openmeter_query_per_100_and_
 
 
 def test_the_request_budget_holds_in_every_second_with_every_worker_busy(harness):
-    """Measured where requests leave (the moment the budget grants each its slot): arrival times at the fake
-    bunch up whenever the machine is busy, so they say more about the machine than about the budget."""
+    """Measured where requests leave (the slot the budget grants each): arrival times at the fake, and even the
+    moments the waiting threads wake, bunch up whenever the machine is busy (29 in one second on a loaded CI
+    machine), so they say more about the machine than about the budget."""
     h = harness
     h.configure(stripe={"max_requests_per_second": 25, "max_concurrency": 8})
     h.stripe.limit_rate(25, 1.0)  # the fake answers 429 above the budget, as Stripe would
@@ -76,9 +76,10 @@ def test_the_request_budget_holds_in_every_second_with_every_worker_busy(harness
     granted: list[float] = []
     acquire = h.stripe_gateway.limiter.acquire
 
-    def recorded_acquire() -> None:
-        acquire()
-        granted.append(time.monotonic())
+    def recorded_acquire() -> float:
+        slot = acquire()
+        granted.append(slot)
+        return slot
 
     h.stripe_gateway.limiter.acquire = recorded_acquire
     result = h.cycle()
