@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(seeds)} seeds in {elapsed:.1f} s: {len(seeds) - len(failed)} passed, {len(failed)} failed")
     print("fault classes hit (number of seeds):")
     for kind in FAULT_CLASSES:
-        print(f"  {kind:<28} {hits[kind]}")
+        print(f"  {kind:<32} {hits[kind]}")
     missing = [kind for kind in FAULT_CLASSES if not hits[kind]]
     if missing and args.seed is None:
         print(f"never hit: {', '.join(missing)}")

@@ -43,6 +43,7 @@ STEP_FAULTS = (
     "moesif_malformed_json",
     "crash_before_send",
     "crash_after_send",
+    "crash_waiting_on_moesif_budget",  # a Moesif transaction recorded, its request not yet let out by the budget
     "crash_mid_transaction",
     "db_connection_lost",
 )
@@ -311,4 +312,6 @@ def _target(kind: str, rng: random.Random) -> str:
         return rng.choice(["POST /v1/~/billing/reports/balance_transactions", "GET /v1/search/~/subscriptions"])
     if kind in ("crash_before_send", "crash_after_send"):
         return rng.choice(["stripe", "moesif"])
+    if kind == "crash_waiting_on_moesif_budget":
+        return "a Moesif balance transaction"
     return "a ledger statement"

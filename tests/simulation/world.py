@@ -474,6 +474,16 @@ class World:
 
             return wrapper
 
+        def waiting_on_budget(real: Callable[..., Any]) -> Callable[..., Any]:
+            # The limiter is switched off in the simulation (see `run`); a request that records its attempt once
+            # the budget lets it go (`before_send`) can die here, before it is recorded and before it leaves.
+            def wrapper(gateway: Any, *args: Any, **kwargs: Any) -> Any:
+                if kwargs.get("before_send") is not None:
+                    world._crash("waiting on the moesif budget")
+                return real(gateway, *args, **kwargs)
+
+            return wrapper
+
         def on_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
             if statement.lstrip()[:6].upper() in ("INSERT", "UPDATE", "DELETE"):
                 world._crash("ledger write")
@@ -484,6 +494,7 @@ class World:
             mock.patch.object(StripeGateway, "send_meter_event", around(StripeGateway.send_meter_event, "stripe")),
             mock.patch.object(StripeGateway, "send_usage_record", around(StripeGateway.send_usage_record, "stripe")),
             mock.patch.object(MoesifGateway, "post_transaction", around(MoesifGateway.post_transaction, "moesif")),
+            mock.patch.object(MoesifGateway, "_request", waiting_on_budget(MoesifGateway._request)),
         ]
         with contextlib.ExitStack() as stack:
             for patch in patches:
@@ -512,4 +523,6 @@ def _crash_point(fault: Fault) -> str:
         return f"before {fault.target}"
     if fault.kind == "crash_after_send":
         return f"after {fault.target}"
+    if fault.kind == "crash_waiting_on_moesif_budget":
+        return "waiting on the moesif budget"
     return "ledger write"
