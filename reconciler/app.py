@@ -14,6 +14,7 @@ from reconciler.ledger.balance_ledger import BalanceLedger
 from reconciler.ledger.database import make_engine, require_migrated
 from reconciler.ledger.meter_cache import MeterCache
 from reconciler.ledger.plan_ledger import PlanLedger
+from reconciler.ledger.readback_ledger import ReadBackLedger
 from reconciler.ledger.runs import RunLog
 from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.metrics import NO_METRICS, Metrics
@@ -24,6 +25,8 @@ from reconciler.upstream.openmeter_api import OpenMeterGateway
 from reconciler.upstream.rate_limit import RateLimiter
 from reconciler.upstream.stripe_api import StripeGateway
 from reconciler.usage.job import UsageSync
+from reconciler.usage.readback import ReadBack
+from reconciler.usage.stripe_view import StripeView
 
 
 @dataclass
@@ -32,6 +35,7 @@ class App:
     engine: Engine
     stripe: StripeGateway  # for the webhook worker's reads of thin events
     usage_sync: UsageSync
+    read_back: ReadBack
     balance_sync: BalanceSync | None  # None unless balances.enabled
     plan_sync: PlanSync | None  # None unless plans.enabled
     limiters: list[RateLimiter]  # one per upstream API
@@ -84,6 +88,9 @@ def build_app(
         stop_requested=stop_requested,
         metrics=metrics,
     )
+    read_back = ReadBack(
+        config, StripeView(engine, stripe), ReadBackLedger(engine, utc_now), runs, utc_now, metrics=metrics
+    )
     balance_sync = None
     if config.balances.enabled:
         assert config.moesif is not None  # guaranteed by Config.cross_field_problems
@@ -109,6 +116,7 @@ def build_app(
         engine=engine,
         stripe=stripe,
         usage_sync=usage_sync,
+        read_back=read_back,
         balance_sync=balance_sync,
         plan_sync=plan_sync,
         limiters=limiters,

@@ -9,7 +9,8 @@ until the customer's latest observation is no longer uncorrected.
 
 Jobs and reasons:
 - balance_reconcile: outcome_unknown, held, invoice_payment, attention, uncorrected_drift
-- usage_sync: late_drift, failed, rejected_by_stripe (read-back shortfalls from `verify` will join here)
+- usage_sync: late_drift, failed, rejected_by_stripe, and the read-back's missing_in_stripe and foreign_usage (until
+  a `verify` finds the period agreeing)
 - webhooks: given_up
 """
 
@@ -26,6 +27,7 @@ from sqlalchemy.orm import aliased
 
 from reconciler.balances.drift import UNCORRECTED
 from reconciler.ledger.schema import (
+    REJECTED_BY_STRIPE,
     BalanceObservation,
     IntentState,
     LateDrift,
@@ -33,6 +35,7 @@ from reconciler.ledger.schema import (
     UsagePeriod,
     WebhookEvent,
 )
+from reconciler.usage.readback import NEEDS_A_PERSON as READBACK_NEEDS_A_PERSON
 
 BALANCES, USAGE, WEBHOOKS = "balance_reconcile", "usage_sync", "webhooks"
 
@@ -46,6 +49,8 @@ PHRASES = {
     "late_drift": "late drift, Stripe can no longer be told",
     "failed": "failing",
     "rejected_by_stripe": "failing",
+    "missing_in_stripe": "Stripe holds less than we sent",
+    "foreign_usage": "Stripe holds more than we sent",
     "given_up": "webhook work given up",
 }
 
@@ -95,7 +100,7 @@ def _kinds() -> list[_Kind]:
         .scalar_subquery()
     )
     period = UsagePeriod
-    rejected = period.last_error.like("rejected by Stripe:%")
+    rejected = period.last_error.like(f"{REJECTED_BY_STRIPE}%")
 
     period_columns = (period.customer_id, period.stripe_target, period.period_start)  # what period_key reads
     late_drift_columns = (*period_columns, period.reported_total, period.late_total)
@@ -169,7 +174,16 @@ def _kinds() -> list[_Kind]:
             ).where(period.last_error.is_not(None)),
             lambda r: (period_key(r), r.customer_id, r.last_error),
         ),
-        # usage_sync / read-back shortfalls (Stripe holds less than reported, from `verify`): not recorded yet
+        _Kind(
+            USAGE,
+            select(
+                *period_columns,
+                period.read_back_note,
+                period.read_back_finding.label("reason"),
+                period.read_back_at.label("since"),
+            ).where(period.read_back_finding.in_(sorted(READBACK_NEEDS_A_PERSON))),
+            lambda r: (period_key(r), r.customer_id, r.read_back_note or ""),
+        ),
         _Kind(
             WEBHOOKS,
             select(

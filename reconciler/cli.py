@@ -514,6 +514,61 @@ def verify(
     raise typer.Exit(EXIT_DRIFT if any(line.finding in NEEDS_A_PERSON for line in lines) else EXIT_OK)
 
 
+@app.command("read-back")
+def read_back(
+    ctx: typer.Context,
+    output_format: FormatOption = OutputFormat.table,
+    output: OutputOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Read Stripe's summaries back for the periods due (what `run` does on schedule.readback), resend what
+    Stripe's error reports explain, and show what needs a person (exit 3)."""
+    loaded = _load(ctx, config)
+    application = _build(loaded)
+    try:
+        result = application.read_back.run_cycle()
+        if result.resent_customers:
+            application.usage_sync.run_cycle(customers=result.resent_customers, include_legacy=False)
+    finally:
+        application.close()
+
+    def as_table(console: Console) -> None:
+        table = Table(title=f"read-back: {result.checked} read, {result.not_yet} not yet settled in Stripe")
+        for column in ("customer", "meter / price", "period start", "reported", "Stripe", "finding", "note"):
+            table.add_column(column)
+        for line in result.lines:
+            table.add_row(
+                line.customer,
+                line.stripe_target,
+                line.period_start[:16],
+                str(line.reported),
+                line.stripe or "",
+                line.finding,
+                line.note,
+            )
+        console.print(table)
+        for failure in result.failures:
+            console.print(f"failed: {failure}", markup=False, highlight=False)
+
+    payload = {
+        "run_id": result.run_id,
+        "summary": result.as_dict(),
+        "failures": result.failures,
+        "periods": [asdict(line) for line in result.lines],
+    }
+    emit(
+        output_format,
+        output,
+        out,
+        title="read-back",
+        rows=[asdict(line) for line in result.lines],
+        as_json=lambda: json.dumps(payload, indent=2),
+        as_table=as_table,
+    )
+    exit_code = EXIT_DRIFT if result.needs_a_person else EXIT_FAILURES if result.failures else EXIT_OK
+    raise typer.Exit(exit_code)
+
+
 @app.command("report")
 def report(
     ctx: typer.Context,

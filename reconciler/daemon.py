@@ -39,6 +39,7 @@ from reconciler.logs import configure_logging
 from reconciler.metrics import GaugeCallback, Metrics
 from reconciler.schedule import parse_schedule, tick_key
 from reconciler.service.ops_server import OpsServer, Probes, WebhookEndpoint, build_ops_app
+from reconciler.usage.readback import JOB as READBACK
 from reconciler.webhooks.inbox import WebhookInbox
 from reconciler.webhooks.worker import WebhookWorker
 
@@ -173,6 +174,23 @@ class Daemon:
         except Exception:
             log.exception("plan sync cycle crashed")
 
+    def readback_cycle(self) -> None:
+        """Stripe's summaries read back for periods whose invoices have not closed yet; what error reports explain is
+        resent by a usage cycle for those customers at once."""
+        if self.stop.is_set():
+            return
+        if self.coordinator is not None:
+            key = tick_key(self.config.schedule.readback, utc_now())
+            if self.coordinator.claim_tick(READBACK, key) is None:
+                return  # another replica runs this tick
+        try:
+            result = self.app.read_back.run_cycle()
+            if result.resent_customers:
+                with self._usage_lock:
+                    self.app.usage_sync.run_cycle(customers=result.resent_customers, include_legacy=False)
+        except Exception:
+            log.exception("read-back crashed")
+
     def prune(self) -> None:
         try:
             now = utc_now()
@@ -209,6 +227,7 @@ class Daemon:
                 self.config.balances.enabled,
             ),
             ("plan_sync", self.config.schedule.plan_sync, self.plan_cycle, self.config.plans.enabled),
+            (READBACK, self.config.schedule.readback, self.readback_cycle, self.config.schedule.readback != "off"),
             ("prune_ledger", PRUNE_SCHEDULE, self.prune, True),
         ]
         for job_id, schedule, function, enabled in jobs:
@@ -227,6 +246,7 @@ class Daemon:
     def enabled_jobs(self) -> list[str]:
         return (
             ["usage_sync"]
+            + ([READBACK] if self.config.schedule.readback != "off" else [])
             + (["balance_reconcile"] if self.config.balances.enabled else [])
             + (["plan_sync"] if self.config.plans.enabled else [])
         )

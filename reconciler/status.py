@@ -26,6 +26,8 @@ from reconciler.schedule import parse_schedule
 def print_status(config: Config, engine: Engine, console: Console) -> None:
     now = datetime.now(UTC)
     schedules = {"usage_sync": config.schedule.usage_sync}
+    if config.schedule.readback != "off":
+        schedules["usage_readback"] = config.schedule.readback
     if config.balances.enabled:
         schedules["balance_reconcile"] = config.schedule.balance_reconcile
     if config.plans.enabled:

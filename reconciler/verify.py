@@ -3,10 +3,7 @@
 For each ledger period in range: what OpenMeter measures now (rounded as configured), what the ledger says it
 reported, and what Stripe holds (meter event summaries; legacy usage record summaries). Stripe's summaries are
 eventually consistent, so a difference less than `stripe.summary_lag` after we sent a report the summary covers is
-`settling`, not a finding. They also take whole
-minutes, while billing periods start at any second: the minutes asked for may hold the edge of the neighbouring
-period of the same customer and meter (a final event is dated `end - 1 s`), and what the ledger says we sent
-there is taken out before comparing (`attribute_to_period`).
+`settling`, not a finding (how Stripe's view is read: usage/stripe_view.py).
 """
 
 from __future__ import annotations
@@ -18,17 +15,19 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from reconciler.config import Config
-from reconciler.ledger.schema import IntentState, UsagePeriod, UsageReport
+from reconciler.ledger.schema import UsagePeriod
 from reconciler.upstream.errors import UpstreamError
 from reconciler.upstream.openmeter_api import OpenMeterGateway
 from reconciler.upstream.stripe_api import StripeGateway
-from reconciler.usage.model import BillingPeriod, StreamKind
+from reconciler.usage.model import BillingPeriod
 from reconciler.usage.periods import usage_window
+from reconciler.usage.readback import NEEDS_A_PERSON as READBACK_NEEDS_A_PERSON
 from reconciler.usage.rounding import round_quantity
+from reconciler.usage.stripe_view import StripeHolding, StripeView
 
 NEEDS_A_PERSON = frozenset({"foreign_usage", "missing_in_stripe", "late_drift", "unverifiable"})
 
@@ -76,46 +75,6 @@ def classify(
     return "ok", ""
 
 
-@dataclass(frozen=True)
-class SentEvent:
-    """A meter event Stripe accepted from us, as the ledger recorded it."""
-
-    period_id: int
-    timestamp: datetime
-    value: int
-    sent_at: datetime | None
-
-
-def attribute_to_period(
-    summary: Decimal, kind: str, period_id: int, sent: list[SentEvent]
-) -> tuple[Decimal | None, str]:
-    """The part of a minute-aligned summary that belongs to one period, given every event of the same customer
-    and meter we sent into those minutes; None when the summary cannot show it. `sum`: the neighbours' values
-    are taken out. `last`: the summary is the newest event's value, which shows this period only if that event
-    is this period's."""
-    neighbours = [event for event in sent if event.period_id != period_id]
-    if not neighbours:
-        return summary, ""
-    if kind == StreamKind.METER_SUM:
-        taken_out = sum(event.value for event in neighbours)
-        return summary - taken_out, (
-            f"Stripe's whole-minute summary also held {taken_out} we sent into the neighbouring period; taken out"
-        )
-    newest = max(sent, key=lambda event: event.timestamp)
-    if newest.period_id != period_id:
-        return None, "the newest event in Stripe's whole-minute summary belongs to the neighbouring period"
-    return summary, ""
-
-
-def _minute_floor(instant: datetime) -> datetime:
-    return instant.replace(second=0, microsecond=0)
-
-
-def _minute_ceil(instant: datetime) -> datetime:
-    floor = _minute_floor(instant)
-    return floor if floor == instant else floor + timedelta(minutes=1)
-
-
 class Verifier:
     def __init__(
         self,
@@ -127,7 +86,7 @@ class Verifier:
     ):
         self._config = config
         self._engine = engine
-        self._stripe = stripe
+        self._view = StripeView(engine, stripe)
         self._openmeter = openmeter
         self._clock = clock
 
@@ -150,37 +109,30 @@ class Verifier:
                         .where(UsagePeriod.id == row.id)
                         .values(stripe_total=line.stripe, verified_at=now)
                     )
+                if line.finding == "ok" and row.read_back_finding in READBACK_NEEDS_A_PERSON:
+                    # What the read-back asked a person about agrees now (fixed in Stripe, or it was lag): cleared.
+                    session.execute(
+                        update(UsagePeriod)
+                        .where(UsagePeriod.id == row.id)
+                        .values(read_back_finding="ok", read_back_note=f"agreed at `verify` on {now:%Y-%m-%d %H:%M}")
+                    )
         return lines
 
     def _verify(self, row: UsagePeriod, now: datetime) -> VerifyLine:
-        stripe: Decimal | None = None
+        holding = StripeHolding(None, None, "")
         measured: int | None = None
-        error = attribution = ""
-        last_sent_at = self._last_sent_at(row)
+        error = ""
         try:
-            if row.meter_id:
-                # Summaries take minute-aligned bounds, end exclusive, and never an end in the future: the
-                # minutes that have ended. A report in the current minute is within stripe.summary_lag anyway.
-                start = _minute_floor(row.period_start)
-                end = min(_minute_ceil(row.period_end), _minute_floor(now))
-                if end > start:
-                    summary = self._stripe.meter_total(row.meter_id, row.customer_id, start, end)
-                    sent = self._sent_events(row, start, end)
-                    stripe, attribution = attribute_to_period(summary, row.kind, row.id, sent)
-                    # The neighbours' events taken out of the summary may be as new to Stripe as our own.
-                    last_sent_at = max(filter(None, [last_sent_at, *(event.sent_at for event in sent)]), default=None)
-            else:
-                legacy = self._stripe.legacy_usage_total(row.subscription_item_id, row.period_start)
-                stripe = None if legacy is None else Decimal(legacy)
+            holding = self._view.holding(row, now)
             measured = self._measure(row, now)
         except UpstreamError as exc:
             error = str(exc)
         finding, reason = classify(
             reported=row.reported_total,
-            stripe=stripe,
+            stripe=holding.total,
             measured=measured,
             is_final=row.status == "final",
-            last_sent_at=last_sent_at,
+            last_sent_at=holding.last_sent_at,
             now=now,
             summary_lag=self._config.stripe.summary_lag,
         )
@@ -193,36 +145,10 @@ class Verifier:
             ledger_status=row.status,
             measured=measured,
             reported=row.reported_total,
-            stripe=None if stripe is None else str(stripe),
+            stripe=None if holding.total is None else str(holding.total),
             finding=finding,
-            note="; ".join(part for part in (error or reason, attribution) if part),
+            note="; ".join(part for part in (error or reason, holding.note) if part),
         )
-
-    def _sent_events(self, row: UsagePeriod, start: datetime, end: datetime) -> list[SentEvent]:
-        """Every event of the row's customer and meter that Stripe accepted from us, dated in `[start, end)`."""
-        with Session(self._engine) as session:
-            rows = session.execute(
-                select(UsageReport.period_id, UsageReport.event_timestamp, UsageReport.quantity, UsageReport.sent_at)
-                .join(UsagePeriod, UsagePeriod.id == UsageReport.period_id)
-                .where(
-                    UsagePeriod.customer_id == row.customer_id,
-                    UsagePeriod.meter_id == row.meter_id,
-                    UsageReport.state == IntentState.SENT,
-                    UsageReport.event_timestamp >= start,
-                    UsageReport.event_timestamp < end,
-                )
-            ).all()
-        return [SentEvent(*columns) for columns in rows]
-
-    def _last_sent_at(self, row: UsagePeriod) -> datetime | None:
-        """When Stripe last accepted an event of ours for the period (recorded just after it answered)."""
-        with Session(self._engine) as session:
-            sent_at = session.scalar(
-                select(func.max(UsageReport.sent_at)).where(
-                    UsageReport.period_id == row.id, UsageReport.state == IntentState.SENT
-                )
-            )
-        return sent_at
 
     def _measure(self, row: UsagePeriod, now: datetime) -> int | None:
         mapping = self._config.usage.mapping_for(row.stripe_target)

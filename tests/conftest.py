@@ -17,6 +17,7 @@ from reconciler.clock import utc_now
 from reconciler.config import Config, parse_config
 from reconciler.ledger.database import make_engine, upgrade
 from reconciler.ledger.meter_cache import MeterCache
+from reconciler.ledger.readback_ledger import ReadBackLedger
 from reconciler.ledger.runs import RunLog
 from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.sandbox.httpserver import LoopbackServer
@@ -26,6 +27,8 @@ from reconciler.sandbox.stripe_fake import FakeStripe
 from reconciler.upstream.openmeter_api import OpenMeterGateway
 from reconciler.upstream.stripe_api import StripeGateway
 from reconciler.usage.job import CycleResult, UsageSync
+from reconciler.usage.readback import ReadBack
+from reconciler.usage.stripe_view import StripeView
 
 POSTGRES_URL = os.environ.get("RECONCILER_TEST_POSTGRES_URL")
 
@@ -154,6 +157,13 @@ class Harness:
             self.runs,
             clock=utc_now,
             meter_cache=MeterCache(self.engine, utc_now),
+        )
+        self.read_back = ReadBack(
+            self.config,
+            StripeView(self.engine, self.stripe_gateway),
+            ReadBackLedger(self.engine, utc_now),
+            self.runs,
+            utc_now,
         )
 
     def cycle(self, **kwargs: Any) -> CycleResult:

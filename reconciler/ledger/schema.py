@@ -71,7 +71,13 @@ class IntentState:
     PENDING = "pending"  # written, maybe sent: resend with the same identifier before anything new
     SENT = "sent"  # Stripe accepted it
     FAILED = "failed"  # Stripe refused it; it was not applied
+    REJECTED = "rejected"  # Stripe accepted it, then rejected it asynchronously (an error report; its summary agrees)
     HELD = "held"  # Moesif transactions: money the job will not forward (e.g. another currency); a person decides
+
+
+# How `last_error` and a report's `error` begin when a Stripe error report named the event (attention.py tells
+# these apart from other failures by it).
+REJECTED_BY_STRIPE = "rejected by Stripe: "
 
 
 class UsagePeriod(Base):
@@ -106,8 +112,13 @@ class UsagePeriod(Base):
     finalized_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     unit_amount: Mapped[str | None] = mapped_column(String(64))  # minor units per unit, for amounts at stake
     currency: Mapped[str | None] = mapped_column(String(8))
-    stripe_total: Mapped[str | None] = mapped_column(String(64))  # what Stripe holds, as `verify` read it back
+    stripe_total: Mapped[str | None] = mapped_column(String(64))  # what Stripe holds, as last read back
     verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The read-back job (usage/readback.py): when it last settled the period (None: due once the period is final)
+    # and what it found (ReadBackFinding), with a note for a person.
+    read_back_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    read_back_finding: Mapped[str | None] = mapped_column(String(32))
+    read_back_note: Mapped[str | None] = mapped_column(Text)
 
 
 class UsageReport(Base):
@@ -135,6 +146,9 @@ class UsageReport(Base):
     attempted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     error: Mapped[str | None] = mapped_column(Text)
+    # When a Stripe error report named this event (accepted, then rejected asynchronously): evidence that Stripe
+    # does not hold it. The read-back confirms it from the summary and moves the report to REJECTED.
+    rejected_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class LateDrift(Base):

@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.ledger.coordination import Fence
-from reconciler.ledger.schema import IntentState, LateDrift, PeriodStatus, UsagePeriod, UsageReport
+from reconciler.ledger.schema import REJECTED_BY_STRIPE, IntentState, LateDrift, PeriodStatus, UsagePeriod, UsageReport
 from reconciler.usage.decide import NEW_PERIOD, Action, Decision, LedgerState
 from reconciler.usage.model import BillingPeriod, Intent, Stream, StreamPeriod
 from reconciler.usage.periods import epoch_seconds
@@ -299,13 +299,14 @@ class UsageLedger:
 
     def record_rejected_event(self, identifier: str, error: str) -> bool:
         """Stripe rejected a meter event after accepting it (an error report): note it on the report and its
-        period, where `status` shows it. False if the identifier is not ours."""
+        period, where `status` shows it, until the read-back settles it. False if the identifier is not ours."""
         now = self._clock()
         with self._write() as session:
             report = session.scalars(select(UsageReport).where(UsageReport.identifier == identifier)).one_or_none()
             if report is None:
                 return False
-            report.error = f"rejected by Stripe: {error}"
+            report.error = f"{REJECTED_BY_STRIPE}{error}"
+            report.rejected_at = now  # evidence for the read-back (ledger/readback_ledger.py), which settles it
             self._note_failure(session.get_one(UsagePeriod, report.period_id), report.error, now)
             return True
 

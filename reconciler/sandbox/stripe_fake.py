@@ -223,6 +223,7 @@ class MeterEvent:
     seq: int
     reason: str | None = None  # set for events in ``rejected_meter_events``
     meter_id: str | None = None  # the active meter of ``event_name`` when the event came in
+    unreported: bool = False  # rejected, but left out of every error report (see reject_asynchronously)
 
     def to_api(self) -> dict[str, Any]:
         return {
@@ -393,6 +394,7 @@ class FakeStripe(FakeService):
         self.meter_events: list[MeterEvent] = []
         self.rejected_meter_events: list[MeterEvent] = []
         self._rejections_reported = 0  # rejected_meter_events[:n] are in an error report already
+        self._async_rejections: list[tuple[str, bool]] = []  # (code, reported) for the next valid events
         self.v2_events: dict[str, dict[str, Any]] = {}  # thin events as GET /v2/core/events/{id} returns them
         self.thin_events: list[dict[str, Any]] = []  # the pushed (thin) bodies, oldest first
         self.event_destinations: list[EventDestination] = []
@@ -1729,10 +1731,28 @@ class FakeStripe(FakeService):
             event.reason = "meter_event_customer_not_found"
             event.meter_id = meter["id"]
             self.rejected_meter_events.append(event)
+        elif self._async_rejections:
+            event.reason, reported = self._async_rejections.pop(0)
+            event.meter_id = meter["id"]
+            event.unreported = not reported
+            self.rejected_meter_events.append(event)
         else:
             self.meter_events.append(event)
         self._identifiers[identifier] = event
         return event.to_api()
+
+    def reject_asynchronously(
+        self, count: int = 1, code: str = "meter_event_customer_not_found", *, reported: bool = True
+    ) -> None:
+        """The next `count` valid meter events are accepted (200) and then rejected, as Stripe's asynchronous
+        validation may (https://docs.stripe.com/api/v2/core/events/event-types: "a Meter has invalid async usage
+        events"): they never count in summaries or invoices. Stripe does not document which accepted events can
+        fail later, nor whether a resend of the same value fails again; the fake lets any event fail once (a
+        customer mapping seen late, say), the worse case for a client, which must notice and resend. Error reports
+        name rejected events only by sample; `reported=False` leaves these out of every report, as a lost or
+        truncated report would, so only a read-back of the summary can find them."""
+        with self.lock:
+            self._async_rejections.extend([(code, reported)] * count)
 
     # -- thin events: meter error reports ------------------------------------------------------------
 
@@ -1754,7 +1774,7 @@ class FakeStripe(FakeService):
         10-second window. The fake reports whenever this is called (tests and the simulation choose the moment),
         one error_report_triggered per meter, and one no_meter_found for events that matched no active meter."""
         with self.lock:
-            pending = self.rejected_meter_events[self._rejections_reported :]
+            pending = [e for e in self.rejected_meter_events[self._rejections_reported :] if not e.unreported]
             self._rejections_reported = len(self.rejected_meter_events)
             groups: dict[tuple[str, str | None], list[MeterEvent]] = {}
             for rejected in pending:

@@ -247,3 +247,44 @@ def test_a_subscription_webhook_syncs_the_users_plan_at_once(sandbox, webhook_co
     assert httpx.post(daemon.url("/webhooks/stripe"), content=body, headers=headers).status_code == 200
     wait_until(lambda: sandbox.app.users.get("u7") == {"plan": "pro", "status": "active"}, what="the plan")
     assert daemon.stop() == 0
+
+
+def test_the_service_reads_back_and_resends_what_an_error_report_names_before_the_invoice_closes(
+    sandbox, thin_config, daemons
+):
+    # A period that ended 35 minutes ago: final sync due (usage.grace_period 30m), invoice still open (1h).
+    ended = utc_now().replace(microsecond=0) - timedelta(minutes=35)
+    start = ended - timedelta(days=30)
+    meter = sandbox.stripe.add_meter("api_calls", formula="sum")
+    sandbox.stripe.add_customer(id="cus_rb")
+    sandbox.stripe.add_subscription(
+        "cus_rb",
+        [sandbox.stripe.add_price(meter=meter["id"])["id"]],
+        current_period_start=int(start.timestamp()),
+        current_period_end=int(ended.timestamp()),
+    )
+    sandbox.openmeter.add_meter("api_requests")
+    sandbox.openmeter.ingest("api_requests", "cus_rb", ended - timedelta(days=1), 6)
+    sandbox.stripe.reject_asynchronously(1)  # the final event: accepted, then rejected
+    raw = yaml.safe_load(thin_config.read_text())
+    raw["stripe"]["summary_lag"] = "1s"
+    raw["schedule"]["readback"] = "1s"
+    write_config(thin_config, raw)
+
+    daemon = daemons(thin_config)
+    daemon.wait_for("usage sync finished")
+    [rejected] = sandbox.stripe.rejected_meter_events
+    sandbox.stripe.add_event_destination(daemon.url("/webhooks/stripe/thin"), THIN_SECRET)
+    sandbox.stripe.flush_meter_error_reports()
+    resending = daemon.wait_for("read back", finding="resending")
+    assert (resending["customer"], resending["stripe"], resending["reported"]) == ("cus_rb", "0", 6)
+
+    def billed() -> int:
+        return sandbox.stripe.meter_total("cus_rb", "api_calls", int(start.timestamp()), int(ended.timestamp()))
+
+    wait_until(lambda: billed() == 6, what="the resend billed")
+    daemon.wait_for("read back", finding="ok", customer="cus_rb")  # read back once more, now agreeing
+    assert daemon.stop() == 0
+    identifiers = [e.identifier for e in sandbox.stripe.meter_events]
+    assert len(identifiers) == 1 and identifiers[0] != rejected.identifier
+    assert billed() == 6

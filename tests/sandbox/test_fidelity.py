@@ -402,6 +402,27 @@ def test_async_rejections_become_thin_meter_error_events(
 # -- Stripe: meter event summaries (https://docs.stripe.com/api/billing/meter-event-summary/list) ------------------
 
 
+def test_an_accepted_event_can_be_rejected_later_and_named_only_by_sample(
+    stripe_client: stripe.StripeClient, stripe_fake: FakeStripe
+):
+    """https://docs.stripe.com/api/v2/core/events/event-types: v1.billing.meter.error_report_triggered "occurs when a
+    Meter has invalid async usage events"; https://docs.stripe.com/api/v2/core/events/object: the report names
+    rejected events by `sample_errors`, not all of them. Stripe does not document which accepted events can fail
+    later: the sandbox lets any fail (`reject_asynchronously`), named in a report or not, the worse case for a client.
+    A rejected event is in no summary and no invoice; resent under a new identifier it counts."""
+    stripe_fake.add_customer(id="cus_1")
+    meter = stripe_fake.add_meter("api_calls")
+    stripe_fake.reject_asynchronously(1)
+    stripe_fake.reject_asynchronously(1, reported=False)
+    accepted = [_meter_event(stripe_client, "cus_1", "5", identifier=i) for i in ("named", "unnamed", "resent")]
+    assert [event.identifier for event in accepted] == ["named", "unnamed", "resent"]  # each answered 200
+    assert stripe_fake.meter_total("cus_1", "api_calls", NOW - 3600, NOW + 60) == 5  # only the third counts
+    [report] = stripe_fake.flush_meter_error_reports()
+    data = stripe_fake.v2_events[report["id"]]["data"]
+    samples = [s["request"]["identifier"] for t in data["reason"]["error_types"] for s in t["sample_errors"]]
+    assert samples == ["named"] and report["related_object"]["id"] == meter["id"]
+
+
 def test_event_summaries_grouping_and_alignment(stripe_client: stripe.StripeClient, stripe_fake: FakeStripe):
     """https://docs.stripe.com/api/billing/meter-event-summary/list:
     start_time and end_time "must be aligned with minute boundaries" (with value_grouping_window=hour, with hour
