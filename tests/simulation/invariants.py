@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from reconciler.balances.drift import UNCORRECTED
 from reconciler.ledger.schema import LateDrift, UsagePeriod
+from reconciler.usage.readback import NEEDS_A_PERSON as READBACK_NEEDS_A_PERSON
 from tests.simulation.scenario import GRACE, INVOICE_GRACE, METERS, Scenario, SubscriptionPlan, periods_of
 from tests.simulation.world import SECRETS, World
 
@@ -54,6 +55,11 @@ class Ledger:
         ).first()
         return (drift.reported_total, drift.observed_total) if drift else None
 
+    def identifiers(self, period: UsagePeriod | None) -> set[str]:
+        if period is None:
+            return set()
+        return {row[0] for row in self.rows("select identifier from usage_reports where period_id = :p", p=period.id)}
+
 
 def _hour_floor(instant: datetime) -> datetime:
     return instant.replace(minute=0, second=0, microsecond=0)
@@ -85,6 +91,7 @@ def _usage(world: World, ledger: Ledger) -> list[str]:
     # A `sum` event accepted twice is billed twice. (A `last` event resent after Stripe forgot its identifier sets
     # the same total again: harmless, and allowed.)
     identifiers = Counter(e.identifier for e in stripe.meter_events if e.event_name == METERS["sum"][0])
+    rejected_identifiers = {e.identifier for e in stripe.rejected_meter_events}
     problems += [f"sum meter event {i} accepted {n} times" for i, n in identifiers.items() if n > 1]
     for plan in scenario.subscriptions:
         for position, item in enumerate(plan.items):
@@ -94,11 +101,19 @@ def _usage(world: World, ledger: Ledger) -> list[str]:
                 billed = world.billed(plan, position, start, end)
                 where = f"{plan.customer} {item.kind} period {start.isoformat()}..{end.isoformat()}"
                 period = ledger.period(stream, start)
-                if billed != expected:
+                # Stripe rejected one of our events after accepting it: until the invoice closes the read-back may
+                # still find and resend it; after that it must have been resent, or a person told.
+                rejected = bool(ledger.identifiers(period) & rejected_identifiers)
+                finding = period.read_back_finding if period is not None else None
+                told = finding in READBACK_NEEDS_A_PERSON
+                if told and not rejected:
+                    problems.append(f"{where}: read-back said {finding} though Stripe rejected none of our events")
+                excused = told or (rejected and end + INVOICE_GRACE > world.now)
+                if billed != expected and not excused:
                     closed = end + GRACE <= world.now
                     if not (closed and ledger.latest_drift(period) == (billed, expected)):
                         problems.append(f"{where}: Stripe bills {billed}, OpenMeter measured {expected}, no late drift")
-                if period is not None and period.reported_total != billed:
+                if period is not None and period.reported_total != billed and not excused:
                     problems.append(f"{where}: ledger says {period.reported_total} reported, Stripe holds {billed}")
                 if period is None and billed:
                     problems.append(f"{where}: Stripe holds {billed} the ledger has no period for")

@@ -60,6 +60,8 @@ SCENARIO_FAULTS = (
     "crash_mid_backfill",
     "invoice_payment",  # a subscription invoice paid by card: a PaymentIntent that is no top-up
     "invoice_refund",
+    "stripe_async_rejection",  # a meter event accepted, then rejected, and named in an error report
+    "stripe_async_rejection_unreported",  # the same, named in no error report: only the read-back finds it
 )
 # Every fault class the harness knows; coverage is counted against this list.
 FAULT_CLASSES = STEP_FAULTS + SCENARIO_FAULTS
@@ -135,6 +137,9 @@ class Scenario:
     invoice_refunds: bool = False  # some card-paid invoices are partly refunded (never a Moesif debit)
     summary_lag: timedelta = timedelta(minutes=10)  # the product's stripe.summary_lag
     stripe_summary_lag: timedelta = timedelta(0)  # how long the sandbox's summaries really lag: at most summary_lag
+    # Before these steps' jobs, the next valid meter event is set to be rejected asynchronously (step index ->
+    # whether an error report names it).
+    async_rejections: dict[int, bool] = field(default_factory=dict)
 
     @property
     def customers(self) -> list[str]:
@@ -160,6 +165,8 @@ class Scenario:
         lines.append(
             f"  stripe summaries lag {self.stripe_summary_lag} (product's stripe.summary_lag {self.summary_lag})"
         )
+        for number, reported in sorted(self.async_rejections.items()):
+            lines.append(f"  step {number}: the next meter event rejected later, {'' if reported else 'not '}reported")
         for number, step in enumerate(self.steps):
             if step.faults:
                 faults = ", ".join(f"{f.kind}({f.target}, #{f.nth})" for f in step.faults)
@@ -282,6 +289,21 @@ def generate(seed: int) -> Scenario:
     lag = random.Random(f"summary lag {seed}")
     summary_lag = timedelta(minutes=lag.choice([10, 10, 30]))
     stripe_summary_lag = timedelta(seconds=0 if lag.random() < 0.25 else lag.randint(1, summary_lag.seconds))
+    # Meter events Stripe accepts and rejects later (a generator of its own). A read-back with time to resend
+    # before the invoice closes needs a step between the final sync (after usage.grace_period, at the +45 min step)
+    # plus stripe.summary_lag and the invoice's finalization (+60 min): added at +57 min, without jobs of chance.
+    rejections = random.Random(f"async rejections {seed}")
+    async_rejections: dict[int, bool] = {}
+    if rejections.random() < 0.3:
+        extra = {
+            period_end + timedelta(minutes=57)
+            for plan in subscriptions
+            for _, period_end in periods_of(plan, start, end)
+            if start < period_end < end
+        }
+        steps = sorted([*steps, *(Step(at, ("webhooks", "usage"), ()) for at in extra)], key=lambda step: step.at)
+        for _ in range(rejections.randint(1, 2)):
+            async_rejections[rejections.randrange(len(steps))] = rejections.random() < 0.6
     return Scenario(
         seed=seed,
         start=start.replace(microsecond=0),
@@ -300,6 +322,7 @@ def generate(seed: int) -> Scenario:
         invoice_refunds=invoices.random() < 0.5,
         summary_lag=summary_lag,
         stripe_summary_lag=stripe_summary_lag,
+        async_rejections=async_rejections,
     )
 
 

@@ -148,8 +148,10 @@ class World:
             self._seed_upstreams()
             self.app = build_app(self.config)
             try:
-                for step in self.scenario.steps:
+                for number, step in enumerate(self.scenario.steps):
                     clock.move_to(step.at)
+                    if number in self.scenario.async_rejections:
+                        self.fakes.stripe.reject_asynchronously(reported=self.scenario.async_rejections[number])
                     self._play(step)
                 for quiet in itertools.count(1):
                     clock.tick(timedelta(minutes=15))
@@ -157,6 +159,9 @@ class World:
                     if quiet >= QUIET_CYCLES and (self._balance_at_rest or quiet >= 2 * QUIET_CYCLES):
                         break
                 self.now = utc_now()
+                for rejected in self.fakes.stripe.rejected_meter_events:
+                    unreported = "_unreported" if rejected.unreported else ""
+                    self.hits[f"stripe_async_rejection{unreported}"] += 1
             finally:
                 self.app.close()
             return then(self)
@@ -172,6 +177,7 @@ class World:
                 jobs.append("backfill")  # an interrupted backfill is run again until it finishes
             for job in jobs:
                 self._run_job(job)
+            self._run_job("readback")  # `run` reads back every few minutes: at every step here
         finally:
             for fake in (self.fakes.stripe, self.fakes.openmeter, self.fakes.moesif):
                 fake.clear_faults()
@@ -194,6 +200,12 @@ class World:
                 self._balance_at_rest = not any(customer.forwarded for customer in balances.customers)
             elif job == "webhooks":
                 self._deliver_webhooks()
+            elif job == "readback":
+                found = self.app.read_back.run_cycle()
+                self._unexplained("read-back", found.failures)
+                if found.resent_customers:  # as the daemon does: a usage cycle for them at once
+                    resent = self.app.usage_sync.run_cycle(customers=found.resent_customers, include_legacy=False)
+                    self._unexplained("usage", resent.summary.failures)
             elif job == "backfill":
                 # A backfill whose listing fails exits with the error (tested elsewhere); it is run again next step.
                 with contextlib.suppress(UpstreamError):
@@ -235,8 +247,8 @@ class World:
         for body in pending:
             by_kind[body["_kind"]].append(body)
         # Meter events Stripe rejected asynchronously come as thin events, delivered like the period events (same
-        # faults). The scenarios never produce one today (every customer and meter exists in Stripe): this keeps
-        # the path wired for when they do; the worker fetches each event's details from the fake.
+        # faults: a lost one leaves only the read-back to find the shortfall); the worker fetches each event's
+        # details from the fake.
         by_kind["period"] += [{**thin, "_kind": "period"} for thin in self.fakes.stripe.flush_meter_error_reports()]
         for kind, events in by_kind.items():
             mode = self.scenario.webhooks[kind]
