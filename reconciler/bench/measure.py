@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import sqlite3
 import subprocess  # runs this same Python on the product's own CLI  # nosec B404
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ class Conditions:
 # Each benchmarked command, and the log lines its cycle starts and finishes with.
 CYCLE_EVENTS = {
     "sync-usage": ("usage sync started", "usage sync finished"),
+    "read-back": ("read-back started", "read-back finished"),
     "reconcile-balances": ("balance reconcile started", "balance reconcile finished"),
 }
 
@@ -72,6 +74,8 @@ class SizeResult:
     conditions: Conditions
     cold: CycleMeasurement
     warm: CycleMeasurement
+    # Every period read back once, as after a billing period's close: its own job, timed apart from the cycles.
+    readback: CycleMeasurement
     cold_floor_seconds: float
     warm_floor_seconds: float
     naive_seconds: float | None = None
@@ -122,7 +126,21 @@ def _config(sandbox: Sandbox, database: Path, conditions: Conditions) -> dict[st
     raw["openmeter"]["max_requests_per_second"] = conditions.openmeter_per_second
     raw["balances"] = {"enabled": False}
     raw["logging"] = {"level": "INFO", "format": "json"}
+    raw["stripe"]["summary_lag"] = "1s"  # the sandbox's summaries do not lag here: the read-back need not wait
     return raw
+
+
+def readback_run(config_path: Path, database: Path, log_path: Path, fakes: dict[str, FakeService]) -> CycleMeasurement:
+    """`reconciler read-back` with every period as if its billing period had just closed (final, invoice still
+    open): one summary listing per period, which is what the read-back costs per billing period."""
+    with sqlite3.connect(database) as connection:
+        connection.execute("UPDATE usage_periods SET status = 'final'")
+        newest = connection.execute("SELECT max(sent_at) FROM usage_reports").fetchone()[0]
+    # No summary covers the minute in progress: wait until the newest report's minute has passed.
+    sent = datetime.fromisoformat(newest).replace(tzinfo=UTC) if newest else datetime.now(UTC)
+    readable_at = sent.replace(second=0, microsecond=0) + timedelta(minutes=1, seconds=1)
+    time.sleep(max(0.0, (readable_at - datetime.now(UTC)).total_seconds()))
+    return product_cycle(config_path, log_path, fakes, "read-back")
 
 
 def product_cycle(
@@ -245,19 +263,25 @@ def run_size(
         fakes: dict[str, FakeService] = {"stripe": sandbox.stripe, "openmeter": sandbox.openmeter}
         cold = product_cycle(config_path, log_path, fakes)
         warm = product_cycle(config_path, log_path, fakes)
-        result = SizeResult(
+        naive_seconds, naive_agrees, extrapolated = None, None, False
+        if naive:
+            seconds, naive_agrees = _naive(sandbox, items, now, conditions)
+            naive_seconds = round(seconds, 3)
+        elif naive_seconds_per_item is not None:
+            naive_seconds, extrapolated = round(naive_seconds_per_item * items, 3), True
+        # After the naive loop, which the wait for the reports' minute to pass then mostly overlaps.
+        readback = readback_run(config_path, workdir / f"bench-{items}.db", log_path, fakes)
+        return SizeResult(
             items=items,
             conditions=conditions,
             cold=cold,
             warm=warm,
+            readback=readback,
             cold_floor_seconds=round(cold_floor_seconds(items, conditions), 3),
             warm_floor_seconds=round(warm_floor_seconds(items, conditions), 3),
+            naive_seconds=naive_seconds,
+            naive_extrapolated=extrapolated,
+            naive_agrees=naive_agrees,
         )
-        if naive:
-            seconds, agrees = _naive(sandbox, items, now, conditions)
-            result.naive_seconds, result.naive_agrees = round(seconds, 3), agrees
-        elif naive_seconds_per_item is not None:
-            result.naive_seconds, result.naive_extrapolated = round(naive_seconds_per_item * items, 3), True
-        return result
     finally:
         sandbox.stop()

@@ -51,6 +51,8 @@ def table_rows(results: list[SizeResult]) -> list[dict[str, Any]]:
                 "speedup": "-" if r.naive_ratio is None else f"{r.naive_ratio:.1f}x",
                 "warm s": f"{r.warm.wall_seconds:.1f}",
                 "warm reqs": "/".join(str(r.warm.requests[api]) for api in APIS),
+                "read-back s": f"{r.readback.wall_seconds:.1f}",
+                "read-back reqs": str(r.readback.requests["stripe"]),
                 "max/s": "/".join(str(r.cold.max_requests_in_one_second[api]) for api in APIS),
                 "429s": str(sum(r.cold.answered_429.values()) + sum(r.warm.answered_429.values())),
                 "RSS MB": f"{max(r.cold.peak_rss_mb, r.warm.peak_rss_mb):.0f}",

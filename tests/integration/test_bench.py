@@ -39,6 +39,9 @@ def test_bench_smoke_run_agrees_with_the_naive_loop_and_writes_its_results(tmp_p
     assert cold["requests"] == {"stripe": items + 2, "openmeter": 2}  # writes + 1 page + meters; listing + 1 query
     assert warm["requests"] == {"stripe": 2, "openmeter": 1}  # nothing changed: a page, the meters, one query
     assert cold["answered_429"] == warm["answered_429"] == {"stripe": 0, "openmeter": 0}
+    readback = size["readback"]  # every period final: one summary listing each, and nothing else
+    assert readback["exit_code"] == 0 and readback["summary"]["ok"] == items
+    assert readback["requests"] == {"stripe": items, "openmeter": 0}
     assert cold["max_requests_in_one_second"]["stripe"] <= 200
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert "agrees" in result.stdout
