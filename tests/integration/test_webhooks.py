@@ -63,17 +63,19 @@ def test_signed_invoice_created_triggers_an_immediate_sync_once_even_if_replayed
 
     invoice_created = event("invoice.created", {"id": "in_1", "object": "invoice", "customer": "cus_hook"})
     body, headers = signed(invoice_created)
-    first = httpx.post(daemon.url("/webhooks/stripe"), content=body, headers=headers)
+    first = httpx.post(daemon.webhook_url("/webhooks/stripe"), content=body, headers=headers)
     assert first.status_code == 200 and first.json() == {"received": True, "duplicate": False}
     wait_until(lambda: len(sandbox.stripe.meter_events) == 2, what="the event's sync")
     assert [e.value for e in sandbox.stripe.meter_events] == [3, 4]
 
-    replay = httpx.post(daemon.url("/webhooks/stripe"), content=body, headers=signed(invoice_created)[1])
+    replay = httpx.post(daemon.webhook_url("/webhooks/stripe"), content=body, headers=signed(invoice_created)[1])
     assert replay.status_code == 200 and replay.json()["duplicate"] is True
     # A later event is worked off after anything the replay could have caused: wait for it, not for a while.
     later = event("invoice.created", {"id": "in_2", "object": "invoice", "customer": "cus_hook"})
     body, headers = signed(later)
-    assert httpx.post(daemon.url("/webhooks/stripe"), content=body, headers=headers).json()["duplicate"] is False
+    assert (
+        httpx.post(daemon.webhook_url("/webhooks/stripe"), content=body, headers=headers).json()["duplicate"] is False
+    )
     engine = create_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
 
     def webhook_states() -> list[str]:
@@ -89,7 +91,7 @@ def test_signed_invoice_created_triggers_an_immediate_sync_once_even_if_replayed
 
 def test_bad_signature_stale_timestamp_and_bad_body_are_rejected(sandbox, webhook_config, daemons):
     daemon = daemons(webhook_config)
-    url = daemon.url("/webhooks/stripe")
+    url = daemon.webhook_url("/webhooks/stripe")
     body, headers = signed(event("invoice.created", {"customer": "cus_x"}), secret="whsec_wrong")
     assert httpx.post(url, content=body, headers=headers).status_code == 400
     body, headers = signed(event("invoice.created", {"customer": "cus_x"}), age=600)  # beyond the 300 s tolerance
@@ -113,7 +115,7 @@ def test_payment_intent_succeeded_forwards_the_top_up_at_once(sandbox, webhook_c
     daemon.wait_for("balance reconcile finished")
     intent = sandbox.stripe.add_payment_intent("cus_pay", 1234, id="pi_hook")
     body, headers = signed(event("payment_intent.succeeded", intent))
-    assert httpx.post(daemon.url("/webhooks/stripe"), content=body, headers=headers).status_code == 200
+    assert httpx.post(daemon.webhook_url("/webhooks/stripe"), content=body, headers=headers).status_code == 200
     wait_until(lambda: sandbox.moesif.balance(subscription["id"]) == 12.34, what="the top-up in Moesif")
     assert daemon.stop() == 0
 
@@ -142,13 +144,16 @@ def test_a_meter_event_stripe_rejects_later_is_shown_rejected(sandbox, thin_conf
     daemon = daemons(thin_config)
     daemon.wait_for("usage sync finished")
     [rejected] = sandbox.stripe.rejected_meter_events
-    destination = sandbox.stripe.add_event_destination(daemon.url("/webhooks/stripe/thin"), THIN_SECRET)
+    destination = sandbox.stripe.add_event_destination(daemon.webhook_url("/webhooks/stripe/thin"), THIN_SECRET)
     [pushed] = sandbox.stripe.flush_meter_error_reports()
     assert pushed["type"] == "v1.billing.meter.error_report_triggered" and "data" not in pushed
     assert destination.deliveries == [(pushed["id"], 200)]
     daemon.wait_for("Stripe rejected a meter event", identifier=rejected.identifier)
     body, headers = signed_thin(pushed)  # Stripe redelivers until it gets a 2xx: a repeat is no new work
-    assert httpx.post(daemon.url("/webhooks/stripe/thin"), content=body, headers=headers).json()["duplicate"] is True
+    assert (
+        httpx.post(daemon.webhook_url("/webhooks/stripe/thin"), content=body, headers=headers).json()["duplicate"]
+        is True
+    )
     assert daemon.stop() == 0
     status = reconciler("status", "--config", str(thin_config))
     assert "rejected by Stripe: meter_event_customer_not_found: No customer with id cus_err was found." in status.stdout
@@ -158,7 +163,7 @@ def test_no_meter_found_names_identifiers_the_ledger_may_not_know(sandbox, thin_
     # v1.billing.meter.no_meter_found: async usage events whose event_name matched no meter, a thin event with no
     # related object (https://docs.stripe.com/api/v2/core/events/event-types).
     daemon = daemons(thin_config)
-    sandbox.stripe.add_event_destination(daemon.url("/webhooks/stripe/thin"), THIN_SECRET)
+    sandbox.stripe.add_event_destination(daemon.webhook_url("/webhooks/stripe/thin"), THIN_SECRET)
     client = stripe.StripeClient(SANDBOX_STRIPE_KEY, base_addresses={"api": sandbox.stripe_server.url})
     client.v1.billing.meter_events.create(  # another integration on the same account, sending to no meter
         params={"event_name": "retired_meter", "identifier": "not-ours-1", "payload": {"stripe_customer_id": "cus_x"}}
@@ -183,16 +188,19 @@ def test_thin_events_need_their_own_path_and_secret(sandbox, thin_config, daemon
     }
     daemon = daemons(thin_config)
     body, headers = signed_thin(thin, secret=SECRET)
-    assert httpx.post(daemon.url("/webhooks/stripe/thin"), content=body, headers=headers).status_code == 400
-    assert httpx.post(daemon.url("/webhooks/stripe"), content=body, headers=headers).status_code == 400
+    assert httpx.post(daemon.webhook_url("/webhooks/stripe/thin"), content=body, headers=headers).status_code == 400
+    assert httpx.post(daemon.webhook_url("/webhooks/stripe"), content=body, headers=headers).status_code == 400
     snapshot = signed_thin(event("invoice.created", {"customer": "cus_x"}), secret=THIN_SECRET)
-    assert httpx.post(daemon.url("/webhooks/stripe/thin"), content=snapshot[0], headers=snapshot[1]).status_code == 400
+    assert (
+        httpx.post(daemon.webhook_url("/webhooks/stripe/thin"), content=snapshot[0], headers=snapshot[1]).status_code
+        == 400
+    )
     assert daemon.stop() == 0
 
 
 def test_the_thin_endpoint_is_off_without_its_secret(sandbox, webhook_config, daemons):
     daemon = daemons(webhook_config)
-    answer = httpx.post(daemon.url("/webhooks/stripe/thin"), content=b"{}")
+    answer = httpx.post(daemon.webhook_url("/webhooks/stripe/thin"), content=b"{}")
     assert answer.status_code == 404 and "stripe.thin_webhook_secret" in answer.json()["error"]
     assert daemon.stop() == 0
 
@@ -244,6 +252,6 @@ def test_a_subscription_webhook_syncs_the_users_plan_at_once(sandbox, webhook_co
             "customer.subscription.updated", {**subscription, "customer": "cus_plan"}, previous_attributes={"items": {}}
         )
     )
-    assert httpx.post(daemon.url("/webhooks/stripe"), content=body, headers=headers).status_code == 200
+    assert httpx.post(daemon.webhook_url("/webhooks/stripe"), content=body, headers=headers).status_code == 200
     wait_until(lambda: sandbox.app.users.get("u7") == {"plan": "pro", "status": "active"}, what="the plan")
     assert daemon.stop() == 0
