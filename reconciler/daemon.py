@@ -307,6 +307,7 @@ class Daemon:
                 wake=self._webhook_wake.set,
                 thin_secret=lambda: s.get_secret_value() if (s := self.config.stripe.thin_webhook_secret) else None,
                 parse_thin=lambda *args: self.app.stripe.parse_thin_event(*args),
+                max_body_bytes=lambda: self.config.server.max_body_bytes,
             )
             server = self.config.server
             self.listeners = [

@@ -35,6 +35,7 @@ from starlette.routing import Route
 from reconciler.ledger.database import DatabaseNotMigratedError, require_migrated
 from reconciler.ledger.schema import Run
 from reconciler.metrics import Metrics
+from reconciler.webhooks.events import event_problem
 from reconciler.webhooks.inbox import WebhookInbox
 
 log = structlog.get_logger(__name__)
@@ -54,6 +55,7 @@ class WebhookEndpoint:
     # (payload, Stripe-Signature, secret) -> the verified thin event notification; the SDK's
     # StripeClient.parse_event_notification (StripeGateway.parse_thin_event)
     parse_thin: Callable[[bytes, str | None, str], dict[str, Any]] | None = None
+    max_body_bytes: Callable[[], int] = lambda: 1024 * 1024  # server.max_body_bytes
 
 
 @dataclass
@@ -109,21 +111,42 @@ def build_ops_app(probes: Probes) -> Starlette:
     return Starlette(routes=[Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)])
 
 
+class BodyTooLargeError(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (BodyTooLargeError) as soon as it is known to exceed `limit`: from Content-Length
+    before anything is read, else while it streams (a chunked body declares no length), so no more than `limit`
+    bytes are ever held. The unread rest stays in the socket: uvicorn stops reading until the app asks."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLargeError
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLargeError
+    return bytes(body)
+
+
 def build_webhook_app(webhooks: WebhookEndpoint) -> Starlette:
     async def stripe_webhook(request: Request) -> Response:
         secret = webhooks.secret()
         if not secret:
             return JSONResponse({"error": "webhooks are off (stripe.webhook_secret is not set)"}, status_code=404)
-        payload = await request.body()
+        payload = await read_body(request, webhooks.max_body_bytes())
         try:
             event = stripe.Webhook.construct_event(payload, request.headers.get("stripe-signature"), secret)
         except stripe.SignatureVerificationError:
             return JSONResponse({"error": "invalid signature"}, status_code=400)
-        except ValueError:
-            return JSONResponse({"error": "invalid payload"}, status_code=400)
+        except (ValueError, AttributeError, TypeError):  # signed, but not JSON, or JSON but not an object
+            return invalid_payload("not a JSON event object")
         body = event.to_dict()
         if body.get("object") == "v2.core.event":  # thin events have a destination and a secret of their own
             return JSONResponse({"error": "a thin event: send it to /webhooks/stripe/thin"}, status_code=400)
+        if problem := event_problem(body):
+            return invalid_payload(problem)
         return await store(body, payload)
 
     async def stripe_thin_webhook(request: Request) -> Response:
@@ -132,13 +155,16 @@ def build_webhook_app(webhooks: WebhookEndpoint) -> Starlette:
             return JSONResponse(
                 {"error": "thin webhooks are off (stripe.thin_webhook_secret is not set)"}, status_code=404
             )
-        payload = await request.body()
+        payload = await read_body(request, webhooks.max_body_bytes())
         try:
             event = webhooks.parse_thin(payload, request.headers.get("stripe-signature"), secret)
         except stripe.SignatureVerificationError:
             return JSONResponse({"error": "invalid signature"}, status_code=400)
-        except (ValueError, KeyError, TypeError):  # not JSON, a snapshot event, or a thin event missing its fields
-            return JSONResponse({"error": "invalid payload: not a thin event"}, status_code=400)
+        # not JSON, not an object, a snapshot event, or a thin event missing its fields
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return invalid_payload("not a thin event")
+        if problem := event_problem(event):
+            return invalid_payload(problem)
         return await store(event, payload)
 
     async def store(event: dict[str, Any], payload: bytes) -> Response:
@@ -151,12 +177,26 @@ def build_webhook_app(webhooks: WebhookEndpoint) -> Starlette:
             webhooks.wake()
         return JSONResponse({"received": True, "duplicate": not new})
 
+    def too_large(_: Request, __: Exception) -> Response:
+        # Connection: close, so uvicorn drops the unread rest of the body instead of parsing it as a next request.
+        limit = webhooks.max_body_bytes()
+        return JSONResponse(
+            {"error": f"body larger than {limit} bytes (server.max_body_bytes)"},
+            status_code=413,
+            headers={"Connection": "close"},
+        )
+
     return Starlette(
         routes=[
             Route("/webhooks/stripe", stripe_webhook, methods=["POST"]),
             Route("/webhooks/stripe/thin", stripe_thin_webhook, methods=["POST"]),
-        ]
+        ],
+        exception_handlers={BodyTooLargeError: too_large},
     )
+
+
+def invalid_payload(reason: str) -> Response:
+    return JSONResponse({"error": f"invalid payload: {reason}"}, status_code=400)
 
 
 class Listener:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import uuid
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -17,7 +19,13 @@ from reconciler.clock import utc_now
 from reconciler.sandbox.server import SANDBOX_STRIPE_KEY
 from reconciler.sandbox.stripe_fake import stripe_signature
 from reconciler.webhooks.events import BALANCE_SYNC, METER_ERRORS, USAGE_SYNC, work_for_event
-from tests.integration.helpers import customer_with_usage, reconciler, wait_until, write_config
+from tests.integration.helpers import (
+    PATIENCE_SECONDS,
+    customer_with_usage,
+    reconciler,
+    wait_until,
+    write_config,
+)
 
 SECRET = "whsec_test_reconciler"
 THIN_SECRET = "whsec_test_thin_destination"
@@ -255,3 +263,68 @@ def test_a_subscription_webhook_syncs_the_users_plan_at_once(sandbox, webhook_co
     assert httpx.post(daemon.webhook_url("/webhooks/stripe"), content=body, headers=headers).status_code == 200
     wait_until(lambda: sandbox.app.users.get("u7") == {"plan": "pro", "status": "active"}, what="the plan")
     assert daemon.stop() == 0
+
+
+def post_in_part(url: str, headers: dict[str, str], sent: bytes) -> tuple[int, dict]:
+    """POST with `headers` (they may claim a body that never comes), send only `sent`, and read the answer: a server
+    that waited for the whole body would never answer."""
+    address = urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=PATIENCE_SECONDS)
+    try:
+        connection.putrequest("POST", address.path)
+        for name, value in headers.items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        connection.send(sent)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(sandbox, thin_config, daemons):
+    daemon = daemons(thin_config)  # server.max_body_bytes: the default, 1 MiB
+    for path in ("/webhooks/stripe", "/webhooks/stripe/thin"):
+        claimed = {"Content-Type": "application/json", "Content-Length": str(200 * 1024 * 1024)}
+        status, answer = post_in_part(daemon.webhook_url(path), claimed, b'{"id": "evt_')
+        assert status == 413 and "server.max_body_bytes" in answer["error"]
+    body, headers = signed(event("invoice.created", {"id": "in_1", "object": "invoice"}))
+    assert httpx.post(daemon.webhook_url("/webhooks/stripe"), content=body, headers=headers).status_code == 200
+    assert daemon.stop() == 0
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(sandbox, thin_config, daemons):
+    raw = yaml.safe_load(thin_config.read_text())
+    raw["server"]["max_body_bytes"] = 10_000
+    write_config(thin_config, raw)
+    daemon = daemons(thin_config)
+    # No Content-Length: 10,001 bytes in chunks, and never the last chunk that would end the body.
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in [b"x" * 1000] * 10 + [b"x"])
+    for path in ("/webhooks/stripe", "/webhooks/stripe/thin"):
+        status, answer = post_in_part(daemon.webhook_url(path), {"Transfer-Encoding": "chunked"}, chunks)
+        assert status == 413 and "10000 bytes" in answer["error"]
+    assert daemon.stop() == 0
+
+
+def test_a_signed_body_that_is_not_an_event_is_a_400_with_a_reason(sandbox, thin_config, daemons):
+    daemon = daemons(thin_config)
+    valid = event("invoice.created", {"id": "in_1", "object": "invoice", "customer": "cus_x"})
+    malformed = {
+        "a JSON array": ([valid], "not a JSON event object"),
+        "an object with no id": ({k: v for k, v in valid.items() if k != "id"}, "no event id"),
+        "a string where an object belongs": ({**valid, "data": "x"}, "data.object is not an object"),
+    }
+    for what, (body, reason) in malformed.items():
+        payload, headers = signed(body)
+        answer = httpx.post(daemon.webhook_url("/webhooks/stripe"), content=payload, headers=headers)
+        assert answer.status_code == 400, (what, answer.text)
+        assert answer.json() == {"error": f"invalid payload: {reason}"}, what
+    for body in ([{"id": "evt_1", "object": "v2.core.event"}], "evt_1", {"object": "v2.core.event", "id": 7}):
+        payload, headers = signed_thin(body)
+        answer = httpx.post(daemon.webhook_url("/webhooks/stripe/thin"), content=payload, headers=headers)
+        assert answer.status_code == 400, (body, answer.text)
+        assert answer.json()["error"].startswith("invalid payload: "), body
+    assert daemon.stop() == 0
+    daemon.wait_for("reconciler stopped")
+    logged = json.dumps(daemon.events)
+    assert "Traceback" not in logged and '"exception"' not in logged and "not stored" not in logged
