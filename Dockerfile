@@ -28,7 +28,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     RECONCILER_CONFIG=/etc/reconciler/config.yaml \
-    RECONCILER_SERVER_HOST=0.0.0.0
+    RECONCILER_SERVER_HOST=0.0.0.0 \
+    RECONCILER_SERVER_OPS_HOST=0.0.0.0
 
 # A fixed numeric uid/gid, so orchestrators can verify runAsNonRoot. /var/lib/reconciler is the working
 # directory: the default SQLite ledger (sqlite:///reconciler.db, relative) is created there.
@@ -43,8 +44,9 @@ COPY config.yaml /etc/reconciler/config.yaml
 WORKDIR /var/lib/reconciler
 USER 10001:10001
 
-# The operations HTTP server (server.port), serving /healthz.
-EXPOSE 8080
+# 8080: the webhook listener (server.port), the one port to publish. 8090: the operations listener
+# (server.ops_port: /healthz, /readyz, /metrics), for the container network only; the HEALTHCHECK asks it.
+EXPOSE 8080 8090
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 CMD ["reconciler", "healthcheck"]
 

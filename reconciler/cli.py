@@ -653,16 +653,17 @@ def run(ctx: typer.Context, config: ConfigOption = None) -> None:
 
 @app.command("healthcheck")
 def healthcheck(ctx: typer.Context, config: ConfigOption = None) -> None:
-    """Exit 0 if the local `reconciler run` answers /healthz (the container's HEALTHCHECK)."""
+    """Exit 0 if the local `reconciler run` answers /healthz on its operations listener (the container's
+    HEALTHCHECK)."""
     import httpx
 
     loaded = _load(ctx, config)
-    host = loaded.server.host
+    host = loaded.server.ops_host
     # Not a bind: the probe reaches a server listening on all interfaces through loopback.
     if host in ("0.0.0.0", "::", ""):  # nosec B104
         host = "127.0.0.1"
     try:
-        response = httpx.get(f"http://{host}:{loaded.server.port}/healthz", timeout=5)
+        response = httpx.get(f"http://{host}:{loaded.server.ops_port}/healthz", timeout=5)
     except httpx.HTTPError as exc:
         err.print(f"unhealthy: {type(exc).__name__}", markup=False)
         raise typer.Exit(EXIT_FAILURES) from None

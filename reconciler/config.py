@@ -295,11 +295,18 @@ class ScheduleConfig(_Section):
 
 
 class ServerConfig(_Section):
-    """The operations HTTP server inside `reconciler run`: /healthz, /readyz, /metrics."""
+    """The HTTP listeners inside `reconciler run`: the webhook paths on host:port (public: Stripe must reach them),
+    /healthz, /readyz and /metrics on ops_host:ops_port (private: kept off the public listener). Port 0: any free
+    port, logged at start."""
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    ops_host: str = "127.0.0.1"
+    ops_port: int = Field(default=8090, ge=0, le=65535)
+    # A webhook body larger than this is refused with 413 before it is read: Stripe's events are a few KB, and
+    # the endpoint is public, so an unsigned body must not make the process buffer it.
+    max_body_bytes: int = Field(default=1024 * 1024, gt=0)
     max_cycle_age: Duration = timedelta(hours=2)  # /readyz turns unready when a job's last success is older
     shutdown_timeout: Duration = timedelta(seconds=30)
 
@@ -357,6 +364,9 @@ class Config(_Section):
             problems.append(
                 f"plans.rank: must list every plan of price_to_plan (missing: {', '.join(sorted(unranked))})"
             )
+        server = self.server
+        if server.enabled and server.port and (server.host, server.port) == (server.ops_host, server.ops_port):
+            problems.append("server.ops_port: must differ from server.port (the webhook listener) on the same host")
         longest_lookback = max(self.usage.lookback, balances.topups.lookback)
         if self.ledger.retention <= longest_lookback:
             # Pruning what a look-back still reads would forward a top-up twice or re-open a closed period.

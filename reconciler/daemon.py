@@ -38,7 +38,7 @@ from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.logs import configure_logging
 from reconciler.metrics import GaugeCallback, Metrics
 from reconciler.schedule import parse_schedule, tick_key
-from reconciler.service.ops_server import OpsServer, Probes, WebhookEndpoint, build_ops_app
+from reconciler.service.ops_server import Listener, Probes, WebhookEndpoint, build_ops_app, build_webhook_app
 from reconciler.usage.readback import JOB as READBACK
 from reconciler.webhooks.inbox import WebhookInbox
 from reconciler.webhooks.worker import WebhookWorker
@@ -102,7 +102,7 @@ class Daemon:
         self.scheduler = BackgroundScheduler(
             timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 300}
         )
-        self.ops_server: OpsServer | None = None
+        self.listeners: list[Listener] = []  # the webhook listener, then the operations one
         self._live_replicas = 0
         self.inbox = WebhookInbox(self.engine, utc_now)
         self.webhook_worker = WebhookWorker(
@@ -275,8 +275,9 @@ class Daemon:
         if new.database.url != self.config.database.url:
             log.warning("database.url changed: that takes a restart; the rest of the new config applies")
             new = new.model_copy(update={"database": self.config.database})
-        if (new.server.host, new.server.port) != (self.config.server.host, self.config.server.port):
-            log.warning("server.host/port changed: that takes a restart")
+        listening = ("host", "port", "ops_host", "ops_port")
+        if any(getattr(new.server, key) != getattr(self.config.server, key) for key in listening):
+            log.warning("server.host/port/ops_host/ops_port changed: that takes a restart")
         configure_logging(new.logging.level, new.logging.format, new.secret_values())
         self.config = new
         self.app = build_app(new, self.stop.is_set, engine=self.engine, metrics=self.metrics)
@@ -326,15 +327,23 @@ class Daemon:
                 wake=self._webhook_wake.set,
                 thin_secret=lambda: s.get_secret_value() if (s := self.config.stripe.thin_webhook_secret) else None,
                 parse_thin=lambda *args: self.app.stripe.parse_thin_event(*args),
+                max_body_bytes=lambda: self.config.server.max_body_bytes,
             )
-            app = build_ops_app(probes, webhooks)
-            self.ops_server = OpsServer(app, self.config.server.host, self.config.server.port)
-            self.ops_server.start()
+            server = self.config.server
+            self.listeners = [
+                Listener("webhook", build_webhook_app(webhooks), server.host, server.port),
+                Listener("operations", build_ops_app(probes), server.ops_host, server.ops_port),
+            ]
+            for listener in self.listeners:
+                listener.start()
         self._webhook_thread = threading.Thread(target=self._work_off_webhooks, name="webhook-worker")
         self._webhook_thread.start()
-        log.info(
-            "reconciler running", jobs=self.enabled_jobs(), ops_port=self.ops_server.port if self.ops_server else None
-        )
+        # The bound addresses (with port 0, the ports the system picked): operators and tests read them here.
+        # No listeners (server.enabled: false), no addresses.
+        bound: dict[str, str | int] = {}
+        for prefix, listener in zip(("webhook", "ops"), self.listeners, strict=False):
+            bound[f"{prefix}_host"], bound[f"{prefix}_port"] = listener.address
+        log.info("reconciler running", jobs=self.enabled_jobs(), **bound)
         try:
             while not self.stop.wait(timeout=0.5):
                 if self.reload_requested.is_set():
@@ -372,8 +381,8 @@ class Daemon:
                 "cycles still running after server.shutdown_timeout; exiting anyway (intents stay pending "
                 "and are resent by the next run)"
             )
-        if self.ops_server is not None:
-            self.ops_server.stop()
+        for listener in self.listeners:
+            listener.stop()
         if self.coordinator is not None:
             self.coordinator.leave()  # unfinished claims go back to the others at once
         if self.app.balance_sync is not None:

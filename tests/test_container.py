@@ -373,3 +373,27 @@ def test_compose_example():
             )
         assert "./config.yaml:/etc/reconciler/config.yaml:ro" in service["volumes"]
     assert _environment(reconciler)["RECONCILER_SERVER_HOST"] == "0.0.0.0"
+
+
+def test_only_the_webhook_port_is_published(stages, monkeypatch):
+    """The image binds both listeners on all interfaces; compose publishes the webhook's port and only exposes the
+    operations port (/healthz, /readyz, /metrics) to the compose network, where a Prometheus scrapes it."""
+    from reconciler.config import load_config
+
+    image_env = stages[-1].env()
+    for name in ("RECONCILER_SERVER_HOST", "RECONCILER_SERVER_OPS_HOST"):
+        assert image_env.get(name) == "0.0.0.0", f"the image must set {name}=0.0.0.0"
+    for name, value in {**image_env, **{secret: "test" for secret in SECRET_VARIABLES}}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("RECONCILER_DATABASE_URL", raising=False)
+    server = load_config(REPO_ROOT / "config.yaml").server  # the image's config, under the image's environment
+    assert (server.host, server.ops_host) == ("0.0.0.0", "0.0.0.0")
+    exposed = stages[-1].all("EXPOSE")[-1].arguments.split()
+    assert {str(server.port), str(server.ops_port)} <= set(exposed)
+
+    reconciler = yaml.safe_load(COMPOSE.read_text())["services"]["reconciler"]
+    assert _environment(reconciler)["RECONCILER_SERVER_OPS_HOST"] == "0.0.0.0"
+    published = [str(mapping).rsplit(":", 1)[-1] for mapping in reconciler.get("ports", [])]
+    assert str(server.port) in published, "the webhook port must be published: Stripe calls it"
+    assert str(server.ops_port) not in published, "the operations port must not be published"
+    assert str(server.ops_port) in [str(port) for port in reconciler["expose"]]

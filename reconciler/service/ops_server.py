@@ -1,13 +1,15 @@
-"""The operations HTTP server inside `reconciler run`: liveness, readiness and Prometheus metrics.
+"""The HTTP listeners inside `reconciler run`, two of them so the private surface stays off the public one.
 
+Operations (server.ops_host:ops_port, loopback by default):
     GET /healthz   200 while the process and its scheduler run (liveness: restart me if not)
     GET /readyz    200 when the database answers, its migrations are current, and every enabled job completed
                    a cycle within `server.max_cycle_age` (readiness: something is wrong if not)
     GET /metrics   Prometheus text format
+Webhooks (server.host:port, what Stripe reaches):
     POST /webhooks/stripe        snapshot events, signed with stripe.webhook_secret
     POST /webhooks/stripe/thin   thin events (meter error reports), signed with stripe.thin_webhook_secret
 
-Starlette routes, uvicorn serves them on a background thread; signals stay with the daemon's main thread.
+Starlette routes, uvicorn serves each app on a background thread; signals stay with the daemon's main thread.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from starlette.routing import Route
 from reconciler.ledger.database import DatabaseNotMigratedError, require_migrated
 from reconciler.ledger.schema import Run
 from reconciler.metrics import Metrics
+from reconciler.webhooks.events import event_problem
 from reconciler.webhooks.inbox import WebhookInbox
 
 log = structlog.get_logger(__name__)
@@ -52,6 +55,7 @@ class WebhookEndpoint:
     # (payload, Stripe-Signature, secret) -> the verified thin event notification; the SDK's
     # StripeClient.parse_event_notification (StripeGateway.parse_thin_event)
     parse_thin: Callable[[bytes, str | None, str], dict[str, Any]] | None = None
+    max_body_bytes: Callable[[], int] = lambda: 1024 * 1024  # server.max_body_bytes
 
 
 @dataclass
@@ -89,7 +93,7 @@ def readiness_problems(probes: Probes) -> list[str]:
     return problems
 
 
-def build_ops_app(probes: Probes, webhooks: WebhookEndpoint | None = None) -> Starlette:
+def build_ops_app(probes: Probes) -> Starlette:
     def healthz(_: Request) -> Response:
         if probes.scheduler_running():
             return JSONResponse({"status": "ok"})
@@ -104,38 +108,66 @@ def build_ops_app(probes: Probes, webhooks: WebhookEndpoint | None = None) -> St
     def metrics(_: Request) -> Response:
         return Response(generate_latest(probes.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    return Starlette(routes=[Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)])
+
+
+class BodyTooLargeError(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (BodyTooLargeError) as soon as it is known to exceed `limit`: from Content-Length
+    before anything is read, else while it streams (a chunked body declares no length), so no more than `limit`
+    bytes are ever held. The unread rest stays in the socket: uvicorn stops reading until the app asks."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLargeError
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLargeError
+    return bytes(body)
+
+
+def build_webhook_app(webhooks: WebhookEndpoint) -> Starlette:
     async def stripe_webhook(request: Request) -> Response:
-        secret = webhooks.secret() if webhooks else None
-        if webhooks is None or not secret:
+        secret = webhooks.secret()
+        if not secret:
             return JSONResponse({"error": "webhooks are off (stripe.webhook_secret is not set)"}, status_code=404)
-        payload = await request.body()
+        payload = await read_body(request, webhooks.max_body_bytes())
         try:
             event = stripe.Webhook.construct_event(payload, request.headers.get("stripe-signature"), secret)
         except stripe.SignatureVerificationError:
             return JSONResponse({"error": "invalid signature"}, status_code=400)
-        except ValueError:
-            return JSONResponse({"error": "invalid payload"}, status_code=400)
+        except (ValueError, AttributeError, TypeError):  # signed, but not JSON, or JSON but not an object
+            return invalid_payload("not a JSON event object")
         body = event.to_dict()
         if body.get("object") == "v2.core.event":  # thin events have a destination and a secret of their own
             return JSONResponse({"error": "a thin event: send it to /webhooks/stripe/thin"}, status_code=400)
-        return await store(webhooks, body, payload)
+        if problem := event_problem(body):
+            return invalid_payload(problem)
+        return await store(body, payload)
 
     async def stripe_thin_webhook(request: Request) -> Response:
-        secret = webhooks.thin_secret() if webhooks else None
-        if webhooks is None or webhooks.parse_thin is None or not secret:
+        secret = webhooks.thin_secret()
+        if webhooks.parse_thin is None or not secret:
             return JSONResponse(
                 {"error": "thin webhooks are off (stripe.thin_webhook_secret is not set)"}, status_code=404
             )
-        payload = await request.body()
+        payload = await read_body(request, webhooks.max_body_bytes())
         try:
             event = webhooks.parse_thin(payload, request.headers.get("stripe-signature"), secret)
         except stripe.SignatureVerificationError:
             return JSONResponse({"error": "invalid signature"}, status_code=400)
-        except (ValueError, KeyError, TypeError):  # not JSON, a snapshot event, or a thin event missing its fields
-            return JSONResponse({"error": "invalid payload: not a thin event"}, status_code=400)
-        return await store(webhooks, event, payload)
+        # not JSON, not an object, a snapshot event, or a thin event missing its fields
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return invalid_payload("not a thin event")
+        if problem := event_problem(event):
+            return invalid_payload(problem)
+        return await store(event, payload)
 
-    async def store(webhooks: WebhookEndpoint, event: dict[str, Any], payload: bytes) -> Response:
+    async def store(event: dict[str, Any], payload: bytes) -> Response:
         try:
             new = await run_in_threadpool(webhooks.inbox.record, event, payload.decode("utf-8"))
         except Exception:
@@ -145,36 +177,49 @@ def build_ops_app(probes: Probes, webhooks: WebhookEndpoint | None = None) -> St
             webhooks.wake()
         return JSONResponse({"received": True, "duplicate": not new})
 
+    def too_large(_: Request, __: Exception) -> Response:
+        # Connection: close, so uvicorn drops the unread rest of the body instead of parsing it as a next request.
+        limit = webhooks.max_body_bytes()
+        return JSONResponse(
+            {"error": f"body larger than {limit} bytes (server.max_body_bytes)"},
+            status_code=413,
+            headers={"Connection": "close"},
+        )
+
     return Starlette(
         routes=[
-            Route("/healthz", healthz),
-            Route("/readyz", readyz),
-            Route("/metrics", metrics),
             Route("/webhooks/stripe", stripe_webhook, methods=["POST"]),
             Route("/webhooks/stripe/thin", stripe_thin_webhook, methods=["POST"]),
-        ]
+        ],
+        exception_handlers={BodyTooLargeError: too_large},
     )
 
 
-class OpsServer:
-    """uvicorn on a daemon thread; `stop()` asks it to finish and waits."""
+def invalid_payload(reason: str) -> Response:
+    return JSONResponse({"error": f"invalid payload: {reason}"}, status_code=400)
 
-    def __init__(self, app: Starlette, host: str, port: int):
+
+class Listener:
+    """One app served by uvicorn on a daemon thread; `stop()` asks it to finish and waits."""
+
+    def __init__(self, name: str, app: Starlette, host: str, port: int):
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+        self.name = name
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="ops-server", daemon=True)
+        self._thread = threading.Thread(target=self._server.run, name=f"{name}-listener", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
         while not self._server.started and self._thread.is_alive():
             time.sleep(0.05)
         if not self._server.started:
-            raise RuntimeError("the operations server did not start (is the port in use?)")
+            raise RuntimeError(f"the {self.name} listener did not start (is the port in use?)")
 
     @property
-    def port(self) -> int:
-        servers = self._server.servers
-        return servers[0].sockets[0].getsockname()[1] if servers else 0
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port): with port 0 the system picked the port."""
+        host, port = self._server.servers[0].sockets[0].getsockname()[:2]
+        return host, port
 
     def stop(self) -> None:
         self._server.should_exit = True

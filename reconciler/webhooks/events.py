@@ -26,6 +26,30 @@ class WebhookWork:
     customer_id: str | None
 
 
+def event_problem(event: Any) -> str | None:
+    """Why a verified body is not an event the inbox can store and read, or None. The signature says who sent it,
+    not that it is well formed: a malformed body is the sender's mistake (400), never ours (500)."""
+    if not isinstance(event, dict):
+        return "not a JSON object"
+    if not isinstance(event.get("id"), str) or not event["id"]:
+        return "no event id"
+    if not isinstance(event.get("type"), str):
+        return "no event type"
+    if is_thin(event):
+        return None  # a thin event has no data: its details are fetched by id
+    data = event.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
+        return "data.object is not an object"
+    if not isinstance(data.get("previous_attributes", {}), dict):
+        return "data.previous_attributes is not an object"
+    return None
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """`value` if it is an object, else empty: a nested field of an unexpected type implies no work."""
+    return value if isinstance(value, dict) else {}
+
+
 def _id(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("id")
@@ -33,8 +57,10 @@ def _id(value: Any) -> str | None:
 
 
 def _has_metered_items(subscription: dict[str, Any]) -> bool:
-    items = (subscription.get("items") or {}).get("data") or []
-    return any(((item.get("price") or {}).get("recurring") or {}).get("usage_type") == "metered" for item in items)
+    items = _object(subscription.get("items")).get("data")
+    return isinstance(items, list) and any(
+        _object(_object(_object(item).get("price")).get("recurring")).get("usage_type") == "metered" for item in items
+    )
 
 
 PLAN_EVENTS = frozenset(

@@ -23,7 +23,7 @@ def service_config(sandbox, tmp_path) -> Path:
         f"sqlite:///{tmp_path / 'ledger.db'}", meters=[{"stripe": "api_calls", "openmeter": "api_requests"}]
     )
     raw["balances"]["enabled"] = False
-    raw["server"] = {"port": 0, "shutdown_timeout": "20s"}
+    raw["server"] = {"port": 0, "ops_port": 0, "shutdown_timeout": "20s"}
     raw["schedule"] = {"usage_sync": "1s"}
     raw["logging"] = {"level": "INFO", "format": "json"}
     path = write_config(tmp_path / "config.yaml", raw)

@@ -59,9 +59,13 @@ def wait_until(condition: Callable[[], object], timeout: float = PATIENCE_SECOND
 
 
 def assert_ephemeral_port(config: Path) -> None:
-    """A daemon under test binds port 0 (or nothing), never a fixed port a developer or a second CI may hold."""
+    """A daemon under test binds port 0 (or nothing), never a fixed port a developer or a second CI may hold: both
+    the webhook listener (server.port) and the operations one (server.ops_port)."""
     server = (yaml.safe_load(config.read_text()) or {}).get("server") or {}
-    assert server.get("enabled", True) is False or server.get("port") == 0, f"{config}: set server.port: 0 in tests"
+    if server.get("enabled", True) is not False:
+        assert server.get("port") == 0 and server.get("ops_port") == 0, (
+            f"{config}: set server.port: 0 and server.ops_port: 0 in tests"
+        )
 
 
 def write_config(path: Path, raw: dict) -> Path:
@@ -127,7 +131,13 @@ class DaemonProcess:
                 return record
         raise AssertionError(f"no {event!r} log line; saw {[e.get('event') for e in self.events][-20:]}")
 
-    def url(self, path: str) -> str:
+    def webhook_url(self, path: str) -> str:
+        """`path` on the webhook listener, at the port the daemon logged it bound."""
+        port = self.wait_for("reconciler running")["webhook_port"]
+        return f"http://127.0.0.1:{port}{path}"
+
+    def ops_url(self, path: str) -> str:
+        """`path` on the operations listener (/healthz, /readyz, /metrics)."""
         port = self.wait_for("reconciler running")["ops_port"]
         return f"http://127.0.0.1:{port}{path}"
 

@@ -25,7 +25,7 @@ def config_file(sandbox, tmp_path) -> Path:
         f"sqlite:///{tmp_path / 'ledger.db'}", meters=[{"stripe": "api_calls", "openmeter": "api_requests"}]
     )
     raw["logging"] = {"level": "DEBUG", "format": "json"}
-    raw["server"] = {"port": 0}
+    raw["server"] = {"port": 0, "ops_port": 0}
     return write_config(tmp_path / "config.yaml", raw)
 
 

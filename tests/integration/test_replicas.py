@@ -36,7 +36,7 @@ def postgres_url():
 def test_three_replicas_one_killed_mid_cycle_report_every_change_exactly_once(sandbox, postgres_url, tmp_path, daemons):
     raw = sandbox.config_dict(postgres_url, meters=[{"stripe": "api_calls", "openmeter": "api_requests"}])
     raw["balances"]["enabled"] = False
-    raw["server"] = {"port": 0, "shutdown_timeout": "20s"}
+    raw["server"] = {"port": 0, "ops_port": 0, "shutdown_timeout": "20s"}
     raw["schedule"] = {"usage_sync": "2s"}
     raw["ledger"] = {"lease_ttl": "4s"}
     raw["logging"] = {"level": "INFO", "format": "json"}

@@ -11,6 +11,7 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from reconciler.clock import utc_now
+from reconciler.config import ServerConfig
 from reconciler.ledger.database import make_engine, upgrade
 from reconciler.ledger.retention import prune_ledger
 from reconciler.metrics import Metrics
@@ -30,12 +31,12 @@ from tests.integration.test_cli import balance_customer
 def test_health_readiness_and_metrics_of_a_running_service(sandbox, service_config, daemons):
     customer_with_usage(sandbox, value=4)
     daemon = daemons(service_config)
-    assert httpx.get(daemon.url("/healthz")).status_code == 200
+    assert httpx.get(daemon.ops_url("/healthz")).status_code == 200
     daemon.wait_for("usage sync finished")
-    wait_until(lambda: httpx.get(daemon.url("/readyz")).status_code == 200, what="/readyz to turn ready")
-    assert httpx.get(daemon.url("/readyz")).json() == {"status": "ready"}
+    wait_until(lambda: httpx.get(daemon.ops_url("/readyz")).status_code == 200, what="/readyz to turn ready")
+    assert httpx.get(daemon.ops_url("/readyz")).json() == {"status": "ready"}
 
-    before = httpx.get(daemon.url("/metrics")).text
+    before = httpx.get(daemon.ops_url("/metrics")).text
     cycles_before = metric_value(before, "reconciler_cycles_total", job="usage_sync", outcome="succeeded")
     assert metric_value(before, "reconciler_usage_items_total", result="reported") == 1
     assert metric_value(before, "reconciler_usage_quantity_reported_total", meter="api_calls", direction="up") == 4
@@ -43,14 +44,27 @@ def test_health_readiness_and_metrics_of_a_running_service(sandbox, service_conf
     assert metric_value(before, "reconciler_last_success_timestamp_seconds", job="usage_sync") > 0
 
     def cycles_succeeded() -> float:
-        metrics = httpx.get(daemon.url("/metrics")).text
+        metrics = httpx.get(daemon.ops_url("/metrics")).text
         return metric_value(metrics, "reconciler_cycles_total", job="usage_sync", outcome="succeeded")
 
     wait_until(lambda: cycles_succeeded() > cycles_before, what="the next scheduled cycle to be counted")
-    after = httpx.get(daemon.url("/metrics")).text
+    after = httpx.get(daemon.ops_url("/metrics")).text
     assert metric_value(after, "reconciler_pending_intents") == 0
     for secret in (SANDBOX_STRIPE_KEY, SANDBOX_OPENMETER_TOKEN, SANDBOX_MOESIF_TOKEN):
         assert secret not in after  # no secret in any metric name, label or value
+    assert daemon.stop() == 0
+
+
+def test_operations_endpoints_are_on_a_loopback_listener_of_their_own(service_config, daemons):
+    assert ServerConfig().ops_host == "127.0.0.1"  # outside a container, nothing but this host reaches them
+    daemon = daemons(service_config)  # server.ops_host is not set: the default
+    running = daemon.wait_for("reconciler running")
+    assert running["ops_host"] == "127.0.0.1" and running["ops_port"] != running["webhook_port"]
+    for path in ("/metrics", "/readyz", "/healthz"):
+        assert httpx.get(daemon.webhook_url(path)).status_code == 404, path
+    assert httpx.get(daemon.ops_url("/metrics")).status_code == 200
+    assert httpx.get(daemon.ops_url("/healthz")).status_code == 200
+    assert httpx.post(daemon.ops_url("/webhooks/stripe"), content=b"{}").status_code == 404
     assert daemon.stop() == 0
 
 
@@ -65,7 +79,7 @@ def test_metrics_show_what_needs_a_person_and_for_how_long(sandbox, service_conf
     daemon.wait_for("balance reconcile finished")
 
     def scrape(name: str, **labels: str) -> float:
-        return metric_value(httpx.get(daemon.url("/metrics")).text, name, **labels)
+        return metric_value(httpx.get(daemon.ops_url("/metrics")).text, name, **labels)
 
     assert scrape("reconciler_items_needing_attention", job="balance_reconcile", reason="held") == 1
     age = scrape("reconciler_oldest_item_needing_attention_seconds", job="balance_reconcile")
@@ -180,7 +194,7 @@ def test_sighup_applies_a_new_schedule_and_rejects_an_invalid_file(sandbox, serv
     daemon.process.send_signal(signal.SIGHUP)
     rejected = daemon.wait_for("config reload rejected; the running config stays")
     assert "usage.window_size: must be one of MINUTE, HOUR, DAY" in rejected["problems"]
-    assert httpx.get(daemon.url("/healthz")).status_code == 200
+    assert httpx.get(daemon.ops_url("/healthz")).status_code == 200
     assert daemon.stop() == 0
 
 

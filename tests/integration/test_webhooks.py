@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import uuid
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -17,7 +19,13 @@ from reconciler.clock import utc_now
 from reconciler.sandbox.server import SANDBOX_STRIPE_KEY
 from reconciler.sandbox.stripe_fake import stripe_signature
 from reconciler.webhooks.events import BALANCE_SYNC, METER_ERRORS, USAGE_SYNC, work_for_event
-from tests.integration.helpers import customer_with_usage, reconciler, wait_until, write_config
+from tests.integration.helpers import (
+    PATIENCE_SECONDS,
+    customer_with_usage,
+    reconciler,
+    wait_until,
+    write_config,
+)
 
 SECRET = "whsec_test_reconciler"
 THIN_SECRET = "whsec_test_thin_destination"
@@ -63,17 +71,19 @@ def test_signed_invoice_created_triggers_an_immediate_sync_once_even_if_replayed
 
     invoice_created = event("invoice.created", {"id": "in_1", "object": "invoice", "customer": "cus_hook"})
     body, headers = signed(invoice_created)
-    first = httpx.post(daemon.url("/webhooks/stripe"), content=body, headers=headers)
+    first = httpx.post(daemon.webhook_url("/webhooks/stripe"), content=body, headers=headers)
     assert first.status_code == 200 and first.json() == {"received": True, "duplicate": False}
     wait_until(lambda: len(sandbox.stripe.meter_events) == 2, what="the event's sync")
     assert [e.value for e in sandbox.stripe.meter_events] == [3, 4]
 
-    replay = httpx.post(daemon.url("/webhooks/stripe"), content=body, headers=signed(invoice_created)[1])
+    replay = httpx.post(daemon.webhook_url("/webhooks/stripe"), content=body, headers=signed(invoice_created)[1])
     assert replay.status_code == 200 and replay.json()["duplicate"] is True
     # A later event is worked off after anything the replay could have caused: wait for it, not for a while.
     later = event("invoice.created", {"id": "in_2", "object": "invoice", "customer": "cus_hook"})
     body, headers = signed(later)
-    assert httpx.post(daemon.url("/webhooks/stripe"), content=body, headers=headers).json()["duplicate"] is False
+    assert (
+        httpx.post(daemon.webhook_url("/webhooks/stripe"), content=body, headers=headers).json()["duplicate"] is False
+    )
     engine = create_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
 
     def webhook_states() -> list[str]:
@@ -89,7 +99,7 @@ def test_signed_invoice_created_triggers_an_immediate_sync_once_even_if_replayed
 
 def test_bad_signature_stale_timestamp_and_bad_body_are_rejected(sandbox, webhook_config, daemons):
     daemon = daemons(webhook_config)
-    url = daemon.url("/webhooks/stripe")
+    url = daemon.webhook_url("/webhooks/stripe")
     body, headers = signed(event("invoice.created", {"customer": "cus_x"}), secret="whsec_wrong")
     assert httpx.post(url, content=body, headers=headers).status_code == 400
     body, headers = signed(event("invoice.created", {"customer": "cus_x"}), age=600)  # beyond the 300 s tolerance
@@ -113,7 +123,7 @@ def test_payment_intent_succeeded_forwards_the_top_up_at_once(sandbox, webhook_c
     daemon.wait_for("balance reconcile finished")
     intent = sandbox.stripe.add_payment_intent("cus_pay", 1234, id="pi_hook")
     body, headers = signed(event("payment_intent.succeeded", intent))
-    assert httpx.post(daemon.url("/webhooks/stripe"), content=body, headers=headers).status_code == 200
+    assert httpx.post(daemon.webhook_url("/webhooks/stripe"), content=body, headers=headers).status_code == 200
     wait_until(lambda: sandbox.moesif.balance(subscription["id"]) == 12.34, what="the top-up in Moesif")
     assert daemon.stop() == 0
 
@@ -142,13 +152,16 @@ def test_a_meter_event_stripe_rejects_later_is_shown_rejected(sandbox, thin_conf
     daemon = daemons(thin_config)
     daemon.wait_for("usage sync finished")
     [rejected] = sandbox.stripe.rejected_meter_events
-    destination = sandbox.stripe.add_event_destination(daemon.url("/webhooks/stripe/thin"), THIN_SECRET)
+    destination = sandbox.stripe.add_event_destination(daemon.webhook_url("/webhooks/stripe/thin"), THIN_SECRET)
     [pushed] = sandbox.stripe.flush_meter_error_reports()
     assert pushed["type"] == "v1.billing.meter.error_report_triggered" and "data" not in pushed
     assert destination.deliveries == [(pushed["id"], 200)]
     daemon.wait_for("Stripe rejected a meter event", identifier=rejected.identifier)
     body, headers = signed_thin(pushed)  # Stripe redelivers until it gets a 2xx: a repeat is no new work
-    assert httpx.post(daemon.url("/webhooks/stripe/thin"), content=body, headers=headers).json()["duplicate"] is True
+    assert (
+        httpx.post(daemon.webhook_url("/webhooks/stripe/thin"), content=body, headers=headers).json()["duplicate"]
+        is True
+    )
     assert daemon.stop() == 0
     status = reconciler("status", "--config", str(thin_config))
     assert "rejected by Stripe: meter_event_customer_not_found: No customer with id cus_err was found." in status.stdout
@@ -158,7 +171,7 @@ def test_no_meter_found_names_identifiers_the_ledger_may_not_know(sandbox, thin_
     # v1.billing.meter.no_meter_found: async usage events whose event_name matched no meter, a thin event with no
     # related object (https://docs.stripe.com/api/v2/core/events/event-types).
     daemon = daemons(thin_config)
-    sandbox.stripe.add_event_destination(daemon.url("/webhooks/stripe/thin"), THIN_SECRET)
+    sandbox.stripe.add_event_destination(daemon.webhook_url("/webhooks/stripe/thin"), THIN_SECRET)
     client = stripe.StripeClient(SANDBOX_STRIPE_KEY, base_addresses={"api": sandbox.stripe_server.url})
     client.v1.billing.meter_events.create(  # another integration on the same account, sending to no meter
         params={"event_name": "retired_meter", "identifier": "not-ours-1", "payload": {"stripe_customer_id": "cus_x"}}
@@ -183,16 +196,19 @@ def test_thin_events_need_their_own_path_and_secret(sandbox, thin_config, daemon
     }
     daemon = daemons(thin_config)
     body, headers = signed_thin(thin, secret=SECRET)
-    assert httpx.post(daemon.url("/webhooks/stripe/thin"), content=body, headers=headers).status_code == 400
-    assert httpx.post(daemon.url("/webhooks/stripe"), content=body, headers=headers).status_code == 400
+    assert httpx.post(daemon.webhook_url("/webhooks/stripe/thin"), content=body, headers=headers).status_code == 400
+    assert httpx.post(daemon.webhook_url("/webhooks/stripe"), content=body, headers=headers).status_code == 400
     snapshot = signed_thin(event("invoice.created", {"customer": "cus_x"}), secret=THIN_SECRET)
-    assert httpx.post(daemon.url("/webhooks/stripe/thin"), content=snapshot[0], headers=snapshot[1]).status_code == 400
+    assert (
+        httpx.post(daemon.webhook_url("/webhooks/stripe/thin"), content=snapshot[0], headers=snapshot[1]).status_code
+        == 400
+    )
     assert daemon.stop() == 0
 
 
 def test_the_thin_endpoint_is_off_without_its_secret(sandbox, webhook_config, daemons):
     daemon = daemons(webhook_config)
-    answer = httpx.post(daemon.url("/webhooks/stripe/thin"), content=b"{}")
+    answer = httpx.post(daemon.webhook_url("/webhooks/stripe/thin"), content=b"{}")
     assert answer.status_code == 404 and "stripe.thin_webhook_secret" in answer.json()["error"]
     assert daemon.stop() == 0
 
@@ -244,7 +260,7 @@ def test_a_subscription_webhook_syncs_the_users_plan_at_once(sandbox, webhook_co
             "customer.subscription.updated", {**subscription, "customer": "cus_plan"}, previous_attributes={"items": {}}
         )
     )
-    assert httpx.post(daemon.url("/webhooks/stripe"), content=body, headers=headers).status_code == 200
+    assert httpx.post(daemon.webhook_url("/webhooks/stripe"), content=body, headers=headers).status_code == 200
     wait_until(lambda: sandbox.app.users.get("u7") == {"plan": "pro", "status": "active"}, what="the plan")
     assert daemon.stop() == 0
 
@@ -274,7 +290,7 @@ def test_the_service_reads_back_and_resends_what_an_error_report_names_before_th
     daemon = daemons(thin_config)
     daemon.wait_for("usage sync finished")
     [rejected] = sandbox.stripe.rejected_meter_events
-    sandbox.stripe.add_event_destination(daemon.url("/webhooks/stripe/thin"), THIN_SECRET)
+    sandbox.stripe.add_event_destination(daemon.webhook_url("/webhooks/stripe/thin"), THIN_SECRET)
     sandbox.stripe.flush_meter_error_reports()
     resending = daemon.wait_for("read back", finding="resending")
     assert (resending["customer"], resending["stripe"], resending["reported"]) == ("cus_rb", "0", 6)
@@ -288,3 +304,68 @@ def test_the_service_reads_back_and_resends_what_an_error_report_names_before_th
     identifiers = [e.identifier for e in sandbox.stripe.meter_events]
     assert len(identifiers) == 1 and identifiers[0] != rejected.identifier
     assert billed() == 6
+
+
+def post_in_part(url: str, headers: dict[str, str], sent: bytes) -> tuple[int, dict]:
+    """POST with `headers` (they may claim a body that never comes), send only `sent`, and read the answer: a server
+    that waited for the whole body would never answer."""
+    address = urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=PATIENCE_SECONDS)
+    try:
+        connection.putrequest("POST", address.path)
+        for name, value in headers.items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        connection.send(sent)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(sandbox, thin_config, daemons):
+    daemon = daemons(thin_config)  # server.max_body_bytes: the default, 1 MiB
+    for path in ("/webhooks/stripe", "/webhooks/stripe/thin"):
+        claimed = {"Content-Type": "application/json", "Content-Length": str(200 * 1024 * 1024)}
+        status, answer = post_in_part(daemon.webhook_url(path), claimed, b'{"id": "evt_')
+        assert status == 413 and "server.max_body_bytes" in answer["error"]
+    body, headers = signed(event("invoice.created", {"id": "in_1", "object": "invoice"}))
+    assert httpx.post(daemon.webhook_url("/webhooks/stripe"), content=body, headers=headers).status_code == 200
+    assert daemon.stop() == 0
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(sandbox, thin_config, daemons):
+    raw = yaml.safe_load(thin_config.read_text())
+    raw["server"]["max_body_bytes"] = 10_000
+    write_config(thin_config, raw)
+    daemon = daemons(thin_config)
+    # No Content-Length: 10,001 bytes in chunks, and never the last chunk that would end the body.
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in [b"x" * 1000] * 10 + [b"x"])
+    for path in ("/webhooks/stripe", "/webhooks/stripe/thin"):
+        status, answer = post_in_part(daemon.webhook_url(path), {"Transfer-Encoding": "chunked"}, chunks)
+        assert status == 413 and "10000 bytes" in answer["error"]
+    assert daemon.stop() == 0
+
+
+def test_a_signed_body_that_is_not_an_event_is_a_400_with_a_reason(sandbox, thin_config, daemons):
+    daemon = daemons(thin_config)
+    valid = event("invoice.created", {"id": "in_1", "object": "invoice", "customer": "cus_x"})
+    malformed = {
+        "a JSON array": ([valid], "not a JSON event object"),
+        "an object with no id": ({k: v for k, v in valid.items() if k != "id"}, "no event id"),
+        "a string where an object belongs": ({**valid, "data": "x"}, "data.object is not an object"),
+    }
+    for what, (body, reason) in malformed.items():
+        payload, headers = signed(body)
+        answer = httpx.post(daemon.webhook_url("/webhooks/stripe"), content=payload, headers=headers)
+        assert answer.status_code == 400, (what, answer.text)
+        assert answer.json() == {"error": f"invalid payload: {reason}"}, what
+    for body in ([{"id": "evt_1", "object": "v2.core.event"}], "evt_1", {"object": "v2.core.event", "id": 7}):
+        payload, headers = signed_thin(body)
+        answer = httpx.post(daemon.webhook_url("/webhooks/stripe/thin"), content=payload, headers=headers)
+        assert answer.status_code == 400, (body, answer.text)
+        assert answer.json()["error"].startswith("invalid payload: "), body
+    assert daemon.stop() == 0
+    daemon.wait_for("reconciler stopped")
+    logged = json.dumps(daemon.events)
+    assert "Traceback" not in logged and '"exception"' not in logged and "not stored" not in logged

@@ -167,3 +167,26 @@ def test_a_top_up_filter_that_matches_every_payment_intent_is_warned_about():
     )
     assert [w.split(" is empty")[0] for w in every.warnings()] == ["balances.topups.payment_intent_metadata"]
     assert named.warnings() == []
+
+
+def test_the_webhook_body_limit_must_be_positive():
+    assert parse_config(MINIMAL).server.max_body_bytes == 1024 * 1024
+    for value in (0, -1):
+        assert problems_of({**MINIMAL, "server": {"max_body_bytes": value}}) == [
+            "server.max_body_bytes: Input should be greater than 0"
+        ]
+
+
+def test_the_operations_listener_is_loopback_unless_the_image_says_otherwise(monkeypatch):
+    monkeypatch.setenv("STRIPE_API_KEY", "sk_test_sample")
+    monkeypatch.setenv("OPENMETER_API_TOKEN", "om_sample")
+    monkeypatch.setenv("MOESIF_MANAGEMENT_TOKEN", "moesif_sample")
+    monkeypatch.delenv("RECONCILER_SERVER_OPS_HOST", raising=False)
+    assert parse_config(MINIMAL).server.ops_host == "127.0.0.1"
+    assert load_config(REPO_ROOT / "config.yaml").server.ops_host == "127.0.0.1"
+    monkeypatch.setenv("RECONCILER_SERVER_OPS_HOST", "0.0.0.0")  # what the container image sets
+    assert load_config(REPO_ROOT / "config.yaml").server.ops_host == "0.0.0.0"
+    same = {"port": 8080, "ops_port": 8080}
+    assert problems_of({**MINIMAL, "server": same}) == [
+        "server.ops_port: must differ from server.port (the webhook listener) on the same host"
+    ]
