@@ -89,7 +89,13 @@ def build_app(
         metrics=metrics,
     )
     read_back = ReadBack(
-        config, StripeView(engine, stripe), ReadBackLedger(engine, utc_now), runs, utc_now, metrics=metrics
+        config,
+        StripeView(engine, stripe),
+        ReadBackLedger(engine, utc_now),
+        runs,
+        utc_now,
+        stop_requested=stop_requested,
+        metrics=metrics,
     )
     balance_sync = None
     if config.balances.enabled:

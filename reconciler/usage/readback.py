@@ -124,9 +124,11 @@ class ReadBack:
         runs: RunLog,
         clock: Callable[[], datetime],
         *,
+        stop_requested: Callable[[], bool] = lambda: False,
         metrics: Metrics = NO_METRICS,
     ):
         self._config = config
+        self._stop_requested = stop_requested
         self._view = view
         self._ledger = ledger
         self._runs = runs
@@ -141,12 +143,14 @@ class ReadBack:
         with structlog.contextvars.bound_contextvars(run_id=result.run_id):
             log.info("read-back started")
             for period in self._ledger.due(now, self._config.usage.lookback):
+                if self._stop_requested():
+                    break  # SIGTERM: the rest is read at the next run
                 if self._read_back(period, now, result):
                     resend.add(period.customer_id)
             result.resent_customers = frozenset(resend)
             status = "partial" if result.failures else "succeeded"
             self._runs.finish(result.run_id, status, result.as_dict())
-            log.info("read-back finished", **{k: v for k, v in result.as_dict().items() if k != "failures"})
+            log.info("read-back finished", **result.as_dict())
         self._metrics.cycle_finished(JOB, status, time.perf_counter() - started, succeeded=True)
         return result
 
