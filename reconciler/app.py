@@ -16,6 +16,7 @@ from reconciler.ledger.meter_cache import MeterCache
 from reconciler.ledger.plan_ledger import PlanLedger
 from reconciler.ledger.readback_ledger import ReadBackLedger
 from reconciler.ledger.runs import RunLog
+from reconciler.ledger.unbilled import UnbilledLedger
 from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.plans.job import PlanSync
@@ -87,6 +88,7 @@ def build_app(
         meter_cache=MeterCache(engine, utc_now),
         stop_requested=stop_requested,
         metrics=metrics,
+        unbilled=UnbilledLedger(engine, utc_now),
     )
     read_back = ReadBack(
         config,

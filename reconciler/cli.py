@@ -143,6 +143,9 @@ def sync_usage(
     customer: CustomerOption = None,
     output_format: FormatOption = OutputFormat.table,
     output: OutputOption = None,
+    fail_on_unmapped: Annotated[
+        bool, typer.Option("--fail-on-unmapped", help="Exit 1 when a metered item has no entry in usage.meters.")
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Run one usage sync cycle now and print a summary."""
@@ -187,7 +190,8 @@ def sync_usage(
         as_json=lambda: json.dumps(payload, indent=2),
         as_table=as_table,
     )
-    raise typer.Exit(EXIT_OK if result.ok else EXIT_FAILURES)
+    unmapped = fail_on_unmapped and result.summary.unmapped > 0
+    raise typer.Exit(EXIT_OK if result.ok and not unmapped else EXIT_FAILURES)
 
 
 @app.command("reconcile-balances")
@@ -609,6 +613,15 @@ def report(
             )
         console.print(table)
         console.print(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in built.totals.items()), markup=False)
+        if built.unbilled:
+            unbilled = Table(title="metered items nobody bills")
+            for column in ("customer", "item", "meter / price", "why", "measured", "at risk", "reason"):
+                unbilled.add_column(column)
+            for u in built.unbilled:
+                at_risk = f"{u.at_risk} {u.currency}" if u.at_risk is not None else "unknown"
+                measured = "unknown" if u.measured is None else str(u.measured)
+                unbilled.add_row(u.customer, u.item, u.stripe_target, u.why, measured, at_risk, u.reason)
+            console.print(unbilled)
         if built.attention:
             needs = Table(title="needs a person")
             for column in ("job", "reason", "customer", "item", "since", "detail"):

@@ -25,6 +25,7 @@ from reconciler.ledger.schema import (
     IntentState,
     LateDrift,
     MoesifTransaction,
+    UnbilledItem,
     UsagePeriod,
     UsageReport,
 )
@@ -45,6 +46,21 @@ class PeriodRow:
     at_risk: str | None  # unreported quantity × the price per unit, currency units; None: not estimated
     currency: str | None
     last_error: str | None
+
+
+@dataclass(frozen=True)
+class UnbilledRow:
+    """A metered item nobody bills (usage sync refused it, or usage.meters does not map it)."""
+
+    customer: str
+    item: str
+    stripe_target: str
+    why: str  # unmapped | refused
+    reason: str
+    period_start: str | None
+    measured: int | None  # its usage this period; None: unknown (unmapped: nothing says which meter to measure)
+    at_risk: str | None  # measured × the price per unit, currency units; None: unknown
+    currency: str | None
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,7 @@ class Report:
     drift: list[DriftRow] = field(default_factory=list)
     audit: list[AuditRow] = field(default_factory=list)
     attention: list[AttentionItem] = field(default_factory=list)  # what needs a person now, whatever the window
+    unbilled: list[UnbilledRow] = field(default_factory=list)  # as the latest usage cycle saw them
 
     @property
     def totals(self) -> dict[str, int]:
@@ -84,6 +101,8 @@ class Report:
             "reported": sum(p.reported for p in self.periods),
             "unreported": sum(p.difference for p in self.periods),
             "revenue_at_risk": self._at_risk(),
+            "unbilled_items": len(self.unbilled),
+            "unbilled_items_amount_unknown": sum(1 for u in self.unbilled if u.at_risk is None),
             "late_drift_periods": sum(1 for p in self.periods if p.status == "late drift"),
             "failed_periods": sum(1 for p in self.periods if p.status == "failed"),
             "stripe_writes": sum(1 for a in self.audit if a.system == "stripe"),
@@ -92,11 +111,12 @@ class Report:
         }
 
     def _at_risk(self) -> str:
-        """Per currency, e.g. `0.75 usd`; periods whose price is not per-unit are left out (not estimated)."""
+        """Per currency, e.g. `0.75 usd`: unreported usage of the periods and the usage of unbilled items, at their
+        prices per unit; what cannot be priced is left out (counted in `unbilled_items_amount_unknown`)."""
         sums: dict[str, Decimal] = defaultdict(Decimal)
-        for p in self.periods:
-            if p.at_risk is not None and p.currency:
-                sums[p.currency] += Decimal(p.at_risk)
+        for row in [*self.periods, *self.unbilled]:
+            if row.at_risk is not None and row.currency:
+                sums[row.currency] += Decimal(row.at_risk)
         return ", ".join(f"{amount} {currency}" for currency, amount in sorted(sums.items())) or "0"
 
     @property
@@ -221,6 +241,23 @@ def build_report(engine: Engine, since: datetime, until: datetime) -> Report:
                         t.state + (f": {t.error}" if t.error else ""),
                     )
                 )
+        for u in session.scalars(select(UnbilledItem).order_by(UnbilledItem.customer_id, UnbilledItem.stripe_target)):
+            at_risk = None
+            if u.measured is not None and u.unit_amount is not None and u.currency:
+                at_risk = str(to_units(Decimal(u.unit_amount) * u.measured, u.currency))
+            report.unbilled.append(
+                UnbilledRow(
+                    u.customer_id,
+                    u.subscription_item_id,
+                    u.stripe_target,
+                    "unmapped" if u.unmapped else "refused",
+                    u.reason,
+                    u.period_start.isoformat() if u.period_start else None,
+                    u.measured,
+                    at_risk,
+                    u.currency,
+                )
+            )
     report.audit.sort(key=lambda a: a.time)
     report.attention = items_needing_attention(engine)
     return report
@@ -237,6 +274,7 @@ def render_json(report: Report) -> str:
             "audit": [asdict(a) for a in report.audit],
             "needs_a_person": report.needs_a_person,
             "attention": [_attention_row(i) for i in report.attention],
+            "unbilled": [asdict(u) for u in report.unbilled],
         },
         indent=2,
     )
@@ -311,6 +349,7 @@ def render_html(report: Report) -> str:
 {usage_chart}
 {drift_chart}
 <h2>Needs a person</h2>{rows_table_html([_attention_row(i) for i in report.attention])}
+<h2>Metered items nobody bills</h2>{rows_table_html([asdict(u) for u in report.unbilled])}
 <h2>Periods</h2>{rows_table_html([asdict(p) for p in report.periods])}
 <h2>Balance drift</h2>{rows_table_html([asdict(d) for d in report.drift])}
 <h2>Audit trail: every write to Stripe and Moesif</h2>{rows_table_html([asdict(a) for a in report.audit])}

@@ -19,6 +19,7 @@ from reconciler.ledger.database import make_engine, upgrade
 from reconciler.ledger.meter_cache import MeterCache
 from reconciler.ledger.readback_ledger import ReadBackLedger
 from reconciler.ledger.runs import RunLog
+from reconciler.ledger.unbilled import UnbilledLedger
 from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.sandbox.httpserver import LoopbackServer
 from reconciler.sandbox.moesif_fake import FakeMoesif
@@ -157,6 +158,7 @@ class Harness:
             self.runs,
             clock=utc_now,
             meter_cache=MeterCache(self.engine, utc_now),
+            unbilled=UnbilledLedger(self.engine, utc_now),
         )
         self.read_back = ReadBack(
             self.config,

@@ -151,6 +151,31 @@ class UsageReport(Base):
     rejected_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class UnbilledItem(Base):
+    """A metered item the usage sync does not report (no entry in usage.meters, or refused with a reason), as the
+    latest full cycle saw it: what it measures in its current period where that can be known, and its price."""
+
+    __tablename__ = "unbilled_items"
+    __table_args__ = (
+        UniqueConstraint("subscription_item_id", "stripe_target", name="uq_unbilled_items_item_target"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    customer_id: Mapped[str] = mapped_column(String(255), index=True)
+    subscription_item_id: Mapped[str] = mapped_column(String(255))
+    stripe_target: Mapped[str] = mapped_column(String(255))
+    unmapped: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str] = mapped_column(Text)
+    period_start: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    period_end: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    measured: Mapped[int | None] = mapped_column(BigInteger)  # None: unknown (nothing says what to measure)
+    unit_amount: Mapped[str | None] = mapped_column(String(64))
+    currency: Mapped[str | None] = mapped_column(String(8))
+    first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    run_id: Mapped[str] = mapped_column(String(36))
+
+
 class LateDrift(Base):
     __tablename__ = "late_drift"
 

@@ -24,6 +24,7 @@ from reconciler.ledger.coordination import Claim, Coordinator, Fence, LeaseLostE
 from reconciler.ledger.meter_cache import MeterCache
 from reconciler.ledger.runs import RunLog
 from reconciler.ledger.schema import IntentState, UsagePeriod
+from reconciler.ledger.unbilled import UnbilledLedger
 from reconciler.ledger.usage_ledger import ContendedError, UsageLedger, stream_period_from_row
 from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.redact import redact
@@ -145,9 +146,11 @@ class UsageSync:
         meter_cache: MeterCache,
         stop_requested: Callable[[], bool] = lambda: False,
         metrics: Metrics = NO_METRICS,
+        unbilled: UnbilledLedger | None = None,
     ):
         self._config = config
         self._metrics = metrics
+        self._unbilled = unbilled
         self._stripe = stripe
         self._openmeter = openmeter
         self._ledger = ledger
@@ -173,6 +176,7 @@ class UsageSync:
             work, refusals = self._collect_work(now, customers)
             for refusal in refusals:
                 self._refuse(refusal, result.summary)
+            self._record_unbilled(refusals, now, result.run_id, full=not customers)
             for unit in work:
                 if include_legacy or unit.stream.kind is not StreamKind.LEGACY:
                     yield WorkItem(unit)
@@ -189,6 +193,7 @@ class UsageSync:
                 work, refusals = self._collect_work(now, frozenset())
                 for refusal in refusals:
                     self._refuse(refusal, result.summary)
+                self._record_unbilled(refusals, now, result.run_id, full=True)
                 coordinator.enqueue(tick_id, "usage_sync", [dump_work(unit) for unit in work])
                 log.info("cycle planned for all replicas", tick=tick_key, items=len(work))
             else:
@@ -666,6 +671,24 @@ class UsageSync:
             summary.failed += 1
             summary.failures.append(f"{refusal.customer_id} {refusal.stripe_target}: {refusal.reason}")
             log.error("metered item refused", **fields)
+
+    def _record_unbilled(self, refusals: list[Refusal], now: datetime, run_id: str | None, *, full: bool) -> None:
+        """What nobody bills, for `report`: each refused item's usage measured where the mapping and subject are
+        known (one query each: refused items are few, and each is a problem to fix), unknown otherwise."""
+        if self._unbilled is None or run_id is None:  # a dry run writes nothing
+            return
+        measured = []
+        for refusal in refusals:
+            quantity = None
+            if refusal.openmeter_meter and refusal.subject and refusal.period and refusal.rounding:
+                window = usage_window(refusal.period, now, self._config.usage.window_size, self._zone)
+                try:
+                    total = self._openmeter.query_total(refusal.openmeter_meter, refusal.subject, window)
+                    quantity = round_quantity(total, refusal.rounding)
+                except UpstreamError as exc:
+                    log.warning("could not measure a refused item", item=refusal.item_id, error=str(exc))
+            measured.append((refusal, quantity))
+        self._unbilled.record(measured, run_id, full=full)
 
     def _finish(self, result: CycleResult, status: str) -> None:
         log.info("usage sync finished", status=status, **result.summary.as_dict())

@@ -144,6 +144,14 @@ class Refusal:
     stripe_target: str
     reason: str
     unmapped: bool = False  # no entry in usage.meters: skipped, not a failure
+    # What it costs, where known: the item's period and price, and (a mapped item whose OpenMeter subject is known)
+    # what to measure, so that `report` can put a figure on the usage nobody bills.
+    period: BillingPeriod | None = None
+    unit_amount: str | None = None
+    currency: str | None = None
+    openmeter_meter: str | None = None
+    subject: str | None = None
+    rounding: str | None = None
 
 
 @dataclass(frozen=True)

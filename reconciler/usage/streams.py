@@ -6,6 +6,7 @@ import itertools
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from reconciler.config import UsageConfig
@@ -54,26 +55,30 @@ def _stream_for(item: MeteredItem, meters: dict[str, Meter], usage: UsageConfig)
         what = f"meter event_name {target!r}" if meter else f"legacy price {target!r}"
         return Refusal(item.customer_id, item.item_id, target, f"{what} has no entry in usage.meters", unmapped=True)
 
+    metadata_key = usage.subject_metadata_key
+    subject = item.customer_id if metadata_key is None else (item.customer_metadata or {}).get(metadata_key, "")
     if meter is None:
         kind = StreamKind.LEGACY
     else:
         problem = meter_problem(meter)
         if problem:
-            return Refusal(item.customer_id, item.item_id, target, problem)
-        kind = StreamKind.METER_LAST if meter.formula == "last" else StreamKind.METER_SUM
-
-    metadata_key = usage.subject_metadata_key
-    if metadata_key is None:
-        subject = item.customer_id
-    else:
-        subject = (item.customer_metadata or {}).get(metadata_key, "")
-        if not subject:
             return Refusal(
                 item.customer_id,
                 item.item_id,
                 target,
-                f"customer has no metadata key {metadata_key!r} to name its OpenMeter subject",
+                problem,
+                openmeter_meter=mapping.openmeter,
+                subject=subject or None,
+                rounding=mapping.rounding,
             )
+        kind = StreamKind.METER_LAST if meter.formula == "last" else StreamKind.METER_SUM
+    if not subject:
+        return Refusal(
+            item.customer_id,
+            item.item_id,
+            target,
+            f"customer has no metadata key {metadata_key!r} to name its OpenMeter subject",
+        )
     return Stream(
         kind=kind,
         customer_id=item.customer_id,
@@ -88,6 +93,11 @@ def _stream_for(item: MeteredItem, meters: dict[str, Meter], usage: UsageConfig)
         unit_amount=None if item.unit_amount is None else sys.intern(str(item.unit_amount)),
         currency=sys.intern(item.currency),
     )
+
+
+def _priced(refusal: Refusal, item: MeteredItem) -> Refusal:
+    unit_amount = None if item.unit_amount is None else str(item.unit_amount)
+    return replace(refusal, period=item_period(item), unit_amount=unit_amount, currency=item.currency)
 
 
 def meter_problem(meter: Meter) -> str | None:
@@ -122,7 +132,7 @@ def build_work(
             continue
         stream = _stream_for(item, meters, usage)
         if isinstance(stream, Refusal):
-            refusals.append(stream)
+            refusals.append(_priced(stream, item))
             continue
         is_current = item.subscription_status in LIVE_STATUSES
         by_key[stream.key].append(StreamPeriod(stream, item_period(item), is_current=is_current))
@@ -140,6 +150,9 @@ def build_work(
                     f"customer has {len(group)} subscription items on meter {first.stripe_target!r} in "
                     f"overlapping periods ({', '.join(sorted(s.stream.item_id for s in group))}); meter "
                     "events belong to the customer and meter, so their usage cannot be told apart",
+                    period=sp.period,
+                    unit_amount=sp.stream.unit_amount,
+                    currency=sp.stream.currency,
                 )
                 for sp in group
             ]
