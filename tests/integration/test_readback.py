@@ -9,7 +9,7 @@ events (https://docs.stripe.com/api/v2/core/events/event-types); its summaries a
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import stripe
 from freezegun import freeze_time
@@ -40,6 +40,19 @@ def report_rejections(h: Harness) -> list[str]:
                 assert h.ledger.record_rejected_event(identifier, f"{error_type['code']}: {sample['error_message']}")
                 identifiers.append(identifier)
     return identifiers
+
+
+def another_writer_sends(h: Harness, identifier: str, at: datetime, value: str) -> None:
+    """A meter event for cus_A from outside the reconciler (another integration, or a person fixing things)."""
+    client = stripe.StripeClient(STRIPE_KEY, base_addresses={"api": h.stripe_url}, max_network_retries=0)
+    client.v1.billing.meter_events.create(
+        params={
+            "event_name": "api_calls",
+            "identifier": identifier,
+            "timestamp": ts(at),
+            "payload": {"stripe_customer_id": "cus_A", "value": value},
+        }
+    )
 
 
 def identifiers_sent(h: Harness) -> list[str]:
@@ -124,15 +137,7 @@ def test_a_shortfall_no_error_report_explains_is_left_to_a_person_never_resent(h
         assert [v.finding for v in verifier.run()] == ["missing_in_stripe"]  # `verify` exits 3 on it
 
         # A person fixes it in Stripe (here: sends the missing usage); `verify` then finds it agreeing and clears it.
-        client = stripe.StripeClient(STRIPE_KEY, base_addresses={"api": h.stripe_url}, max_network_retries=0)
-        client.v1.billing.meter_events.create(
-            params={
-                "event_name": "api_calls",
-                "identifier": "fixed-by-hand",
-                "timestamp": ts(PERIOD_END - timedelta(minutes=5)),
-                "payload": {"stripe_customer_id": "cus_A", "value": "7"},
-            }
-        )
+        another_writer_sends(h, "fixed-by-hand", PERIOD_END - timedelta(minutes=5), "7")
         assert [v.finding for v in verifier.run()] == ["ok"]
     assert items_needing_attention(h.engine) == []
 
@@ -158,15 +163,7 @@ def test_stripe_holding_more_than_we_sent_is_another_writer_for_a_person(harness
     use(h, PERIOD_START + timedelta(days=2), 7)
     with freeze_time(AFTER_FINAL_SYNC) as clock:
         h.cycle()
-        client = stripe.StripeClient(STRIPE_KEY, base_addresses={"api": h.stripe_url}, max_network_retries=0)
-        client.v1.billing.meter_events.create(
-            params={
-                "event_name": "api_calls",
-                "identifier": "someone-else-1",
-                "timestamp": ts(PERIOD_START + timedelta(days=4)),
-                "payload": {"stripe_customer_id": "cus_A", "value": "3"},
-            }
-        )
+        another_writer_sends(h, "someone-else-1", PERIOD_START + timedelta(days=4), "3")
         clock.tick(SUMMARY_LAG)
         found = h.read_back.run_cycle()
     assert [(line.finding, line.stripe) for line in found.lines] == [("foreign_usage", "10")]
