@@ -27,7 +27,7 @@ from reconciler.sandbox.server import Sandbox
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--customers", type=int, default=500)
-    parser.add_argument("--stripe-rps", type=float, default=1000, help="stripe.max_requests_per_second")
+    parser.add_argument("--stripe-rps", type=float, default=1000, help="every Stripe budget (global and per endpoint)")
     args = parser.parse_args()
     configure_logging("ERROR", "console")
     sandbox = Sandbox.start()
@@ -50,6 +50,7 @@ def main() -> None:
         )
         raw["balances"]["enabled"] = False
         raw["stripe"]["max_requests_per_second"] = args.stripe_rps
+        raw["stripe"]["max_requests_per_second_per_endpoint"] = args.stripe_rps
         raw["openmeter"]["max_requests_per_second"] = 1000
         config = parse_config(raw)
         engine = make_engine(config.database.url)

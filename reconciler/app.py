@@ -25,6 +25,7 @@ from reconciler.upstream.moesif_api import MoesifGateway
 from reconciler.upstream.openmeter_api import OpenMeterGateway
 from reconciler.upstream.rate_limit import RateLimiter
 from reconciler.upstream.stripe_api import StripeGateway
+from reconciler.upstream.stripe_budget import StripeBudget
 from reconciler.usage.job import UsageSync
 from reconciler.usage.readback import ReadBack
 from reconciler.usage.stripe_view import StripeView
@@ -39,7 +40,7 @@ class App:
     read_back: ReadBack
     balance_sync: BalanceSync | None  # None unless balances.enabled
     plan_sync: PlanSync | None  # None unless plans.enabled
-    limiters: list[RateLimiter]  # one per upstream API
+    limiters: list[RateLimiter | StripeBudget]  # the request budgets of each upstream API
 
     def share_budgets(self, replicas: int) -> None:
         """Live replicas split every upstream API's request budget."""
@@ -77,7 +78,7 @@ def build_app(
     runs = RunLog(engine, utc_now)
     stripe = StripeGateway(config.stripe, metrics)
     openmeter = OpenMeterGateway(config.openmeter, metrics)
-    limiters = [stripe.limiter, openmeter.limiter]
+    limiters: list[RateLimiter | StripeBudget] = [stripe.budget, openmeter.limiter]
     usage_sync = UsageSync(
         config,
         stripe,

@@ -33,6 +33,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from reconciler.durations import format_duration, parse_duration
+from reconciler.upstream.stripe_budget import StripeBudgets
 
 DEFAULT_CONFIG_PATH = Path("config.yaml")
 CONFIG_ENV_VAR = "RECONCILER_CONFIG"
@@ -88,8 +89,15 @@ class StripeConfig(_Section):
     # https://docs.stripe.com/api/billing/meter-event-summary); it gives no bound, so the default is generous.
     summary_lag: Duration = Field(default=timedelta(minutes=10), gt=timedelta(0))
     timeout_seconds: float = Field(default=30, gt=0)
-    # Request budget of this deployment (all replicas together): a safe share of Stripe's test-mode 25/s.
-    max_requests_per_second: float = Field(default=20, gt=0)
+    # Request budgets of this deployment (all replicas together), shaped like Stripe's limiters
+    # (https://docs.stripe.com/rate-limits; upstream/stripe_budget.py): a global budget, one per endpoint, and in live
+    # mode one for meter events apart. Unset: 80% of Stripe's limits for the key's mode (sk_live_/rk_live_: live),
+    # leaving room for the account's other integrations: see `budgets()`.
+    limits: Literal["auto", "live", "sandbox"] = "auto"
+    max_requests_per_second: float | None = Field(default=None, gt=0)  # the global budget
+    max_requests_per_second_per_endpoint: float | None = Field(default=None, gt=0)
+    max_meter_events_per_second: float | None = Field(default=None, gt=0)  # live mode only: sandboxes share the global
+    endpoint_budgets: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)  # "GET /v1/…": 10
     # Requests in flight at once, per replica: enough to fill the budget when each answer takes ~40-400 ms.
     max_concurrency: int = Field(default=8, ge=1, le=64)
     # Signing secret of the webhook endpoint (`whsec_…`); unset or empty: POST /webhooks/stripe is off.
@@ -98,6 +106,25 @@ class StripeConfig(_Section):
     # reports (v1.billing.meter.error_report_triggered, v1.billing.meter.no_meter_found) only as thin events
     # (https://docs.stripe.com/api/v2/core/events/event-types). Unset or empty: POST /webhooks/stripe/thin is off.
     thin_webhook_secret: SecretStr | None = None
+
+    @property
+    def live(self) -> bool:
+        if self.limits != "auto":
+            return self.limits == "live"
+        return self.api_key.get_secret_value().startswith(("sk_live_", "rk_live_"))
+
+    def budgets(self) -> StripeBudgets:
+        """Stripe's limits for the mode (live: 100/s global, 25/s per endpoint, 1,000 meter events/s apart; a
+        sandbox: 25/s global, 25/s per endpoint, meter events counted in the global), 80% of each unless set."""
+        live = self.live
+        share = 0.8
+        meter_events = self.max_meter_events_per_second or 1000 * share
+        return StripeBudgets(
+            global_per_second=self.max_requests_per_second or (100 if live else 25) * share,
+            endpoint_per_second=self.max_requests_per_second_per_endpoint or 25 * share,
+            meter_events_per_second=meter_events if live else None,
+            endpoints=dict(self.endpoint_budgets),
+        )
 
     @field_validator("webhook_secret", "thin_webhook_secret")
     @classmethod

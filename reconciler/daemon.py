@@ -211,7 +211,7 @@ class Daemon:
                 log.info(
                     "request budgets shared",
                     replicas=live,
-                    stripe_per_second=round(self.config.stripe.max_requests_per_second / live, 2),
+                    stripe_global_per_second=round(self.app.stripe.budget.global_per_second, 2),
                 )
         except Exception:
             log.exception("heartbeat failed")

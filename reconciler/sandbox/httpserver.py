@@ -12,7 +12,7 @@ import bisect
 import json
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -194,6 +194,9 @@ class InjectedFault:
 FaultAnswered = Callable[[InjectedFault, Response, Response | None], Response]
 
 
+GLOBAL_LIMITER = "global"
+
+
 class FakeService:
     """Base class: a lock, a request log, fault injection, a clock, and for benchmarks: latency, an enforced
     request budget and the arrival time of every request."""
@@ -205,10 +208,11 @@ class FakeService:
         self.record_requests = True  # False: keep only arrival times (benchmarks, 100,000s of requests)
         self._faults: list[InjectedFault] = []
         self.latency_seconds = 0.0  # every answer is held back this long, in real time
-        self.budget: tuple[int, float] | None = None  # (requests, per seconds): more are answered 429
+        # Limiter name -> (requests, per seconds): a request over any limiter it counts against is answered 429.
+        self.budgets: dict[str, tuple[int, float]] = {}
         self.arrivals: list[float] = []  # time.monotonic() of every request answered, in order
         self.rate_limited = 0  # requests refused with a 429 for being over the budget
-        self._recent: deque[float] = deque()
+        self._recent: dict[str, deque[float]] = defaultdict(deque)
 
     # -- benchmarks --------------------------------------------------------------------------------
 
@@ -216,7 +220,7 @@ class FakeService:
         """Answer 429 (as the real API would) to a request arriving when `max_requests` were already served in
         the `per_seconds` before it."""
         with self.lock:
-            self.budget = (max_requests, per_seconds)
+            self.budgets = {GLOBAL_LIMITER: (max_requests, per_seconds)}
 
     def max_requests_in_any_window(self, seconds: float = 1.0) -> int:
         """The most requests served within any `seconds`-long window of real time."""
@@ -226,16 +230,26 @@ class FakeService:
             (bisect.bisect_left(arrivals, start + seconds, lo=i) - i for i, start in enumerate(arrivals)), default=0
         )
 
-    def _over_budget(self, now: float) -> bool:
-        """Count a request against the budget (under the lock); True if it must be refused."""
-        if self.budget is None:
-            return False
-        max_requests, per_seconds = self.budget
-        while self._recent and self._recent[0] <= now - per_seconds:
-            self._recent.popleft()
-        if len(self._recent) >= max_requests:
-            return True
-        self._recent.append(now)
+    def _limiters(self, method: str, path: str) -> list[str]:
+        """The limiters a request counts against: one for the whole API here; a fake of an API with a richer
+        structure (Stripe's per-endpoint limits) says more."""
+        return [GLOBAL_LIMITER]
+
+    def _budget_of(self, limiter: str) -> tuple[int, float] | None:
+        return self.budgets.get(limiter)
+
+    def _over_budget(self, now: float, method: str, path: str) -> bool:
+        """Count a request against its limiters (under the lock); True if any is full and it must be refused (it
+        then counts against none)."""
+        counted = [(name, budget) for name in self._limiters(method, path) if (budget := self._budget_of(name))]
+        for name, (max_requests, per_seconds) in counted:
+            recent = self._recent[name]
+            while recent and recent[0] <= now - per_seconds:
+                recent.popleft()
+            if len(recent) >= max_requests:
+                return True
+        for name, _ in counted:
+            self._recent[name].append(now)
         return False
 
     def _rate_limited_response(self) -> Response:
@@ -332,7 +346,7 @@ class FakeService:
         `on_fault` lets a fake finish a fault's answer under the lock (Stripe saves some to idempotency keys)."""
         with self.lock:
             arrived = time.monotonic()
-            if self._over_budget(arrived):
+            if self._over_budget(arrived, method, path):
                 response, delay = self._rate_limited_response(), 0.0
                 self.rate_limited += 1
             else:
@@ -365,7 +379,7 @@ class FakeService:
         self._faults.clear()
         self.record_requests = True
         self.latency_seconds = 0.0
-        self.budget = None
+        self.budgets = {}
         self.reset_counters()
 
     def reset_counters(self) -> None:

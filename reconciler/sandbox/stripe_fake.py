@@ -40,7 +40,7 @@ from urllib.parse import parse_qsl
 
 import httpx
 
-from reconciler.sandbox.httpserver import FakeService, InjectedFault, Response
+from reconciler.sandbox.httpserver import GLOBAL_LIMITER, FakeService, InjectedFault, Response
 
 __all__ = ["FakeStripe", "MeterEvent", "StripeError", "parse_stripe_params", "stripe_signature"]
 
@@ -278,6 +278,11 @@ def _reached_the_endpoint(fault: InjectedFault) -> bool:
 # `data` (https://docs.stripe.com/event-destinations); GET /v2/core/events/{id} returns it with `data`
 # (https://docs.stripe.com/api/v2/core/events/object: developer_message_summary, reason.error_count,
 # reason.error_types[].code/error_count/sample_errors[].error_message/request.identifier, validation_start/end).
+
+_ENDPOINT_DEFAULT = "endpoint *"
+_METER_EVENTS_ENDPOINT = "POST /v1/billing/meter_events"
+_METER_EVENTS_LIMITER = "live meter events"
+_ROUTE_ID = re.compile(r"\(\?P<\w+>\[\^/\]\+\)")
 
 _THIN_METER_EVENTS = ("v1.billing.meter.error_report_triggered", "v1.billing.meter.no_meter_found")
 # The docs call them *sample* errors and give no number: at most this many are named per error type, so a
@@ -1740,6 +1745,39 @@ class FakeStripe(FakeService):
             self.meter_events.append(event)
         self._identifiers[identifier] = event
         return event.to_api()
+
+    # -- Stripe's limiters ---------------------------------------------------------------------------
+
+    def limit_like_stripe(self, *, live: bool, window: float = 1.0) -> None:
+        """Answer 429 as Stripe's limiters would (https://docs.stripe.com/rate-limits): a global limit of 100
+        operations/s in live mode, 25 in a sandbox; 25/s per endpoint, each named operation being one endpoint
+        whatever ids its path holds; and, live only, meter events limited apart at 1,000/s, outside the global
+        limit (in a sandbox they count against it). Windows are one second; the docs do not say how Stripe
+        measures a second, so the fake counts any rolling second, the stricter reading. (A contract test may stretch
+        the `window`, so that a slow machine cannot spread its burst over two.)"""
+        with self.lock:
+            self.budgets = {GLOBAL_LIMITER: (100 if live else 25, window), _ENDPOINT_DEFAULT: (25, window)}
+            if live:
+                self.budgets[_METER_EVENTS_LIMITER] = (1000, window)
+
+    def _limiters(self, method: str, path: str) -> list[str]:
+        endpoint = self._endpoint_of(method, path)
+        if endpoint == _METER_EVENTS_ENDPOINT and _METER_EVENTS_LIMITER in self.budgets:
+            return [_METER_EVENTS_LIMITER]
+        return [GLOBAL_LIMITER, f"endpoint {endpoint}"]
+
+    def _budget_of(self, limiter: str) -> tuple[int, float] | None:
+        budget = self.budgets.get(limiter)
+        if budget is None and limiter.startswith("endpoint ") and limiter != _ENDPOINT_DEFAULT:
+            return self.budgets.get(_ENDPOINT_DEFAULT)
+        return budget
+
+    def _endpoint_of(self, method: str, path: str) -> str:
+        """The named operation a request is, its ids written `{id}` (`GET /v1/customers/{id}`)."""
+        for route_method, pattern, _ in self._routes:
+            if route_method == method and pattern.fullmatch(path):
+                return f"{method} {_ROUTE_ID.sub('{id}', pattern.pattern)}"
+        return f"{method} {path}"
 
     def reject_asynchronously(
         self, count: int = 1, code: str = "meter_event_customer_not_found", *, reported: bool = True

@@ -36,8 +36,8 @@ from reconciler.upstream.errors import (
     RateLimitedError,
     UpstreamError,
 )
-from reconciler.upstream.rate_limit import RateLimiter
 from reconciler.upstream.retry import call_with_retries
+from reconciler.upstream.stripe_budget import METER_EVENTS, StripeBudget
 from reconciler.usage.model import BillingPeriod, CustomerCredit, Intent, Meter, MeteredItem
 from reconciler.usage.periods import epoch_seconds, from_epoch_seconds
 
@@ -153,8 +153,7 @@ class StripeGateway:
     def __init__(self, config: StripeConfig, metrics: Metrics = NO_METRICS):
         self._config = config
         self._metrics = metrics
-        # Fractional budgets are expressed per 100 s so a limiter always counts whole requests.
-        self.limiter = RateLimiter(max(1, round(config.max_requests_per_second * 100)), 100.0)
+        self.budget = StripeBudget(config.budgets())
         self._in_flight = threading.BoundedSemaphore(config.max_concurrency)
         self._client = stripe.StripeClient(
             config.api_key.get_secret_value(),
@@ -164,12 +163,14 @@ class StripeGateway:
             http_client=stripe.RequestsClient(timeout=config.timeout_seconds),
         )
 
-    def _call(self, what: str, operation: Callable[[], T]) -> T:
+    def _call(self, what: str, operation: Callable[[], T], *, endpoint: str) -> T:
+        """One call to `endpoint` (a named operation, ids as `{id}`: the unit of Stripe's per-endpoint limits), within
+        its budgets, retried as `call_with_retries` says."""
         outcome_unknown = False
 
         def attempt() -> T:
             nonlocal outcome_unknown
-            self.limiter.acquire()
+            self.budget.acquire(endpoint)
             with self._in_flight, self._metrics.upstream_call(API):
                 try:
                     return operation()
@@ -177,7 +178,7 @@ class StripeGateway:
                     error = translate_error(exc, (self._config.api_key.get_secret_value(),))
                     if isinstance(error, RateLimitedError):
                         # A 429 slows every call to Stripe down, not just this one.
-                        self.limiter.hold_off(error.retry_after or 1.0)
+                        self.budget.hold_off(error.retry_after or 1.0)
                     if isinstance(error, OutcomeUnknownError):
                         outcome_unknown = True
                     elif isinstance(error, PermanentError) and outcome_unknown:
@@ -281,7 +282,9 @@ class StripeGateway:
                 started_at=_time(subscription.get("start_date") or subscription.get("created")),
             )
 
-    def _pages(self, what: str, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _pages(
+        self, what: str, path: str, params: dict[str, Any], endpoint: str | None = None
+    ) -> Iterator[dict[str, Any]]:
         """Page through a list endpoint with `starting_after`, one retried request per page. A page that does not
         move the cursor on (a list that claims `has_more` forever) is an error, not an endless loop.
 
@@ -290,7 +293,11 @@ class StripeGateway:
         cursor: str | None = None
         while True:
             page_params = {**params, "limit": PAGE_SIZE, **({"starting_after": cursor} if cursor else {})}
-            page = self._call(what, lambda p=page_params: self._client.raw_request("get", path, **p).data)  # type: ignore[misc]
+            page = self._call(
+                what,
+                lambda p=page_params: self._client.raw_request("get", path, **p).data,  # type: ignore[misc]
+                endpoint=endpoint or f"GET {path}",
+            )
             data = page.get("data")
             if not isinstance(data, list):
                 raise PermanentError(API, f"{what}: the answer has no list of data: {str(page)[:200]}")
@@ -310,7 +317,10 @@ class StripeGateway:
         its own view, eventually consistent."""
         params = {"customer": customer, "start_time": epoch_seconds(start), "end_time": epoch_seconds(end)}
         total = Decimal(0)
-        for summary in self._pages("meter event summaries", f"/v1/billing/meters/{meter_id}/event_summaries", params):
+        path = f"/v1/billing/meters/{meter_id}/event_summaries"
+        for summary in self._pages(
+            "meter event summaries", path, params, "GET /v1/billing/meters/{id}/event_summaries"
+        ):
             total += Decimal(str(summary.get("aggregated_value") or 0))
         return total
 
@@ -324,6 +334,7 @@ class StripeGateway:
                 f"/v1/subscription_items/{item_id}/usage_record_summaries",
                 stripe_version=self._config.legacy_api_version,
             ),
+            endpoint="GET /v1/subscription_items/{id}/usage_record_summaries",
         )
         for summary in self._client.deserialize(response, api_mode="V1").to_dict().get("data", []):
             if (summary.get("period") or {}).get("start") == epoch_seconds(period_start):
@@ -335,7 +346,11 @@ class StripeGateway:
     def v2_event(self, event_id: str) -> dict[str, Any]:
         """A thin event with its `data`, which the pushed notification never carries
         (https://docs.stripe.com/api/v2/core/events/retrieve; events stay retrievable for 30 days)."""
-        return self._call("retrieve v2 event", lambda: self._client.v2.core.events.retrieve(event_id)).to_dict()
+        return self._call(
+            "retrieve v2 event",
+            lambda: self._client.v2.core.events.retrieve(event_id),
+            endpoint="GET /v2/core/events/{id}",
+        ).to_dict()
 
     def parse_thin_event(self, payload: bytes, signature: str | None, secret: str) -> dict[str, Any]:
         """A thin event notification, its `Stripe-Signature` verified against the destination's secret by the SDK
@@ -385,6 +400,7 @@ class StripeGateway:
         raw = self._call(
             "retrieve payment intent",
             lambda: self._client.v1.payment_intents.retrieve(payment_intent_id, params={"expand": ["latest_charge"]}),
+            endpoint="GET /v1/payment_intents/{id}",
         ).to_dict()
         return _top_up(raw)
 
@@ -407,7 +423,9 @@ class StripeGateway:
             "filter": {"type": "applicability_scope", "applicability_scope": {"price_type": "metered"}},
         }
         summary = self._call(
-            "credit balance summary", lambda: self._client.v1.billing.credit_balance_summary.retrieve(params=params)
+            "credit balance summary",
+            lambda: self._client.v1.billing.credit_balance_summary.retrieve(params=params),
+            endpoint="GET /v1/billing/credit_balance_summary",
         ).to_dict()
         for balance in summary.get("balances", []):
             monetary = (balance.get("available_balance") or {}).get("monetary") or {}
@@ -417,7 +435,9 @@ class StripeGateway:
 
     def customer_credit(self, customer: str) -> CustomerCredit:
         """The customer balance as credit (minor units; Stripe stores credit as a negative balance)."""
-        raw = self._call("retrieve customer", lambda: self._client.v1.customers.retrieve(customer)).to_dict()
+        raw = self._call(
+            "retrieve customer", lambda: self._client.v1.customers.retrieve(customer), endpoint="GET /v1/customers/{id}"
+        ).to_dict()
         return _credit_of(raw)
 
     # -- writing -------------------------------------------------------------------------------------
@@ -450,7 +470,7 @@ class StripeGateway:
                 # Stripe says only that *an* event has this identifier, whatever its quantity.
                 raise IdentifierTakenError(API, exc.user_message or "duplicate identifier", status=400) from None
 
-        self._write("create meter event", intent, renew_key, create)
+        self._write("create meter event", METER_EVENTS, intent, renew_key, create)
 
     def send_usage_record(self, intent: Intent, renew_key: KeyRenewal) -> None:
         def create(idempotency_key: str) -> None:
@@ -464,9 +484,11 @@ class StripeGateway:
                 idempotency_key=idempotency_key,
             )
 
-        self._write("create usage record", intent, renew_key, create)
+        self._write("create usage record", "POST /v1/subscription_items/{id}/usage_records", intent, renew_key, create)
 
-    def _write(self, what: str, intent: Intent, renew_key: KeyRenewal, post: Callable[[str], None]) -> None:
+    def _write(
+        self, what: str, endpoint: str, intent: Intent, renew_key: KeyRenewal, post: Callable[[str], None]
+    ) -> None:
         """`post` the intent under its idempotency key, retried. A retry after no answer reuses the key, so Stripe
         recognises the request if it arrived. A 5xx answer was saved to the key and is replayed to every retry with
         it, so the next try goes under a fresh key, which `renew_key` commits to the ledger before it is used."""
@@ -491,4 +513,4 @@ class StripeGateway:
                 # nothing now, so try under the fresh key at once instead of spending a retry on the replay.
                 post_under_current_key()
 
-        self._call(what, attempt)
+        self._call(what, attempt, endpoint=endpoint)

@@ -9,15 +9,17 @@ import threading
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, select, update
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from reconciler.bench.dataset import billed_totals
 from reconciler.clock import utc_now
+from reconciler.ledger.schema import UsagePeriod, UsageReport
 from reconciler.ledger.usage_ledger import UsageLedger
 from tests.conftest import Harness, ts
 
-FAST = {"max_requests_per_second": 500, "max_concurrency": 8}
+FAST = {"max_requests_per_second": 500, "max_requests_per_second_per_endpoint": 500, "max_concurrency": 8}
 
 
 def customers_with_odd_anchors(h: Harness, count: int) -> dict[str, int]:
@@ -74,20 +76,57 @@ def test_the_request_budget_holds_in_every_second_with_every_worker_busy(harness
     h.stripe.limit_rate(25, 1.0)  # the fake answers 429 above the budget, as Stripe would
     used = customers_with_odd_anchors(h, 60)
     granted: list[float] = []
-    acquire = h.stripe_gateway.limiter.acquire
+    acquire = h.stripe_gateway.budget.acquire
 
-    def recorded_acquire() -> float:
-        slot = acquire()
+    def recorded_acquire(endpoint: str) -> float:
+        slot = acquire(endpoint)
         granted.append(slot)
         return slot
 
-    h.stripe_gateway.limiter.acquire = recorded_acquire
+    h.stripe_gateway.budget.acquire = recorded_acquire  # type: ignore[method-assign]
     result = h.cycle()
     assert (result.summary.reported, result.summary.failed) == (60, 0), result.summary.failures
     assert billed_totals(h.stripe) == used  # a 429 caused by a busy machine's jitter is waited out, not lost
     assert len(granted) >= len(h.stripe.requests) >= 60  # every request went through the budget
     times = sorted(granted)
     assert max(bisect.bisect_left(times, t + 1.0) - i for i, t in enumerate(times)) <= 25  # in every second
+
+
+def test_stripes_limiter_structure_is_kept_when_every_period_is_read_back_at_once(harness):
+    """Live, Stripe limits each endpoint to 25/s under a global 100/s and meter events apart
+    (https://docs.stripe.com/rate-limits; the fake enforces that structure): the cycle's meter events and a read-back
+    of every period at once (a shared billing date) stay inside it, paced per endpoint, and bill exactly."""
+    h = harness
+    h.configure(stripe={"limits": "live", "max_concurrency": 8})
+    h.stripe.limit_like_stripe(live=True)
+    used = customers_with_odd_anchors(h, 60)
+    result = h.cycle()
+    assert (result.summary.reported, result.summary.failed) == (60, 0), result.summary.failures
+    assert billed_totals(h.stripe) == used
+    # As if the cycle had run 11 minutes ago and the billing period had closed since: the reports settled in Stripe.
+    earlier = timedelta(minutes=11)
+    with Session(h.engine) as session, session.begin():
+        session.execute(update(UsagePeriod).values(status="final"))
+        for report in session.scalars(select(UsageReport)):
+            report.sent_at -= earlier
+            report.event_timestamp -= earlier
+    for meter_event in h.stripe.meter_events:
+        meter_event.timestamp -= int(earlier.total_seconds())
+        meter_event.created -= int(earlier.total_seconds())
+    granted: dict[str, list[float]] = {}
+    acquire = h.stripe_gateway.budget.acquire
+
+    def recorded_acquire(endpoint: str) -> float:
+        slot = acquire(endpoint)
+        granted.setdefault(endpoint, []).append(slot)
+        return slot
+
+    h.stripe_gateway.budget.acquire = recorded_acquire  # type: ignore[method-assign]
+    found = h.read_back.run_cycle()
+    assert (found.findings, found.failures) == ({"ok": 60}, [])
+    summaries = sorted(granted["GET /v1/billing/meters/{id}/event_summaries"])
+    assert len(summaries) == 60
+    assert max(bisect.bisect_left(summaries, t + 1.0) - i for i, t in enumerate(summaries)) <= 20  # 80% of 25/s
 
 
 class Crash(BaseException):

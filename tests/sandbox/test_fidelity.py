@@ -423,6 +423,40 @@ def test_an_accepted_event_can_be_rejected_later_and_named_only_by_sample(
     assert samples == ["named"] and report["related_object"]["id"] == meter["id"]
 
 
+def test_stripe_limits_requests_globally_per_endpoint_and_live_meter_events_apart(
+    stripe_client: stripe.StripeClient, stripe_fake: FakeStripe
+):
+    """https://docs.stripe.com/rate-limits: a global limit (live 100 operations/s, a sandbox 25), a default of 25/s
+    per endpoint (each named operation, whatever the ids in its path), and live meter events limited apart at
+    1,000/s without counting against the global limit (in a sandbox they share it); 429 over any."""
+    for n in range(30):
+        stripe_fake.add_customer(id=f"cus_{n}")
+    stripe_fake.add_meter("api_calls")
+
+    def status(call) -> int:
+        try:
+            call()
+        except stripe.RateLimitError:
+            return 429
+        return 200
+
+    def retrieve(n: int) -> int:
+        return status(lambda: stripe_client.v1.customers.retrieve(f"cus_{n}"))
+
+    stripe_fake.limit_like_stripe(live=False, window=60)  # a minute-long "second": no burst spreads over two
+    assert [retrieve(n) for n in range(26)] == [200] * 25 + [429]  # one endpoint, whatever the ids
+    assert status(lambda: stripe_client.v1.prices.list()) == 429  # the sandbox's global 25 is spent too
+
+    stripe_fake.reset_counters()
+    stripe_fake.limit_like_stripe(live=True, window=60)
+    assert [retrieve(n) for n in range(26)][-1] == 429  # 25 per endpoint, live as well
+    for listing in (stripe_client.v1.prices.list, stripe_client.v1.subscriptions.list, stripe_client.v1.refunds.list):
+        assert [status(listing) for _ in range(25)] == [200] * 25  # other endpoints: 100 in all, the global limit
+    assert status(lambda: stripe_client.v1.billing.meters.list()) == 429
+    events = [status(lambda n=n: _meter_event(stripe_client, "cus_1", "1", identifier=f"e{n}")) for n in range(150)]
+    assert events == [200] * 150  # live meter events: their own 1,000/s, outside the global limit
+
+
 def test_event_summaries_grouping_and_alignment(stripe_client: stripe.StripeClient, stripe_fake: FakeStripe):
     """https://docs.stripe.com/api/billing/meter-event-summary/list:
     start_time and end_time "must be aligned with minute boundaries" (with value_grouping_window=hour, with hour
