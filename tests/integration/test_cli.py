@@ -537,3 +537,20 @@ def test_sync_usage_json_output(sandbox, config_file):
     assert [(p["customer"], p["action"], p["quantity"]) for p in dry["plan"]] == [("cus_cli", "report", 6)]
     real = reconciler("sync-usage", "--format", "json", "--config", str(config_file))
     assert real.returncode == 0 and json.loads(real.stdout)["summary"]["reported"] == 1
+
+
+def test_logs_in_a_pipe_are_json_lines_whose_fields_are_json_values(sandbox, config_file, daemons):
+    """`logging.format: auto` with stderr a pipe: every line JSON, a list a JSON list (it used to be its repr)."""
+    raw = yaml.safe_load(config_file.read_text())
+    raw["logging"]["format"] = "auto"
+    write_config(config_file, raw)
+    customer_with_usage(sandbox)
+    reconciler("db", "upgrade", "--config", str(config_file))
+    synced = reconciler("sync-usage", "--config", str(config_file))
+    assert synced.returncode == 0, synced.stderr
+    events = [json.loads(line)["event"] for line in synced.stderr.splitlines()]
+    assert "usage sync started" in events and "usage sync finished" in events
+    daemon = daemons(config_file)
+    jobs = daemon.wait_for("reconciler running")["jobs"]
+    assert isinstance(jobs, list) and {"usage_sync", "balance_reconcile"} <= set(jobs)
+    assert daemon.stop() == 0
