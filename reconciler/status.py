@@ -6,7 +6,6 @@ import json
 from datetime import UTC, datetime
 
 from rich.console import Console
-from rich.table import Table
 from sqlalchemy import Engine, desc, func, select
 
 from reconciler.attention import items_needing_attention
@@ -20,6 +19,7 @@ from reconciler.ledger.schema import (
     UsageReport,
     WorkItem,
 )
+from reconciler.output import table
 from reconciler.schedule import parse_schedule
 
 
@@ -32,9 +32,7 @@ def print_status(config: Config, engine: Engine, console: Console) -> None:
         schedules["balance_reconcile"] = config.schedule.balance_reconcile
     if config.plans.enabled:
         schedules["plan_sync"] = config.schedule.plan_sync
-    jobs = Table(title="jobs")
-    for column in ("job", "schedule", "last run", "outcome", "counts", "next run"):
-        jobs.add_column(column)
+    jobs = table("jobs", "job", "schedule", "last run", "outcome", "counts", "next run")
     with engine.connect() as connection:
         for job, schedule in schedules.items():
             last = connection.execute(select(Run).where(Run.job == job).order_by(desc(Run.started_at)).limit(1)).first()

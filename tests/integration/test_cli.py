@@ -15,6 +15,7 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from reconciler.clock import utc_now
+from reconciler.sandbox.seed import seed_sandbox
 from reconciler.sandbox.server import SANDBOX_OPENMETER_TOKEN, SANDBOX_STRIPE_KEY, Sandbox
 from tests.integration.helpers import REPO_ROOT, customer_with_usage, reconciler, wait_until, write_config
 
@@ -554,3 +555,43 @@ def test_logs_in_a_pipe_are_json_lines_whose_fields_are_json_values(sandbox, con
     jobs = daemon.wait_for("reconciler running")["jobs"]
     assert isinstance(jobs, list) and {"usage_sync", "balance_reconcile"} <= set(jobs)
     assert daemon.stop() == 0
+
+
+def test_tables_in_a_pipe_keep_every_id_amount_and_state_whole(sandbox, tmp_path):
+    """Piped with COLUMNS=80, rich squeezed tables into 80 columns and cut `cus_sandbox_acme` to `cus_san…`: now
+    every row of every table is one line, with its ids, amounts and states whole."""
+    seed_sandbox(sandbox.stripe, sandbox.openmeter, sandbox.moesif, utc_now())
+    raw = {**sandbox.config_dict(f"sqlite:///{tmp_path / 'ledger.db'}", plans=True), "server": {"port": 0}}
+    config = write_config(tmp_path / "config.yaml", raw)
+
+    def piped(*args: str) -> str:
+        result = reconciler(*args, "--config", str(config), env={"COLUMNS": "80"})
+        assert result.returncode in (0, 3), result.stderr
+        assert "…" not in result.stdout, result.stdout
+        return result.stdout
+
+    def row(table: str, *cells: object) -> None:
+        assert any(all(f" {cell} " in line for cell in cells) for line in table.splitlines()), (cells, table)
+
+    piped("db", "upgrade")
+    customers = ("cus_sandbox_acme", "cus_sandbox_globex", "cus_sandbox_initech")
+    since, until = (utc_now() - timedelta(days=40)).date().isoformat(), (utc_now() + timedelta(days=1)).isoformat()
+    named = {  # in order: each command's table, and the customers it names
+        ("sync-usage", "--dry-run"): customers,
+        ("sync-usage",): (),  # the counts only
+        ("reconcile-balances",): customers,
+        ("sync-plans",): customers[:2],  # initech has no plan price
+        ("verify",): customers,
+        ("backfill", "--from", since, "--to", until, "--dry-run"): customers,
+    }
+    for command, names in named.items():
+        output = piped(*command)
+        assert all(f" {name} " in output for name in names), output
+
+    report, data = piped("report"), json.loads(piped("report", "--format", "json"))
+    for p in data["periods"]:
+        row(report, p["customer"], p["stripe_target"], p["status"], p["measured"], p["reported"])
+    for item in data["attention"]:
+        row(report, item["job"], item["reason"], item["customer"], item["key"])
+    status = piped("status")
+    assert all(f" {job} " in status for job in ("usage_sync", "balance_reconcile", "plan_sync")), status
