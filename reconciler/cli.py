@@ -679,13 +679,28 @@ def healthcheck(ctx: typer.Context, config: ConfigOption = None) -> None:
 
 
 @app.command("status")
-def status(ctx: typer.Context, config: ConfigOption = None) -> None:
+def status(
+    ctx: typer.Context,
+    output_format: FormatOption = OutputFormat.table,
+    output: OutputOption = None,
+    config: ConfigOption = None,
+) -> None:
     """Jobs with their last and next runs, pending and failed items, from the ledger."""
-    from reconciler.status import print_status
+    from reconciler.clock import utc_now
+    from reconciler.status import read_status, render_json, render_table
 
     loaded = _load(ctx, config)
     with _ledger(loaded) as engine:
-        print_status(loaded, engine, out)
+        current = read_status(loaded, engine, utc_now())
+    emit(
+        output_format,
+        output,
+        out,
+        title="status",
+        rows=[job.row() for job in current.jobs],
+        as_json=lambda: render_json(current),
+        as_table=lambda console: render_table(current, console),
+    )
 
 
 @app.command("demo")

@@ -8,12 +8,12 @@ import json
 import logging
 import sys
 from collections.abc import Iterable
-from datetime import date, time
 from typing import Any
 
 import structlog
 from structlog.typing import EventDict, Processor
 
+from reconciler.output import json_value
 from reconciler.redact import redact
 
 
@@ -22,16 +22,6 @@ def chosen_format(fmt: str, terminal: bool) -> str:
     if fmt == "auto":
         return "console" if terminal else "json"
     return fmt
-
-
-def json_value(value: object) -> object:
-    """json.dumps's `default`: a value JSON has no type for, as one it has (never a Python repr). Times in ISO 8601,
-    sets as lists, anything else (a Decimal, an exception, a UUID, a path) as its str()."""
-    if isinstance(value, date | time):  # datetime is a date
-        return value.isoformat()
-    if isinstance(value, set | frozenset):
-        return sorted(value, key=str)
-    return str(value)
 
 
 class Scrubbed:

@@ -8,6 +8,7 @@ import csv
 import html
 import io
 from collections.abc import Callable, Sequence
+from datetime import date, time
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,6 +43,16 @@ def table(title: str | None, *columns: str | Column, **options: Any) -> Table:
     for column in made.columns:
         column.overflow = "fold"
     return made
+
+
+def json_value(value: object) -> object:
+    """json.dumps's `default`: a value JSON has no type for, as one it has (never a Python repr). Times in ISO 8601,
+    sets as lists, anything else (a Decimal, an exception, a UUID, a path) as its str()."""
+    if isinstance(value, date | time):  # datetime is a date
+        return value.isoformat()
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    return str(value)
 
 
 def rows_csv(rows: Sequence[dict[str, Any]], fieldnames: Sequence[str] | None = None) -> str:

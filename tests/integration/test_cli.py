@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -557,6 +557,42 @@ def test_logs_in_a_pipe_are_json_lines_whose_fields_are_json_values(sandbox, con
     assert daemon.stop() == 0
 
 
+def test_status_takes_format_and_output_and_its_json_holds_what_the_table_shows(sandbox, config_file, tmp_path):
+    balance_customer(sandbox, grant=1, moesif_balance=0.0)
+    sandbox.stripe.add_payment_intent("cus_bal", 1900, "eur", id="pi_eur", created=int(utc_now().timestamp()) - 60)
+    forward_only(config_file)
+    reconciler("sync-usage", "--config", str(config_file))
+    reconciler("reconcile-balances", "--config", str(config_file))
+    result = reconciler("status", "--format", "json", "--config", str(config_file))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    jobs = {job["job"]: job for job in data["jobs"]}
+    assert list(jobs) == ["usage_sync", "usage_readback", "balance_reconcile"]
+    usage, balances = jobs["usage_sync"], jobs["balance_reconcile"]
+    assert (usage["job"], usage["schedule"], usage["outcome"]) == ("usage_sync", "*/15 * * * *", "succeeded")
+    assert datetime.fromisoformat(usage["next_run"]) > datetime.fromisoformat(usage["last_run"])
+    assert balances["job"] == "balance_reconcile" and balances["counts"]["held"] == 1
+    assert (data["pending_usage_reports"], data["pending_moesif_transactions"], data["replicas"]) == (0, 0, [])
+    [item] = data["attention"]
+    assert (item["job"], item["reason"], item["customer"], item["key"]) == (
+        "balance_reconcile",
+        "held",
+        "cus_bal",
+        "pi_eur",
+    )
+    table = reconciler("status", "--config", str(config_file)).stdout
+    assert item["line"] in table and "held 1" in table
+    written = tmp_path / "status.json"
+    assert (
+        reconciler("status", "--format", "json", "--output", str(written), "--config", str(config_file)).returncode == 0
+    )
+    assert json.loads(written.read_text())["attention"] == data["attention"]
+    as_csv = list(
+        csv.DictReader(io.StringIO(reconciler("status", "--format", "csv", "--config", str(config_file)).stdout))
+    )
+    assert [row["job"] for row in as_csv] == list(jobs)
+
+
 def test_tables_in_a_pipe_keep_every_id_amount_and_state_whole(sandbox, tmp_path):
     """Piped with COLUMNS=80, rich squeezed tables into 80 columns and cut `cus_sandbox_acme` to `cus_san…`: now
     every row of every table is one line, with its ids, amounts and states whole."""
@@ -593,5 +629,12 @@ def test_tables_in_a_pipe_keep_every_id_amount_and_state_whole(sandbox, tmp_path
         row(report, p["customer"], p["stripe_target"], p["status"], p["measured"], p["reported"])
     for item in data["attention"]:
         row(report, item["job"], item["reason"], item["customer"], item["key"])
-    status = piped("status")
-    assert all(f" {job} " in status for job in ("usage_sync", "balance_reconcile", "plan_sync")), status
+    status, data = piped("status"), json.loads(piped("status", "--format", "json"))
+    for job in data["jobs"]:
+        row(
+            status,
+            job["job"],
+            job["schedule"],
+            job["outcome"],
+            ", ".join(f"{k} {v}" for k, v in job["counts"].items() if v),
+        )
