@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column
 
 from reconciler.config import Config, ConfigError, load_config
 from reconciler.ledger.database import DatabaseNotMigratedError, make_engine, upgrade
 from reconciler.logs import configure_logging
-from reconciler.output import emit
+from reconciler.output import emit, result_console, table
 from reconciler.usage.job import CycleResult
 
 if TYPE_CHECKING:  # the app pulls in every SDK: imported only by the commands that run jobs
@@ -59,7 +59,7 @@ DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Show what would b
 CustomerOption = Annotated[list[str] | None, typer.Option("--customer", help="Only this Stripe customer (repeatable).")]
 FormatOption = Annotated[OutputFormat, typer.Option("--format", help="table, json, csv or html.")]
 OutputOption = Annotated[Path | None, typer.Option("--output", help="Write the result to this file.")]
-out = Console(soft_wrap=True)
+out = result_console()
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -317,14 +317,12 @@ def sync_plans(
 
     def as_table(console: Console) -> None:
         title = "plan sync" + (" (dry run: nothing sent or written)" if dry_run else f" run {result.run_id}")
-        table = Table(title=title)
-        for column in ("customer", "user", "plan", "status", "action", "reason"):
-            table.add_column(column)
+        lines = table(title, "customer", "user", "plan", "status", "action", "reason")
         for line in result.lines:
-            table.add_row(
+            lines.add_row(
                 line.customer_id, line.user_id or "", line.plan or "", line.status or "", line.action, line.reason
             )
-        console.print(table)
+        console.print(lines)
         console.print(", ".join(f"{k} {v}" for k, v in result.summary().items()) or "nothing to do", markup=False)
 
     rows = [asdict(line) for line in result.lines]
@@ -408,11 +406,12 @@ def backfill(
         )
 
     def as_table(console: Console) -> None:
-        table = Table(title="backfill" + (" (dry run: nothing sent or written)" if dry_run else ""))
-        for column in ("customer", "meter / price", "period", "ledger", "measured", "action", "quantity", "amount"):
-            table.add_column(column)
+        periods = table(
+            "backfill" + (" (dry run: nothing sent or written)" if dry_run else ""),
+            *("customer", "meter / price", "period", "ledger", "measured", "action", "quantity", "amount"),
+        )
         for line in result.lines:
-            table.add_row(
+            periods.add_row(
                 line.customer,
                 line.stripe_target,
                 f"{line.period_start[:10]} → {line.period_end[:10]}",
@@ -422,7 +421,7 @@ def backfill(
                 "" if line.quantity is None else str(line.quantity),
                 line.amount or "",
             )
-        console.print(table)
+        console.print(periods)
         for line in result.lines:
             if line.action == "out_of_reach":
                 console.print(
@@ -479,21 +478,13 @@ def verify(
         lines = verifier.run(*window)
 
     def as_table(console: Console) -> None:
-        table = Table(title="verify: Stripe's view against the ledger and OpenMeter")
-        for column in (
-            "customer",
-            "meter / price",
-            "period start",
-            "status",
-            "measured",
-            "reported",
-            "Stripe",
-            "finding",
-            "note",
-        ):
-            table.add_column(column)
+        findings = table(
+            "verify: Stripe's view against the ledger and OpenMeter",
+            *("customer", "meter / price", "period start", "status", "measured", "reported", "Stripe"),
+            *("finding", "note"),
+        )
         for line in lines:
-            table.add_row(
+            findings.add_row(
                 line.customer,
                 line.stripe_target,
                 line.period_start[:16],
@@ -504,7 +495,7 @@ def verify(
                 line.finding,
                 line.note,
             )
-        console.print(table)
+        console.print(findings)
 
     emit(
         output_format,
@@ -537,11 +528,12 @@ def read_back(
         application.close()
 
     def as_table(console: Console) -> None:
-        table = Table(title=f"read-back: {result.checked} read, {result.not_yet} not yet settled in Stripe")
-        for column in ("customer", "meter / price", "period start", "reported", "Stripe", "finding", "note"):
-            table.add_column(column)
+        findings = table(
+            f"read-back: {result.checked} read, {result.not_yet} not yet settled in Stripe",
+            *("customer", "meter / price", "period start", "reported", "Stripe", "finding", "note"),
+        )
         for line in result.lines:
-            table.add_row(
+            findings.add_row(
                 line.customer,
                 line.stripe_target,
                 line.period_start[:16],
@@ -550,7 +542,7 @@ def read_back(
                 line.finding,
                 line.note,
             )
-        console.print(table)
+        console.print(findings)
         for failure in result.failures:
             console.print(f"failed: {failure}", markup=False, highlight=False)
 
@@ -598,11 +590,12 @@ def report(
         built = build_report(engine, *window)
 
     def as_table(console: Console) -> None:
-        table = Table(title=f"report {window[0]:%Y-%m-%d} → {window[1]:%Y-%m-%d}")
-        for column in ("customer", "meter / price", "period start", "status", "measured", "reported", "difference"):
-            table.add_column(column)
+        periods = table(
+            f"report {window[0]:%Y-%m-%d} → {window[1]:%Y-%m-%d}",
+            *("customer", "meter / price", "period start", "status", "measured", "reported", "difference"),
+        )
         for p in built.periods:
-            table.add_row(
+            periods.add_row(
                 p.customer,
                 p.stripe_target,
                 p.period_start[:10],
@@ -611,21 +604,20 @@ def report(
                 str(p.reported),
                 f"{p.difference:+}",
             )
-        console.print(table)
+        console.print(periods)
         console.print(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in built.totals.items()), markup=False)
         if built.unbilled:
-            unbilled = Table(title="metered items nobody bills")
-            for column in ("customer", "item", "meter / price", "why", "measured", "at risk", "reason"):
-                unbilled.add_column(column)
+            unbilled = table(
+                "metered items nobody bills",
+                *("customer", "item", "meter / price", "why", "measured", "at risk", "reason"),
+            )
             for u in built.unbilled:
                 at_risk = f"{u.at_risk} {u.currency}" if u.at_risk is not None else "unknown"
                 measured = "unknown" if u.measured is None else str(u.measured)
                 unbilled.add_row(u.customer, u.item, u.stripe_target, u.why, measured, at_risk, u.reason)
             console.print(unbilled)
         if built.attention:
-            needs = Table(title="needs a person")
-            for column in ("job", "reason", "customer", "item", "since", "detail"):
-                needs.add_column(column)
+            needs = table("needs a person", "job", "reason", "customer", "item", "since", "detail")
             for i in built.attention:
                 needs.add_row(i.job, i.reason, i.customer or "", i.key, f"{i.since:%Y-%m-%d %H:%M:%S}", i.detail)
             console.print(needs)
@@ -687,13 +679,28 @@ def healthcheck(ctx: typer.Context, config: ConfigOption = None) -> None:
 
 
 @app.command("status")
-def status(ctx: typer.Context, config: ConfigOption = None) -> None:
+def status(
+    ctx: typer.Context,
+    output_format: FormatOption = OutputFormat.table,
+    output: OutputOption = None,
+    config: ConfigOption = None,
+) -> None:
     """Jobs with their last and next runs, pending and failed items, from the ledger."""
-    from reconciler.status import print_status
+    from reconciler.clock import utc_now
+    from reconciler.status import read_status, render_json, render_table
 
     loaded = _load(ctx, config)
     with _ledger(loaded) as engine:
-        print_status(loaded, engine, out)
+        current = read_status(loaded, engine, utc_now())
+    emit(
+        output_format,
+        output,
+        out,
+        title="status",
+        rows=[job.row() for job in current.jobs],
+        as_json=lambda: render_json(current),
+        as_table=lambda console: render_table(current, console),
+    )
 
 
 @app.command("demo")
@@ -806,22 +813,23 @@ def bench(
 
 
 def _print_rows(title: str, rows: list[dict[str, str]]) -> None:
-    table = Table(title=title)
-    for column in rows[0]:
-        table.add_column(column)
+    printed = table(title, *rows[0])
     for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
-    # Every column whole, even in a narrow terminal or a pipe (where rich would assume 80 and cut the headers).
-    Console(width=max(out.width, 160), soft_wrap=True).print(table)
+        printed.add_row(*(str(v) for v in row.values()))
+    out.print(printed)
 
 
 def print_summary(result: CycleResult, console: Console) -> None:
     summary = result.summary
-    table = Table(title="usage sync" + (" (dry run)" if result.run_id is None else f" run {result.run_id}"))
-    for column in ("seen", "reported", "unchanged", "unmapped", "failed", "finalized", "late drift"):
-        table.add_column(column, justify="right")
-    table.add_row(*(str(v) for v in summary.as_dict().values()))
-    console.print(table)
+    counts = table(
+        "usage sync" + (" (dry run)" if result.run_id is None else f" run {result.run_id}"),
+        *(
+            Column(name, justify="right")
+            for name in ("seen", "reported", "unchanged", "unmapped", "failed", "finalized", "late drift")
+        ),
+    )
+    counts.add_row(*(str(v) for v in summary.as_dict().values()))
+    console.print(counts)
     for failure in summary.failures:
         console.print(f"failed: {failure}", markup=False, highlight=False)
     if result.interrupted:
@@ -829,13 +837,14 @@ def print_summary(result: CycleResult, console: Console) -> None:
 
 
 def print_plan(result: CycleResult, console: Console) -> None:
-    table = Table(title="dry run: what would be sent")
-    for column in ("customer", "meter / price", "period", "reported", "measured", "action", "send"):
-        table.add_column(column)
+    plan = table(
+        "dry run: what would be sent",
+        *("customer", "meter / price", "period", "reported", "measured", "action", "send"),
+    )
     for planned in result.plan:
         work, decision = planned.work, planned.decision
         send = "" if decision.quantity is None else f"{decision.quantity} @ {decision.timestamp:%Y-%m-%d %H:%M:%S}"
-        table.add_row(
+        plan.add_row(
             work.stream.customer_id,
             work.stream.stripe_target,
             f"{work.period.start:%Y-%m-%d %H:%M} → {work.period.end:%Y-%m-%d %H:%M}",
@@ -844,7 +853,7 @@ def print_plan(result: CycleResult, console: Console) -> None:
             decision.action.value + (" (final)" if decision.final else ""),
             send,
         )
-    console.print(table)
+    console.print(plan)
 
 
 def main() -> None:

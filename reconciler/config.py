@@ -351,7 +351,7 @@ class BackfillConfig(_Section):
 
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["json", "console"] = "json"
+    format: Literal["auto", "json", "console"] = "auto"  # auto: console on a terminal, JSON in a pipe or a file
 
 
 class Config(_Section):

@@ -16,7 +16,6 @@ from decimal import Decimal
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from reconciler.app import build_app
 from reconciler.balances.report import render_table
@@ -24,6 +23,7 @@ from reconciler.clock import utc_now
 from reconciler.config import parse_config
 from reconciler.ledger.database import make_engine, upgrade
 from reconciler.logs import configure_logging
+from reconciler.output import table
 from reconciler.sandbox.seed import seed_sandbox
 from reconciler.sandbox.server import Sandbox
 from reconciler.usage.job import CycleResult
@@ -165,15 +165,13 @@ def _writes(sandbox: Sandbox) -> list:
 
 
 def _print_cycle(console: Console, result: CycleResult, sandbox: Sandbox, sent_before: int) -> None:
-    table = Table(show_header=True, header_style="bold")
-    for column in ("customer", "Stripe call", "sent"):
-        table.add_column(column)
+    calls = table(None, "customer", "Stripe call", "sent", header_style="bold")
     for request in _writes(sandbox)[sent_before:]:
         params = request.params
         if "meter_events" in request.path:
             meter = next(m for m in sandbox.stripe.meters.values() if m["event_name"] == params["event_name"])
             formula = meter["default_aggregation"]["formula"]
-            table.add_row(
+            calls.add_row(
                 params["payload"]["stripe_customer_id"],
                 f"meter event ({formula}) {params['event_name']}",
                 params["payload"]["value"],
@@ -181,9 +179,9 @@ def _print_cycle(console: Console, result: CycleResult, sandbox: Sandbox, sent_b
         else:
             item = sandbox.stripe.subscription_items[request.path.split("/")[3]]
             customer = sandbox.stripe.subscriptions[item["subscription"]]["customer"]
-            table.add_row(customer, "usage record, action=set", params["quantity"])
-    if table.row_count:
-        console.print(table)
+            calls.add_row(customer, "usage record, action=set", params["quantity"])
+    if calls.row_count:
+        console.print(calls)
     s = result.summary
     console.print(
         f"seen {s.seen}, reported {s.reported}, unchanged {s.unchanged}, unmapped {s.unmapped}, failed {s.failed}\n"

@@ -1,5 +1,6 @@
 """One way for every command to write its result: a table on the console, JSON, CSV or a self-contained HTML
-page, to stdout or to `--output FILE`."""
+page, to stdout or to `--output FILE`. Tables never cut a cell: in a pipe or a file they are as wide as their
+rows, on a terminal a value too long for its column folds onto the next line."""
 
 from __future__ import annotations
 
@@ -7,17 +8,51 @@ import csv
 import html
 import io
 from collections.abc import Callable, Sequence
+from datetime import date, time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import typer
 from rich.console import Console
+from rich.table import Column, Table
+
+# Wider than any table: rich lays a table out within the console's width, and for a pipe or a file it would
+# assume 80 columns (or $COLUMNS) and squeeze the table into them.
+UNBOUNDED = 100_000
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2rem;color:#222}
 table{border-collapse:collapse;font-size:.85rem}
 td,th{border:1px solid #ccc;padding:.25rem .5rem;text-align:left} th{background:#f3f3f3}
 dl{display:grid;grid-template-columns:max-content auto;gap:.2rem 1rem} dt{font-weight:600}
 .s0{fill:#4e79a7;color:#4e79a7} .s1{fill:#f28e2b;color:#f28e2b} svg{max-width:640px;border:1px solid #eee}"""
+
+
+def result_console(file: IO[str] | None = None) -> Console:
+    """A console for a command's result: a terminal's own width, or, for a pipe or a file, no limit, so that
+    every row of a table stays one line whole (for grep, cut, a spreadsheet)."""
+    console = Console(file=file, soft_wrap=True)
+    if not console.file.isatty():
+        console.width = UNBOUNDED
+    return console
+
+
+def table(title: str | None, *columns: str | Column, **options: Any) -> Table:
+    """A rich Table that never cuts a cell: what does not fit its column on a narrow terminal folds onto the next
+    line, where rich's default would end it in "…" and lose part of an id, an amount or a state."""
+    made = Table(*columns, title=title, **options)
+    for column in made.columns:
+        column.overflow = "fold"
+    return made
+
+
+def json_value(value: object) -> object:
+    """json.dumps's `default`: a value JSON has no type for, as one it has (never a Python repr). Times in ISO 8601,
+    sets as lists, anything else (a Decimal, an exception, a UUID, a path) as its str()."""
+    if isinstance(value, date | time):  # datetime is a date
+        return value.isoformat()
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    return str(value)
 
 
 def rows_csv(rows: Sequence[dict[str, Any]], fieldnames: Sequence[str] | None = None) -> str:
@@ -62,7 +97,7 @@ def emit(
             as_table(console)
         else:
             with output.open("w", encoding="utf-8") as handle:
-                as_table(Console(file=handle, width=200, soft_wrap=True))
+                as_table(result_console(handle))
         return
     renderers = {
         "json": as_json,

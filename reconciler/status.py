@@ -1,15 +1,17 @@
-"""`reconciler status`: what the jobs did last, when they run next, and what is waiting for attention."""
+"""`reconciler status`: what the jobs did last, when they run next, and what is waiting for attention; as a table
+for a person or as JSON holding all of it."""
 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 from sqlalchemy import Engine, desc, func, select
 
-from reconciler.attention import items_needing_attention
+from reconciler.attention import AttentionItem, items_needing_attention
 from reconciler.config import Config
 from reconciler.ledger.coordination import REPLICA_TIMEOUT
 from reconciler.ledger.schema import (
@@ -20,11 +22,51 @@ from reconciler.ledger.schema import (
     UsageReport,
     WorkItem,
 )
+from reconciler.output import json_value, table
 from reconciler.schedule import parse_schedule
 
 
-def print_status(config: Config, engine: Engine, console: Console) -> None:
-    now = datetime.now(UTC)
+@dataclass(frozen=True)
+class JobStatus:
+    job: str
+    schedule: str
+    last_run: datetime | None  # when the last run started; None: never
+    outcome: str  # the last run's status (succeeded, partial, …); "" if it never ran
+    counts: dict[str, int]  # the last run's summary
+    next_run: datetime | None
+
+    def row(self) -> dict[str, str]:
+        """The job as the table shows it: counts that are not zero, times to the second."""
+        return {
+            "job": self.job,
+            "schedule": self.schedule,
+            "last run": f"{self.last_run:%Y-%m-%d %H:%M:%S}" if self.last_run else "never",
+            "outcome": self.outcome,
+            "counts": ", ".join(f"{k} {v}" for k, v in self.counts.items() if v),
+            "next run": f"{self.next_run:%Y-%m-%d %H:%M:%S}" if self.next_run else "",
+        }
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    id: str
+    host: str
+    pid: int
+    live: bool  # its heartbeat is fresh
+    heartbeat_at: datetime
+    leases: int  # work items it holds
+
+
+@dataclass(frozen=True)
+class Status:
+    jobs: list[JobStatus]
+    pending_usage_reports: int
+    pending_moesif_transactions: int
+    replicas: list[ReplicaStatus]
+    attention: list[AttentionItem]
+
+
+def read_status(config: Config, engine: Engine, now: datetime) -> Status:
     schedules = {"usage_sync": config.schedule.usage_sync}
     if config.schedule.readback != "off":
         schedules["usage_readback"] = config.schedule.readback
@@ -32,23 +74,19 @@ def print_status(config: Config, engine: Engine, console: Console) -> None:
         schedules["balance_reconcile"] = config.schedule.balance_reconcile
     if config.plans.enabled:
         schedules["plan_sync"] = config.schedule.plan_sync
-    jobs = Table(title="jobs")
-    for column in ("job", "schedule", "last run", "outcome", "counts", "next run"):
-        jobs.add_column(column)
+    jobs = []
     with engine.connect() as connection:
         for job, schedule in schedules.items():
             last = connection.execute(select(Run).where(Run.job == job).order_by(desc(Run.started_at)).limit(1)).first()
-            next_run = parse_schedule(schedule).get_next_fire_time(None, now)
-            counts = (
-                ", ".join(f"{k} {v}" for k, v in json.loads(last.summary).items() if v) if last and last.summary else ""
-            )
-            jobs.add_row(
-                job,
-                schedule,
-                f"{last.started_at:%Y-%m-%d %H:%M:%S}" if last else "never",
-                last.status if last else "",
-                counts,
-                f"{next_run:%Y-%m-%d %H:%M:%S}" if next_run else "",
+            jobs.append(
+                JobStatus(
+                    job,
+                    schedule,
+                    last.started_at if last else None,
+                    last.status if last else "",
+                    json.loads(last.summary) if last and last.summary else {},
+                    parse_schedule(schedule).get_next_fire_time(None, now),
+                )
             )
         pending_reports = connection.execute(
             select(func.count()).select_from(UsageReport).where(UsageReport.state == IntentState.PENDING)
@@ -66,16 +104,39 @@ def print_status(config: Config, engine: Engine, console: Console) -> None:
                 .group_by(WorkItem.lease_owner)
             ).all()
         )
+    return Status(
+        jobs,
+        pending_reports,
+        moesif_pending,
+        [
+            ReplicaStatus(key, host, pid, now - heartbeat_at < REPLICA_TIMEOUT, heartbeat_at, leases.get(key, 0))
+            for key, host, pid, heartbeat_at in replicas
+        ],
+        items_needing_attention(engine),
+    )
+
+
+def render_table(status: Status, console: Console) -> None:
+    jobs = table("jobs", "job", "schedule", "last run", "outcome", "counts", "next run")
+    for job in status.jobs:
+        jobs.add_row(*job.row().values())
     console.print(jobs)
-    console.print(f"pending usage reports: {pending_reports}; pending Moesif transactions: {moesif_pending}")
-    for replica_id, host, pid, heartbeat_at in replicas:
-        live = "live" if now - heartbeat_at < REPLICA_TIMEOUT else "silent"
+    console.print(
+        f"pending usage reports: {status.pending_usage_reports}; "
+        f"pending Moesif transactions: {status.pending_moesif_transactions}"
+    )
+    for r in status.replicas:
         console.print(
-            f"replica {replica_id} {host}:{pid} {live}, heartbeat {heartbeat_at:%H:%M:%S}, "
-            f"{leases.get(replica_id, 0)} lease(s)",
+            f"replica {r.id} {r.host}:{r.pid} {'live' if r.live else 'silent'}, heartbeat {r.heartbeat_at:%H:%M:%S}, "
+            f"{r.leases} lease(s)",
             markup=False,
         )
-    attention = items_needing_attention(engine)
-    console.print(f"items needing a person: {len(attention)}")
-    for item in attention:
+    console.print(f"items needing a person: {len(status.attention)}")
+    for item in status.attention:
         console.print(f"{item.line()} (since {item.since:%Y-%m-%d %H:%M:%S})", markup=False)
+
+
+def render_json(status: Status) -> str:
+    document: dict[str, Any] = asdict(status)
+    document["attention"] = [{**asdict(item), "line": item.line()} for item in status.attention]
+    return json.dumps(document, indent=2, default=json_value)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column
 
 from reconciler.balances.job import BalanceResult
+from reconciler.output import table
 
 
 def render_json(result: BalanceResult) -> str:
@@ -25,14 +26,14 @@ def render_json(result: BalanceResult) -> str:
 
 def render_table(result: BalanceResult, console: Console) -> None:
     title = "balance reconcile" + (" (dry run: nothing sent or written)" if result.dry_run else f" run {result.run_id}")
-    table = Table(title=title)
-    table.add_column("customer", no_wrap=True)
-    table.add_column("cur")
-    for column in ("Stripe expected", "Moesif", "difference"):
-        table.add_column(column, justify="right")
-    table.add_column("action")
+    balances = table(
+        title,
+        *("customer", "cur"),
+        *(Column(name, justify="right") for name in ("Stripe expected", "Moesif", "difference")),
+        "action",
+    )
     for c in result.customers:
-        table.add_row(
+        balances.add_row(
             c.customer_id,
             c.currency.upper(),
             "" if c.stripe_expected is None else str(c.stripe_expected),
@@ -40,7 +41,7 @@ def render_table(result: BalanceResult, console: Console) -> None:
             "" if c.difference is None else f"{c.difference:+}",
             "failed" if c.error else c.action + ("" if c.moesif_reread else ", Moesif not re-read"),
         )
-    console.print(table)
+    console.print(balances)
     for c in result.customers:
         for line in c.forwarded:
             console.print(f"{c.customer_id}: {'would send' if result.dry_run else 'sent'} {line}", markup=False)

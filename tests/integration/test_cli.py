@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from reconciler.clock import utc_now
+from reconciler.sandbox.seed import seed_sandbox
 from reconciler.sandbox.server import SANDBOX_OPENMETER_TOKEN, SANDBOX_STRIPE_KEY, Sandbox
 from tests.integration.helpers import REPO_ROOT, customer_with_usage, reconciler, wait_until, write_config
 
@@ -537,3 +538,103 @@ def test_sync_usage_json_output(sandbox, config_file):
     assert [(p["customer"], p["action"], p["quantity"]) for p in dry["plan"]] == [("cus_cli", "report", 6)]
     real = reconciler("sync-usage", "--format", "json", "--config", str(config_file))
     assert real.returncode == 0 and json.loads(real.stdout)["summary"]["reported"] == 1
+
+
+def test_logs_in_a_pipe_are_json_lines_whose_fields_are_json_values(sandbox, config_file, daemons):
+    """`logging.format: auto` with stderr a pipe: every line JSON, a list a JSON list (it used to be its repr)."""
+    raw = yaml.safe_load(config_file.read_text())
+    raw["logging"]["format"] = "auto"
+    write_config(config_file, raw)
+    customer_with_usage(sandbox)
+    reconciler("db", "upgrade", "--config", str(config_file))
+    synced = reconciler("sync-usage", "--config", str(config_file))
+    assert synced.returncode == 0, synced.stderr
+    events = [json.loads(line)["event"] for line in synced.stderr.splitlines()]
+    assert "usage sync started" in events and "usage sync finished" in events
+    daemon = daemons(config_file)
+    jobs = daemon.wait_for("reconciler running")["jobs"]
+    assert isinstance(jobs, list) and {"usage_sync", "balance_reconcile"} <= set(jobs)
+    assert daemon.stop() == 0
+
+
+def test_status_takes_format_and_output_and_its_json_holds_what_the_table_shows(sandbox, config_file, tmp_path):
+    balance_customer(sandbox, grant=1, moesif_balance=0.0)
+    sandbox.stripe.add_payment_intent("cus_bal", 1900, "eur", id="pi_eur", created=int(utc_now().timestamp()) - 60)
+    forward_only(config_file)
+    reconciler("sync-usage", "--config", str(config_file))
+    reconciler("reconcile-balances", "--config", str(config_file))
+    result = reconciler("status", "--format", "json", "--config", str(config_file))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    jobs = {job["job"]: job for job in data["jobs"]}
+    assert list(jobs) == ["usage_sync", "usage_readback", "balance_reconcile"]
+    usage, balances = jobs["usage_sync"], jobs["balance_reconcile"]
+    assert (usage["job"], usage["schedule"], usage["outcome"]) == ("usage_sync", "*/15 * * * *", "succeeded")
+    assert datetime.fromisoformat(usage["next_run"]) > datetime.fromisoformat(usage["last_run"])
+    assert balances["job"] == "balance_reconcile" and balances["counts"]["held"] == 1
+    assert (data["pending_usage_reports"], data["pending_moesif_transactions"], data["replicas"]) == (0, 0, [])
+    [item] = data["attention"]
+    assert (item["job"], item["reason"], item["customer"], item["key"]) == (
+        "balance_reconcile",
+        "held",
+        "cus_bal",
+        "pi_eur",
+    )
+    table = reconciler("status", "--config", str(config_file)).stdout
+    assert item["line"] in table and "held 1" in table
+    written = tmp_path / "status.json"
+    assert (
+        reconciler("status", "--format", "json", "--output", str(written), "--config", str(config_file)).returncode == 0
+    )
+    assert json.loads(written.read_text())["attention"] == data["attention"]
+    as_csv = list(
+        csv.DictReader(io.StringIO(reconciler("status", "--format", "csv", "--config", str(config_file)).stdout))
+    )
+    assert [row["job"] for row in as_csv] == list(jobs)
+
+
+def test_tables_in_a_pipe_keep_every_id_amount_and_state_whole(sandbox, tmp_path):
+    """Piped with COLUMNS=80, rich squeezed tables into 80 columns and cut `cus_sandbox_acme` to `cus_san…`: now
+    every row of every table is one line, with its ids, amounts and states whole."""
+    seed_sandbox(sandbox.stripe, sandbox.openmeter, sandbox.moesif, utc_now())
+    raw = {**sandbox.config_dict(f"sqlite:///{tmp_path / 'ledger.db'}", plans=True), "server": {"port": 0}}
+    config = write_config(tmp_path / "config.yaml", raw)
+
+    def piped(*args: str) -> str:
+        result = reconciler(*args, "--config", str(config), env={"COLUMNS": "80"})
+        assert result.returncode in (0, 3), result.stderr
+        assert "…" not in result.stdout, result.stdout
+        return result.stdout
+
+    def row(table: str, *cells: object) -> None:
+        assert any(all(f" {cell} " in line for cell in cells) for line in table.splitlines()), (cells, table)
+
+    piped("db", "upgrade")
+    customers = ("cus_sandbox_acme", "cus_sandbox_globex", "cus_sandbox_initech")
+    since, until = (utc_now() - timedelta(days=40)).date().isoformat(), (utc_now() + timedelta(days=1)).isoformat()
+    named = {  # in order: each command's table, and the customers it names
+        ("sync-usage", "--dry-run"): customers,
+        ("sync-usage",): (),  # the counts only
+        ("reconcile-balances",): customers,
+        ("sync-plans",): customers[:2],  # initech has no plan price
+        ("verify",): customers,
+        ("backfill", "--from", since, "--to", until, "--dry-run"): customers,
+    }
+    for command, names in named.items():
+        output = piped(*command)
+        assert all(f" {name} " in output for name in names), output
+
+    report, data = piped("report"), json.loads(piped("report", "--format", "json"))
+    for p in data["periods"]:
+        row(report, p["customer"], p["stripe_target"], p["status"], p["measured"], p["reported"])
+    for item in data["attention"]:
+        row(report, item["job"], item["reason"], item["customer"], item["key"])
+    status, data = piped("status"), json.loads(piped("status", "--format", "json"))
+    for job in data["jobs"]:
+        row(
+            status,
+            job["job"],
+            job["schedule"],
+            job["outcome"],
+            ", ".join(f"{k} {v}" for k, v in job["counts"].items() if v),
+        )

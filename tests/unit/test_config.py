@@ -30,6 +30,13 @@ def test_the_documented_sample_is_valid(monkeypatch):
     assert config.usage.meters[0].openmeter == "api_requests"
     assert config.balances.enabled and config.balances.tolerance["jpy"] == 1
     assert config.moesif is not None and config.moesif.authorization == "Bearer moesif_sample"
+    assert config.logging.format == "auto"
+
+
+def test_log_format_is_auto_by_default_and_can_be_chosen():
+    assert parse_config(MINIMAL).logging.format == "auto"
+    assert parse_config({**MINIMAL, "logging": {"format": "console"}}).logging.format == "console"
+    assert problems_of({**MINIMAL, "logging": {"format": "yaml"}})[0].startswith("logging.format")
 
 
 def test_balances_without_a_moesif_section_or_with_nothing_to_compare_are_refused():
