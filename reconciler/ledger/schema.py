@@ -156,9 +156,7 @@ class UnbilledItem(Base):
     latest full cycle saw it: what it measures in its current period where that can be known, and its price."""
 
     __tablename__ = "unbilled_items"
-    __table_args__ = (
-        UniqueConstraint("subscription_item_id", "stripe_target", name="uq_unbilled_items_item_target"),
-    )
+    __table_args__ = (UniqueConstraint("subscription_item_id", "stripe_target", name="uq_unbilled_items_item_target"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     customer_id: Mapped[str] = mapped_column(String(255), index=True)
