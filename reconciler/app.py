@@ -11,7 +11,7 @@ from reconciler.balances.job import BalanceSync
 from reconciler.clock import utc_now
 from reconciler.config import Config
 from reconciler.ledger.balance_ledger import BalanceLedger
-from reconciler.ledger.database import make_engine, require_migrated
+from reconciler.ledger.database import check_reachable, make_engine, require_migrated
 from reconciler.ledger.meter_cache import MeterCache
 from reconciler.ledger.plan_ledger import PlanLedger
 from reconciler.ledger.readback_ledger import ReadBackLedger
@@ -40,7 +40,9 @@ class App:
     read_back: ReadBack
     balance_sync: BalanceSync | None  # None unless balances.enabled
     plan_sync: PlanSync | None  # None unless plans.enabled
+    openmeter: OpenMeterGateway
     limiters: list[RateLimiter | StripeBudget]  # the request budgets of each upstream API
+    owns_engine: bool = True  # False when built on the daemon's engine, which outlives its apps
 
     def share_budgets(self, replicas: int) -> None:
         """Live replicas split every upstream API's request budget."""
@@ -48,17 +50,24 @@ class App:
             limiter.share(replicas)
 
     def close(self) -> None:
+        """Every HTTP client the app's jobs opened (Stripe, OpenMeter, Moesif, the app's API), and its engine if
+        it owns it."""
+        self.stripe.close()
+        self.openmeter.close()
         if self.balance_sync is not None:
             self.balance_sync.close()
         if self.plan_sync is not None:
             self.plan_sync.close()
-        self.engine.dispose()
+        if self.owns_engine:
+            self.engine.dispose()
 
 
 def open_database(config: Config) -> Engine:
-    """An engine on the configured database, refusing one that `reconciler db upgrade` has not migrated."""
+    """An engine on the configured database, refusing one that cannot be reached or that `reconciler db upgrade`
+    has not migrated."""
     engine = make_engine(config.database.url)
     try:
+        check_reachable(engine)
         require_migrated(engine)
     except Exception:
         engine.dispose()
@@ -74,6 +83,7 @@ def build_app(
     metrics: Metrics = NO_METRICS,
 ) -> App:
     """Everything a command needs, on `engine` if given (a reload keeps the daemon's), else a new one."""
+    owns_engine = engine is None
     engine = engine or open_database(config)
     runs = RunLog(engine, utc_now)
     stripe = StripeGateway(config.stripe, metrics)
@@ -128,5 +138,7 @@ def build_app(
         read_back=read_back,
         balance_sync=balance_sync,
         plan_sync=plan_sync,
+        openmeter=openmeter,
         limiters=limiters,
+        owns_engine=owns_engine,
     )

@@ -1,13 +1,15 @@
-"""The `reconciler` command line. Exit codes: 0 all good, 1 some items failed, 2 configuration/setup error,
-3 uncorrected balance drift (with `reconcile-balances --fail-on-drift`)."""
+"""The `reconciler` command line. Exit codes: 0 all good, 1 some items failed, 2 configuration/setup error (bad
+config, database unreachable or not migrated, port in use: one line on stderr, see `main`), 3 uncorrected balance
+drift (with `reconcile-balances --fail-on-drift`)."""
 
 from __future__ import annotations
 
 import getpass
 import json
 import sys
+import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -19,7 +21,8 @@ from rich.console import Console
 from rich.table import Column
 
 from reconciler.config import Config, ConfigError, load_config
-from reconciler.ledger.database import DatabaseNotMigratedError, make_engine, upgrade
+from reconciler.errors import SetupError, one_line
+from reconciler.ledger.database import check_reachable, make_engine, upgrade
 from reconciler.logs import configure_logging
 from reconciler.output import emit, result_console, table
 from reconciler.usage.job import CycleResult
@@ -61,6 +64,8 @@ FormatOption = Annotated[OutputFormat, typer.Option("--format", help="table, jso
 OutputOption = Annotated[Path | None, typer.Option("--output", help="Write the result to this file.")]
 out = result_console()
 err = Console(stderr=True, soft_wrap=True)
+# logging.level of the loaded config: at DEBUG an operational error comes with its traceback (see `main`).
+_debug = False
 
 
 @app.callback()
@@ -77,28 +82,24 @@ def _load(ctx: typer.Context, config: Path | None) -> Config:
         err.print(f"error: {exc}", markup=False, highlight=False)
         raise typer.Exit(EXIT_CONFIG) from None
     configure_logging(loaded.logging.level, loaded.logging.format, loaded.secret_values())
+    global _debug
+    _debug = loaded.logging.level == "DEBUG"
     return loaded
 
 
 def _build(loaded: Config) -> App:
-    """The wired application, or exit 2 with the command to run if the database is not migrated."""
+    """The wired application (a database that is unreachable or not migrated: SetupError, see `main`)."""
     from reconciler.app import build_app
 
-    try:
-        return build_app(loaded)
-    except DatabaseNotMigratedError as exc:
-        raise _setup_error(str(exc)) from None
+    return build_app(loaded)
 
 
 @contextmanager
 def _ledger(loaded: Config) -> Iterator[Engine]:
-    """The migrated ledger's engine, disposed of afterwards; or exit 2 with the command to run if not migrated."""
+    """The migrated ledger's engine, disposed of afterwards."""
     from reconciler.app import open_database
 
-    try:
-        engine = open_database(loaded)
-    except DatabaseNotMigratedError as exc:
-        raise _setup_error(str(exc)) from None
+    engine = open_database(loaded)
     try:
         yield engine
     finally:
@@ -127,6 +128,7 @@ def db_upgrade(ctx: typer.Context, config: ConfigOption = None) -> None:
     loaded = _load(ctx, config)
     engine = make_engine(loaded.database.url)
     try:
+        check_reachable(engine)
         before, after = upgrade(engine)
     finally:
         engine.dispose()
@@ -473,9 +475,12 @@ def verify(
 
     loaded = _load(ctx, config)
     window = (_parse_date(since, "--from"), _parse_date(until, "--to"))
-    with _ledger(loaded) as engine:
-        verifier = Verifier(loaded, engine, StripeGateway(loaded.stripe), OpenMeterGateway(loaded.openmeter), utc_now)
-        lines = verifier.run(*window)
+    with (
+        _ledger(loaded) as engine,
+        closing(StripeGateway(loaded.stripe)) as stripe,
+        closing(OpenMeterGateway(loaded.openmeter)) as openmeter,
+    ):
+        lines = Verifier(loaded, engine, stripe, openmeter, utc_now).run(*window)
 
     def as_table(console: Console) -> None:
         findings = table(
@@ -645,15 +650,11 @@ def report(
 def run(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Run the scheduler and the operations server until SIGTERM/SIGINT (the service's main process)."""
     from reconciler.config import resolve_config_path
-    from reconciler.daemon import AlreadyRunningError, run_daemon
+    from reconciler.daemon import run_daemon
 
     loaded = _load(ctx, config)
     path = resolve_config_path(config or (ctx.obj or {}).get("config"))
-    try:
-        code = run_daemon(loaded, path)
-    except (DatabaseNotMigratedError, AlreadyRunningError) as exc:
-        raise _setup_error(str(exc)) from None
-    raise typer.Exit(code)
+    raise typer.Exit(run_daemon(loaded, path))
 
 
 @app.command("healthcheck")
@@ -856,8 +857,30 @@ def print_plan(result: CycleResult, console: Console) -> None:
     console.print(plan)
 
 
+def operational_problem(exc: BaseException) -> str | None:
+    """The one line for an error of the environment, None for anything else (a bug keeps its traceback)."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    if isinstance(exc, SetupError):
+        return str(exc)
+    if isinstance(exc, OperationalError | InterfaceError):
+        # The database went away mid-command (it was reached when the command started).
+        return f"database error: {one_line(exc.orig)}"
+    return None
+
+
 def main() -> None:
+    """The one place operational errors become exit 2 and one line on stderr (with the traceback only at
+    logging.level DEBUG), whichever command raised them."""
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        problem = operational_problem(exc)
+        if problem is None:
+            raise
+        if _debug:
+            traceback.print_exc()
+        err.print(f"error: {problem}", markup=False, highlight=False)
+        sys.exit(EXIT_CONFIG)

@@ -7,7 +7,9 @@ slow cycle is never run twice at once and missed ticks collapse into one.
 Signals: SIGTERM/SIGINT stop the cycle after the item in flight, wait for it (at most
 `server.shutdown_timeout`) and exit 0. SIGHUP re-reads the config file: schedules, budgets, tolerances and
 meter mappings change without a restart; an invalid file is logged with its key paths and the running config
-stays.
+stays. The app a reload replaces is closed (its HTTP clients and pools) once no job runs on it any more.
+
+Start-up binds both listeners before the scheduler starts, so a port in use stops the daemon before any job runs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO
@@ -31,6 +34,7 @@ from reconciler.app import App, build_app, open_database
 from reconciler.attention import AttentionCollector
 from reconciler.clock import utc_now
 from reconciler.config import Config, ConfigError, load_config
+from reconciler.errors import SetupError
 from reconciler.ledger.coordination import Coordinator
 from reconciler.ledger.retention import prune_ledger
 from reconciler.ledger.schema import IntentState, MoesifTransaction, UsageReport
@@ -51,7 +55,7 @@ PRUNE_SCHEDULE = "17 3 * * *"  # daily, off the hour
 HEARTBEAT_SECONDS = 5
 
 
-class AlreadyRunningError(Exception):
+class AlreadyRunningError(SetupError):
     """Another `reconciler run` holds this SQLite database."""
 
 
@@ -82,8 +86,8 @@ class Daemon:
         self.metrics = Metrics()
         self._usage_lock = threading.Lock()  # one usage cycle at a time (ticks and deadline wake-ups)
         self._deadline_requests: queue.SimpleQueue[datetime] = queue.SimpleQueue()
+        self.engine = open_database(config)  # first: an unreachable database is named as such, not as a lock file
         self._lock_file = hold_sqlite_lock(config.database.url)
-        self.engine = open_database(config)
         # On PostgreSQL any number of replicas share the work; SQLite (one daemon per file) runs it all locally.
         self.coordinator = (
             Coordinator(self.engine, utc_now, config.ledger.lease_ttl)
@@ -91,6 +95,9 @@ class Daemon:
             else None
         )
         self.app: App = build_app(config, self.stop.is_set, engine=self.engine, metrics=self.metrics)
+        # Jobs running on each app (by id): a reload closes the app it replaces once its last job has ended.
+        self._app_users: dict[int, int] = {}
+        self._apps_lock = threading.Lock()
         self.metrics.add_collector(
             GaugeCallback(
                 "reconciler_pending_intents",
@@ -105,23 +112,40 @@ class Daemon:
         self.listeners: list[Listener] = []  # the webhook listener, then the operations one
         self._live_replicas = 0
         self.inbox = WebhookInbox(self.engine, utc_now)
-        self.webhook_worker = WebhookWorker(
-            self.inbox, lambda: self.app, UsageLedger(self.engine, utc_now), self._usage_lock, self.metrics
-        )
+        self._webhook_ledger = UsageLedger(self.engine, utc_now)
         self._webhook_wake = threading.Event()
+
+    @contextmanager
+    def _current_app(self) -> Iterator[App]:
+        """The app a job runs on, held for the whole job: a reload swaps `self.app` but closes the old one only
+        when the last job holding it ends (here, or in `reload` if none holds it)."""
+        with self._apps_lock:
+            app = self.app
+            self._app_users[id(app)] = self._app_users.get(id(app), 0) + 1
+        try:
+            yield app
+        finally:
+            with self._apps_lock:
+                self._app_users[id(app)] -= 1
+                last = self._app_users[id(app)] == 0
+                if last:
+                    del self._app_users[id(app)]
+                retired = last and app is not self.app
+            if retired:
+                app.close()
 
     # -- jobs ----------------------------------------------------------------------------------------
 
     def usage_cycle(self, tick: str | None = None) -> None:
-        with self._usage_lock:
+        with self._usage_lock, self._current_app() as app:
             if self.stop.is_set():
                 return
             try:
                 if self.coordinator is None:
-                    result = self.app.usage_sync.run_cycle()
+                    result = app.usage_sync.run_cycle()
                 else:
                     key = tick or tick_key(self.config.schedule.usage_sync, utc_now())
-                    result = self.app.usage_sync.run_shared_cycle(self.coordinator, key)
+                    result = app.usage_sync.run_shared_cycle(self.coordinator, key)
             except Exception:  # the scheduler must outlive one bad cycle; the next tick tries again
                 log.exception("usage sync cycle crashed")
                 return
@@ -148,31 +172,33 @@ class Daemon:
         log.info("extra cycle scheduled for a final-sync deadline", at=when.isoformat())
 
     def balance_cycle(self) -> None:
-        balance_sync = self.app.balance_sync
-        if balance_sync is None or self.stop.is_set():
-            return
-        if self.coordinator is not None:
-            # The balance job is not split: one replica per tick runs it.
-            key = tick_key(self.config.schedule.balance_reconcile, utc_now())
-            if self.coordinator.claim_tick("balance_reconcile", key) is None:
+        with self._current_app() as app:
+            balance_sync = app.balance_sync
+            if balance_sync is None or self.stop.is_set():
                 return
-        try:
-            balance_sync.run_cycle()
-        except Exception:
-            log.exception("balance reconcile cycle crashed")
+            if self.coordinator is not None:
+                # The balance job is not split: one replica per tick runs it.
+                key = tick_key(self.config.schedule.balance_reconcile, utc_now())
+                if self.coordinator.claim_tick("balance_reconcile", key) is None:
+                    return
+            try:
+                balance_sync.run_cycle()
+            except Exception:
+                log.exception("balance reconcile cycle crashed")
 
     def plan_cycle(self) -> None:
-        plan_sync = self.app.plan_sync
-        if plan_sync is None or self.stop.is_set():
-            return
-        if self.coordinator is not None:
-            key = tick_key(self.config.schedule.plan_sync, utc_now())
-            if self.coordinator.claim_tick("plan_sync", key) is None:
-                return  # another replica runs this tick
-        try:
-            plan_sync.run_cycle()
-        except Exception:
-            log.exception("plan sync cycle crashed")
+        with self._current_app() as app:
+            plan_sync = app.plan_sync
+            if plan_sync is None or self.stop.is_set():
+                return
+            if self.coordinator is not None:
+                key = tick_key(self.config.schedule.plan_sync, utc_now())
+                if self.coordinator.claim_tick("plan_sync", key) is None:
+                    return  # another replica runs this tick
+            try:
+                plan_sync.run_cycle()
+            except Exception:
+                log.exception("plan sync cycle crashed")
 
     def readback_cycle(self) -> None:
         """Stripe's summaries read back for periods whose invoices have not closed yet; what error reports explain is
@@ -184,10 +210,11 @@ class Daemon:
             if self.coordinator.claim_tick(READBACK, key) is None:
                 return  # another replica runs this tick
         try:
-            result = self.app.read_back.run_cycle()
-            if result.resent_customers:
-                with self._usage_lock:
-                    self.app.usage_sync.run_cycle(customers=result.resent_customers, include_legacy=False)
+            with self._current_app() as app:
+                result = app.read_back.run_cycle()
+                if result.resent_customers:
+                    with self._usage_lock:
+                        app.usage_sync.run_cycle(customers=result.resent_customers, include_legacy=False)
         except Exception:
             log.exception("read-back crashed")
 
@@ -280,7 +307,12 @@ class Daemon:
             log.warning("server.host/port/ops_host/ops_port changed: that takes a restart")
         configure_logging(new.logging.level, new.logging.format, new.secret_values())
         self.config = new
-        self.app = build_app(new, self.stop.is_set, engine=self.engine, metrics=self.metrics)
+        replacement = build_app(new, self.stop.is_set, engine=self.engine, metrics=self.metrics)
+        with self._apps_lock:
+            old, self.app = self.app, replacement
+            idle = id(old) not in self._app_users
+        if idle:  # else the last job running on it closes it (`_current_app`)
+            old.close()
         if self.coordinator is not None:
             self.app.share_budgets(self.coordinator.live_replicas())
         self._schedule_jobs(first_run_now=False)
@@ -301,17 +333,6 @@ class Daemon:
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
 
-        self._schedule_jobs(first_run_now=True)
-        if self.coordinator is not None:
-            self.coordinator.register()
-            self.metrics.add_collector(
-                GaugeCallback(
-                    "reconciler_leases_held", "Work items this replica holds a lease on.", self.coordinator.leases_held
-                )
-            )
-            self.scheduler.add_job(self.heartbeat, trigger="interval", seconds=HEARTBEAT_SECONDS, id="heartbeat")
-            self.heartbeat()
-        self.scheduler.start()
         if self.config.server.enabled:
             probes = Probes(
                 engine=self.engine,
@@ -330,12 +351,27 @@ class Daemon:
                 max_body_bytes=lambda: self.config.server.max_body_bytes,
             )
             server = self.config.server
-            self.listeners = [
-                Listener("webhook", build_webhook_app(webhooks), server.host, server.port),
-                Listener("operations", build_ops_app(probes), server.ops_host, server.ops_port),
-            ]
+            # Both bound before any job is scheduled: a port in use (SetupError) stops the daemon with no job started.
+            webhook = Listener("webhook", build_webhook_app(webhooks), server.host, server.port, "server.port")
+            try:
+                ops = Listener("operations", build_ops_app(probes), server.ops_host, server.ops_port, "server.ops_port")
+            except SetupError:
+                webhook.stop()
+                raise
+            self.listeners = [webhook, ops]
             for listener in self.listeners:
                 listener.start()
+        self._schedule_jobs(first_run_now=True)
+        if self.coordinator is not None:
+            self.coordinator.register()
+            self.metrics.add_collector(
+                GaugeCallback(
+                    "reconciler_leases_held", "Work items this replica holds a lease on.", self.coordinator.leases_held
+                )
+            )
+            self.scheduler.add_job(self.heartbeat, trigger="interval", seconds=HEARTBEAT_SECONDS, id="heartbeat")
+            self.heartbeat()
+        self.scheduler.start()
         self._webhook_thread = threading.Thread(target=self._work_off_webhooks, name="webhook-worker")
         self._webhook_thread.start()
         # The bound addresses (with port 0, the ports the system picked): operators and tests read them here.
@@ -364,7 +400,10 @@ class Daemon:
             if self.stop.is_set():
                 return
             try:
-                self.webhook_worker.work_off()
+                with self._current_app() as app:
+                    WebhookWorker(
+                        self.inbox, lambda app=app: app, self._webhook_ledger, self._usage_lock, self.metrics
+                    ).work_off()
             except Exception:
                 log.exception("webhook worker failed; retrying shortly")
 
@@ -385,8 +424,7 @@ class Daemon:
             listener.stop()
         if self.coordinator is not None:
             self.coordinator.leave()  # unfinished claims go back to the others at once
-        if self.app.balance_sync is not None:
-            self.app.balance_sync.close()
+        self.app.close()  # every job's clients; the engine is the daemon's
         self.engine.dispose()
         if self._lock_file is not None:
             self._lock_file.close()

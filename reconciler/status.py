@@ -4,12 +4,15 @@ for a person or as JSON holding all of it."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
 from rich.console import Console
-from sqlalchemy import Engine, desc, func, select
+from sqlalchemy import Engine, Row, desc, func, select
 
 from reconciler.attention import AttentionItem, items_needing_attention
 from reconciler.config import Config
@@ -76,6 +79,9 @@ def read_status(config: Config, engine: Engine, now: datetime) -> Status:
         schedules["plan_sync"] = config.schedule.plan_sync
     jobs = []
     with engine.connect() as connection:
+        replicas = connection.execute(
+            select(Replica.id, Replica.host, Replica.pid, Replica.heartbeat_at).order_by(Replica.started_at)
+        ).all()
         for job, schedule in schedules.items():
             last = connection.execute(select(Run).where(Run.job == job).order_by(desc(Run.started_at)).limit(1)).first()
             jobs.append(
@@ -83,7 +89,7 @@ def read_status(config: Config, engine: Engine, now: datetime) -> Status:
                     job,
                     schedule,
                     last.started_at if last else None,
-                    last.status if last else "",
+                    shown_status(last, replicas, now) if last else "",
                     json.loads(last.summary) if last and last.summary else {},
                     parse_schedule(schedule).get_next_fire_time(None, now),
                 )
@@ -94,9 +100,6 @@ def read_status(config: Config, engine: Engine, now: datetime) -> Status:
         moesif_pending = connection.execute(
             select(func.count()).select_from(MoesifTransaction).where(MoesifTransaction.state == IntentState.PENDING)
         ).scalar_one()
-        replicas = connection.execute(
-            select(Replica.id, Replica.host, Replica.pid, Replica.heartbeat_at).order_by(Replica.started_at)
-        ).all()
         leases = dict(
             connection.execute(
                 select(WorkItem.lease_owner, func.count())
@@ -140,3 +143,27 @@ def render_json(status: Status) -> str:
     document: dict[str, Any] = asdict(status)
     document["attention"] = [{**asdict(item), "line": item.line()} for item in status.attention]
     return json.dumps(document, indent=2, default=json_value)
+
+
+def shown_status(run: Row[Any], replicas: Sequence[Row[Any]], now: datetime) -> str:
+    """A run's status, except that a run still marked `running` whose process is gone shows as `interrupted`: on
+    this host, its pid is no longer alive; on another host, it is a replica (PostgreSQL) whose heartbeat stopped.
+    Anything else (a one-shot command on another host, say) cannot be checked from here and shows as recorded."""
+    if run.status != "running":
+        return str(run.status)
+    if run.host == socket.gethostname():
+        return "running" if _alive(run.pid) else "interrupted"
+    for _id, host, pid, heartbeat_at in replicas:
+        if (host, pid) == (run.host, run.pid) and now - heartbeat_at >= REPLICA_TIMEOUT:
+            return "interrupted"
+    return "running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True

@@ -10,14 +10,35 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 import reconciler.migrations
+from reconciler.errors import SetupError, one_line
 
 MIGRATIONS_DIR = Path(reconciler.migrations.__file__).parent
 
 
-class DatabaseNotMigratedError(Exception):
+# Fail fast on a PostgreSQL host that drops packets (a refused port fails at once anyway); a URL's own
+# connect_timeout wins.
+CONNECT_TIMEOUT_SECONDS = 10
+
+
+class DatabaseNotMigratedError(SetupError):
     """The database schema is missing or older than this version of reconciler."""
+
+
+class DatabaseUnreachableError(SetupError):
+    """The database cannot be connected to (server down, wrong port or credentials, SQLite directory missing)."""
+
+
+def check_reachable(engine: Engine) -> None:
+    """Connect once, so that a database that cannot be reached is named (password hidden) in one line."""
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as exc:
+        url = engine.url.render_as_string(hide_password=True)
+        raise DatabaseUnreachableError(f"cannot reach the database {url}: {one_line(exc.orig)}") from exc
 
 
 def make_engine(url: str) -> Engine:
@@ -32,7 +53,8 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
 
 def _alembic_config() -> AlembicConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from reconciler.errors import SetupError
 from reconciler.sandbox.app_fake import SYNC_PATH, FakeApp
 from reconciler.sandbox.httpserver import LoopbackServer
 from reconciler.sandbox.moesif_fake import FakeMoesif
@@ -40,20 +41,25 @@ class Sandbox:
         moesif_port: int = 0,
         app_port: int = 0,
     ) -> Sandbox:
+        """Every fake served; a port in use is a SetupError naming it (and the servers already started stop)."""
         stripe = FakeStripe(api_key=SANDBOX_STRIPE_KEY)
         openmeter = FakeOpenMeter(token=SANDBOX_OPENMETER_TOKEN)
         moesif = FakeMoesif(token=SANDBOX_MOESIF_TOKEN)
         app = FakeApp(api_key=SANDBOX_APP_KEY)
-        return cls(
-            stripe,
-            openmeter,
-            moesif,
-            app,
-            LoopbackServer(stripe, host=host, port=stripe_port).start(),
-            LoopbackServer(openmeter, host=host, port=openmeter_port).start(),
-            LoopbackServer(moesif, host=host, port=moesif_port).start(),
-            LoopbackServer(app, host=host, port=app_port).start(),
-        )
+        servers: list[LoopbackServer] = []
+        for name, fake, port in (
+            ("Stripe", stripe, stripe_port),
+            ("OpenMeter", openmeter, openmeter_port),
+            ("Moesif", moesif, moesif_port),
+            ("app", app, app_port),
+        ):
+            try:
+                servers.append(LoopbackServer(fake, host=host, port=port).start())
+            except OSError as exc:
+                for server in servers:
+                    server.stop()
+                raise SetupError(f"the fake {name} API cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        return cls(stripe, openmeter, moesif, app, *servers)
 
     def stop(self) -> None:
         for server in (self.stripe_server, self.openmeter_server, self.moesif_server, self.app_server):

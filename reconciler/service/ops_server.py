@@ -14,6 +14,7 @@ Starlette routes, uvicorn serves each app on a background thread; signals stay w
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from reconciler.errors import SetupError
 from reconciler.ledger.database import DatabaseNotMigratedError, require_migrated
 from reconciler.ledger.schema import Run
 from reconciler.metrics import Metrics
@@ -200,27 +202,48 @@ def invalid_payload(reason: str) -> Response:
 
 
 class Listener:
-    """One app served by uvicorn on a daemon thread; `stop()` asks it to finish and waits."""
+    """One app served by uvicorn on a daemon thread; `stop()` asks it to finish and waits.
 
-    def __init__(self, name: str, app: Starlette, host: str, port: int):
+    The socket is bound when the listener is made, on the caller's thread: a port in use is a SetupError naming
+    host:port and the config key, raised before the daemon starts any job (uvicorn would only log it from its
+    thread and exit that thread)."""
+
+    def __init__(self, name: str, app: Starlette, host: str, port: int, key: str):
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
         self.name = name
+        self._socket = _bind(host, port, key)
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name=f"{name}-listener", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, name=f"{name}-listener", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
         while not self._server.started and self._thread.is_alive():
             time.sleep(0.05)
         if not self._server.started:
-            raise RuntimeError(f"the {self.name} listener did not start (is the port in use?)")
+            raise RuntimeError(f"the {self.name} listener did not start")
 
     @property
     def address(self) -> tuple[str, int]:
         """The bound (host, port): with port 0 the system picked the port."""
-        host, port = self._server.servers[0].sockets[0].getsockname()[:2]
+        host, port = self._socket.getsockname()[:2]
         return host, port
 
     def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._server.should_exit = True
+            self._thread.join(timeout=10)
+        self._socket.close()
+
+
+def _bind(host: str, port: int, key: str) -> socket.socket:
+    """A listening socket as uvicorn would make it (IPv6 for an address with a colon, SO_REUSEADDR)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SetupError(f"cannot listen on {host}:{port} ({key}): {exc.strerror or exc}") from None
+    return sock

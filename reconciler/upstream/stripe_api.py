@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
+import requests
 import stripe
 
 from reconciler.balances.model import InvoicePayment, Refund, TopUp
@@ -149,19 +151,56 @@ def _per_unit_amount(price: dict[str, Any]) -> Decimal | None:
     return None if amount is None else Decimal(amount)
 
 
+class _ClosableRequestsClient(stripe.RequestsClient):
+    """stripe's RequestsClient gives each thread a requests session of its own (requests does not promise that a
+    session is safe to share) and its `close` closes only the calling thread's. This one also remembers every
+    session it made, weakly (a thread's goes with the thread), so `close_all` closes every pooled connection."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._sessions: weakref.WeakSet[requests.Session] = weakref.WeakSet()
+        self._sessions_lock = threading.Lock()
+
+    def _thread_session(self) -> None:
+        # stripe keeps the session in `_thread_local.session` and makes one only when it finds none.
+        if getattr(self._thread_local, "session", None) is None:
+            session = requests.Session()
+            self._thread_local.session = session
+            with self._sessions_lock:
+                self._sessions.add(session)
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        self._thread_session()
+        return super().request(*args, **kwargs)
+
+    def request_stream(self, *args: Any, **kwargs: Any) -> Any:
+        self._thread_session()
+        return super().request_stream(*args, **kwargs)
+
+    def close_all(self) -> None:
+        with self._sessions_lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.close()
+
+
 class StripeGateway:
     def __init__(self, config: StripeConfig, metrics: Metrics = NO_METRICS):
         self._config = config
         self._metrics = metrics
         self.budget = StripeBudget(config.budgets())
         self._in_flight = threading.BoundedSemaphore(config.max_concurrency)
+        self._http = _ClosableRequestsClient(timeout=config.timeout_seconds)
         self._client = stripe.StripeClient(
             config.api_key.get_secret_value(),
             base_addresses={"api": config.api_base},
             stripe_version=config.api_version,
             max_network_retries=0,
-            http_client=stripe.RequestsClient(timeout=config.timeout_seconds),
+            http_client=self._http,
         )
+
+    def close(self) -> None:
+        self._http.close_all()
 
     def _call(self, what: str, operation: Callable[[], T], *, endpoint: str) -> T:
         """One call to `endpoint` (a named operation, ids as `{id}`: the unit of Stripe's per-endpoint limits), within

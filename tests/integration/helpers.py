@@ -93,14 +93,14 @@ def customer_with_usage(sandbox: Sandbox, customer: str = "cus_cli", value: floa
 class DaemonProcess:
     """`reconciler run` in a subprocess, its JSON log lines collected as they come."""
 
-    def __init__(self, config: Path):
+    def __init__(self, config: Path, env: dict[str, str] | None = None):
         assert_ephemeral_port(config)
         self.process = subprocess.Popen(
             command_line("run", "--config", str(config)),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=command_env(),
+            env=command_env(env),
         )
         self.events: list[dict] = []
         self._lines: queue.Queue[str] = queue.Queue()

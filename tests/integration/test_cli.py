@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import socket
 import threading
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -638,3 +639,68 @@ def test_tables_in_a_pipe_keep_every_id_amount_and_state_whole(sandbox, tmp_path
             job["outcome"],
             ", ".join(f"{k} {v}" for k, v in job["counts"].items() if v),
         )
+
+
+def free_port() -> int:
+    """A port nobody listens on: bound by the system's choice, then let go."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+DATABASE_COMMANDS = [
+    ["db", "upgrade"],
+    ["status"],
+    ["sync-usage"],
+    ["reconcile-balances"],
+    ["read-back"],
+    ["verify"],
+    ["report"],
+    ["backfill", "--from", "2026-01-01", "--to", "2026-02-01", "--yes"],
+    ["balances", "resolve", "pi_x", "--applied"],
+    ["run"],
+]
+
+
+def test_an_unreachable_database_fails_every_command_in_one_line_with_exit_2(sandbox, tmp_path):
+    raw = sandbox.config_dict("", meters=[{"stripe": "api_calls", "openmeter": "api_requests"}])
+    raw["server"] = {"port": 0, "ops_port": 0}
+    raw["logging"] = {"level": "INFO", "format": "json"}
+    port = free_port()
+    for url, expected in (
+        (f"postgresql+psycopg://reconciler:db_pw_not_shown@127.0.0.1:{port}/ledger", f"127.0.0.1:{port}/ledger"),
+        (f"sqlite:///{tmp_path / 'no-such-directory' / 'ledger.db'}", "no-such-directory/ledger.db"),
+    ):
+        raw["database"] = {"url": url}
+        path = write_config(tmp_path / "config.yaml", raw)
+        for command in DATABASE_COMMANDS:
+            result = reconciler(*command, "--config", str(path), timeout=60)
+            assert result.returncode == 2, (command, result.stderr)
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: cannot reach the database"), (command, lines)
+            assert expected in lines[0] and "db_pw_not_shown" not in lines[0], (command, lines)
+            assert "***" in lines[0] or url.startswith("sqlite")
+            assert not result.stdout, command
+
+
+def test_at_debug_an_operational_error_comes_with_its_traceback(sandbox, tmp_path):
+    raw = sandbox.config_dict(f"postgresql+psycopg://reconciler@127.0.0.1:{free_port()}/ledger")
+    raw["logging"] = {"level": "DEBUG", "format": "json"}
+    result = reconciler("status", "--config", str(write_config(tmp_path / "config.yaml", raw)))
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot reach the database")
+
+
+def test_a_second_sandbox_on_a_taken_port_fails_in_one_line_with_exit_2():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = reconciler(
+            "sandbox", "--stripe-port", str(port), "--openmeter-port", "0", "--moesif-port", "0", timeout=60
+        )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: the fake Stripe API cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]

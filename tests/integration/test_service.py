@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import threading
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import pytest
 import yaml
 from sqlalchemy import create_engine, text
 
@@ -19,6 +22,7 @@ from reconciler.sandbox.server import SANDBOX_MOESIF_TOKEN, SANDBOX_OPENMETER_TO
 from reconciler.service.ops_server import Probes, readiness_problems
 from tests.integration.helpers import (
     PATIENCE_SECONDS,
+    DaemonProcess,
     customer_with_usage,
     metric_value,
     reconciler,
@@ -242,3 +246,100 @@ def test_retention_prunes_only_closed_history(tmp_path):
         left = connection.execute(text("select status, period_end from usage_periods order by id")).all()
     assert [row[0] for row in left] == ["provisional", "final"]  # an open period is never pruned
     engine.dispose()
+
+
+def test_reloads_and_shutdown_close_every_client_they_opened(sandbox, service_config, daemons):
+    """20 SIGHUP reloads, each followed by cycles on the new app (so its clients open connections to the fakes):
+    the process holds as many files and sockets as after the first, and no socket is ever left to the garbage
+    collector (which Python reports as an unclosed-socket ResourceWarning)."""
+    balance_customer(sandbox, grant=5000, moesif_balance=50.0)
+    raw = yaml.safe_load(service_config.read_text())
+    raw["balances"].update(enabled=True)
+    raw["schedule"]["balance_reconcile"] = "1s"
+    write_config(service_config, raw)
+    daemon = DaemonProcess(service_config, env={"PYTHONWARNINGS": "always::ResourceWarning"})
+    try:
+        daemon.wait_for("balance reconcile finished")
+
+        def open_files() -> int:
+            return len(os.listdir(f"/proc/{daemon.process.pid}/fd"))
+
+        def reload_and_use_the_new_app() -> None:
+            # A new grant: the balance cycle on the new app has Moesif's balance to read and correct, so its
+            # Moesif client opens a connection too.
+            subscription = next(s for s in sandbox.stripe.subscriptions.values() if s["customer"] == "cus_bal")
+            sandbox.stripe.add_credit_grant("cus_bal", 100, effective_at=subscription["created"])
+            daemon.process.send_signal(signal.SIGHUP)
+            daemon.wait_for("config reloaded")
+            # Only lines logged after the reload from here on: cycles that start now run on the new app.
+            daemon.events.clear()
+            daemon.wait_for("usage sync started")
+            daemon.wait_for("balance reconcile started")
+            daemon.wait_for("balance reconcile finished")
+            daemon.wait_for("usage sync finished")
+            daemon.events.clear()
+
+        reload_and_use_the_new_app()  # warm-up: what lives as long as the process
+        before = open_files()
+        for _ in range(20):
+            reload_and_use_the_new_app()
+        assert open_files() <= before + 4, f"{before} open files before 20 reloads, {open_files()} after"
+        assert daemon.stop() == 0
+        daemon.wait_for("reconciler stopped")
+        daemon.process.wait()
+        while True:  # every line up to the end
+            try:
+                daemon.wait_for("the end of the output", timeout=1)
+            except AssertionError:
+                break
+        unclosed = [e["event"] for e in daemon.events if "ResourceWarning" in e["event"]]
+        assert not unclosed, unclosed
+    finally:
+        daemon.kill()
+
+
+@pytest.mark.parametrize("key", ["port", "ops_port"])
+def test_a_port_in_use_stops_run_in_one_line_before_any_job_starts(service_config, tmp_path, key):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        raw = yaml.safe_load(service_config.read_text())
+        raw["server"].update(host="127.0.0.1", ops_host="127.0.0.1", **{key: port})
+        write_config(service_config, raw)
+        result = reconciler("run", "--config", str(service_config), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port} (server.{key}): Address already in use"
+    ]
+    engine = create_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    with engine.connect() as connection:
+        assert connection.execute(text("select count(*) from runs")).scalar() == 0  # no job started
+    engine.dispose()
+
+
+def test_status_shows_a_run_whose_process_was_killed_as_interrupted(sandbox, service_config, daemons):
+    customer_with_usage(sandbox, "cus_held")
+    reported, release = threading.Event(), threading.Event()
+    original = sandbox.stripe.handle
+
+    def held(method, path, query, headers, body):
+        if method == "POST":  # the cycle stays mid-report until the test is done with it
+            reported.set()
+            release.wait(timeout=PATIENCE_SECONDS)
+        return original(method, path, query, headers, body)
+
+    sandbox.stripe.handle = held
+    daemon = daemons(service_config)
+    wait_until(reported.is_set, what="a report in flight")
+
+    def usage_sync_outcome() -> str:
+        result = reconciler("status", "--config", str(service_config))
+        assert result.returncode == 0, result.stderr
+        return next(line for line in result.stdout.splitlines() if "usage_sync" in line)
+
+    assert "running" in usage_sync_outcome() and "interrupted" not in usage_sync_outcome()
+    daemon.process.kill()  # SIGKILL: no chance to finish the run's row
+    daemon.process.wait()
+    release.set()
+    assert "interrupted" in usage_sync_outcome()
