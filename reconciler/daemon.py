@@ -35,6 +35,7 @@ from reconciler.attention import AttentionCollector
 from reconciler.clock import utc_now
 from reconciler.config import Config, ConfigError, load_config
 from reconciler.errors import SetupError
+from reconciler.jobs import job_schedules
 from reconciler.ledger.coordination import Coordinator
 from reconciler.ledger.retention import prune_ledger
 from reconciler.ledger.schema import IntentState, MoesifTransaction, UsageReport
@@ -245,21 +246,17 @@ class Daemon:
 
     def _schedule_jobs(self, *, first_run_now: bool) -> None:
         now = datetime.now(UTC)
-        jobs: list[tuple[str, str, Callable[[], None], bool]] = [
-            ("usage_sync", self.config.schedule.usage_sync, self.usage_cycle, True),
-            (
-                "balance_reconcile",
-                self.config.schedule.balance_reconcile,
-                self.balance_cycle,
-                self.config.balances.enabled,
-            ),
-            ("plan_sync", self.config.schedule.plan_sync, self.plan_cycle, self.config.plans.enabled),
-            (READBACK, self.config.schedule.readback, self.readback_cycle, self.config.schedule.readback != "off"),
-            ("prune_ledger", PRUNE_SCHEDULE, self.prune, True),
-        ]
-        for job_id, schedule, function, enabled in jobs:
+        cycles: dict[str, Callable[[], None]] = {
+            "usage_sync": self.usage_cycle,
+            READBACK: self.readback_cycle,
+            "balance_reconcile": self.balance_cycle,
+            "plan_sync": self.plan_cycle,
+        }
+        schedules = job_schedules(self.config)
+        for job_id, function in [*cycles.items(), ("prune_ledger", self.prune)]:
             existing = self.scheduler.get_job(job_id)
-            if not enabled:
+            schedule = PRUNE_SCHEDULE if job_id == "prune_ledger" else schedules.get(job_id)
+            if schedule is None:  # switched off
                 if existing:
                     existing.remove()
                 continue
@@ -271,12 +268,7 @@ class Daemon:
                 self.scheduler.add_job(function, trigger=trigger, id=job_id, name=job_id.replace("_", " "), **run_now)
 
     def enabled_jobs(self) -> list[str]:
-        return (
-            ["usage_sync"]
-            + ([READBACK] if self.config.schedule.readback != "off" else [])
-            + (["balance_reconcile"] if self.config.balances.enabled else [])
-            + (["plan_sync"] if self.config.plans.enabled else [])
-        )
+        return list(job_schedules(self.config))
 
     def _pending_intents(self) -> float:
         with self.engine.connect() as connection:

@@ -16,6 +16,7 @@ from sqlalchemy import Engine, Row, desc, func, select
 
 from reconciler.attention import AttentionItem, items_needing_attention
 from reconciler.config import Config
+from reconciler.jobs import job_schedules
 from reconciler.ledger.coordination import REPLICA_TIMEOUT
 from reconciler.ledger.schema import (
     IntentState,
@@ -70,13 +71,7 @@ class Status:
 
 
 def read_status(config: Config, engine: Engine, now: datetime) -> Status:
-    schedules = {"usage_sync": config.schedule.usage_sync}
-    if config.schedule.readback != "off":
-        schedules["usage_readback"] = config.schedule.readback
-    if config.balances.enabled:
-        schedules["balance_reconcile"] = config.schedule.balance_reconcile
-    if config.plans.enabled:
-        schedules["plan_sync"] = config.schedule.plan_sync
+    schedules = job_schedules(config)
     jobs = []
     with engine.connect() as connection:
         replicas = connection.execute(
