@@ -725,6 +725,7 @@ def sandbox(
     from reconciler.clock import utc_now
     from reconciler.sandbox.seed import seed_sandbox
     from reconciler.sandbox.server import (
+        SANDBOX_MOESIF_TOKEN,
         SANDBOX_OPENMETER_TOKEN,
         SANDBOX_STRIPE_KEY,
         Sandbox,
@@ -738,8 +739,11 @@ def sandbox(
         ("STRIPE_API_KEY", SANDBOX_STRIPE_KEY),
         ("OPENMETER_URL", served.openmeter_server.url),
         ("OPENMETER_API_TOKEN", SANDBOX_OPENMETER_TOKEN),
+        ("MOESIF_URL", served.moesif_server.url),
+        ("MOESIF_MANAGEMENT_TOKEN", SANDBOX_MOESIF_TOKEN),
     ):
         out.print(f"  export {name}={value}", markup=False, highlight=False)
+    out.file.flush()  # it serves until stopped: whatever reads a pipe must see these now, not at exit
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import queue
+import re
 import socket
+import subprocess
 import threading
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -18,7 +22,15 @@ from sqlalchemy import create_engine, text
 from reconciler.clock import utc_now
 from reconciler.sandbox.seed import seed_sandbox
 from reconciler.sandbox.server import SANDBOX_OPENMETER_TOKEN, SANDBOX_STRIPE_KEY, Sandbox
-from tests.integration.helpers import REPO_ROOT, customer_with_usage, reconciler, wait_until, write_config
+from tests.integration.helpers import (
+    PATIENCE_SECONDS,
+    REPO_ROOT,
+    command_line,
+    customer_with_usage,
+    reconciler,
+    wait_until,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -704,3 +716,33 @@ def test_a_second_sandbox_on_a_taken_port_fails_in_one_line_with_exit_2():
     assert result.stderr.strip().splitlines() == [
         f"error: the fake Stripe API cannot listen on 127.0.0.1:{port}: Address already in use"
     ]
+
+
+def test_the_sandbox_prints_every_variable_the_sample_config_needs_to_reach_it():
+    """The README's local try-out exports what `reconciler sandbox` prints, then runs on config.yaml: every
+    `${VAR}` config.yaml reads for Stripe, OpenMeter and Moesif with no default, or with the real API's address as
+    its default, must be among them."""
+    process = subprocess.Popen(
+        command_line("sandbox", "--stripe-port", "0", "--openmeter-port", "0", "--moesif-port", "0"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line.strip()) for line in process.stdout], daemon=True).start()
+        printed = [lines.get(timeout=PATIENCE_SECONDS)]
+        with contextlib.suppress(queue.Empty):  # the sandbox prints its lines at once, then serves
+            while True:
+                printed.append(lines.get(timeout=5))
+        exports = [line.removeprefix("export ").partition("=") for line in printed if line.startswith("export ")]
+        exported = {name: value for name, _, value in exports}
+        sample = (REPO_ROOT / "config.yaml").read_text()
+        references = re.findall(r"\$\{((?:STRIPE|OPENMETER|MOESIF)_[A-Z_]+)(:-[^}]*)?\}", sample)
+        needed = {name for name, default in references if not default or default[2:].startswith("https://")}
+        assert {"STRIPE_API_BASE", "MOESIF_URL", "MOESIF_MANAGEMENT_TOKEN"} <= needed  # the pattern reads them
+        assert needed <= set(exported), needed - set(exported)
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
