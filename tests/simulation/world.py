@@ -39,6 +39,7 @@ from reconciler.upstream.errors import UpstreamError
 from reconciler.upstream.moesif_api import MoesifGateway
 from reconciler.upstream.rate_limit import RateLimiter
 from reconciler.upstream.stripe_api import StripeGateway
+from reconciler.upstream.stripe_budget import StripeBudget
 from reconciler.usage.backfill import Backfill, Checkpoints, command_key
 from reconciler.webhooks.inbox import WebhookInbox
 from reconciler.webhooks.worker import WebhookWorker
@@ -142,7 +143,9 @@ class World:
         with (
             freeze_time(self.scenario.start) as clock,
             mock.patch("time.sleep", lambda seconds: clock.tick(timedelta(seconds=max(0.0, seconds)))),
-            mock.patch.object(RateLimiter, "acquire", lambda limiter: None),  # the budget is tested on its own
+            # The budgets are tested on their own; here they would only move the frozen clock on by their waits.
+            mock.patch.object(RateLimiter, "acquire", lambda limiter: 0.0),
+            mock.patch.object(StripeBudget, "acquire", lambda budget, endpoint: 0.0),
             self._crash_points(),
         ):
             self._seed_upstreams()
