@@ -365,20 +365,27 @@ class StripeGateway:
 
     def legacy_usage_total(self, item_id: str, period_start: datetime) -> int | None:
         """The usage Stripe holds for a legacy item's period (usage record summaries exist only on API versions
-        before 2025-03-31); None if Stripe has no summary for that period."""
-        response = self._call(
-            "usage record summaries",
-            lambda: self._client.raw_request(
-                "get",
-                f"/v1/subscription_items/{item_id}/usage_record_summaries",
-                stripe_version=self._config.legacy_api_version,
-            ),
-            endpoint="GET /v1/subscription_items/{id}/usage_record_summaries",
-        )
-        for summary in self._client.deserialize(response, api_mode="V1").to_dict().get("data", []):
-            if (summary.get("period") or {}).get("start") == epoch_seconds(period_start):
-                return int(summary.get("total_usage") or 0)
-        return None
+        before 2025-03-31); None if Stripe has no summary for that period. The summaries are a list, newest period
+        first, paged like any other: an older period may be pages away."""
+        path = f"/v1/subscription_items/{item_id}/usage_record_summaries"
+        cursor: str | None = None
+        while True:
+            page_params = {"limit": PAGE_SIZE, **({"starting_after": cursor} if cursor else {})}
+            response = self._call(
+                "usage record summaries",
+                lambda p=page_params: self._client.raw_request(  # type: ignore[misc]
+                    "get", path, stripe_version=self._config.legacy_api_version, **p
+                ),
+                endpoint="GET /v1/subscription_items/{id}/usage_record_summaries",
+            )
+            page = self._client.deserialize(response, api_mode="V1").to_dict()
+            summaries = page.get("data") or []
+            for summary in summaries:
+                if (summary.get("period") or {}).get("start") == epoch_seconds(period_start):
+                    return int(summary.get("total_usage") or 0)
+            if not page.get("has_more") or not summaries or summaries[-1].get("id") in (None, cursor):
+                return None
+            cursor = summaries[-1]["id"]
 
     # -- thin events ---------------------------------------------------------------------------------
 

@@ -115,3 +115,18 @@ def test_a_summary_is_attributed_to_its_period_by_what_we_sent_into_its_minutes(
     assert attribute_to_period(Decimal(5), "last", 2, [previous_final, own])[0] == 5
     assert attribute_to_period(Decimal(2), "last", 2, [previous_final])[0] is None
     assert attribute_to_period(Decimal(5), "last", 1, [previous_final, own])[0] is None
+
+
+def test_a_legacy_period_pages_away_is_still_read_back(harness):
+    """Usage record summaries are a list, newest period first, paged (10 to a page unless asked for more): the
+    period a read-back or `verify` asks for may be on a later page."""
+    h = harness
+    item = seed(h, customer="cus_L", legacy=True, event_name="price_legacy")
+    subscription = item["subscription"]
+    start = PERIOD_END
+    for _ in range(120):  # ten years of monthly rollovers: the first period is far down the list
+        end = start + timedelta(days=30)
+        h.stripe.update_subscription(subscription, current_period_start=ts(start), current_period_end=ts(end))
+        start = end
+    assert h.stripe_gateway.legacy_usage_total(item["id"], PERIOD_START) == 0
+    assert h.stripe_gateway.legacy_usage_total(item["id"], PERIOD_START - timedelta(days=30)) is None
