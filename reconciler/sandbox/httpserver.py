@@ -239,18 +239,19 @@ class FakeService:
         return self.budgets.get(limiter)
 
     def _over_budget(self, now: float, method: str, path: str) -> bool:
-        """Count a request against its limiters (under the lock); True if any is full and it must be refused (it
-        then counts against none)."""
+        """Count a request against its limiters (under the lock); True if any is full and it must be refused. A
+        refused request counts too: the APIs do not say whether it does, and counting it is the worse case for a
+        client that retries at once (it stays refused until it backs off)."""
         counted = [(name, budget) for name in self._limiters(method, path) if (budget := self._budget_of(name))]
+        full = False
         for name, (max_requests, per_seconds) in counted:
             recent = self._recent[name]
             while recent and recent[0] <= now - per_seconds:
                 recent.popleft()
-            if len(recent) >= max_requests:
-                return True
+            full = full or len(recent) >= max_requests
         for name, _ in counted:
             self._recent[name].append(now)
-        return False
+        return full
 
     def _rate_limited_response(self) -> Response:
         return self._fault_response(

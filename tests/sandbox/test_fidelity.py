@@ -450,8 +450,14 @@ def test_stripe_limits_requests_globally_per_endpoint_and_live_meter_events_apar
     stripe_fake.reset_counters()
     stripe_fake.limit_like_stripe(live=True, window=60)
     assert [retrieve(n) for n in range(26)][-1] == 429  # 25 per endpoint, live as well
-    for listing in (stripe_client.v1.prices.list, stripe_client.v1.subscriptions.list, stripe_client.v1.refunds.list):
-        assert [status(listing) for _ in range(25)] == [200] * 25  # other endpoints: 100 in all, the global limit
+    # The docs do not say whether a refused request counts against the limits; the fake counts it (the worse case
+    # for a client that retries at once): the 26 retrieves leave 74 of the global 100.
+    for listing, allowed in (
+        (stripe_client.v1.prices.list, 25),
+        (stripe_client.v1.subscriptions.list, 25),
+        (stripe_client.v1.refunds.list, 24),
+    ):
+        assert [status(listing) for _ in range(allowed)] == [200] * allowed  # other endpoints, up to the global 100
     assert status(lambda: stripe_client.v1.billing.meters.list()) == 429
     events = [status(lambda n=n: _meter_event(stripe_client, "cus_1", "1", identifier=f"e{n}")) for n in range(150)]
     assert events == [200] * 150  # live meter events: their own 1,000/s, outside the global limit
