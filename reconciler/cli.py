@@ -646,6 +646,33 @@ def report(
     raise typer.Exit(EXIT_DRIFT if fail_on_drift and built.needs_a_person else EXIT_OK)
 
 
+@app.command("doctor")
+def doctor(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    output_format: FormatOption = OutputFormat.table,
+    output: OutputOption = None,
+    max_items: Annotated[
+        int, typer.Option("--max-items", min=1, help="Metered items to read for unmapped prices and a Moesif sample.")
+    ] = 10_000,
+) -> None:
+    """Check the database and the configured accounts before the first real cycle; reads only. Exit 0: ready
+    (warnings allowed), 1: something failed."""
+    from reconciler.doctor import diagnose
+
+    diagnosis = diagnose(_load(ctx, config), max_items=max_items)
+    emit(
+        output_format,
+        output,
+        out,
+        title="reconciler doctor",
+        rows=[asdict(c) for c in diagnosis.checks],
+        as_json=diagnosis.render_json,
+        as_table=lambda console: console.print(diagnosis.render_lines(), markup=False, highlight=False),
+    )
+    raise typer.Exit(EXIT_OK if diagnosis.healthy else EXIT_FAILURES)
+
+
 @app.command("run")
 def run(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Run the scheduler and the operations server until SIGTERM/SIGINT (the service's main process)."""

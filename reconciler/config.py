@@ -335,6 +335,19 @@ class ServerConfig(_Section):
     # the endpoint is public, so an unsigned body must not make the process buffer it.
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
     max_cycle_age: Duration = timedelta(hours=2)  # /readyz turns unready when a job's last success is older
+    # Where Stripe reaches the webhook listener from outside (e.g. https://billing.example.com): `reconciler doctor`
+    # checks that the webhook endpoint and the thin event destination post there. Unset: only their paths are.
+    public_url: str | None = None
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url_form(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s) URL, e.g. https://billing.example.com")
+        return value.rstrip("/")
+
     shutdown_timeout: Duration = timedelta(seconds=30)
 
 

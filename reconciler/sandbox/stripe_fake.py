@@ -319,6 +319,36 @@ class EventDestination:
     secret: str
     events: tuple[str, ...] = _THIN_METER_EVENTS
     deliveries: list[tuple[str, int]] = field(default_factory=list)  # (event id, HTTP status; 0: no answer)
+    id: str = field(default_factory=lambda: _new_id("ed_test_", 44))
+    enabled: bool = True  # a disabled destination is sent nothing
+    created: float = 0.0
+
+    def as_served(self, *, with_url: bool) -> dict[str, Any]:
+        """The v2 Event Destination object (https://docs.stripe.com/api/v2/core/event-destinations/object). The
+        signing secret is never served back; the webhook URL only when the request asked to `include` it, as the
+        list's parameters document ("include: Additional fields to include in the response. Currently supports
+        webhook_endpoint.url"); retrieving one destination is served the same way here (the docs are silent on
+        it: leaving the URL out is the worse case for a reader)."""
+        created = datetime.fromtimestamp(self.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return {
+            "id": self.id,
+            "object": "v2.core.event_destination",
+            "created": created,
+            "description": "",
+            "enabled_events": list(self.events),
+            "event_payload": "thin",
+            "events_from": ["@self"],
+            "livemode": False,
+            "metadata": {},
+            "name": "reconciler",
+            "snapshot_api_version": None,
+            "status": "enabled" if self.enabled else "disabled",
+            "status_details": None,
+            "type": "webhook_endpoint",
+            "updated": created,
+            # The signing secret is never served back (null), as in the documented object.
+            "webhook_endpoint": {"signing_secret": None, "url": self.url if with_url else None},  # nosec B105
+        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,6 +403,8 @@ class FakeStripe(FakeService):
             ("GET", re.compile(r"/v1/billing/credit_grants/(?P<id>[^/]+)"), self._h_get_credit_grant),
             ("GET", re.compile(r"/v1/billing/credit_balance_summary"), self._h_credit_balance_summary),
             ("GET", re.compile(r"/v2/core/events/(?P<id>[^/]+)"), self._h_get_v2_event),
+            ("GET", re.compile(r"/v1/webhook_endpoints"), self._h_list_webhook_endpoints),
+            ("GET", re.compile(r"/v2/core/event_destinations"), self._h_list_event_destinations),
         ]
         self._init_state()
 
@@ -403,6 +435,7 @@ class FakeStripe(FakeService):
         self.v2_events: dict[str, dict[str, Any]] = {}  # thin events as GET /v2/core/events/{id} returns them
         self.thin_events: list[dict[str, Any]] = []  # the pushed (thin) bodies, oldest first
         self.event_destinations: list[EventDestination] = []
+        self.webhook_endpoints: dict[str, dict[str, Any]] = {}  # snapshot-payload endpoints, as served
         self._identifiers: dict[str, MeterEvent] = {}
         # item id -> {timestamp: quantity}
         self.usage_records: dict[str, dict[int, int]] = {}
@@ -1795,13 +1828,67 @@ class FakeStripe(FakeService):
     # -- thin events: meter error reports ------------------------------------------------------------
 
     def add_event_destination(
-        self, url: str, secret: str, events: Iterable[str] = _THIN_METER_EVENTS
+        self, url: str, secret: str, events: Iterable[str] = _THIN_METER_EVENTS, *, enabled: bool = True
     ) -> EventDestination:
-        """Register a thin-payload webhook destination; `flush_meter_error_reports` POSTs to it."""
-        destination = EventDestination(url, secret, tuple(events))
+        """Register a thin-payload webhook destination; `flush_meter_error_reports` POSTs to it (when enabled)."""
+        destination = EventDestination(url, secret, tuple(events), enabled=enabled, created=self.clock())
         with self.lock:
             self.event_destinations.append(destination)
         return destination
+
+    def add_webhook_endpoint(self, url: str, events: Iterable[str], *, status: str = "enabled") -> dict[str, Any]:
+        """A snapshot-payload webhook endpoint as `GET /v1/webhook_endpoints` lists it
+        (https://docs.stripe.com/api/webhook_endpoints/object). The fake delivers nothing to it: tests sign and
+        post snapshot events themselves."""
+        endpoint = {
+            "id": _new_id("we_"),
+            "object": "webhook_endpoint",
+            "api_version": None,
+            "application": None,
+            "created": int(self.clock()),
+            "description": None,
+            "enabled_events": list(events),
+            "livemode": False,
+            "metadata": {},
+            "status": status,
+            "url": url,
+        }
+        with self.lock:
+            self._seq += 1
+            self._order[endpoint["id"]] = self._seq
+            self.webhook_endpoints[endpoint["id"]] = endpoint
+        return json.loads(json.dumps(endpoint))
+
+    def _h_list_webhook_endpoints(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
+        # https://docs.stripe.com/api/webhook_endpoints/list: a v1 list, newest first; `secret` is "only returned
+        # at creation", so never here.
+        self._expand(params, set())
+        endpoints = self._newest_first(self.webhook_endpoints.values())
+        return self._paginate(endpoints, params, "/v1/webhook_endpoints", "webhook endpoint")
+
+    def _h_list_event_destinations(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
+        # https://docs.stripe.com/api/v2/core/event-destinations/list: a v2 list (`data`, `next_page_url`,
+        # `previous_page_url`), `limit` the page size; the docs give no default or bound for it, and no order: the
+        # fake serves oldest first, 20 to a page by default, and refuses a limit outside 1..100 as v1 lists do.
+        limit = _int_param(params, "limit")
+        limit = 20 if limit is None else limit
+        if not 1 <= limit <= 100:
+            raise StripeError(400, "Invalid limit: must be between 1 and 100.", param="limit")
+        start = _int_param(params, "page") or 0  # the fake's own page token, opaque to a client
+        with_url = "webhook_endpoint.url" in _as_list(params.get("include"))
+        page = self.event_destinations[start : start + limit]
+        more = start + limit < len(self.event_destinations)
+        return {
+            "data": [d.as_served(with_url=with_url) for d in page],
+            # Stripe's page URL carries the request's parameters: a client follows it as given.
+            "next_page_url": (
+                f"/v2/core/event_destinations?limit={limit}&page={start + limit}"
+                + ("&include[0]=webhook_endpoint.url" if with_url else "")
+                if more
+                else None
+            ),
+            "previous_page_url": None,
+        }
 
     def flush_meter_error_reports(self) -> list[dict[str, Any]]:
         """Turn the meter events rejected since the last flush into thin events, deliver them to the registered
@@ -1826,7 +1913,7 @@ class FakeStripe(FakeService):
             destinations = list(self.event_destinations)
         for body in pushed:  # outside the lock: the receiver may call back (GET /v2/core/events/{id})
             for destination in destinations:
-                if body["type"] in destination.events:
+                if destination.enabled and body["type"] in destination.events:
                     destination.deliveries.append((body["id"], self._post_thin_event(destination, body)))
         return pushed
 

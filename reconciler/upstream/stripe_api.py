@@ -349,6 +349,40 @@ class StripeGateway:
                 )
             cursor = data[-1]["id"]
 
+    # -- preflight (`reconciler doctor`) --------------------------------------------------------------
+
+    def price(self, price_id: str, *, legacy: bool = False) -> dict[str, Any]:
+        """One price as plain JSON, read under the legacy API version when `legacy` (which proves that version is
+        still accepted)."""
+        version = {"stripe_version": self._config.legacy_api_version} if legacy else {}
+        return self._call(
+            "retrieve price",
+            lambda: self._client.raw_request("get", f"/v1/prices/{price_id}", **version).data,  # type: ignore[arg-type]
+            endpoint="GET /v1/prices/{id}",
+        )
+
+    def webhook_endpoints(self) -> list[dict[str, Any]]:
+        """The account's snapshot-payload webhook endpoints (https://docs.stripe.com/api/webhook_endpoints/list)."""
+        return list(self._pages("list webhook endpoints", "/v1/webhook_endpoints", {}))
+
+    def event_destinations(self) -> list[dict[str, Any]]:
+        """The account's v2 event destinations with their webhook URLs, which the list leaves out unless asked to
+        `include` them (https://docs.stripe.com/api/v2/core/event-destinations/list); v2 lists page by
+        `next_page_url`."""
+        found: list[dict[str, Any]] = []
+        path: str | None = "/v2/core/event_destinations"
+        params: dict[str, Any] = {"include": ["webhook_endpoint.url"], "limit": 100}
+        while path:
+            page = self._call(
+                "list event destinations",
+                lambda p=path, q=params: self._client.raw_request("get", p, **q).data,  # type: ignore[misc]
+                endpoint="GET /v2/core/event_destinations",
+            )
+            found += page.get("data") or []
+            next_page = page.get("next_page_url")
+            path, params = (next_page, {}) if next_page and next_page != path else (None, {})
+        return found
+
     # -- read-back -----------------------------------------------------------------------------------
 
     def meter_total(self, meter_id: str, customer: str, start: datetime, end: datetime) -> Decimal:

@@ -75,6 +75,16 @@ PLAN_EVENTS = frozenset(
 )
 
 
+# What the usage and balance work below reacts to (work_for_event).
+USAGE_EVENTS = frozenset({"customer.subscription.updated", "customer.subscription.deleted", "invoice.created"})
+BALANCE_EVENTS = frozenset({"payment_intent.succeeded"})
+
+
+def snapshot_events_needed(*, balances: bool, plans: bool) -> frozenset[str]:
+    """The snapshot events the webhook endpoint must subscribe to for the jobs that are on."""
+    return USAGE_EVENTS | (BALANCE_EVENTS if balances else frozenset()) | (PLAN_EVENTS if plans else frozenset())
+
+
 def works_for_event(event: dict[str, Any]) -> list[WebhookWork]:
     """Everything an event implies: usage/top-up work, and an entitlement sync for subscription changes."""
     works = [work] if (work := work_for_event(event)) else []

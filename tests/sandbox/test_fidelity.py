@@ -399,6 +399,58 @@ def test_async_rejections_become_thin_meter_error_events(
     assert missing.value.http_status == 404
 
 
+# -- Stripe: where events go (what `reconciler doctor` reads) ------------------------------------------------------
+
+
+def test_webhook_endpoints_are_listed_without_their_secret(stripe_client: stripe.StripeClient, stripe_fake: FakeStripe):
+    """https://docs.stripe.com/api/webhook_endpoints/list and /object: a v1 list, newest first, of objects with
+    `url`, `enabled_events` (`['*']` for all), `status` enabled | disabled and `api_version` (null: the account's
+    default); the `secret` is "only returned at creation", so a list never carries it."""
+    stripe_fake.add_webhook_endpoint("https://a.example.com/webhooks/stripe", ["invoice.created"])
+    stripe_fake.add_webhook_endpoint("https://b.example.com/webhooks/stripe", ["*"], status="disabled")
+    listed = stripe_client.v1.webhook_endpoints.list(params={"limit": 1})
+    assert listed.has_more is True
+    first = listed.data[0].to_dict()
+    assert first["url"] == "https://b.example.com/webhooks/stripe"  # newest first
+    assert first["object"] == "webhook_endpoint" and first["status"] == "disabled" and first["enabled_events"] == ["*"]
+    assert "secret" not in first and first["api_version"] is None and first["livemode"] is False
+    rest = stripe_client.v1.webhook_endpoints.list(params={"starting_after": first["id"]})
+    assert [e.url for e in rest.data] == ["https://a.example.com/webhooks/stripe"]
+
+
+def test_event_destinations_show_their_url_only_when_included(
+    stripe_client: stripe.StripeClient, stripe_fake: FakeStripe, thin_receiver
+):
+    """https://docs.stripe.com/api/v2/core/event-destinations/list: a v2 list (`data`, `next_page_url`) whose
+    `include` parameter "Currently supports webhook_endpoint.url": without it the URL is not served (the object
+    is https://docs.stripe.com/api/v2/core/event-destinations/object; `signing_secret` null). The docs give no page
+    order or default size: the fake pages oldest first. A disabled destination is sent nothing (status)."""
+    url, received = thin_receiver
+    enabled = stripe_fake.add_event_destination(url, "whsec_on")
+    stripe_fake.add_event_destination(url, "whsec_off", enabled=False)
+
+    bare = stripe_client.v2.core.event_destinations.list().to_dict()
+    assert bare["data"][0]["webhook_endpoint"] == {"signing_secret": None, "url": None}
+    page = stripe_client.v2.core.event_destinations.list(params={"include": ["webhook_endpoint.url"], "limit": 1})
+    first = page.to_dict()["data"][0]
+    assert first["id"] == enabled.id and first["object"] == "v2.core.event_destination"
+    assert first["type"] == "webhook_endpoint" and first["event_payload"] == "thin" and first["status"] == "enabled"
+    assert first["webhook_endpoint"]["url"] == url
+    assert set(first["enabled_events"]) == {
+        "v1.billing.meter.error_report_triggered",
+        "v1.billing.meter.no_meter_found",
+    }
+    following = stripe_client.raw_request("get", page.to_dict()["next_page_url"]).data
+    assert following["data"][0]["status"] == "disabled" and following["data"][0]["webhook_endpoint"]["url"] == url
+    assert following["next_page_url"] is None
+
+    stripe_fake.add_customer(id="cus_1")
+    stripe_fake.add_meter("api_calls")
+    _meter_event(stripe_client, "cus_ghost", "1", identifier="idem-ghost")
+    stripe_fake.flush_meter_error_reports()
+    assert len(received) == 1 and [status for _, status in enabled.deliveries] == [200]
+
+
 # -- Stripe: meter event summaries (https://docs.stripe.com/api/billing/meter-event-summary/list) ------------------
 
 
