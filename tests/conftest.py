@@ -21,15 +21,15 @@ from reconciler.ledger.readback_ledger import ReadBackLedger
 from reconciler.ledger.runs import RunLog
 from reconciler.ledger.unbilled import UnbilledLedger
 from reconciler.ledger.usage_ledger import UsageLedger
-from reconciler.sandbox.httpserver import LoopbackServer
-from reconciler.sandbox.moesif_fake import FakeMoesif
-from reconciler.sandbox.openmeter_fake import FakeOpenMeter
-from reconciler.sandbox.stripe_fake import FakeStripe
 from reconciler.upstream.openmeter_api import OpenMeterGateway
 from reconciler.upstream.stripe_api import StripeGateway
 from reconciler.usage.job import CycleResult, UsageSync
 from reconciler.usage.readback import ReadBack
 from reconciler.usage.stripe_view import StripeView
+from reconciler_sandbox.httpserver import LoopbackServer
+from reconciler_sandbox.moesif_fake import FakeMoesif
+from reconciler_sandbox.openmeter_fake import FakeOpenMeter
+from reconciler_sandbox.stripe_fake import FakeStripe
 
 POSTGRES_URL = os.environ.get("RECONCILER_TEST_POSTGRES_URL")
 

@@ -284,6 +284,18 @@ def test_dockerfile_install_step_works_in_a_fresh_virtualenv(stages, tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"^\W*run\b", result.stdout, re.MULTILINE), result.stdout
+    # The image ships the product only: no fake, fault injection or seeding, and so no demo, sandbox or bench.
+    for command in ("demo", "sandbox", "bench"):
+        assert not re.search(rf"^\W*{command}\b", result.stdout, re.MULTILINE), f"`{command}` in the image"
+    found = subprocess.run(
+        [str(python), "-c", "import importlib.util; print(importlib.util.find_spec('reconciler_sandbox'))"],
+        cwd=runtime_workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert found.stdout.strip() == "None", found.stdout + found.stderr
 
     # Every module of the source tree is installed and imports (`--help` alone loads only a few of them).
     modules = sorted(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.sandbox.server import Sandbox
+from reconciler_sandbox.server import Sandbox
 from tests.integration.helpers import DaemonProcess, reconciler, write_config
 
 

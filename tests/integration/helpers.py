@@ -18,7 +18,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.clock import utc_now
-from reconciler.sandbox.server import Sandbox
+from reconciler_sandbox.server import Sandbox
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Generous: a test may wait this long for what it expects, but never passes or fails by how fast the machine is.

@@ -20,8 +20,8 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from reconciler.clock import utc_now
-from reconciler.sandbox.seed import seed_sandbox
-from reconciler.sandbox.server import SANDBOX_OPENMETER_TOKEN, SANDBOX_STRIPE_KEY, Sandbox
+from reconciler_sandbox.seed import seed_sandbox
+from reconciler_sandbox.server import SANDBOX_OPENMETER_TOKEN, SANDBOX_STRIPE_KEY, Sandbox
 from tests.integration.helpers import (
     PATIENCE_SECONDS,
     REPO_ROOT,

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from reconciler.clock import utc_now
-from reconciler.sandbox.seed import seed_sandbox
 from reconciler.webhooks.events import THIN_METER_ERROR_EVENTS, snapshot_events_needed
+from reconciler_sandbox.seed import seed_sandbox
 from tests.integration.helpers import reconciler, write_config
 
 PUBLIC_URL = "https://billing.example.com"

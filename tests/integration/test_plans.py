@@ -15,10 +15,10 @@ from reconciler.ledger.plan_ledger import PlanLedger
 from reconciler.ledger.runs import RunLog
 from reconciler.logs import configure_logging
 from reconciler.plans.job import PlanSync
-from reconciler.sandbox.app_fake import SYNC_PATH, FakeApp
-from reconciler.sandbox.httpserver import LoopbackServer
 from reconciler.upstream.app_api import EntitlementsGateway
 from reconciler.upstream.stripe_api import StripeGateway
+from reconciler_sandbox.app_fake import SYNC_PATH, FakeApp
+from reconciler_sandbox.httpserver import LoopbackServer
 from tests.conftest import OPENMETER_TOKEN, STRIPE_KEY
 
 APP_KEY = "app_secret_key_123"

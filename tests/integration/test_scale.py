@@ -13,10 +13,10 @@ from sqlalchemy import event, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from reconciler.bench.dataset import billed_totals
 from reconciler.clock import utc_now
 from reconciler.ledger.schema import UsagePeriod, UsageReport
 from reconciler.ledger.usage_ledger import UsageLedger
+from reconciler_sandbox.bench.dataset import billed_totals
 from tests.conftest import Harness, ts
 
 FAST = {"max_requests_per_second": 500, "max_requests_per_second_per_endpoint": 500, "max_concurrency": 8}

@@ -18,8 +18,8 @@ from reconciler.config import ServerConfig
 from reconciler.ledger.database import make_engine, upgrade
 from reconciler.ledger.retention import prune_ledger
 from reconciler.metrics import Metrics
-from reconciler.sandbox.server import SANDBOX_MOESIF_TOKEN, SANDBOX_OPENMETER_TOKEN, SANDBOX_STRIPE_KEY
 from reconciler.service.ops_server import Probes, readiness_problems
+from reconciler_sandbox.server import SANDBOX_MOESIF_TOKEN, SANDBOX_OPENMETER_TOKEN, SANDBOX_STRIPE_KEY
 from tests.integration.helpers import (
     PATIENCE_SECONDS,
     DaemonProcess,

@@ -16,9 +16,9 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from reconciler.clock import utc_now
-from reconciler.sandbox.server import SANDBOX_STRIPE_KEY
-from reconciler.sandbox.stripe_fake import stripe_signature
 from reconciler.webhooks.events import BALANCE_SYNC, METER_ERRORS, USAGE_SYNC, work_for_event
+from reconciler_sandbox.server import SANDBOX_STRIPE_KEY
+from reconciler_sandbox.stripe_fake import stripe_signature
 from tests.integration.helpers import (
     PATIENCE_SECONDS,
     customer_with_usage,

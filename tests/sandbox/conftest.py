@@ -12,8 +12,8 @@ import openmeter
 import pytest
 import stripe
 
-from reconciler.sandbox.httpserver import LoopbackServer
-from reconciler.sandbox.moesif_fake import FakeMoesif
+from reconciler_sandbox.httpserver import LoopbackServer
+from reconciler_sandbox.moesif_fake import FakeMoesif
 
 NOW = 1_767_225_600  # 2026-01-01T00:00:00Z
 MOESIF_TOKEN = "moesif_sandbox_token"

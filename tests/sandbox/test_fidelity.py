@@ -29,10 +29,10 @@ import pytest
 import stripe
 from corehttp.exceptions import HttpResponseError
 
-from reconciler.sandbox.httpserver import DROP_CONNECTION, LoopbackServer
-from reconciler.sandbox.moesif_fake import FakeMoesif
-from reconciler.sandbox.openmeter_fake import FakeOpenMeter
-from reconciler.sandbox.stripe_fake import FakeStripe
+from reconciler_sandbox.httpserver import DROP_CONNECTION, LoopbackServer
+from reconciler_sandbox.moesif_fake import FakeMoesif
+from reconciler_sandbox.openmeter_fake import FakeOpenMeter
+from reconciler_sandbox.stripe_fake import FakeStripe
 from tests.sandbox.conftest import NOW, Clock, openmeter_sdk, stripe_sdk
 from tests.sandbox.test_moesif_fake import TXN_PATH, _balance, _txn
 from tests.sandbox.test_openmeter_fake import T0, _raw

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
-from reconciler.sandbox.moesif_fake import FakeMoesif
+from reconciler_sandbox.moesif_fake import FakeMoesif
 from tests.sandbox.conftest import MOESIF_TOKEN, NOW, Clock
 
 TOKEN = MOESIF_TOKEN

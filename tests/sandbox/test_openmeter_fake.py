@@ -14,8 +14,8 @@ import pytest
 from corehttp.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
 from freezegun import freeze_time
 
-from reconciler.sandbox.httpserver import LoopbackServer
-from reconciler.sandbox.openmeter_fake import FakeOpenMeter
+from reconciler_sandbox.httpserver import LoopbackServer
+from reconciler_sandbox.openmeter_fake import FakeOpenMeter
 from tests.sandbox.conftest import OPENMETER_TOKEN, openmeter_sdk
 
 TOKEN = OPENMETER_TOKEN

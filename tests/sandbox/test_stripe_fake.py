@@ -13,8 +13,8 @@ import pytest
 import stripe
 from freezegun import freeze_time
 
-from reconciler.sandbox.httpserver import LoopbackServer
-from reconciler.sandbox.stripe_fake import FakeStripe, parse_stripe_params
+from reconciler_sandbox.httpserver import LoopbackServer
+from reconciler_sandbox.stripe_fake import FakeStripe, parse_stripe_params
 from tests.sandbox.conftest import stripe_sdk
 
 NOW = 1_767_225_600  # 2026-01-01T00:00:00Z

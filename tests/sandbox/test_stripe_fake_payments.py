@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 import stripe
 
-from reconciler.sandbox.httpserver import LoopbackServer
-from reconciler.sandbox.stripe_fake import FakeStripe
+from reconciler_sandbox.httpserver import LoopbackServer
+from reconciler_sandbox.stripe_fake import FakeStripe
 from tests.sandbox.conftest import NOW, Clock, stripe_sdk
 
 DAY = 86400

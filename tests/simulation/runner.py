@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
 from reconciler.ledger.database import make_engine, upgrade
-from reconciler.sandbox.server import Sandbox
+from reconciler_sandbox.server import Sandbox
 from tests.simulation.invariants import check
 from tests.simulation.scenario import generate
 from tests.simulation.world import World, reset_fakes

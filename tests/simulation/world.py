@@ -33,8 +33,6 @@ from reconciler.ledger.runs import RunLog
 from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.logs import configure_logging
 from reconciler.metrics import NO_METRICS
-from reconciler.sandbox.httpserver import DROP_CONNECTION, InjectedFault
-from reconciler.sandbox.server import SANDBOX_MOESIF_TOKEN, SANDBOX_OPENMETER_TOKEN, SANDBOX_STRIPE_KEY, Sandbox
 from reconciler.upstream.errors import UpstreamError
 from reconciler.upstream.moesif_api import MoesifGateway
 from reconciler.upstream.rate_limit import RateLimiter
@@ -43,6 +41,8 @@ from reconciler.upstream.stripe_budget import StripeBudget
 from reconciler.usage.backfill import Backfill, Checkpoints, command_key
 from reconciler.webhooks.inbox import WebhookInbox
 from reconciler.webhooks.worker import WebhookWorker
+from reconciler_sandbox.httpserver import DROP_CONNECTION, InjectedFault
+from reconciler_sandbox.server import SANDBOX_MOESIF_TOKEN, SANDBOX_OPENMETER_TOKEN, SANDBOX_STRIPE_KEY, Sandbox
 from tests.simulation.scenario import (
     GRACE,
     INVOICE_GRACE,

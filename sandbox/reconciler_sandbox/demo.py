@@ -24,9 +24,9 @@ from reconciler.config import parse_config
 from reconciler.ledger.database import make_engine, upgrade
 from reconciler.logs import configure_logging
 from reconciler.output import table
-from reconciler.sandbox.seed import seed_sandbox
-from reconciler.sandbox.server import Sandbox
 from reconciler.usage.job import CycleResult
+from reconciler_sandbox.seed import seed_sandbox
+from reconciler_sandbox.server import Sandbox
 
 
 def run_demo(console: Console) -> int:

@@ -18,11 +18,11 @@ from typing import Any
 
 import yaml
 
-from reconciler.bench.dataset import EVENT_NAME, OPENMETER_METER, billed_totals, seed_openmeter, seed_stripe
-from reconciler.bench.naive import naive_cycle
-from reconciler.sandbox.httpserver import FakeService, LoopbackServer
-from reconciler.sandbox.server import SANDBOX_STRIPE_KEY, Sandbox
-from reconciler.sandbox.stripe_fake import FakeStripe
+from reconciler_sandbox.bench.dataset import EVENT_NAME, OPENMETER_METER, billed_totals, seed_openmeter, seed_stripe
+from reconciler_sandbox.bench.naive import naive_cycle
+from reconciler_sandbox.httpserver import FakeService, LoopbackServer
+from reconciler_sandbox.server import SANDBOX_STRIPE_KEY, Sandbox
+from reconciler_sandbox.stripe_fake import FakeStripe
 
 SUBJECTS_PER_QUERY = 100  # OpenMeter: subjects in one query
 PAGE_SIZE = 100  # Stripe: objects in one list page

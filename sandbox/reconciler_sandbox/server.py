@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from reconciler.errors import SetupError
-from reconciler.sandbox.app_fake import SYNC_PATH, FakeApp
-from reconciler.sandbox.httpserver import LoopbackServer
-from reconciler.sandbox.moesif_fake import FakeMoesif
-from reconciler.sandbox.openmeter_fake import FakeOpenMeter
-from reconciler.sandbox.seed import DEMO_METERS, DEMO_PLANS
-from reconciler.sandbox.stripe_fake import FakeStripe
+from reconciler_sandbox.app_fake import SYNC_PATH, FakeApp
+from reconciler_sandbox.httpserver import LoopbackServer
+from reconciler_sandbox.moesif_fake import FakeMoesif
+from reconciler_sandbox.openmeter_fake import FakeOpenMeter
+from reconciler_sandbox.seed import DEMO_METERS, DEMO_PLANS
+from reconciler_sandbox.stripe_fake import FakeStripe
 
 # The sandbox's own credentials: they open nothing but the fakes on loopback.
 SANDBOX_STRIPE_KEY = "sk_test_sandbox"

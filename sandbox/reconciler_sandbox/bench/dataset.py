@@ -8,9 +8,9 @@ from collections import defaultdict
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from reconciler.sandbox.moesif_fake import FakeMoesif
-from reconciler.sandbox.openmeter_fake import FakeOpenMeter
-from reconciler.sandbox.stripe_fake import FakeStripe
+from reconciler_sandbox.moesif_fake import FakeMoesif
+from reconciler_sandbox.openmeter_fake import FakeOpenMeter
+from reconciler_sandbox.stripe_fake import FakeStripe
 
 EVENT_NAME = "api_calls"  # the Stripe meter (sum)
 OPENMETER_METER = "api_requests"  # the OpenMeter meter (SUM) it is fed from

@@ -3,7 +3,7 @@
 Wire formats follow ``/work/shared/contracts/openmeter-openapi.yaml`` (``Meter``, ``MeterQueryResult``,
 ``MeterQueryRow``, RFC 7807 problems). Query semantics follow the server: ``from`` inclusive, ``to``
 exclusive, rows only for groups/windows with data, windows aligned to the calendar in
-``windowTimeZone``. Serve with :class:`reconciler.sandbox.httpserver.LoopbackServer`.
+``windowTimeZone``. Serve with :class:`reconciler_sandbox.httpserver.LoopbackServer`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import unquote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from reconciler.sandbox.httpserver import FakeService, Response
+from reconciler_sandbox.httpserver import FakeService, Response
 
 __all__ = ["AGGREGATIONS", "WINDOW_SIZES", "FakeOpenMeter", "OpenMeterEvent"]
 

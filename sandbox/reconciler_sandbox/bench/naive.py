@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 import openmeter
 import stripe
 
-from reconciler.bench.dataset import OPENMETER_METER
 from reconciler.usage.periods import epoch_seconds
+from reconciler_sandbox.bench.dataset import OPENMETER_METER
 
 
 def naive_cycle(*, stripe_base: str, stripe_key: str, openmeter_url: str, openmeter_token: str, now: datetime) -> int:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from reconciler.bench.balances import BalanceSizeResult, run_balance_size
-from reconciler.bench.measure import Conditions, SizeResult, run_size
-from reconciler.bench.report import write_json, write_plot
+from reconciler_sandbox.bench.balances import BalanceSizeResult, run_balance_size
+from reconciler_sandbox.bench.measure import Conditions, SizeResult, run_size
+from reconciler_sandbox.bench.report import write_json, write_plot
 
 
 def run_benchmark(

@@ -11,7 +11,7 @@ the real service are undocumented, so they are switches: ``visibility_delay_seco
 counts in the balance only that long after it was received, by ``clock()``) and ``dedupe_transaction_ids``
 (whether a repeated ``transaction_id`` is ignored or applied again). ``active_at`` in the future delays a
 transaction further; ``expire_at`` is validated and stored but not enforced. Amounts are kept as Decimals
-and served as JSON numbers. Serve with :class:`reconciler.sandbox.httpserver.LoopbackServer`.
+and served as JSON numbers. Serve with :class:`reconciler_sandbox.httpserver.LoopbackServer`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote
 
-from reconciler.sandbox.httpserver import FakeService, Response
+from reconciler_sandbox.httpserver import FakeService, Response
 
 __all__ = ["FakeMoesif", "MoesifError"]
 

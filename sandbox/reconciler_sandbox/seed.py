@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from reconciler.sandbox.moesif_fake import FakeMoesif
-from reconciler.sandbox.openmeter_fake import FakeOpenMeter
-from reconciler.sandbox.stripe_fake import FakeStripe
+from reconciler_sandbox.moesif_fake import FakeMoesif
+from reconciler_sandbox.openmeter_fake import FakeOpenMeter
+from reconciler_sandbox.stripe_fake import FakeStripe
 
 # What the sandbox's config maps: Stripe meter event_name / legacy price id -> OpenMeter meter slug.
 DEMO_METERS: list[dict[str, str]] = [

@@ -1,6 +1,6 @@
 """An in-memory, stateful fake of the slice of the Stripe API the reconciler uses.
 
-Serve it with :class:`reconciler.sandbox.httpserver.LoopbackServer` and point stripe-python at it::
+Serve it with :class:`reconciler_sandbox.httpserver.LoopbackServer` and point stripe-python at it::
 
     fake = FakeStripe()
     with LoopbackServer(fake) as server:
@@ -40,7 +40,7 @@ from urllib.parse import parse_qsl
 
 import httpx
 
-from reconciler.sandbox.httpserver import GLOBAL_LIMITER, FakeService, InjectedFault, Response
+from reconciler_sandbox.httpserver import GLOBAL_LIMITER, FakeService, InjectedFault, Response
 
 __all__ = ["FakeStripe", "MeterEvent", "StripeError", "parse_stripe_params", "stripe_signature"]
 

@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from reconciler.sandbox.httpserver import FakeService, Response
+from reconciler_sandbox.httpserver import FakeService, Response
 
 SYNC_PATH = "/api/internal/subscription/sync"
 

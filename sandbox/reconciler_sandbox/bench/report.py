@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from reconciler.bench.balances import BalanceSizeResult
-from reconciler.bench.measure import SizeResult
+from reconciler_sandbox.bench.balances import BalanceSizeResult
+from reconciler_sandbox.bench.measure import SizeResult
 
 APIS = ("stripe", "openmeter")
 

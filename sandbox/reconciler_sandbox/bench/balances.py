@@ -13,16 +13,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from reconciler.bench.dataset import seed_balances, seed_stripe, top_up_some
-from reconciler.bench.measure import (
+from reconciler_sandbox.bench.dataset import seed_balances, seed_stripe, top_up_some
+from reconciler_sandbox.bench.measure import (
     Conditions,
     CycleMeasurement,
     apply_conditions,
     fresh_product,
     product_cycle,
 )
-from reconciler.sandbox.httpserver import FakeService
-from reconciler.sandbox.server import Sandbox
+from reconciler_sandbox.httpserver import FakeService
+from reconciler_sandbox.server import Sandbox
 
 TOP_UP_EVERY = 100  # the changed cycle: one customer in a hundred bought credit
 
