@@ -26,6 +26,7 @@ from sqlalchemy import Engine, Row, Select, String, case, func, literal, select
 from sqlalchemy.orm import aliased
 
 from reconciler.balances.drift import UNCORRECTED
+from reconciler.balances.money import to_units
 from reconciler.ledger.schema import (
     REJECTED_BY_STRIPE,
     BalanceObservation,
@@ -149,7 +150,7 @@ def _kinds() -> list[_Kind]:
             lambda r: (
                 f"balance {r.currency}",
                 r.customer_id,
-                f"{r.action}: {r.difference_minor:+} minor units: {r.why}",
+                f"{r.action}: {to_units(r.difference_minor, r.currency):+} {r.currency.upper()}: {r.why}",
             ),
         ),
         _Kind(

@@ -586,7 +586,8 @@ def report(
 ) -> None:
     """Measured, reported and corrected per customer and period, balance drift, and every write we made."""
     from reconciler.clock import utc_now
-    from reconciler.report import build_report, render_html, render_json, render_rows
+    from reconciler.report import build_report, render_json, render_rows
+    from reconciler.report_html import render_html
 
     loaded = _load(ctx, config)
     now = utc_now()

@@ -1,15 +1,15 @@
 """`reconciler report`: what was measured, reported and corrected, from the ledger, for people and machines.
 
 One `Report` is built from the ledger (no upstream calls) and rendered as a table, JSON, CSV (the periods, or
-the audit trail) or one self-contained HTML file with inline SVG charts that opens without a server.
+the audit trail) or one self-contained HTML file with inline SVG charts that opens without a server
+(`reconciler.report_html`).
 """
 
 from __future__ import annotations
 
-import html
 import json
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
 
@@ -29,7 +29,9 @@ from reconciler.ledger.schema import (
     UsagePeriod,
     UsageReport,
 )
-from reconciler.output import STYLE, rows_table_html
+
+# Marks a field the HTML page shows that JSON and CSV leave out: their shapes are what scripts already read.
+PAGE_ONLY = {"page_only": True}
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,10 @@ class DriftRow:
     currency: str
     difference_minor: int
     action: str
+    # The two balances compared (difference = expected − Moesif) and why the action, for the page.
+    expected_minor: int | None = field(default=None, metadata=PAGE_ONLY)
+    moesif_minor: int | None = field(default=None, metadata=PAGE_ONLY)
+    reason: str = field(default="", metadata=PAGE_ONLY)
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,12 @@ class AuditRow:
     customer: str
     amount: str
     outcome: str
+    amount_in_units: str | None = field(default=None, metadata=PAGE_ONLY)  # money, e.g. `credit 25.00 USD`
+
+
+def exported(row: DriftRow | AuditRow) -> dict[str, object]:
+    """A row as JSON and CSV hold it: without the fields only the page shows."""
+    return {f.name: getattr(row, f.name) for f in fields(row) if not f.metadata.get("page_only")}
 
 
 @dataclass
@@ -110,14 +122,18 @@ class Report:
             "needing_a_person": len(self.attention),
         }
 
-    def _at_risk(self) -> str:
-        """Per currency, e.g. `0.75 usd`: unreported usage of the periods and the usage of unbilled items, at their
-        prices per unit; what cannot be priced is left out (counted in `unbilled_items_amount_unknown`)."""
+    def at_risk_by_currency(self) -> dict[str, Decimal]:
+        """Unreported usage of the periods and the usage of unbilled items, at their prices per unit, in currency
+        units; what cannot be priced is left out (counted in `unbilled_items_amount_unknown`)."""
         sums: dict[str, Decimal] = defaultdict(Decimal)
         for row in [*self.periods, *self.unbilled]:
             if row.at_risk is not None and row.currency:
                 sums[row.currency] += Decimal(row.at_risk)
-        return ", ".join(f"{amount} {currency}" for currency, amount in sorted(sums.items())) or "0"
+        return dict(sorted(sums.items()))
+
+    def _at_risk(self) -> str:
+        """Per currency, e.g. `0.75 usd`."""
+        return ", ".join(f"{amount} {currency}" for currency, amount in self.at_risk_by_currency().items()) or "0"
 
     @property
     def needs_a_person(self) -> bool:
@@ -166,7 +182,16 @@ def build_report(engine: Engine, since: datetime, until: datetime) -> Report:
             .order_by(BalanceObservation.observed_at)
         ):
             report.drift.append(
-                DriftRow(o.customer_id, o.observed_at.isoformat(), o.currency, o.difference_minor, o.action)
+                DriftRow(
+                    o.customer_id,
+                    o.observed_at.isoformat(),
+                    o.currency,
+                    o.difference_minor,
+                    o.action,
+                    o.expected_minor,
+                    o.moesif_minor,
+                    o.reason,
+                )
             )
         for r, customer, kind in session.execute(
             select(UsageReport, UsagePeriod.customer_id, UsagePeriod.kind)
@@ -209,6 +234,7 @@ def build_report(engine: Engine, since: datetime, until: datetime) -> Report:
                     t.customer_id,
                     f"{t.type} {t.amount_minor} {t.currency} minor units",
                     outcome,
+                    _in_units(t),
                 )
             )
         for r, t in session.execute(
@@ -217,7 +243,7 @@ def build_report(engine: Engine, since: datetime, until: datetime) -> Report:
             .where(BalanceResolution.resolved_at >= since, BalanceResolution.resolved_at < until)
             .order_by(BalanceResolution.resolved_at, BalanceResolution.id)
         ):
-            amount = f"{t.type} {t.amount_minor} {t.currency} minor units"
+            amount, in_units = f"{t.type} {t.amount_minor} {t.currency} minor units", _in_units(t)
             report.audit.append(
                 AuditRow(
                     r.resolved_at.isoformat(),
@@ -227,6 +253,7 @@ def build_report(engine: Engine, since: datetime, until: datetime) -> Report:
                     r.customer_id,
                     amount,
                     f"by {r.resolved_by}: was {r.was}" + (f"; note: {r.note}" if r.note else ""),
+                    in_units,
                 )
             )
             if r.action == "not_applied":  # the one resend it allows is a write to Moesif too
@@ -239,6 +266,7 @@ def build_report(engine: Engine, since: datetime, until: datetime) -> Report:
                         r.customer_id,
                         amount,
                         t.state + (f": {t.error}" if t.error else ""),
+                        in_units,
                     )
                 )
         for u in session.scalars(select(UnbilledItem).order_by(UnbilledItem.customer_id, UnbilledItem.stripe_target)):
@@ -263,6 +291,10 @@ def build_report(engine: Engine, since: datetime, until: datetime) -> Report:
     return report
 
 
+def _in_units(t: MoesifTransaction) -> str:
+    return f"{t.type} {to_units(t.amount_minor, t.currency):,} {t.currency.upper()}"
+
+
 def render_json(report: Report) -> str:
     return json.dumps(
         {
@@ -270,8 +302,8 @@ def render_json(report: Report) -> str:
             "until": report.until,
             "totals": report.totals,
             "periods": [asdict(p) for p in report.periods],
-            "balance_drift": [asdict(d) for d in report.drift],
-            "audit": [asdict(a) for a in report.audit],
+            "balance_drift": [exported(d) for d in report.drift],
+            "audit": [exported(a) for a in report.audit],
             "needs_a_person": report.needs_a_person,
             "attention": [_attention_row(i) for i in report.attention],
             "unbilled": [asdict(u) for u in report.unbilled],
@@ -286,72 +318,4 @@ def _attention_row(item: AttentionItem) -> dict[str, object]:
 
 def render_rows(report: Report, *, audit: bool = False) -> list[dict[str, object]]:
     """The rows a CSV export holds: the periods, or the audit trail."""
-    return [asdict(a) for a in report.audit] if audit else [asdict(p) for p in report.periods]
-
-
-def _bar_chart(title: str, series: dict[str, tuple[int, int]], labels: tuple[str, str]) -> str:
-    """Paired bars per day (e.g. measured vs reported), as inline SVG."""
-    width, height, pad = 640, 220, 30
-    days = sorted(series)
-    peak = max([max(pair) for pair in series.values()] + [1])
-    slot = (width - 2 * pad) / max(1, len(days))
-    bars = []
-    for i, day in enumerate(days):
-        for j, value in enumerate(series[day]):
-            h = (height - 2 * pad) * value / peak
-            x = pad + i * slot + j * slot / 2.2
-            bars.append(
-                f'<rect x="{x:.1f}" y="{height - pad - h:.1f}" width="{slot / 2.4:.1f}" height="{h:.1f}" '
-                f'class="s{j}"><title>{html.escape(day)} {labels[j]}: {value}</title></rect>'
-            )
-    axis = "".join(
-        f'<text x="{pad + i * slot:.1f}" y="{height - 8}" font-size="9">{html.escape(day[5:])}</text>'
-        for i, day in enumerate(days)
-    )
-    return (
-        f'<figure><figcaption>{html.escape(title)} (<span class="s0">■</span> {labels[0]}, '
-        f'<span class="s1">■</span> {labels[1]})</figcaption><svg viewBox="0 0 {width} {height}" role="img">'
-        f"{''.join(bars)}{axis}</svg></figure>"
-    )
-
-
-def render_html(report: Report) -> str:
-    """One file, no external resources: a finance person opens it in any browser."""
-    per_day: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for p in report.periods:
-        per_day[p.period_start[:10]][0] += p.measured or 0
-        per_day[p.period_start[:10]][1] += p.reported
-    drift_by_day: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for d in report.drift:
-        drift_by_day[d.observed_at[:10]][0] += abs(d.difference_minor)
-        drift_by_day[d.observed_at[:10]][1] += abs(d.difference_minor) if d.action == "correct" else 0
-
-    totals = "".join(f"<dt>{html.escape(k.replace('_', ' '))}</dt><dd>{v}</dd>" for k, v in report.totals.items())
-    title = f"reconciler report {html.escape(report.since[:10])} – {html.escape(report.until[:10])}"
-    usage_chart = _bar_chart(
-        "Usage measured vs reported, by period start",
-        {k: (v[0], v[1]) for k, v in per_day.items()},
-        ("measured", "reported"),
-    )
-    drift_chart = _bar_chart(
-        "Balance drift found vs corrected (minor units), by day",
-        {k: (v[0], v[1]) for k, v in drift_by_day.items()},
-        ("found", "corrected"),
-    )
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>
-{STYLE}
-</style></head><body>
-<h1>Usage and balance reconciliation</h1>
-<p>From {html.escape(report.since)} to {html.escape(report.until)}.</p>
-<h2>Totals</h2><dl id="totals">{totals}</dl>
-{usage_chart}
-{drift_chart}
-<h2>Needs a person</h2>{rows_table_html([_attention_row(i) for i in report.attention])}
-<h2>Metered items nobody bills</h2>{rows_table_html([asdict(u) for u in report.unbilled])}
-<h2>Periods</h2>{rows_table_html([asdict(p) for p in report.periods])}
-<h2>Balance drift</h2>{rows_table_html([asdict(d) for d in report.drift])}
-<h2>Audit trail: every write to Stripe and Moesif</h2>{rows_table_html([asdict(a) for a in report.audit])}
-</body></html>
-"""
+    return [exported(a) for a in report.audit] if audit else [asdict(p) for p in report.periods]

@@ -283,7 +283,7 @@ def test_a_held_top_up_is_listed_by_report_and_status_until_it_is_resolved(sandb
     assert strict.returncode == 3 and "needs a person" in strict.stdout and "pi_eur" in strict.stdout
     page = tmp_path / "report.html"
     reconciler("report", "--format", "html", "--output", str(page), "--config", str(config_file))
-    assert "<h2>Needs a person</h2>" in page.read_text() and "<td>pi_eur</td>" in page.read_text()
+    assert "<h2>Needs a person</h2>" in page.read_text() and '<td class="id">pi_eur</td>' in page.read_text()
     status = reconciler("status", "--config", str(config_file)).stdout
     assert "items needing a person: 1" in status and "held for a person: cus_bal pi_eur" in " ".join(status.split())
 
@@ -517,7 +517,10 @@ def test_report_writes_html_and_json_files(sandbox, config_file, tmp_path):
     assert reconciler("report", "--format", "json", "--output", str(data), "--config", str(config_file)).returncode == 0
     totals = json.loads(data.read_text())["totals"]
     assert totals["reported"] == 9 and totals["stripe_writes"] == 1
-    assert page.read_text().startswith("<!DOCTYPE html>") and "<dt>reported</dt><dd>9</dd>" in page.read_text()
+    assert (
+        page.read_text().startswith("<!DOCTYPE html>")
+        and "<dt>Usage reported to Stripe</dt><dd>9</dd>" in page.read_text()
+    )
 
 
 def test_every_result_command_writes_csv_and_html(sandbox, config_file, tmp_path):

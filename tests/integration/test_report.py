@@ -15,7 +15,8 @@ import pytest
 from freezegun import freeze_time
 
 from reconciler.output import rows_csv
-from reconciler.report import build_report, render_html, render_json, render_rows
+from reconciler.report import AuditRow, DriftRow, Report, build_report, exported, render_json, render_rows
+from reconciler.report_html import SECTIONS, render_html
 from tests.conftest import utc
 from tests.integration.test_usage_sync import MID, PERIOD_END, PERIOD_START, seed, use
 
@@ -77,9 +78,18 @@ def test_json_csv_and_html_show_the_same_numbers(harness):
     checker.feed(page)
     assert checker.errors == [] and checker.stack == []
     assert checker.urls == [] and not re.search(r"https?://", page)  # self-contained: nothing to fetch
-    for name, value in data["totals"].items():
-        assert f"<dt>{name.replace('_', ' ')}</dt><dd>{value}</dd>" in page
-    assert page.count("<svg") == 2 and "late drift" in page
+    assert all(f'<section id="{section}">' in page for section in SECTIONS)
+    assert "<dt>Usage not reported</dt><dd>4</dd>" in page and "<dt>Revenue at risk</dt><dd>0.40 USD</dd>" in page
+    assert "<dt>Billing periods</dt><dd>2 (1 with late drift, 0 failing)</dd>" in page
+    assert page.count("<svg") == 1 and "late drift" in page  # usage drawn; no balance was compared: no drift chart
+    assert "No drift" in page
+
+
+def test_an_empty_window_says_no_usage_and_no_drift_instead_of_empty_charts():
+    page = render_html(Report("2026-12-01T00:00:00+00:00", "2026-12-02T13:40:00.123456+00:00"))
+    assert "<svg" not in page and "No usage" in page and "No drift" in page
+    assert "2026-12-02 13:40 UTC" in page and "+00:00</" not in page
+    assert all(f'<section id="{section}">' in page for section in SECTIONS)
 
 
 @pytest.mark.skipif(
@@ -121,3 +131,10 @@ def test_the_report_shows_stripes_read_back_once_verify_ran(harness):
     report = build_report(h.engine, PERIOD_START - timedelta(days=1), PERIOD_END + timedelta(days=31))
     [period] = [p for p in report.periods if p.period_start.startswith("2026-03-01")]
     assert (period.stripe, period.reported, period.measured) == ("10", 10, 14)
+
+
+def test_json_and_csv_rows_keep_their_shape_without_the_fields_only_the_page_shows():
+    drift = DriftRow("cus_a", "2026-12-01T13:40:00+00:00", "usd", -400, "correct", 1000, 1400, "drift above tolerance")
+    audit = AuditRow("t", "moesif", "POST …", "tx", "cus_a", "debit 400 usd minor units", "sent", "debit 4.00 USD")
+    assert list(exported(drift)) == ["customer", "observed_at", "currency", "difference_minor", "action"]
+    assert list(exported(audit)) == ["time", "system", "request", "key", "customer", "amount", "outcome"]

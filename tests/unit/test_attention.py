@@ -161,7 +161,9 @@ def test_one_item_of_each_kind_with_when_it_started(ledger):
     lines = [i.line() for i in items_needing_attention(engine)]
     assert "not forwarded to Moesif, held for a person: cus_pi_held pi_held: paid in EUR" in lines
     assert "failing: cus_failing api_calls period 2026-03-01: OpenMeter unreachable" in lines
-    assert any(line.startswith("balance drift left uncorrected: cus_drift balance usd: report: +500") for line in lines)
+    assert any(
+        line.startswith("balance drift left uncorrected: cus_drift balance usd: report: +5.00 USD") for line in lines
+    )
 
 
 def test_the_gauges_count_per_job_and_reason_and_age_the_oldest(ledger):
