@@ -16,7 +16,7 @@ import pytest
 
 from reconciler.balances.money import to_units
 from reconciler.clock import utc_now
-from reconciler.sandbox.seed import DEMO_METERS, seed_sandbox
+from reconciler_sandbox.seed import DEMO_METERS, seed_sandbox
 from tests.integration.helpers import reconciler, write_config
 
 SECTIONS = ("totals", "usage-chart", "drift-chart", "attention", "drift", "unbilled", "periods", "audit")
