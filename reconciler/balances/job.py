@@ -5,6 +5,10 @@ top-up PaymentIntent not yet forwarded (credit, `transaction_id` = PaymentIntent
 top-up (debit, `transaction_id` = refund id), then compare Stripe's credit with Moesif's balance
 (reconciler.balances.drift) and, when allowed, send one correction. One customer's failure is logged with its
 context and counted; the cycle goes on.
+
+This module is the shell; each part lives in its own: what Stripe holds to forward (payments), forwarding it
+exactly once (forwarding), sending one recorded Moesif transaction (transactions), observing, assessing and
+correcting the balances (comparison, around the pure drift.assess), and the ports it all calls through (ports).
 """
 
 from __future__ import annotations

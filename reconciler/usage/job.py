@@ -1,8 +1,8 @@
 """The usage sync cycle: the imperative shell around `decide`.
 
-For every stream period: resend a pending intent first (a crash left it), ask OpenMeter for the rounded
-window's total, decide, then write the intent, call Stripe, and mark it done. One stream's failure is
-logged with its context and counted; the cycle goes on.
+For every stream period: resend a pending intent first (a crash left it; reconciler.usage.recovery), ask
+OpenMeter for the rounded window's total, decide, then write the intent, call Stripe, and mark it done. One
+stream's failure is logged with its context and counted; the cycle goes on.
 """
 
 from __future__ import annotations
