@@ -12,13 +12,10 @@ from dataclasses import dataclass, field
 import structlog
 
 from reconciler.config import Config
-from reconciler.ledger.plan_ledger import PlanLedger
-from reconciler.ledger.runs import RunLog
 from reconciler.plans.desired import Entitlement, desired_entitlements
+from reconciler.plans.ports import EntitlementsApp, PlanBook, Runs, StripeSubscriptions
 from reconciler.redact import redact
-from reconciler.upstream.app_api import EntitlementsGateway
 from reconciler.upstream.errors import UpstreamError
-from reconciler.upstream.stripe_api import StripeGateway
 
 log = structlog.get_logger(__name__)
 
@@ -51,10 +48,10 @@ class PlanSync:
     def __init__(
         self,
         config: Config,
-        stripe: StripeGateway,
-        app: EntitlementsGateway,
-        ledger: PlanLedger,
-        runs: RunLog,
+        stripe: StripeSubscriptions,
+        app: EntitlementsApp,
+        ledger: PlanBook,
+        runs: Runs,
     ):
         self._config = config
         self._stripe = stripe

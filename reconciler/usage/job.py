@@ -1,8 +1,8 @@
 """The usage sync cycle: the imperative shell around `decide`.
 
-For every stream period: resend a pending intent first (a crash left it), ask OpenMeter for the rounded
-window's total, decide, then write the intent, call Stripe, and mark it done. One stream's failure is
-logged with its context and counted; the cycle goes on.
+For every stream period: resend a pending intent first (a crash left it; reconciler.usage.recovery), ask
+OpenMeter for the rounded window's total, decide, then write the intent, call Stripe, and mark it done. One
+stream's failure is logged with its context and counted; the cycle goes on.
 """
 
 from __future__ import annotations
@@ -23,14 +23,13 @@ from reconciler.config import Config
 from reconciler.ledger.coordination import Claim, Coordinator, Fence, LeaseLostError
 from reconciler.ledger.meter_cache import MeterCache
 from reconciler.ledger.runs import RunLog
-from reconciler.ledger.schema import IntentState, UsagePeriod
+from reconciler.ledger.schema import UsagePeriod
 from reconciler.ledger.unbilled import UnbilledLedger
 from reconciler.ledger.usage_ledger import ContendedError, UsageLedger, stream_period_from_row
 from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.redact import redact
 from reconciler.upstream.errors import (
     IdentifierTakenError,
-    OutcomeUnknownError,
     PermanentError,
     TransientError,
     UpstreamError,
@@ -64,6 +63,7 @@ from reconciler.usage.model import (
 from reconciler.usage.outcomes import SentMarks
 from reconciler.usage.periods import ONE_SECOND, usage_window
 from reconciler.usage.pipeline import KeyedLocks, WorkItem, run_pipeline
+from reconciler.usage.recovery import Recovery
 from reconciler.usage.rounding import round_quantity
 from reconciler.usage.streams import LIVE_STATUSES, build_work, meter_problem
 
@@ -73,9 +73,6 @@ MAX_WAIT_FOR_EVENT_SLOT = timedelta(seconds=2)
 CLAIM_BATCH = 10  # work items a replica claims at once
 SENT_MARKS_PER_TRANSACTION = 50  # Stripe's acceptances recorded in one ledger transaction (reconciler.usage.outcomes)
 PLAN_WAIT = timedelta(seconds=60)  # how long the other replicas wait for the planning replica's plan
-# Stripe deduplicates meter event identifiers for "at least 24 hours". A pending `sum` intent older than this
-# can no longer be resent safely: if the first attempt was applied, a resend would count it twice.
-IDENTIFIER_SAFE_RESEND = timedelta(hours=23)
 
 
 class StripePort(Protocol):
@@ -165,6 +162,13 @@ class UsageSync:
             grace_period=config.usage.grace_period,
             invoice_grace_period=config.stripe.invoice_grace_period,
             legacy_final_sync_before=config.usage.legacy_final_sync_before,
+        )
+        self._recovery = Recovery(
+            stripe,
+            clock,
+            invoice_grace_period=config.stripe.invoice_grace_period,
+            summary_lag=config.stripe.summary_lag,
+            send=self._send,
         )
 
     def run_cycle(
@@ -365,7 +369,7 @@ class UsageSync:
                 state = prepared.states.get((stream.key, work.period.start)) if prepared else None
                 if state is None:  # not read with its batch, or an intent is pending: resend it first
                     if not dry_run:
-                        self._resend_pending(ledger, work, now)
+                        self._recovery.resend_pending(ledger, work, now)
                     state = ledger.state(work)
                 if reopen_final:
                     state = reopen_for_backfill(work, state, now, self._timing)
@@ -471,92 +475,6 @@ class UsageSync:
             total = self._openmeter.query_total(need.meter, need.subject, need.window)
         return round_quantity(total, work.stream.rounding)
 
-    def _resend_pending(self, ledger: UsageLedger, work: StreamPeriod, now: datetime) -> None:
-        """Finish what a crashed or failed cycle started: resend it with the same identifier and idempotency key,
-        or, where a resend can no longer be trusted, settle it from what Stripe holds."""
-        intent = ledger.pending_intent(work)
-        if intent is None:
-            return
-        if intent.kind is StreamKind.LEGACY and not work.is_current:
-            # Stripe takes no usage records for a period it has rolled over from; its summary says what it holds.
-            # Stripe documents no lag for usage record summaries (nor their absence): assumed to lag like meters'.
-            held = self._stripe.legacy_usage_total(intent.item_id, work.period.start)
-            landed = held == intent.total_after
-            if not landed:
-                self._wait_for_summary(intent, intent.last_sent_at, "its period has rolled over")
-            self._settle(ledger, intent, landed=landed, evidence=f"Stripe holds {held}")
-            return
-        invoice_final = now >= work.period.end + self._timing.invoice_grace_period
-        if intent.kind is not StreamKind.LEGACY and invoice_final:
-            # Stripe would take the event but never bill it; whether an earlier attempt landed is in its summary.
-            self._settle_from_meter_summary(ledger, work, intent, "the period's invoice has finalized")
-            return
-        if intent.kind is StreamKind.METER_SUM and now - intent.created_at > IDENTIFIER_SAFE_RESEND:
-            # Stripe may have forgotten the identifier: a resend could bill it twice.
-            self._settle_from_meter_summary(ledger, work, intent, "it is older than Stripe's identifier window")
-            return
-        log.info("resending pending intent", identifier=intent.identifier, quantity=intent.quantity)
-        ledger.note_resend(intent)  # `intent` keeps the previous time: a duplicate answer points before this resend
-        self._send(ledger, work, intent)
-
-    def _settle_from_meter_summary(self, ledger: UsageLedger, work: StreamPeriod, intent: Intent, why: str) -> None:
-        """Stripe's aggregate for the one minute the intent's event was dated in settles whether it landed, when
-        every other event we dated in that minute has a known outcome: the summary holds them plus the intent, or
-        them alone (`last` meters: only when the intent is alone in its minute)."""
-        assert intent.meter is not None
-        minute = intent.event_timestamp.replace(second=0, microsecond=0)
-        others = [
-            event
-            for event in ledger.stream_events_between(work.stream.key, minute, minute + timedelta(minutes=1))
-            if event.state != IntentState.FAILED and event.report_id != intent.id
-        ]
-        if minute + timedelta(minutes=1) > self._clock():
-            # No summary may end in the future: the intent's minute is read once it has passed.
-            raise OutcomeUnknownError(
-                "reconciler",
-                f"intent {intent.identifier} ({intent.quantity:+}) has an unknown outcome ({why}); Stripe's summary "
-                "of its minute can be read once the minute has passed; it is settled at a later cycle",
-            )
-        # Every event of ours in the minute must have had time to show: one of the others still missing from the
-        # summary would make ours look lost (or landed) and leave it to a person.
-        self._wait_for_summary(intent, max([intent.last_sent_at, *(event.last_sent_at for event in others)]), why)
-        held = self._stripe.meter_total(intent.meter.id, intent.customer_id, minute, minute + timedelta(minutes=1))
-        if intent.kind is StreamKind.METER_SUM:
-            without = sum(event.quantity for event in others)
-            with_it = without + intent.quantity
-            knowable = all(event.state == IntentState.SENT for event in others)
-        else:
-            without, with_it, knowable = 0, intent.total_after, not others
-        if knowable and held in (without, with_it) and without != with_it:
-            self._settle(ledger, intent, landed=held == with_it, evidence=f"{why}; Stripe's summary holds {held}")
-            return
-        raise PermanentError(
-            "reconciler",
-            f"intent {intent.identifier} ({intent.quantity:+}) has an unknown outcome and cannot be resent ({why}), "
-            f"and Stripe's summary for its minute ({held}) does not settle it; resending could bill it twice. "
-            "Check the meter's event summaries in Stripe before resolving it",
-        )
-
-    def _wait_for_summary(self, intent: Intent, last_sent_at: datetime, why: str) -> None:
-        """Stripe aggregates events asynchronously: a summary read less than stripe.summary_lag after an event was
-        sent may not show it yet (https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api).
-        Calling the intent lost then could have its difference sent, and billed, a second time: it waits."""
-        ready_at = last_sent_at + self._config.stripe.summary_lag
-        if self._clock() < ready_at:
-            raise OutcomeUnknownError(
-                "reconciler",
-                f"intent {intent.identifier} ({intent.quantity:+}) has an unknown outcome ({why}), and Stripe's "
-                f"summary may not show it before {ready_at.isoformat()}; it is settled at a later cycle",
-            )
-
-    @staticmethod
-    def _settle(ledger: UsageLedger, intent: Intent, *, landed: bool, evidence: str) -> None:
-        log.warning("settled a pending intent from Stripe", identifier=intent.identifier, landed=landed, why=evidence)
-        if landed:
-            ledger.mark_sent(intent)
-        else:
-            ledger.mark_failed(intent, f"not resent: {evidence}")
-
     def _note_deadline(
         self, work: StreamPeriod, state: LedgerState, decision: Decision, now: datetime, result: CycleResult
     ) -> None:
@@ -606,7 +524,9 @@ class UsageSync:
             # The event Stripe holds under the identifier may carry another quantity than ours (a ledger restored
             # from a backup, or one with identifiers from before they had nonces): marking the intent sent could
             # lose or mis-bill usage. It stays pending, attempts unchanged, until Stripe's summary settles it.
-            self._settle_from_meter_summary(ledger, work, intent, f"Stripe already holds its identifier: {exc}")
+            self._recovery.settle_from_meter_summary(
+                ledger, work, intent, f"Stripe already holds its identifier: {exc}"
+            )
             return
         except PermanentError as exc:
             if intent.kind is StreamKind.METER_SUM and intent.attempts > 0:

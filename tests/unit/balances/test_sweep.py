@@ -55,6 +55,20 @@ def test_an_unchanged_customer_that_agreed_inside_the_sweep_interval_is_not_read
         (AGREED, {"now": OBSERVED + sweep_due_after("cus_1", DAY)}, "full sweep due"),
         (AGREED, {"now": OBSERVED + DAY}, "full sweep due"),
         (AGREED, {"full_sweep_interval": timedelta(0)}, "full sweep due"),
+        # the first reason in this order is the one given
+        (replace(AGREED, action="settling"), {"money_in_flight": True}, "last observation was settling"),
+        (
+            AGREED,
+            {"money_in_flight": True, "stripe_credit_minor": 1},
+            "a Moesif transaction of ours is recent or in flight",
+        ),
+        (
+            AGREED,
+            {"subscription_id": "sub_2", "open_usage_minor": 0},
+            "the customer maps to another Moesif subscription",
+        ),
+        (AGREED, {"stripe_credit_minor": 1, "open_usage_minor": 0}, "Stripe credit changed"),
+        (AGREED, {"open_usage_minor": 0, "now": OBSERVED + DAY}, "open usage changed"),
     ],
 )
 def test_any_change_or_a_due_sweep_means_a_read(last, changes, reason):
