@@ -13,9 +13,12 @@ items as of API 2025-03-31.basil and later, where the billing period lives on ea
 usage-record endpoints are only served to requests pinned to an API version older than basil.
 
 Balances (read-only, seeded through helpers): PaymentIntents with their charges, refunds and disputes; paid
-invoices with the PaymentIntent each created and the InvoicePayment mapping the two; the
-customer cash balance (``customer.balance``, minor units, negative = credit) with its balance transactions,
-and billing credit grants with ``/v1/billing/credit_balance_summary``.
+invoices with the PaymentIntent each created and the InvoicePayment mapping the two; the customer cash balance
+(``customer.balance``, minor units, negative = credit), and billing credit grants with
+``/v1/billing/credit_balance_summary``.
+
+The fake serves only the routes something uses (the product, the simulation, the demo and benchmark, or the
+sandbox's contract tests): ``tests/sandbox/test_routes.py`` names the user of each.
 
 All timestamps come from ``self.clock()`` (``time.time`` looked up at call time, so freezegun applies).
 

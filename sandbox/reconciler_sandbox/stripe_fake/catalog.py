@@ -96,13 +96,6 @@ class CatalogMixin(StripeState):
 
     # -- customers & prices -----------------------------------------------------------------------
 
-    def _h_list_customers(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
-        self._expand(params, set())
-        objs = self._newest_first(self.customers.values())
-        if params.get("email"):
-            objs = [c for c in objs if c["email"] == params["email"]]
-        return self._paginate(objs, params, "/v1/customers", "customer")
-
     def _h_get_customer(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
         self._expand(params, set())
         if id not in self.customers:
@@ -158,12 +151,6 @@ class CatalogMixin(StripeState):
             lambda s: self._render_subscription(s, cust_expand),
         )
 
-    def _h_get_subscription(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
-        expand = self._expand(params, {"customer", "items", "items.data", "items.data.price"})
-        if id not in self.subscriptions:
-            raise _no_such("subscription", id)
-        return self._render_subscription(self.subscriptions[id], {"customer"} & expand)
-
     def _h_list_subscription_items(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
         self._expand(params, {"data.price"})
         sid = params.get("subscription")
@@ -179,9 +166,3 @@ class CatalogMixin(StripeState):
             "subscription item",
             self._render_item,
         )
-
-    def _h_get_subscription_item(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
-        self._expand(params, {"price"})
-        if id not in self.subscription_items:
-            raise _no_such("subscription item", id)
-        return self._render_item(self.subscription_items[id])

@@ -133,22 +133,6 @@ class CreditMixin(StripeState):
 
     # -- billing credits --------------------------------------------------------------------------
 
-    def _h_list_credit_grants(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
-        self._expand(params, set())
-        objs = list(self.credit_grants.values())
-        customer = params.get("customer")
-        if customer:
-            if customer not in self.customers:
-                raise _no_such("customer", customer, param="customer", status=400)
-            objs = [g for g in objs if g["customer"] == customer]
-        return self._paginate(self._newest_first(objs), params, "/v1/billing/credit_grants", "billing.credit_grant")
-
-    def _h_get_credit_grant(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
-        self._expand(params, set())
-        if id not in self.credit_grants:
-            raise _no_such("billing.credit_grant", id)
-        return json.loads(json.dumps(self.credit_grants[id]))
-
     def _h_credit_balance_summary(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
         expand = self._expand(params, {"customer"})
         customer = params.get("customer")

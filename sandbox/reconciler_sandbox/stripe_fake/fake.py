@@ -70,14 +70,11 @@ class FakeStripe(SeedingMixin, MeterMixin, LegacyUsageMixin, PaymentMixin, Credi
         self.duplicate_identifier_response = "error"  # or "ignore"
         self.default_api_version = DEFAULT_API_VERSION  # used when a request has no Stripe-Version
         self._routes: list[tuple[str, re.Pattern[str], Callable[..., Any]]] = [
-            ("GET", re.compile(r"/v1/customers"), self._h_list_customers),
             ("GET", re.compile(r"/v1/customers/(?P<id>[^/]+)"), self._h_get_customer),
             ("GET", re.compile(r"/v1/prices"), self._h_list_prices),
             ("GET", re.compile(r"/v1/prices/(?P<id>[^/]+)"), self._h_get_price),
             ("GET", re.compile(r"/v1/subscriptions"), self._h_list_subscriptions),
-            ("GET", re.compile(r"/v1/subscriptions/(?P<id>[^/]+)"), self._h_get_subscription),
             ("GET", re.compile(r"/v1/subscription_items"), self._h_list_subscription_items),
-            ("GET", re.compile(r"/v1/subscription_items/(?P<id>[^/]+)"), self._h_get_subscription_item),
             ("POST", re.compile(r"/v1/subscription_items/(?P<id>[^/]+)/usage_records"), self._h_usage_record),
             (
                 "GET",
@@ -85,35 +82,23 @@ class FakeStripe(SeedingMixin, MeterMixin, LegacyUsageMixin, PaymentMixin, Credi
                 self._h_usage_record_summaries,
             ),
             ("GET", re.compile(r"/v1/billing/meters"), self._h_list_meters),
-            ("GET", re.compile(r"/v1/billing/meters/(?P<id>[^/]+)"), self._h_get_meter),
             ("GET", re.compile(r"/v1/billing/meters/(?P<id>[^/]+)/event_summaries"), self._h_event_summaries),
             ("POST", re.compile(r"/v1/billing/meter_events"), self._h_create_meter_event),
-            (
-                "GET",
-                re.compile(r"/v1/customers/(?P<id>[^/]+)/balance_transactions"),
-                self._h_list_balance_transactions,
-            ),
-            (
-                "GET",
-                re.compile(r"/v1/customers/(?P<id>[^/]+)/balance_transactions/(?P<txn>[^/]+)"),
-                self._h_get_balance_transaction,
-            ),
             ("GET", re.compile(r"/v1/payment_intents"), self._h_list_payment_intents),
             ("GET", re.compile(r"/v1/payment_intents/(?P<id>[^/]+)"), self._h_get_payment_intent),
             ("GET", re.compile(r"/v1/invoices/(?P<id>[^/]+)"), self._h_get_invoice),
             ("GET", re.compile(r"/v1/invoice_payments"), self._h_list_invoice_payments),
-            ("GET", re.compile(r"/v1/charges"), self._h_list_charges),
-            ("GET", re.compile(r"/v1/charges/(?P<id>[^/]+)"), self._h_get_charge),
             ("GET", re.compile(r"/v1/refunds"), self._h_list_refunds),
-            ("GET", re.compile(r"/v1/refunds/(?P<id>[^/]+)"), self._h_get_refund),
-            ("GET", re.compile(r"/v1/billing/credit_grants"), self._h_list_credit_grants),
-            ("GET", re.compile(r"/v1/billing/credit_grants/(?P<id>[^/]+)"), self._h_get_credit_grant),
             ("GET", re.compile(r"/v1/billing/credit_balance_summary"), self._h_credit_balance_summary),
             ("GET", re.compile(r"/v2/core/events/(?P<id>[^/]+)"), self._h_get_v2_event),
             ("GET", re.compile(r"/v1/webhook_endpoints"), self._h_list_webhook_endpoints),
             ("GET", re.compile(r"/v2/core/event_destinations"), self._h_list_event_destinations),
         ]
         self._init_state()
+
+    def routes(self) -> list[str]:
+        """Every route served, as ``"GET /v1/customers/{id}"`` (each path id written ``{id}``)."""
+        return [f"{method} {_ROUTE_ID.sub('{id}', pattern.pattern)}" for method, pattern, _ in self._routes]
 
     # -- HTTP entry point -------------------------------------------------------------------------
 

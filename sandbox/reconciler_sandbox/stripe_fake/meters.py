@@ -4,7 +4,6 @@ summaries, which lag behind the events by ``summary_lag_seconds``."""
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -59,12 +58,6 @@ class MeterMixin(StripeState):
             raise StripeError(400, "Invalid status: must be one of active, inactive", param="status")
         meters = [m for m in self.meters.values() if status is None or m["status"] == status]
         return self._paginate(self._newest_first(meters), params, "/v1/billing/meters", "billing meter")
-
-    def _h_get_meter(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
-        self._expand(params, set())
-        if id not in self.meters:
-            raise _no_such("billing meter", id)
-        return json.loads(json.dumps(self.meters[id]))
 
     def _active_meter_for(self, event_name: str) -> dict[str, Any] | None:
         for meter in self.meters.values():

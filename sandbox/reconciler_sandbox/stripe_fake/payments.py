@@ -1,6 +1,7 @@
 """Payments, read-only and seeded through helpers: PaymentIntents with their charges, refunds and disputes; paid
 invoices with the PaymentIntent each created and the InvoicePayment mapping the two; the customer cash balance
-(``customer.balance``, minor units, negative = credit) with its balance transactions."""
+(``customer.balance``, minor units, negative = credit). Charges are served only inside their PaymentIntent
+(``expand[]=latest_charge``)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ _REFUND_COUNTED = ("pending", "requires_action", "succeeded")
 
 
 class PaymentMixin(StripeState):
-    """Seeding and the GET endpoints of payment intents, charges, invoices, invoice payments, refunds and customer
-    balance transactions."""
+    """Seeding and the GET endpoints of payment intents (with their charges), invoices, invoice payments and
+    refunds; the customer cash balance."""
 
     def add_payment_intent(
         self,
@@ -328,16 +329,6 @@ class PaymentMixin(StripeState):
             self._update_refunded(charge)
             return json.loads(json.dumps(refund))
 
-    def set_refund_status(self, refund_id: str, status: str) -> dict[str, Any]:
-        """Move a refund to another status (a failed or canceled refund no longer counts on the charge)."""
-        if status not in _REFUND_STATUSES:
-            raise ValueError(f"unknown refund status {status!r}")
-        with self.lock:
-            refund = self.refunds[refund_id]
-            refund["status"] = status
-            self._update_refunded(self.charges[refund["charge"]])
-            return json.loads(json.dumps(refund))
-
     def _charge_of(self, payment_intent_id: str) -> dict[str, Any]:
         pi = self.payment_intents[payment_intent_id]
         if pi["latest_charge"] is None:
@@ -351,55 +342,17 @@ class PaymentMixin(StripeState):
         charge["amount_refunded"] = refunded
         charge["refunded"] = refunded > 0 and refunded >= charge["amount_captured"]
 
-    def adjust_customer_balance(
-        self,
-        customer: str,
-        amount: int,
-        description: str | None = None,
-        *,
-        currency: str | None = None,
-        metadata: Mapping[str, str] | None = None,
-    ) -> dict[str, Any]:
-        """Append an ``adjustment`` balance transaction (minor units; negative = credit to the customer)."""
+    def adjust_customer_balance(self, customer: str, amount: int, *, currency: str | None = None) -> dict[str, Any]:
+        """Add ``amount`` to the customer's cash balance (minor units; negative = credit to the customer), as an
+        ``adjustment`` balance transaction would; returns the customer as served."""
         with self.lock:
             cust = self.customers[customer]
             if currency is not None and cust["currency"] not in (None, currency):
                 raise ValueError(f"customer {customer!r} has currency {cust['currency']!r}, not {currency!r}")
             if cust["currency"] is None:
                 cust["currency"] = currency or "usd"
-            return self._append_balance_transaction(customer, amount, "adjustment", description, metadata)
-
-    def _append_balance_transaction(
-        self,
-        customer: str,
-        amount: int,
-        type: str,
-        description: str | None,
-        metadata: Mapping[str, str] | None = None,
-    ) -> dict[str, Any]:
-        cust = self.customers[customer]
-        ending = (cust["balance"] if type != "initial" else 0) + amount
-        cust["balance"] = ending
-        txn = {
-            "id": _new_id("cbtxn_", 24),
-            "object": "customer_balance_transaction",
-            "amount": amount,
-            "checkout_session": None,
-            "created": self._now(),
-            "credit_note": None,
-            "currency": cust["currency"] or "usd",
-            "customer": customer,
-            "customer_account": None,
-            "description": description,
-            "ending_balance": ending,
-            "invoice": None,
-            "livemode": False,
-            "metadata": dict(metadata or {}),
-            "type": type,
-        }
-        self.customer_balance_transactions.setdefault(customer, []).append(txn)
-        self._register(txn["id"])
-        return json.loads(json.dumps(txn))
+            cust["balance"] += amount
+            return json.loads(json.dumps(cust))
 
     def _render_payment_intent(self, pi: dict[str, Any], expand: set[str]) -> dict[str, Any]:
         out = json.loads(json.dumps(pi))
@@ -475,21 +428,6 @@ class PaymentMixin(StripeState):
             lambda o: self._render_invoice_payment(o, invoice_expand),
         )
 
-    def _h_list_charges(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
-        self._expand(params, set())
-        objs = list(self.charges.values())
-        for name in ("customer", "payment_intent"):
-            if params.get(name):
-                objs = [o for o in objs if o[name] == params[name]]
-        objs = _filter_created(objs, params)
-        return self._paginate(self._newest_first(objs), params, "/v1/charges", "charge")
-
-    def _h_get_charge(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
-        self._expand(params, set())
-        if id not in self.charges:
-            raise _no_such("charge", id, param="charge")
-        return json.loads(json.dumps(self.charges[id]))
-
     def _h_list_refunds(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
         self._expand(params, set())
         objs = list(self.refunds.values())
@@ -498,32 +436,3 @@ class PaymentMixin(StripeState):
                 objs = [o for o in objs if o[name] == params[name]]
         objs = _filter_created(objs, params)
         return self._paginate(self._newest_first(objs), params, "/v1/refunds", "refund")
-
-    def _h_get_refund(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
-        self._expand(params, set())
-        if id not in self.refunds:
-            raise _no_such("refund", id, param="refund")
-        return json.loads(json.dumps(self.refunds[id]))
-
-    def _h_list_balance_transactions(self, params: dict[str, Any], hdrs: Mapping[str, str], id: str) -> dict[str, Any]:
-        self._expand(params, set())
-        if id not in self.customers:
-            raise _no_such("customer", id)
-        objs = _filter_created(self.customer_balance_transactions.get(id, []), params)
-        return self._paginate(
-            self._newest_first(objs),
-            params,
-            f"/v1/customers/{id}/balance_transactions",
-            "customer balance transaction",
-        )
-
-    def _h_get_balance_transaction(
-        self, params: dict[str, Any], hdrs: Mapping[str, str], id: str, txn: str
-    ) -> dict[str, Any]:
-        self._expand(params, set())
-        if id not in self.customers:
-            raise _no_such("customer", id)
-        for t in self.customer_balance_transactions.get(id, []):
-            if t["id"] == txn:
-                return json.loads(json.dumps(t))
-        raise _no_such("customer balance transaction", txn)

@@ -58,10 +58,6 @@ class SeedingMixin(CatalogMixin):
             }
             self.customers[cid] = customer
             self._register(cid)
-            self.customer_balance_transactions[cid] = []
-            if balance:
-                # Stripe records a starting balance as an "initial" balance transaction.
-                self._append_balance_transaction(cid, balance, "initial", None)
             return json.loads(json.dumps(customer))
 
     def add_meter(

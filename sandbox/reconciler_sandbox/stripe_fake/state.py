@@ -62,7 +62,6 @@ class StripeState(FakeService):
         self.invoices: dict[str, dict[str, Any]] = {}
         self.invoice_payments: dict[str, dict[str, Any]] = {}
         self.refunds: dict[str, dict[str, Any]] = {}
-        self.customer_balance_transactions: dict[str, list[dict[str, Any]]] = {}  # customer id -> oldest first
         self.credit_grants: dict[str, dict[str, Any]] = {}
         # grant id -> minor units applied to finalized invoices / held on draft invoices
         self._grant_used: dict[str, int] = {}
