@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 
-from reconciler.balances.model import BalanceAccount
-from reconciler.ledger.balance_ledger import OpenUsage
+from reconciler.balances.model import BalanceAccount, OpenUsage
 from reconciler.usage.model import CustomerCredit, MeteredItem
 from reconciler.usage.streams import LIVE_STATUSES
 

@@ -17,13 +17,12 @@ import structlog
 
 from reconciler.balances.accounts import CustomerAccount, open_usage_cost_minor
 from reconciler.balances.drift import Assessment, DriftAction, DriftPolicy, RecentTransaction, assess
-from reconciler.balances.model import BalanceAccount
+from reconciler.balances.model import AlreadyRecordedError, BalanceAccount, PlannedTransaction
 from reconciler.balances.money import to_minor, to_minor_rounded, to_units
 from reconciler.balances.ports import BalanceBook, MoesifBalances, StripeBalanceReads
 from reconciler.balances.sweep import LastObservation, sweep_due_after, why_read_moesif
 from reconciler.balances.transactions import TransactionSender
 from reconciler.config import BalancesConfig
-from reconciler.ledger.balance_ledger import AlreadyRecordedError, PlannedTransaction
 from reconciler.upstream.errors import PermanentError
 
 if TYPE_CHECKING:  # the job's report line: filled in here, defined (and built) by the job

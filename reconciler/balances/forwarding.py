@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 import structlog
 
 from reconciler.balances.accounts import CustomerAccount
+from reconciler.balances.model import AlreadyRecordedError, PlannedTransaction
 from reconciler.balances.money import exactly_representable, to_units
 from reconciler.balances.payments import StripeMoney
 from reconciler.balances.ports import BalanceBook
 from reconciler.balances.transactions import TransactionSender, forwarded_line
-from reconciler.ledger.balance_ledger import AlreadyRecordedError, PlannedTransaction
 
 if TYPE_CHECKING:  # the job's report line: filled in here, defined (and built) by the job
     from reconciler.balances.job import CustomerReport

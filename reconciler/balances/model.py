@@ -59,3 +59,42 @@ class MoesifBalance:
 
     def field(self, name: str) -> Decimal:
         return {"current_balance": self.current_balance, "available_balance": self.available_balance}[name]
+
+
+# What the balance ledger stores and loads (reconciler.ledger.balance_ledger): declared here, with the domain,
+# so that the domain never imports the ledger.
+
+
+class AlreadyRecordedError(Exception):
+    """Another run already recorded this transaction id."""
+
+
+@dataclass(frozen=True)
+class PlannedTransaction:
+    kind: str  # topup | refund | correction
+    source_id: str
+    transaction_id: str
+    account: BalanceAccount
+    amount_minor: int  # positive
+    type: str  # credit | debit
+    description: str
+
+
+@dataclass(frozen=True)
+class StoredTransaction:
+    id: int
+    planned: PlannedTransaction
+    state: str
+    outcome_unknown: bool
+    attempted: bool  # a request may have left for Moesif; False: it never did, so sending it is safe
+
+
+@dataclass(frozen=True)
+class OpenUsage:
+    """Usage reported to Stripe in a period whose invoice has not finalized: Moesif burned it already."""
+
+    stripe_target: str
+    meter_id: str | None
+    kind: str
+    subscription_item_id: str
+    reported_total: int

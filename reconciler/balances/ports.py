@@ -13,9 +13,17 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from reconciler.balances.drift import Assessment, RecentTransaction
-from reconciler.balances.model import BalanceAccount, InvoicePayment, MoesifBalance, Refund, TopUp
+from reconciler.balances.model import (
+    BalanceAccount,
+    InvoicePayment,
+    MoesifBalance,
+    OpenUsage,
+    PlannedTransaction,
+    Refund,
+    StoredTransaction,
+    TopUp,
+)
 from reconciler.balances.sweep import LastObservation
-from reconciler.ledger.balance_ledger import OpenUsage, PlannedTransaction, StoredTransaction
 from reconciler.upstream.moesif_api import BalanceTransaction, PostOutcome
 from reconciler.usage.model import CustomerCredit, MeteredItem
 

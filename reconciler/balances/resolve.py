@@ -25,10 +25,11 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.balances.drift import DriftAction
+from reconciler.balances.model import StoredTransaction
 from reconciler.balances.money import to_units
 from reconciler.balances.transactions import moesif_transaction
 from reconciler.config import Config
-from reconciler.ledger.balance_ledger import BalanceLedger, StoredTransaction
+from reconciler.ledger.balance_ledger import BalanceLedger
 from reconciler.ledger.schema import BalanceObservation, BalanceResolution, IntentState, MoesifTransaction
 from reconciler.redact import redact
 from reconciler.upstream.errors import PermanentError, UpstreamError

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from reconciler.balances.model import PlannedTransaction, StoredTransaction
 from reconciler.balances.money import to_units
 from reconciler.balances.ports import BalanceBook, MoesifBalances
 from reconciler.config import MoesifConfig
-from reconciler.ledger.balance_ledger import PlannedTransaction, StoredTransaction
 from reconciler.upstream.errors import OutcomeUnknownError, PermanentError, UpstreamError
 from reconciler.upstream.moesif_api import BalanceTransaction
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, func, select, text
@@ -13,46 +12,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.balances.drift import Assessment, RecentTransaction
-from reconciler.balances.model import BalanceAccount
+from reconciler.balances.model import (
+    AlreadyRecordedError,
+    BalanceAccount,
+    OpenUsage,
+    PlannedTransaction,
+    StoredTransaction,
+)
 from reconciler.balances.money import to_units
 from reconciler.balances.sweep import LastObservation
 from reconciler.ledger.balance_lock import balance_job_lock
 from reconciler.ledger.schema import BalanceObservation, IntentState, MoesifTransaction, UsagePeriod
-
-
-class AlreadyRecordedError(Exception):
-    """Another run already recorded this transaction id."""
-
-
-@dataclass(frozen=True)
-class PlannedTransaction:
-    kind: str  # topup | refund | correction
-    source_id: str
-    transaction_id: str
-    account: BalanceAccount
-    amount_minor: int  # positive
-    type: str  # credit | debit
-    description: str
-
-
-@dataclass(frozen=True)
-class StoredTransaction:
-    id: int
-    planned: PlannedTransaction
-    state: str
-    outcome_unknown: bool
-    attempted: bool  # a request may have left for Moesif; False: it never did, so sending it is safe
-
-
-@dataclass(frozen=True)
-class OpenUsage:
-    """Usage reported to Stripe in a period whose invoice has not finalized: Moesif burned it already."""
-
-    stripe_target: str
-    meter_id: str | None
-    kind: str
-    subscription_item_id: str
-    reported_total: int
 
 
 class BalanceLedger:

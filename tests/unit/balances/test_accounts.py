@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 
 from reconciler.balances.accounts import UnpricedUsageError, map_accounts, open_usage_cost_minor
-from reconciler.ledger.balance_ledger import OpenUsage
+from reconciler.balances.model import OpenUsage
 from reconciler.usage.model import BillingPeriod, CustomerCredit, MeteredItem
 from tests.conftest import utc
 
