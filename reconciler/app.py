@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
@@ -27,7 +28,7 @@ from reconciler.upstream.rate_limit import RateLimiter
 from reconciler.upstream.stripe_api import StripeGateway
 from reconciler.upstream.stripe_budget import StripeBudget
 from reconciler.usage.job import UsageSync
-from reconciler.usage.readback import ReadBack
+from reconciler.usage.readback import ReadBack, ReadBackResult
 from reconciler.usage.stripe_view import StripeView
 
 
@@ -48,6 +49,15 @@ class App:
         """Live replicas split every upstream API's request budget."""
         for limiter in self.limiters:
             limiter.share(replicas)
+
+    def read_back_and_resend(self, usage_lock: AbstractContextManager[object] | None = None) -> ReadBackResult:
+        """A read-back cycle, then at once a usage cycle (under `usage_lock`, which keeps usage cycles apart) for the
+        customers with a period reopened for a resend."""
+        result = self.read_back.run_cycle()
+        if result.resent_customers:
+            with usage_lock or nullcontext():
+                self.usage_sync.run_cycle(customers=result.resent_customers, include_legacy=False)
+        return result
 
     def close(self) -> None:
         """Every HTTP client the app's jobs opened (Stripe, OpenMeter, Moesif, the app's API), and its engine if
@@ -73,6 +83,26 @@ def open_database(config: Config) -> Engine:
         engine.dispose()
         raise
     return engine
+
+
+@contextmanager
+def opened_app(config: Config) -> Iterator[App]:
+    """The wired application for one command, closed afterwards."""
+    app = build_app(config)
+    try:
+        yield app
+    finally:
+        app.close()
+
+
+@contextmanager
+def opened_ledger(config: Config, *, migrated: bool = True) -> Iterator[Engine]:
+    """The ledger's engine (refused unless reachable and, unless told otherwise, migrated), disposed of afterwards."""
+    engine = open_database(config) if migrated else make_engine(config.database.url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 def build_app(

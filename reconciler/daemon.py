@@ -212,10 +212,7 @@ class Daemon:
                 return  # another replica runs this tick
         try:
             with self._current_app() as app:
-                result = app.read_back.run_cycle()
-                if result.resent_customers:
-                    with self._usage_lock:
-                        app.usage_sync.run_cycle(customers=result.resent_customers, include_legacy=False)
+                app.read_back_and_resend(self._usage_lock)
         except Exception:
             log.exception("read-back crashed")
 

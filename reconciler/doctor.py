@@ -18,6 +18,7 @@ from typing import Any
 from reconciler.config import Config, MeterMapping
 from reconciler.durations import format_duration
 from reconciler.errors import one_line
+from reconciler.output import View
 from reconciler.usage.model import Meter, MeteredItem
 from reconciler.webhooks.events import THIN_METER_ERROR_EVENTS, snapshot_events_needed
 
@@ -59,6 +60,14 @@ class Diagnosis:
 
     def render_json(self) -> str:
         return json.dumps({"healthy": self.healthy, "checks": [asdict(c) for c in self.checks]}, indent=2)
+
+    def view(self) -> View:
+        return View(
+            "reconciler doctor",
+            [asdict(c) for c in self.checks],
+            self.render_json,
+            lambda console: console.print(self.render_lines(), markup=False, highlight=False),
+        )
 
 
 def ok(name: str, detail: str) -> Check:

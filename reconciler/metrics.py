@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from reconciler.results import COMPLETED, JobResult
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -95,6 +97,11 @@ class Metrics:
             raise
         finally:
             self.upstream_latency.labels(api).observe(time.perf_counter() - started)
+
+    def job_finished(self, result: JobResult, seconds: float) -> None:
+        """A job's cycle, as its result tells: counted by outcome, timed, and its last success noted if it went
+        through everything it found (some items may have failed: they are counted, and retried)."""
+        self.cycle_finished(result.job, result.status.value, seconds, succeeded=result.status in COMPLETED)
 
     def cycle_finished(self, job: str, outcome: str, seconds: float, *, succeeded: bool) -> None:
         self.cycles.labels(job, outcome).inc()

@@ -8,6 +8,7 @@ import csv
 import html
 import io
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import date, time
 from pathlib import Path
 from typing import IO, Any
@@ -109,3 +110,34 @@ def emit(
         typer.echo(text.rstrip("\n"))
     else:
         output.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class View:
+    """A command's result, ready for every format: each result's module (or the `*_render` module beside it)
+    makes its own, and the command hands it to `show`."""
+
+    title: str  # the HTML page's
+    rows: Sequence[dict[str, Any]]  # CSV and HTML
+    as_json: Callable[[], str]
+    as_table: Callable[[Console], None]
+    page: Callable[[], str] | None = None  # a page of its own for --format html, instead of the rows'
+
+
+def show(view: View, output_format: str, output: Path | None, console: Console) -> None:
+    if output_format == "html" and view.page is not None:
+        page = view.page()
+        if output:
+            output.write_text(page, encoding="utf-8")
+        else:
+            typer.echo(page)
+        return
+    emit(
+        output_format,
+        output,
+        console,
+        title=view.title,
+        rows=view.rows,
+        as_json=view.as_json,
+        as_table=view.as_table,
+    )

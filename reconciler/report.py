@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from reconciler.attention import AttentionItem, items_needing_attention
 from reconciler.balances.drift import UNCORRECTED
 from reconciler.balances.money import to_units
+from reconciler.config import Config
 from reconciler.ledger.schema import (
     BalanceObservation,
     BalanceResolution,
@@ -142,6 +143,17 @@ class Report:
             or any(p.status in ("late drift", "failed") for p in self.periods)
             or any(d.action in UNCORRECTED for d in self.drift)
         )
+
+
+def report_for(config: Config, since: datetime | None, until: datetime | None) -> tuple[Report, datetime, datetime]:
+    """`reconciler report`: from the migrated ledger, over [since, until) (default: usage.lookback until now)."""
+    from reconciler.app import opened_ledger
+    from reconciler.clock import utc_now
+
+    now = utc_now()
+    since, until = since or now - config.usage.lookback, until or now
+    with opened_ledger(config) as engine:
+        return build_report(engine, since, until), since, until
 
 
 def build_report(engine: Engine, since: datetime, until: datetime) -> Report:

@@ -26,7 +26,8 @@ from reconciler.ledger.schema import (
     UsageReport,
     WorkItem,
 )
-from reconciler.output import json_value, table
+from reconciler.output import View, json_value, table
+from reconciler.results import RunStatus
 from reconciler.schedule import parse_schedule
 
 
@@ -68,6 +69,15 @@ class Status:
     pending_moesif_transactions: int
     replicas: list[ReplicaStatus]
     attention: list[AttentionItem]
+
+
+def current_status(config: Config) -> Status:
+    """`reconciler status`: read from the migrated ledger, now."""
+    from reconciler.app import opened_ledger
+    from reconciler.clock import utc_now
+
+    with opened_ledger(config) as engine:
+        return read_status(config, engine, utc_now())
 
 
 def read_status(config: Config, engine: Engine, now: datetime) -> Status:
@@ -114,6 +124,15 @@ def read_status(config: Config, engine: Engine, now: datetime) -> Status:
     )
 
 
+def view(status: Status) -> View:
+    return View(
+        "status",
+        [job.row() for job in status.jobs],
+        lambda: render_json(status),
+        lambda console: render_table(status, console),
+    )
+
+
 def render_table(status: Status, console: Console) -> None:
     jobs = table("jobs", "job", "schedule", "last run", "outcome", "counts", "next run")
     for job in status.jobs:
@@ -144,14 +163,14 @@ def shown_status(run: Row[Any], replicas: Sequence[Row[Any]], now: datetime) -> 
     """A run's status, except that a run still marked `running` whose process is gone shows as `interrupted`: on
     this host, its pid is no longer alive; on another host, it is a replica (PostgreSQL) whose heartbeat stopped.
     Anything else (a one-shot command on another host, say) cannot be checked from here and shows as recorded."""
-    if run.status != "running":
+    if run.status != RunStatus.RUNNING:
         return str(run.status)
     if run.host == socket.gethostname():
-        return "running" if _alive(run.pid) else "interrupted"
+        return RunStatus.RUNNING.value if _alive(run.pid) else RunStatus.INTERRUPTED.value
     for _id, host, pid, heartbeat_at in replicas:
         if (host, pid) == (run.host, run.pid) and now - heartbeat_at >= REPLICA_TIMEOUT:
-            return "interrupted"
-    return "running"
+            return RunStatus.INTERRUPTED.value
+    return RunStatus.RUNNING.value
 
 
 def _alive(pid: int) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -162,6 +163,19 @@ class Verifier:
             return 0
         total = self._openmeter.query_total(row.openmeter_meter, row.subject, window)
         return round_quantity(total, mapping.rounding)
+
+
+def verify(config: Config, since: datetime | None, until: datetime | None) -> list[VerifyLine]:
+    """`reconciler verify`: the ledger's periods in the range read back from Stripe and measured again."""
+    from reconciler.app import opened_ledger
+    from reconciler.clock import utc_now
+
+    with (
+        opened_ledger(config) as engine,
+        closing(StripeGateway(config.stripe)) as stripe,
+        closing(OpenMeterGateway(config.openmeter)) as openmeter,
+    ):
+        return Verifier(config, engine, stripe, openmeter, utc_now).run(since, until)
 
 
 def render_json(lines: list[VerifyLine]) -> str:

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import structlog
 
@@ -35,6 +35,7 @@ from reconciler.balances.transactions import TransactionSender
 from reconciler.config import Config
 from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.redact import redact
+from reconciler.results import RunStatus, run_status
 from reconciler.upstream.errors import UpstreamError
 
 log = structlog.get_logger(__name__)
@@ -84,6 +85,7 @@ class CustomerReport:
 
 @dataclass
 class BalanceResult:
+    job: ClassVar[str] = "balance_reconcile"
     run_id: str | None
     dry_run: bool
     customers: list[CustomerReport] = field(default_factory=list)
@@ -98,9 +100,18 @@ class BalanceResult:
         return sum(len(c.held) for c in self.customers)
 
     @property
-    def status(self) -> str:
-        """ "partial" when a customer failed or money was held for a person: either needs one."""
-        return "partial" if self.failures or self.held else "succeeded"
+    def status(self) -> RunStatus:
+        """Partial when a customer failed or money was held for a person: either needs one."""
+        return run_status(dry_run=self.dry_run, failed=self.failed, left_for_a_person=self.held)
+
+    @property
+    def attention(self) -> list[str]:
+        """Money held for a person, and drift left uncorrected."""
+        held = [f"{c.customer_id}: held: {line}" for c in self.customers for line in c.held]
+        return held + [f"{c.customer_id}: {c.action}: {c.reason}" for c in self.customers if c.action in UNCORRECTED]
+
+    def counts(self) -> dict[str, object]:
+        return self.summary()
 
     @property
     def uncorrected_drift(self) -> int:
@@ -162,9 +173,7 @@ class BalanceSync:
             with self._ledger.job_lock(exclusive=False):
                 result = self._cycle(dry_run, customers)
         if not dry_run:
-            self._metrics.cycle_finished(
-                "balance_reconcile", result.status, time.perf_counter() - started, succeeded=True
-            )
+            self._metrics.job_finished(result, time.perf_counter() - started)
             for c in result.customers:
                 if c.difference is not None and c.action not in ("in_sync", "settling", ""):
                     self._metrics.drift(c.currency, c.difference, corrected=c.action == DriftAction.CORRECT.value)
@@ -261,8 +270,8 @@ class BalanceSync:
         return redact(text, self._config.secret_values())
 
     def _finish(self, result: BalanceResult) -> None:
-        summary = result.summary()
-        log.info("balance reconcile finished", status=result.status, **summary)
+        summary = result.counts()
+        log.info("balance reconcile finished", status=result.status.value, **summary)
         if result.run_id is not None:
             self._runs.finish(result.run_id, result.status, summary)
 

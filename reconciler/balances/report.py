@@ -8,7 +8,26 @@ from rich.console import Console
 from rich.table import Column
 
 from reconciler.balances.job import BalanceResult
-from reconciler.output import table
+from reconciler.output import View, table
+
+
+def view(result: BalanceResult) -> View:
+    return View(
+        "balance reconcile",
+        [c.as_dict() for c in result.customers],
+        lambda: render_json(result),
+        lambda console: render_table(result, console),
+    )
+
+
+def exit_code(result: BalanceResult, *, fail_on_drift: bool) -> int:
+    """1: a customer failed; 3 (with --fail-on-drift): drift left uncorrected or money held; 1: money held (a
+    person must place it: as loud as a failure); else 0."""
+    if result.failed:
+        return 1
+    if fail_on_drift and (result.uncorrected_drift or result.held):
+        return 3
+    return 1 if result.held else 0
 
 
 def render_json(result: BalanceResult) -> str:

@@ -17,9 +17,11 @@ runs under the balance job's lock, exclusively (reconciler.ledger.balance_lock):
 
 from __future__ import annotations
 
+import getpass
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,6 +31,7 @@ from reconciler.balances.model import StoredTransaction
 from reconciler.balances.money import to_units
 from reconciler.balances.transactions import moesif_transaction
 from reconciler.config import Config
+from reconciler.errors import RefusedError, SetupError
 from reconciler.ledger.balance_ledger import BalanceLedger
 from reconciler.ledger.schema import BalanceObservation, BalanceResolution, IntentState, MoesifTransaction
 from reconciler.redact import redact
@@ -38,7 +41,32 @@ from reconciler.upstream.moesif_api import MoesifGateway
 APPLIED, NOT_APPLIED = "applied", "not_applied"
 
 
-class ResolveRefusedError(Exception):
+def resolve_transaction(
+    config: Config, transaction_id: str, *, applied: bool, by: str | None, note: str | None, tell: Callable[[str], None]
+) -> Resolved:
+    """`reconciler balances resolve`: `tell` the person the customer's latest balance comparison, then decide (by
+    default as the login name) under the balance job's lock."""
+    from reconciler.app import opened_ledger
+    from reconciler.clock import utc_now
+
+    moesif_config = config.moesif
+    if moesif_config is None:
+        raise SetupError("no moesif section in the config: nothing to resolve against")
+    with opened_ledger(config) as engine:
+        resolver = Resolver(config, engine, utc_now)
+        tell(resolver.comparison_for(transaction_id))
+        moesif = partial(MoesifGateway, moesif_config)
+        return resolver.resolve(transaction_id, applied=applied, by=by or login_name(), note=note, moesif=moesif)
+
+
+def login_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no $USER/$LOGNAME and no passwd entry (a bare container)
+        return "unknown"
+
+
+class ResolveRefusedError(RefusedError):
     """The resolution was refused; nothing was changed or sent."""
 
 
@@ -49,6 +77,11 @@ class Resolved:
     was: str  # why it needed a person
     resend: str | None = None  # not_applied: what became of the resend
     resend_failed: bool = False  # it was refused or its outcome is unknown: a person must look again
+
+    def lines(self) -> list[str]:
+        """What a person is told."""
+        done = f"{self.transaction_id}: {self.action.replace('_', ' ')} (was {self.was})"
+        return [done] + ([f"{self.transaction_id}: {self.resend}"] if self.resend else [])
 
 
 class Resolver:
@@ -63,6 +96,10 @@ class Resolver:
         if stored is None:
             raise ResolveRefusedError(f"no Moesif transaction {transaction_id} in the ledger")
         return stored
+
+    def comparison_for(self, transaction_id: str) -> str:
+        """The latest balance comparison of the transaction's customer (ResolveRefusedError: no such transaction)."""
+        return self.latest_comparison(self.find(transaction_id).planned.account.customer_id)
 
     def latest_comparison(self, customer_id: str) -> str:
         """The customer's latest balance comparison, as a person reads it before deciding."""

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 
 from sqlalchemy import Engine, text
 
+from reconciler.errors import BusyError
+
 KEY = "reconciler:balance_job"
 # Each statement names the lock by KEY and the schema.
 TRY_EXCLUSIVE = "SELECT pg_try_advisory_lock(hashtext(:key || current_schema()))"
@@ -27,7 +29,7 @@ UNLOCK_EXCLUSIVE = "SELECT pg_advisory_unlock(hashtext(:key || current_schema())
 UNLOCK_SHARED = "SELECT pg_advisory_unlock_shared(hashtext(:key || current_schema()))"
 
 
-class BalanceJobBusyError(Exception):
+class BalanceJobBusyError(BusyError):
     """A balance cycle is running; a resolution must wait for it to finish."""
 
 

@@ -93,3 +93,13 @@ def require_migrated(engine: Engine) -> None:
         raise DatabaseNotMigratedError(
             f"the database {engine.url.render_as_string(hide_password=True)} {state}: run `reconciler db upgrade` first"
         )
+
+
+def upgrade_database(url: str) -> tuple[str | None, str]:
+    """`reconciler db upgrade`: reach the database, apply all migrations; (revision before, revision after)."""
+    engine = make_engine(url)
+    try:
+        check_reachable(engine)
+        return upgrade(engine)
+    finally:
+        engine.dispose()

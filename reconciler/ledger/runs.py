@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
 
 from reconciler.ledger.schema import Run
+from reconciler.results import RunStatus
 
 
 class RunLog:
@@ -28,7 +29,7 @@ class RunLog:
                     id=run_id,
                     job=job,
                     started_at=self._clock(),
-                    status="running",
+                    status=RunStatus.RUNNING.value,
                     host=socket.gethostname(),
                     pid=os.getpid(),
                 )
@@ -36,8 +37,9 @@ class RunLog:
         return run_id
 
     def finish(self, run_id: str, status: str, summary: dict[str, object]) -> None:
+        """How the run ended (a result's `status`, reconciler.results) and its `counts()`."""
         with self._sessions.begin() as session:
             run = session.get_one(Run, run_id)
-            run.status = status
+            run.status = str(status)
             run.finished_at = self._clock()
             run.summary = json.dumps(summary, sort_keys=True)

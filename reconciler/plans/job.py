@@ -8,6 +8,7 @@ known to the app. Anything else is retried with backoff, counted and reported; t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import structlog
 
@@ -15,6 +16,7 @@ from reconciler.config import Config
 from reconciler.plans.desired import Entitlement, desired_entitlements
 from reconciler.plans.ports import EntitlementsApp, PlanBook, Runs, StripeSubscriptions
 from reconciler.redact import redact
+from reconciler.results import RunStatus, run_status
 from reconciler.upstream.errors import UpstreamError
 
 log = structlog.get_logger(__name__)
@@ -32,12 +34,29 @@ class PlanLine:
 
 @dataclass
 class PlanResult:
-    run_id: str | None
+    job: ClassVar[str] = "plan_sync"
+    run_id: str | None  # None: a dry run
     lines: list[PlanLine] = field(default_factory=list)
 
     @property
     def failed(self) -> int:
         return sum(1 for line in self.lines if line.action in ("failed", "skipped"))
+
+    @property
+    def status(self) -> RunStatus:
+        return run_status(dry_run=self.run_id is None, failed=len(self.failures), left_for_a_person=self.failed)
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{line.customer_id}: {line.reason}" for line in self.lines if line.action == "failed"]
+
+    @property
+    def attention(self) -> list[str]:
+        """Customers skipped: their subscriptions say nothing the app can be sent until a person fixes them."""
+        return [f"{line.customer_id}: skipped: {line.reason}" for line in self.lines if line.action == "skipped"]
+
+    def counts(self) -> dict[str, object]:
+        return self.summary()
 
     def summary(self) -> dict[str, object]:
         actions = [line.action for line in self.lines]
@@ -110,6 +129,6 @@ class PlanSync:
         return redact(text, self._config.secret_values())
 
     def _finish(self, result: PlanResult) -> None:
-        log.info("plan sync finished", **result.summary())
+        log.info("plan sync finished", **result.counts())
         if result.run_id is not None:
-            self._runs.finish(result.run_id, "succeeded" if not result.failed else "partial", result.summary())
+            self._runs.finish(result.run_id, result.status, result.counts())

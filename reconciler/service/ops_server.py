@@ -37,12 +37,11 @@ from reconciler.errors import SetupError
 from reconciler.ledger.database import DatabaseNotMigratedError, require_migrated
 from reconciler.ledger.schema import Run
 from reconciler.metrics import Metrics
+from reconciler.results import COMPLETED
 from reconciler.webhooks.events import event_problem
 from reconciler.webhooks.inbox import WebhookInbox
 
 log = structlog.get_logger(__name__)
-
-COMPLETED = ("succeeded", "partial")  # a partial cycle ran to the end; some items failed and were counted
 
 
 @dataclass
@@ -86,7 +85,7 @@ def readiness_problems(probes: Probes) -> list[str]:
     with probes.engine.connect() as connection:
         for job in probes.jobs():
             last = connection.execute(
-                select(func.max(Run.finished_at)).where(Run.job == job, Run.status.in_(COMPLETED))
+                select(func.max(Run.finished_at)).where(Run.job == job, Run.status.in_(sorted(COMPLETED)))
             ).scalar()
             if last is None:
                 problems.append(f"{job}: no completed cycle yet")

@@ -16,16 +16,22 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from typing import TYPE_CHECKING, ClassVar
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import sessionmaker
 
 from reconciler.balances.money import to_units
+from reconciler.clock import utc_now
 from reconciler.ledger.runs import RunLog
 from reconciler.ledger.schema import BackfillItem, BackfillRun
+from reconciler.results import RunStatus, run_status
 from reconciler.usage.decide import Action
 from reconciler.usage.job import CycleResult, PlannedReport, UsageSync
 from reconciler.usage.model import CycleSummary, MeteredItem, StreamPeriod
+
+if TYPE_CHECKING:
+    from reconciler.app import App
 
 
 @dataclass(frozen=True)
@@ -48,8 +54,28 @@ class BackfillResult:
     resumed_from: int = 0  # stream periods already done by the interrupted run this one continues
     lines: list[BackfillLine] = field(default_factory=list)
 
+    job: ClassVar[str] = "backfill"
+
     def count(self, action: str) -> int:
         return sum(1 for line in self.lines if line.action == action)
+
+    # -- the shared shape (reconciler.results.JobResult) --
+
+    @property
+    def status(self) -> RunStatus:
+        return run_status(dry_run=self.run_id is None, failed=self.count("failed"))
+
+    @property
+    def failures(self) -> list[str]:
+        return [_described(line) for line in self.lines if line.action == "failed"]
+
+    @property
+    def attention(self) -> list[str]:
+        """Usage Stripe can no longer bill: a credit note or an invoice item, for a person."""
+        return [_described(line) for line in self.lines if line.action == "out_of_reach"]
+
+    def counts(self) -> dict[str, object]:
+        return {a: self.count(a) for a in ("report", "out_of_reach", "failed")}
 
     def as_json(self) -> str:
         summary = {a: self.count(a) for a in ("report", "would_report", "unchanged", "out_of_reach", "failed")}
@@ -138,9 +164,22 @@ class Backfill:
             progress(position, len(units))
         if checkpoint_id is not None and result.run_id is not None:
             self._checkpoints.finish(checkpoint_id)
-            status = "succeeded" if not result.count("failed") else "partial"
-            self._runs.finish(result.run_id, status, {a: result.count(a) for a in ("report", "out_of_reach", "failed")})
+            self._runs.finish(result.run_id, result.status, result.counts())
         return result
+
+    def reports_planned(self, units: list[tuple[StreamPeriod, MeteredItem]], key: str) -> int:
+        """How many reports a run over `units` would send to Stripe (a dry run, counted): what the command asks
+        a person to confirm above backfill.confirm_above."""
+        return self.run(units, key, dry_run=True).count("would_report")
+
+
+def open_backfill(app: App) -> Backfill:
+    """The backfill on a built app's usage job and ledger."""
+    return Backfill(app.usage_sync, Checkpoints(app.engine, utc_now), RunLog(app.engine, utc_now))
+
+
+def _described(line: BackfillLine) -> str:
+    return f"{line.customer} {line.stripe_target} {line.period_start}: {line.reason}"
 
 
 def _line(work: StreamPeriod, item: MeteredItem, planned: PlannedReport | None, dry_run: bool) -> BackfillLine:

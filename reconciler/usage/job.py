@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
-from typing import Protocol
+from typing import ClassVar, Protocol
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -28,6 +28,7 @@ from reconciler.ledger.unbilled import UnbilledLedger
 from reconciler.ledger.usage_ledger import ContendedError, UsageLedger, stream_period_from_row
 from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.redact import redact
+from reconciler.results import RunStatus, run_status
 from reconciler.upstream.errors import (
     IdentifierTakenError,
     PermanentError,
@@ -110,15 +111,38 @@ class PlannedReport:
 
 @dataclass
 class CycleResult:
+    job: ClassVar[str] = "usage_sync"
     run_id: str | None
     summary: CycleSummary
     plan: list[PlannedReport] = field(default_factory=list)
     interrupted: bool = False
     next_final_sync: datetime | None = None  # the earliest upcoming final-sync deadline seen this cycle
+    aborted: bool = False  # Stripe's subscriptions or meters could not be listed: nothing was synced
+    dry_run: bool = False
 
     @property
     def ok(self) -> bool:
         return self.summary.failed == 0 and not self.interrupted
+
+    # -- the shared shape (reconciler.results.JobResult) --
+
+    @property
+    def status(self) -> RunStatus:
+        return run_status(
+            dry_run=self.dry_run, failed=self.summary.failed, interrupted=self.interrupted, aborted=self.aborted
+        )
+
+    @property
+    def failures(self) -> list[str]:
+        return self.summary.failures
+
+    @property
+    def attention(self) -> list[str]:
+        counted = {"late drift (final, not billable)": self.summary.late_drift, "unmapped": self.summary.unmapped}
+        return [f"{name}: {n} stream period(s)" for name, n in counted.items() if n]
+
+    def counts(self) -> dict[str, object]:
+        return self.summary.as_dict()
 
     def add(self, other: CycleResult) -> None:
         """Fold one item's result (synced in another thread) into the cycle's."""
@@ -238,10 +262,7 @@ class UsageSync:
         started = time.perf_counter()
         result = self._cycle(dry_run, plan, batch_size)
         if not dry_run:
-            outcome = "interrupted" if result.interrupted else "succeeded" if result.ok else "partial"
-            self._metrics.cycle_finished(
-                "usage_sync", outcome, time.perf_counter() - started, succeeded=not result.interrupted
-            )
+            self._metrics.job_finished(result, time.perf_counter() - started)
             for name, value in result.summary.as_dict().items():
                 if name != "seen" and isinstance(value, int) and value:
                     self._metrics.usage_items.labels(name).inc(value)
@@ -252,7 +273,7 @@ class UsageSync:
     ) -> CycleResult:
         now = self._clock()
         run_id = None if dry_run else self._runs.start("usage_sync")
-        result = CycleResult(run_id=run_id, summary=CycleSummary())
+        result = CycleResult(run_id=run_id, summary=CycleSummary(), dry_run=dry_run)
         with structlog.contextvars.bound_contextvars(run_id=run_id, dry_run=dry_run):
             log.info("usage sync started", now=now.isoformat())
             units = plan(now, result)  # counts its refusals into `result` before it yields the first item
@@ -287,12 +308,13 @@ class UsageSync:
                 log.error("usage sync could not list Stripe subscriptions or meters", error=str(exc))
                 result.summary.failed += 1
                 result.summary.failures.append(f"listing: {exc}")
-                self._finish(result, "failed")
+                result.aborted = True
+                self._finish(result)
                 return result
             finally:
                 units.close()  # type: ignore[attr-defined]
             result.plan.sort(key=lambda p: (p.work.stream.key, p.work.period.start))  # workers finish in any order
-            self._finish(result, "interrupted" if result.interrupted else "succeeded" if result.ok else "partial")
+            self._finish(result)
         return result
 
     # -- collecting ----------------------------------------------------------------------------------
@@ -610,7 +632,7 @@ class UsageSync:
             measured.append((refusal, quantity))
         self._unbilled.record(measured, run_id, full=full)
 
-    def _finish(self, result: CycleResult, status: str) -> None:
-        log.info("usage sync finished", status=status, **result.summary.as_dict())
+    def _finish(self, result: CycleResult) -> None:
+        log.info("usage sync finished", status=result.status.value, **result.summary.as_dict())
         if result.run_id is not None:
-            self._runs.finish(result.run_id, status, result.summary.as_dict())
+            self._runs.finish(result.run_id, result.status, result.counts())

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
+from typing import ClassVar
 
 import structlog
 
@@ -36,6 +37,7 @@ from reconciler.ledger.readback_ledger import ReadBackLedger
 from reconciler.ledger.runs import RunLog
 from reconciler.ledger.schema import UsagePeriod
 from reconciler.metrics import NO_METRICS, Metrics
+from reconciler.results import RunStatus, run_status
 from reconciler.upstream.errors import UpstreamError
 from reconciler.usage.stripe_view import StripeView, settled
 
@@ -92,6 +94,7 @@ class ReadBackLine:
 
 @dataclass
 class ReadBackResult:
+    job: ClassVar[str] = JOB
     run_id: str
     checked: int = 0  # summaries read
     not_yet: int = 0  # due, but an event of ours is younger than stripe.summary_lag
@@ -113,6 +116,23 @@ class ReadBackResult:
     @property
     def needs_a_person(self) -> int:
         return sum(self.findings.get(finding, 0) for finding in NEEDS_A_PERSON)
+
+    # -- the shared shape (reconciler.results.JobResult) --
+
+    @property
+    def status(self) -> RunStatus:
+        return run_status(dry_run=False, failed=len(self.failures))
+
+    @property
+    def attention(self) -> list[str]:
+        return [
+            f"{line.customer} {line.stripe_target} {line.period_start}: {line.finding}: {line.note}"
+            for line in self.lines
+            if line.finding in NEEDS_A_PERSON
+        ]
+
+    def counts(self) -> dict[str, object]:
+        return self.as_dict()
 
 
 class ReadBack:
@@ -148,10 +168,9 @@ class ReadBack:
                 if self._read_back(period, now, result):
                     resend.add(period.customer_id)
             result.resent_customers = frozenset(resend)
-            status = "partial" if result.failures else "succeeded"
-            self._runs.finish(result.run_id, status, result.as_dict())
-            log.info("read-back finished", **result.as_dict())
-        self._metrics.cycle_finished(JOB, status, time.perf_counter() - started, succeeded=True)
+            self._runs.finish(result.run_id, result.status, result.counts())
+            log.info("read-back finished", **result.counts())
+        self._metrics.job_finished(result, time.perf_counter() - started)
         return result
 
     def _read_back(self, period: UsagePeriod, now: datetime, result: ReadBackResult) -> bool:

@@ -11,6 +11,7 @@ import structlog
 from reconciler.app import App
 from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.metrics import Metrics
+from reconciler.results import JobResult, failure_text
 from reconciler.upstream.errors import UpstreamError
 from reconciler.webhooks.events import BALANCE_SYNC, METER_ERRORS, PLAN_SYNC, USAGE_SYNC, meter_event_errors
 from reconciler.webhooks.inbox import InboxItem, WebhookInbox
@@ -59,34 +60,34 @@ class WebhookWorker:
                 self._inbox.done(item)
 
     def _run(self, work: str, customer: str | None, items: list[InboxItem]) -> str | None:
-        app = self._app()
-        if work == USAGE_SYNC and customer:
+        """The work's failures in one line (the item is retried), None when it is done."""
+        if work == METER_ERRORS:
+            return self._fetch_meter_errors(self._app(), items)
+        result = self._cycle(self._app(), work, customer)
+        return None if result is None else failure_text(result)
+
+    def _cycle(self, app: App, work: str, customer: str | None) -> JobResult | None:
+        """A targeted cycle of the job the work names, for its customer; None when there is no such job to run."""
+        if not customer:
+            return None
+        if work == USAGE_SYNC:
             # Meter prices only: Stripe accepts no legacy usage records after a rollover, so their last sync
             # runs before period end on the schedule instead.
             with self._usage_lock:
-                result = app.usage_sync.run_cycle(customers=frozenset({customer}), include_legacy=False)
-            return "; ".join(result.summary.failures) or None
-        if work == BALANCE_SYNC and customer:
-            if app.balance_sync is None:
-                return None
-            balance = app.balance_sync.run_cycle(customers=frozenset({customer}))
-            return "; ".join(balance.failures) or None
-        if work == PLAN_SYNC and customer:
-            if app.plan_sync is None:
-                return None
-            plans = app.plan_sync.run_cycle(customers=frozenset({customer}))
-            return (
-                "; ".join(f"{line.customer_id}: {line.reason}" for line in plans.lines if line.action == "failed")
-                or None
-            )
-        if work == METER_ERRORS:
-            for item in items:
-                try:
-                    self._record_meter_errors(app, item)
-                except UpstreamError as exc:  # Stripe keeps the event for 30 days: the retries have time
-                    log.warning("could not fetch a thin event from Stripe", event_id=item.event_id, error=str(exc))
-                    return f"fetching {item.event_id}: {exc}"
-            return None
+                return app.usage_sync.run_cycle(customers=frozenset({customer}), include_legacy=False)
+        if work == BALANCE_SYNC and app.balance_sync is not None:
+            return app.balance_sync.run_cycle(customers=frozenset({customer}))
+        if work == PLAN_SYNC and app.plan_sync is not None:
+            return app.plan_sync.run_cycle(customers=frozenset({customer}))
+        return None
+
+    def _fetch_meter_errors(self, app: App, items: list[InboxItem]) -> str | None:
+        for item in items:
+            try:
+                self._record_meter_errors(app, item)
+            except UpstreamError as exc:  # Stripe keeps the event for 30 days: the retries have time
+                log.warning("could not fetch a thin event from Stripe", event_id=item.event_id, error=str(exc))
+                return f"fetching {item.event_id}: {exc}"
         return None
 
     def _record_meter_errors(self, app: App, item: InboxItem) -> None:
