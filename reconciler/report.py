@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session
 from reconciler.attention import AttentionItem, items_needing_attention
 from reconciler.balances.drift import UNCORRECTED
 from reconciler.balances.money import to_units
+from reconciler.balances.resolve import NOT_APPLIED
 from reconciler.config import Config
 from reconciler.ledger.schema import (
     BalanceObservation,
@@ -157,150 +159,160 @@ def report_for(config: Config, since: datetime | None, until: datetime | None) -
 
 
 def build_report(engine: Engine, since: datetime, until: datetime) -> Report:
+    """The ledger's view of [since, until): one query per section, the audit trail in time order."""
     report = Report(since.isoformat(), until.isoformat())
     with Session(engine) as session:
-        periods = session.scalars(
-            select(UsagePeriod)
-            .where(UsagePeriod.period_end > since, UsagePeriod.period_start < until)
-            .order_by(UsagePeriod.customer_id, UsagePeriod.stripe_target, UsagePeriod.period_start)
-        ).all()
-        drifted = set(session.scalars(select(LateDrift.period_id)))
-        for p in periods:
-            status = "failed" if p.last_error else "late drift" if p.id in drifted else p.status
-            measured = p.late_total if p.late_total is not None else p.target
-            difference = (measured or 0) - p.reported_total
-            at_risk = None
-            if p.unit_amount is not None and p.currency:
-                at_risk = str(to_units(Decimal(p.unit_amount) * difference, p.currency))
-            report.periods.append(
-                PeriodRow(
-                    p.customer_id,
-                    p.stripe_target,
-                    p.period_start.isoformat(),
-                    p.period_end.isoformat(),
-                    status,
-                    measured,
-                    p.reported_total,
-                    difference,
-                    p.stripe_total,
-                    at_risk,
-                    p.currency,
-                    p.last_error,
-                )
-            )
-        for o in session.scalars(
-            select(BalanceObservation)
-            .where(BalanceObservation.observed_at >= since, BalanceObservation.observed_at < until)
-            .order_by(BalanceObservation.observed_at)
-        ):
-            report.drift.append(
-                DriftRow(
-                    o.customer_id,
-                    o.observed_at.isoformat(),
-                    o.currency,
-                    o.difference_minor,
-                    o.action,
-                    o.expected_minor,
-                    o.moesif_minor,
-                    o.reason,
-                )
-            )
-        for r, customer, kind in session.execute(
-            select(UsageReport, UsagePeriod.customer_id, UsagePeriod.kind)
-            .join(UsagePeriod, UsagePeriod.id == UsageReport.period_id)
-            .where(UsageReport.created_at >= since, UsageReport.created_at < until)
-            .order_by(UsageReport.created_at, UsageReport.id)
-        ):
-            request = (
-                "POST /v1/subscription_items/…/usage_records (action=set)"
-                if kind == "legacy"
-                else "POST /v1/billing/meter_events"
-            )
-            report.audit.append(
-                AuditRow(
-                    r.created_at.isoformat(),
-                    "stripe",
-                    request,
-                    r.identifier,
-                    customer,
-                    str(r.quantity),
-                    r.state + (f": {r.error}" if r.error else ""),
-                )
-            )
-        for t in session.scalars(
-            select(MoesifTransaction)
-            .where(MoesifTransaction.created_at >= since, MoesifTransaction.created_at < until)
-            .order_by(MoesifTransaction.created_at, MoesifTransaction.id)
-        ):
-            outcome = t.state + (" (outcome was unknown once)" if t.outcome_unknown else "")
-            if t.state == IntentState.HELD:
-                outcome += f": {t.error}"
-            elif t.attention:
-                outcome += f"; needs a person: {t.attention}"
-            report.audit.append(
-                AuditRow(
-                    t.created_at.isoformat(),
-                    "moesif",
-                    "POST /v1/~/billing/reports/balance_transactions",
-                    t.transaction_id,
-                    t.customer_id,
-                    f"{t.type} {t.amount_minor} {t.currency} minor units",
-                    outcome,
-                    _in_units(t),
-                )
-            )
-        for r, t in session.execute(
-            select(BalanceResolution, MoesifTransaction)
-            .join(MoesifTransaction, MoesifTransaction.transaction_id == BalanceResolution.transaction_id)
-            .where(BalanceResolution.resolved_at >= since, BalanceResolution.resolved_at < until)
-            .order_by(BalanceResolution.resolved_at, BalanceResolution.id)
-        ):
-            amount, in_units = f"{t.type} {t.amount_minor} {t.currency} minor units", _in_units(t)
-            report.audit.append(
-                AuditRow(
-                    r.resolved_at.isoformat(),
-                    "person",
-                    f"reconciler balances resolve --{r.action.replace('_', '-')}",
-                    r.transaction_id,
-                    r.customer_id,
-                    amount,
-                    f"by {r.resolved_by}: was {r.was}" + (f"; note: {r.note}" if r.note else ""),
-                    in_units,
-                )
-            )
-            if r.action == "not_applied":  # the one resend it allows is a write to Moesif too
-                report.audit.append(
-                    AuditRow(
-                        r.resolved_at.isoformat(),
-                        "moesif",
-                        "POST /v1/~/billing/reports/balance_transactions (resent)",
-                        r.transaction_id,
-                        r.customer_id,
-                        amount,
-                        t.state + (f": {t.error}" if t.error else ""),
-                        in_units,
-                    )
-                )
-        for u in session.scalars(select(UnbilledItem).order_by(UnbilledItem.customer_id, UnbilledItem.stripe_target)):
-            at_risk = None
-            if u.measured is not None and u.unit_amount is not None and u.currency:
-                at_risk = str(to_units(Decimal(u.unit_amount) * u.measured, u.currency))
-            report.unbilled.append(
-                UnbilledRow(
-                    u.customer_id,
-                    u.subscription_item_id,
-                    u.stripe_target,
-                    "unmapped" if u.unmapped else "refused",
-                    u.reason,
-                    u.period_start.isoformat() if u.period_start else None,
-                    u.measured,
-                    at_risk,
-                    u.currency,
-                )
-            )
-    report.audit.sort(key=lambda a: a.time)
+        report.periods = list(_period_rows(session, since, until))
+        report.drift = list(_drift_rows(session, since, until))
+        writes = (_stripe_writes, _moesif_writes, _resolutions)
+        report.audit = sorted((row for rows in writes for row in rows(session, since, until)), key=lambda a: a.time)
+        report.unbilled = list(_unbilled_rows(session))
     report.attention = items_needing_attention(engine)
     return report
+
+
+def _period_rows(session: Session, since: datetime, until: datetime) -> Iterator[PeriodRow]:
+    periods = session.scalars(
+        select(UsagePeriod)
+        .where(UsagePeriod.period_end > since, UsagePeriod.period_start < until)
+        .order_by(UsagePeriod.customer_id, UsagePeriod.stripe_target, UsagePeriod.period_start)
+    ).all()
+    drifted = set(session.scalars(select(LateDrift.period_id)))
+    for p in periods:
+        status = "failed" if p.last_error else "late drift" if p.id in drifted else p.status
+        measured = p.late_total if p.late_total is not None else p.target
+        difference = (measured or 0) - p.reported_total
+        at_risk = None
+        if p.unit_amount is not None and p.currency:
+            at_risk = str(to_units(Decimal(p.unit_amount) * difference, p.currency))
+        yield PeriodRow(
+            p.customer_id,
+            p.stripe_target,
+            p.period_start.isoformat(),
+            p.period_end.isoformat(),
+            status,
+            measured,
+            p.reported_total,
+            difference,
+            p.stripe_total,
+            at_risk,
+            p.currency,
+            p.last_error,
+        )
+
+
+def _drift_rows(session: Session, since: datetime, until: datetime) -> Iterator[DriftRow]:
+    for o in session.scalars(
+        select(BalanceObservation)
+        .where(BalanceObservation.observed_at >= since, BalanceObservation.observed_at < until)
+        .order_by(BalanceObservation.observed_at)
+    ):
+        yield DriftRow(
+            o.customer_id,
+            o.observed_at.isoformat(),
+            o.currency,
+            o.difference_minor,
+            o.action,
+            o.expected_minor,
+            o.moesif_minor,
+            o.reason,
+        )
+
+
+def _stripe_writes(session: Session, since: datetime, until: datetime) -> Iterator[AuditRow]:
+    for r, customer, kind in session.execute(
+        select(UsageReport, UsagePeriod.customer_id, UsagePeriod.kind)
+        .join(UsagePeriod, UsagePeriod.id == UsageReport.period_id)
+        .where(UsageReport.created_at >= since, UsageReport.created_at < until)
+        .order_by(UsageReport.created_at, UsageReport.id)
+    ):
+        request = (
+            "POST /v1/subscription_items/…/usage_records (action=set)"
+            if kind == "legacy"
+            else "POST /v1/billing/meter_events"
+        )
+        yield AuditRow(
+            r.created_at.isoformat(),
+            "stripe",
+            request,
+            r.identifier,
+            customer,
+            str(r.quantity),
+            r.state + (f": {r.error}" if r.error else ""),
+        )
+
+
+def _moesif_writes(session: Session, since: datetime, until: datetime) -> Iterator[AuditRow]:
+    for t in session.scalars(
+        select(MoesifTransaction)
+        .where(MoesifTransaction.created_at >= since, MoesifTransaction.created_at < until)
+        .order_by(MoesifTransaction.created_at, MoesifTransaction.id)
+    ):
+        outcome = t.state + (" (outcome was unknown once)" if t.outcome_unknown else "")
+        if t.state == IntentState.HELD:
+            outcome += f": {t.error}"
+        elif t.attention:
+            outcome += f"; needs a person: {t.attention}"
+        yield AuditRow(
+            t.created_at.isoformat(),
+            "moesif",
+            "POST /v1/~/billing/reports/balance_transactions",
+            t.transaction_id,
+            t.customer_id,
+            f"{t.type} {t.amount_minor} {t.currency} minor units",
+            outcome,
+            _in_units(t),
+        )
+
+
+def _resolutions(session: Session, since: datetime, until: datetime) -> Iterator[AuditRow]:
+    """A person's decisions (`reconciler balances resolve`), and the one resend `not_applied` allows."""
+    for r, t in session.execute(
+        select(BalanceResolution, MoesifTransaction)
+        .join(MoesifTransaction, MoesifTransaction.transaction_id == BalanceResolution.transaction_id)
+        .where(BalanceResolution.resolved_at >= since, BalanceResolution.resolved_at < until)
+        .order_by(BalanceResolution.resolved_at, BalanceResolution.id)
+    ):
+        amount, in_units = f"{t.type} {t.amount_minor} {t.currency} minor units", _in_units(t)
+        yield AuditRow(
+            r.resolved_at.isoformat(),
+            "person",
+            f"reconciler balances resolve --{r.action.replace('_', '-')}",
+            r.transaction_id,
+            r.customer_id,
+            amount,
+            f"by {r.resolved_by}: was {r.was}" + (f"; note: {r.note}" if r.note else ""),
+            in_units,
+        )
+        if r.action == NOT_APPLIED:  # the one resend it allows is a write to Moesif too
+            yield AuditRow(
+                r.resolved_at.isoformat(),
+                "moesif",
+                "POST /v1/~/billing/reports/balance_transactions (resent)",
+                r.transaction_id,
+                r.customer_id,
+                amount,
+                t.state + (f": {t.error}" if t.error else ""),
+                in_units,
+            )
+
+
+def _unbilled_rows(session: Session) -> Iterator[UnbilledRow]:
+    for u in session.scalars(select(UnbilledItem).order_by(UnbilledItem.customer_id, UnbilledItem.stripe_target)):
+        at_risk = None
+        if u.measured is not None and u.unit_amount is not None and u.currency:
+            at_risk = str(to_units(Decimal(u.unit_amount) * u.measured, u.currency))
+        yield UnbilledRow(
+            u.customer_id,
+            u.subscription_item_id,
+            u.stripe_target,
+            "unmapped" if u.unmapped else "refused",
+            u.reason,
+            u.period_start.isoformat() if u.period_start else None,
+            u.measured,
+            at_risk,
+            u.currency,
+        )
 
 
 def _in_units(t: MoesifTransaction) -> str:
