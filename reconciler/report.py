@@ -319,7 +319,7 @@ def _in_units(t: MoesifTransaction) -> str:
     return f"{t.type} {to_units(t.amount_minor, t.currency):,} {t.currency.upper()}"
 
 
-def render_json(report: Report) -> str:
+def report_json(report: Report) -> str:
     return json.dumps(
         {
             "since": report.since,

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from reconciler.attention import PHRASES, AttentionItem
-from reconciler.balances.drift import UNCORRECTED
+from reconciler.balances.drift import UNCORRECTED, DriftAction
 from reconciler.balances.money import to_units
 from reconciler.report import AuditRow, DriftRow, Report
 
@@ -336,7 +336,7 @@ def _drift_chart(drift: Sequence[DriftRow]) -> str:
         day, amount = row.observed_at[:10], abs(to_units(row.difference_minor, row.currency))
         by_customer = found[row.currency][day]
         by_customer[row.customer] = max(amount, by_customer.get(row.customer, Decimal(0)))
-        if row.action == "correct":
+        if row.action == DriftAction.CORRECT:
             corrected[row.currency][day] += amount
     if not found:
         return '<p class="empty">No drift: every balance comparison in this window agreed.</p>'

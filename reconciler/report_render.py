@@ -7,7 +7,7 @@ from datetime import datetime
 from rich.console import Console
 
 from reconciler.output import View, table
-from reconciler.report import Report, render_json, render_rows
+from reconciler.report import Report, render_rows, report_json
 from reconciler.report_html import render_html
 
 
@@ -15,13 +15,13 @@ def view(built: Report, since: datetime, until: datetime, *, audit: bool = False
     return View(
         "report",
         render_rows(built, audit=audit),
-        lambda: render_json(built),
-        lambda console: render_table(built, since, until, console),
+        lambda: report_json(built),
+        lambda console: report_table(built, since, until, console),
         page=lambda: render_html(built),
     )
 
 
-def render_table(built: Report, since: datetime, until: datetime, console: Console) -> None:
+def report_table(built: Report, since: datetime, until: datetime, console: Console) -> None:
     periods = table(
         f"report {since:%Y-%m-%d} → {until:%Y-%m-%d}",
         *("customer", "meter / price", "period start", "status", "measured", "reported", "difference"),

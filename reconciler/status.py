@@ -128,12 +128,12 @@ def view(status: Status) -> View:
     return View(
         "status",
         [job.row() for job in status.jobs],
-        lambda: render_json(status),
-        lambda console: render_table(status, console),
+        lambda: status_json(status),
+        lambda console: status_table(status, console),
     )
 
 
-def render_table(status: Status, console: Console) -> None:
+def status_table(status: Status, console: Console) -> None:
     jobs = table("jobs", "job", "schedule", "last run", "outcome", "counts", "next run")
     for job in status.jobs:
         jobs.add_row(*job.row().values())
@@ -153,7 +153,7 @@ def render_table(status: Status, console: Console) -> None:
         console.print(f"{item.line()} (since {item.since:%Y-%m-%d %H:%M:%S})", markup=False)
 
 
-def render_json(status: Status) -> str:
+def status_json(status: Status) -> str:
     document: dict[str, Any] = asdict(status)
     document["attention"] = [{**asdict(item), "line": item.line()} for item in status.attention]
     return json.dumps(document, indent=2, default=json_value)

@@ -178,7 +178,7 @@ def verify(config: Config, since: datetime | None, until: datetime | None) -> li
         return Verifier(config, engine, stripe, openmeter, utc_now).run(since, until)
 
 
-def render_json(lines: list[VerifyLine]) -> str:
+def verify_json(lines: list[VerifyLine]) -> str:
     return json.dumps(
         {
             "periods": [asdict(line) for line in lines],

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from rich.console import Console
 
 from reconciler.output import View, table
-from reconciler.verify import VerifyLine, render_json
+from reconciler.verify import VerifyLine, verify_json
 
 
 def view(lines: list[VerifyLine]) -> View:
@@ -31,4 +31,4 @@ def view(lines: list[VerifyLine]) -> View:
             )
         console.print(findings)
 
-    return View("verify", [asdict(line) for line in lines], lambda: render_json(lines), as_table)
+    return View("verify", [asdict(line) for line in lines], lambda: verify_json(lines), as_table)

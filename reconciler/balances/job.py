@@ -175,8 +175,12 @@ class BalanceSync:
         if not dry_run:
             self._metrics.job_finished(result, time.perf_counter() - started)
             for c in result.customers:
-                if c.difference is not None and c.action not in ("in_sync", "settling", ""):
-                    self._metrics.drift(c.currency, c.difference, corrected=c.action == DriftAction.CORRECT.value)
+                if (
+                    c.difference is not None
+                    and c.action
+                    and c.action not in (DriftAction.IN_SYNC, DriftAction.SETTLING)
+                ):
+                    self._metrics.drift(c.currency, c.difference, corrected=c.action == DriftAction.CORRECT)
         return result
 
     def _cycle(self, dry_run: bool, customers: frozenset[str]) -> BalanceResult:

@@ -7,6 +7,7 @@ import json
 from rich.console import Console
 from rich.table import Column
 
+from reconciler.balances.drift import DriftAction
 from reconciler.balances.job import BalanceResult
 from reconciler.output import View, table
 
@@ -15,8 +16,8 @@ def view(result: BalanceResult) -> View:
     return View(
         "balance reconcile",
         [c.as_dict() for c in result.customers],
-        lambda: render_json(result),
-        lambda console: render_table(result, console),
+        lambda: balance_json(result),
+        lambda console: balance_table(result, console),
     )
 
 
@@ -30,7 +31,7 @@ def exit_code(result: BalanceResult, *, fail_on_drift: bool) -> int:
     return 1 if result.held else 0
 
 
-def render_json(result: BalanceResult) -> str:
+def balance_json(result: BalanceResult) -> str:
     return json.dumps(
         {
             "run_id": result.run_id,
@@ -43,7 +44,7 @@ def render_json(result: BalanceResult) -> str:
     )
 
 
-def render_table(result: BalanceResult, console: Console) -> None:
+def balance_table(result: BalanceResult, console: Console) -> None:
     title = "balance reconcile" + (" (dry run: nothing sent or written)" if result.dry_run else f" run {result.run_id}")
     balances = table(
         title,
@@ -64,7 +65,7 @@ def render_table(result: BalanceResult, console: Console) -> None:
     for c in result.customers:
         for line in c.forwarded:
             console.print(f"{c.customer_id}: {'would send' if result.dry_run else 'sent'} {line}", markup=False)
-        if c.action and c.reason and c.action not in ("in_sync",):
+        if c.action and c.reason and c.action != DriftAction.IN_SYNC:
             console.print(f"{c.customer_id}: {c.action}: {c.reason}", markup=False)
         for flag in c.flags:
             console.print(f"{c.customer_id}: CHECK: {flag}", markup=False)

@@ -13,6 +13,8 @@ import zlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from reconciler.balances.drift import DriftAction
+
 
 @dataclass(frozen=True)
 class LastObservation:
@@ -52,7 +54,7 @@ def why_read_moesif(
     land (it can agree by coincidence while our transaction is still invisible), so it is no baseline."""
     if last is None:
         return "never observed"
-    if last.action != "in_sync":
+    if last.action != DriftAction.IN_SYNC:
         return f"last observation was {last.action}"
     if money_in_flight:
         return "a Moesif transaction of ours is recent or in flight"

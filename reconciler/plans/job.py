@@ -8,6 +8,7 @@ known to the app. Anything else is retried with backoff, counted and reported; t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import ClassVar
 
 import structlog
@@ -22,13 +23,23 @@ from reconciler.upstream.errors import UpstreamError
 log = structlog.get_logger(__name__)
 
 
+class PlanAction(StrEnum):
+    """What the sync did for one customer."""
+
+    SENT = "sent"
+    UNCHANGED = "unchanged"  # the app already has it
+    SKIPPED = "skipped"  # the subscriptions say nothing the app can be sent: a person must look
+    FAILED = "failed"  # the app or Stripe refused or failed: the next cycle tries again
+    WOULD_SEND = "would send"  # a dry run
+
+
 @dataclass
 class PlanLine:
     customer_id: str
     user_id: str | None
     plan: str | None
     status: str | None
-    action: str  # sent | unchanged | skipped | failed (or "would send" in a dry run)
+    action: PlanAction
     reason: str = ""
 
 
@@ -40,7 +51,7 @@ class PlanResult:
 
     @property
     def failed(self) -> int:
-        return sum(1 for line in self.lines if line.action in ("failed", "skipped"))
+        return sum(1 for line in self.lines if line.action in (PlanAction.FAILED, PlanAction.SKIPPED))
 
     @property
     def status(self) -> RunStatus:
@@ -48,19 +59,21 @@ class PlanResult:
 
     @property
     def failures(self) -> list[str]:
-        return [f"{line.customer_id}: {line.reason}" for line in self.lines if line.action == "failed"]
+        return [f"{line.customer_id}: {line.reason}" for line in self.lines if line.action == PlanAction.FAILED]
 
     @property
     def attention(self) -> list[str]:
         """Customers skipped: their subscriptions say nothing the app can be sent until a person fixes them."""
-        return [f"{line.customer_id}: skipped: {line.reason}" for line in self.lines if line.action == "skipped"]
+        return [
+            f"{line.customer_id}: skipped: {line.reason}" for line in self.lines if line.action == PlanAction.SKIPPED
+        ]
 
     def counts(self) -> dict[str, object]:
         return self.summary()
 
     def summary(self) -> dict[str, object]:
         actions = [line.action for line in self.lines]
-        return {a: actions.count(a) for a in ("sent", "unchanged", "skipped", "failed", "would send") if a in actions}
+        return {a.value: actions.count(a) for a in PlanAction if a in actions}
 
 
 class PlanSync:
@@ -93,12 +106,12 @@ class PlanSync:
                     self._stripe.subscription_snapshots(customers), self._config.plans
                 )
             except UpstreamError as exc:
-                result.lines.append(PlanLine("*", None, None, None, "failed", self._redact(str(exc))))
+                result.lines.append(PlanLine("*", None, None, None, PlanAction.FAILED, self._redact(str(exc))))
                 self._finish(result)
                 return result
             for problem in problems:
                 log.warning("customer skipped", customer=problem.customer_id, reason=problem.reason)
-                result.lines.append(PlanLine(problem.customer_id, None, None, None, "skipped", problem.reason))
+                result.lines.append(PlanLine(problem.customer_id, None, None, None, PlanAction.SKIPPED, problem.reason))
             known = self._ledger.acknowledged()
             for entitlement in entitlements:
                 result.lines.append(self._sync_one(entitlement, known, full, dry_run))
@@ -106,23 +119,23 @@ class PlanSync:
         return result
 
     def _sync_one(self, e: Entitlement, known: dict[str, tuple[str, str, str]], full: bool, dry_run: bool) -> PlanLine:
-        line = PlanLine(e.customer_id, e.user_id, e.plan, e.status, "unchanged")
+        line = PlanLine(e.customer_id, e.user_id, e.plan, e.status, PlanAction.UNCHANGED)
         if not full and known.get(e.customer_id) == (e.user_id, e.plan, e.status):
             return line
         if dry_run:
-            line.action = "would send"
+            line.action = PlanAction.WOULD_SEND
             return line
         with structlog.contextvars.bound_contextvars(customer=e.customer_id, user=e.user_id):
             try:
                 self._app.send(e)
             except UpstreamError as exc:
-                line.action, line.reason = "failed", self._redact(str(exc))
+                line.action, line.reason = PlanAction.FAILED, self._redact(str(exc))
                 self._ledger.failed(e, line.reason)
                 log.error("plan update not acknowledged", error=line.reason)
                 return line
             self._ledger.acknowledge(e)
             log.info("plan update acknowledged", plan=e.plan, status=e.status)
-        line.action = "sent"
+        line.action = PlanAction.SENT
         return line
 
     def _redact(self, text: str) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from reconciler.app import build_app
-from reconciler.balances.report import render_table
+from reconciler.balances.report import balance_table
 from reconciler.clock import utc_now
 from reconciler.config import parse_config
 from reconciler.ledger.database import make_engine, upgrade
@@ -81,7 +81,7 @@ def _demo(console: Console, sandbox: Sandbox, database: Path) -> int:
             balance = app.balance_sync.run_cycle()
             failed |= bool(balance.failed)
             console.print(f"[bold]{title}[/bold]")
-            render_table(balance, console)
+            balance_table(balance, console)
             console.print()
         _print_invoice_payments(console, sandbox)
 

@@ -15,7 +15,7 @@ import pytest
 from freezegun import freeze_time
 
 from reconciler.output import rows_csv
-from reconciler.report import AuditRow, DriftRow, Report, build_report, exported, render_json, render_rows
+from reconciler.report import AuditRow, DriftRow, Report, build_report, exported, render_rows, report_json
 from reconciler.report_html import SECTIONS, render_html
 from tests.conftest import utc
 from tests.integration.test_usage_sync import MID, PERIOD_END, PERIOD_START, seed, use
@@ -58,7 +58,7 @@ def reconciled_history(h):
 
 def test_json_csv_and_html_show_the_same_numbers(harness):
     report = reconciled_history(harness)
-    data = json.loads(render_json(report))
+    data = json.loads(report_json(report))
     [period] = [p for p in data["periods"] if p["period_start"].startswith("2026-03-01")]
     assert (period["status"], period["measured"], period["reported"], period["difference"]) == ("late drift", 14, 10, 4)
     assert (period["at_risk"], data["totals"]["revenue_at_risk"]) == ("0.40", "0.40 usd")  # 4 units at 10¢
