@@ -27,6 +27,7 @@ from sqlalchemy.orm import aliased
 
 from reconciler.balances.drift import UNCORRECTED
 from reconciler.balances.money import to_units
+from reconciler.jobs import JobName
 from reconciler.ledger.schema import (
     REJECTED_BY_STRIPE,
     BalanceObservation,
@@ -38,7 +39,7 @@ from reconciler.ledger.schema import (
 )
 from reconciler.usage.readback import NEEDS_A_PERSON as READBACK_NEEDS_A_PERSON
 
-BALANCES, USAGE, WEBHOOKS = "balance_reconcile", "usage_sync", "webhooks"
+BALANCES, USAGE, WEBHOOKS = JobName.BALANCE_RECONCILE, JobName.USAGE_SYNC, "webhooks"
 
 # How `status` introduces an item of each reason.
 PHRASES = {

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -35,7 +36,7 @@ from reconciler.attention import AttentionCollector
 from reconciler.clock import utc_now
 from reconciler.config import Config, ConfigError, load_config
 from reconciler.errors import SetupError
-from reconciler.jobs import job_schedules
+from reconciler.jobs import JOBS, JobName, enabled_jobs
 from reconciler.ledger.coordination import Coordinator
 from reconciler.ledger.retention import prune_ledger
 from reconciler.ledger.schema import IntentState, MoesifTransaction, UsageReport
@@ -44,7 +45,6 @@ from reconciler.logs import configure_logging
 from reconciler.metrics import GaugeCallback, Metrics
 from reconciler.schedule import parse_schedule, tick_key
 from reconciler.service.ops_server import Listener, Probes, WebhookEndpoint, build_ops_app, build_webhook_app
-from reconciler.usage.readback import JOB as READBACK
 from reconciler.webhooks.inbox import WebhookInbox
 from reconciler.webhooks.worker import WebhookWorker
 
@@ -158,7 +158,7 @@ class Daemon:
     def wake_for_deadline(self, when: datetime) -> None:
         """A final sync is due before the next regular tick (legacy prices' last sync before period end, meter
         periods' final sync after grace): run an extra cycle then rather than miss it."""
-        regular = self.scheduler.get_job("usage_sync")
+        regular = self.scheduler.get_job(JobName.USAGE_SYNC)
         if regular is not None and regular.next_run_time is not None and regular.next_run_time <= when:
             return
         self.scheduler.add_job(
@@ -180,7 +180,7 @@ class Daemon:
             if self.coordinator is not None:
                 # The balance job is not split: one replica per tick runs it.
                 key = tick_key(self.config.schedule.balance_reconcile, utc_now())
-                if self.coordinator.claim_tick("balance_reconcile", key) is None:
+                if self.coordinator.claim_tick(JobName.BALANCE_RECONCILE, key) is None:
                     return
             try:
                 balance_sync.run_cycle()
@@ -194,7 +194,7 @@ class Daemon:
                 return
             if self.coordinator is not None:
                 key = tick_key(self.config.schedule.plan_sync, utc_now())
-                if self.coordinator.claim_tick("plan_sync", key) is None:
+                if self.coordinator.claim_tick(JobName.PLAN_SYNC, key) is None:
                     return  # another replica runs this tick
             try:
                 plan_sync.run_cycle()
@@ -208,7 +208,7 @@ class Daemon:
             return
         if self.coordinator is not None:
             key = tick_key(self.config.schedule.readback, utc_now())
-            if self.coordinator.claim_tick(READBACK, key) is None:
+            if self.coordinator.claim_tick(JobName.USAGE_READBACK, key) is None:
                 return  # another replica runs this tick
         try:
             with self._current_app() as app:
@@ -242,30 +242,30 @@ class Daemon:
             log.exception("heartbeat failed")
 
     def _schedule_jobs(self, *, first_run_now: bool) -> None:
+        """Every job the registry (reconciler.jobs) says is on, on its schedule, and ledger pruning; a job switched
+        off by a reload is unscheduled."""
         now = datetime.now(UTC)
-        cycles: dict[str, Callable[[], None]] = {
-            "usage_sync": self.usage_cycle,
-            READBACK: self.readback_cycle,
-            "balance_reconcile": self.balance_cycle,
-            "plan_sync": self.plan_cycle,
-        }
-        schedules = job_schedules(self.config)
-        for job_id, function in [*cycles.items(), ("prune_ledger", self.prune)]:
-            existing = self.scheduler.get_job(job_id)
-            schedule = PRUNE_SCHEDULE if job_id == "prune_ledger" else schedules.get(job_id)
-            if schedule is None:  # switched off
+        on = {job.name: job for job in enabled_jobs(self.config)}
+        for job in JOBS:
+            existing = self.scheduler.get_job(job.name)
+            if job.name not in on:
                 if existing:
                     existing.remove()
                 continue
-            trigger = parse_schedule(schedule)
-            if existing:
-                existing.reschedule(trigger=trigger)
-            else:
-                run_now = {"next_run_time": now} if first_run_now and job_id != "prune_ledger" else {}
-                self.scheduler.add_job(function, trigger=trigger, id=job_id, name=job_id.replace("_", " "), **run_now)
+            self._schedule(job.name, partial(job.run, self), job.schedule(self.config), now if first_run_now else None)
+        self._schedule("prune_ledger", self.prune, PRUNE_SCHEDULE, None)
+
+    def _schedule(self, job_id: str, function: Callable[[], None], schedule: str, first_run: datetime | None) -> None:
+        trigger = parse_schedule(schedule)
+        existing = self.scheduler.get_job(job_id)
+        if existing:
+            existing.reschedule(trigger=trigger)
+        else:
+            run_now = {"next_run_time": first_run} if first_run else {}
+            self.scheduler.add_job(function, trigger=trigger, id=job_id, name=job_id.replace("_", " "), **run_now)
 
     def enabled_jobs(self) -> list[str]:
-        return list(job_schedules(self.config))
+        return [job.name for job in enabled_jobs(self.config)]
 
     def _pending_intents(self) -> float:
         with self.engine.connect() as connection:

@@ -33,6 +33,7 @@ from reconciler.balances.ports import BalanceBook, MoesifBalances, Runs, StripeB
 from reconciler.balances.sweep import LastObservation
 from reconciler.balances.transactions import TransactionSender
 from reconciler.config import Config
+from reconciler.jobs import JobName
 from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.redact import redact
 from reconciler.results import RunStatus, run_status
@@ -85,7 +86,7 @@ class CustomerReport:
 
 @dataclass
 class BalanceResult:
-    job: ClassVar[str] = "balance_reconcile"
+    job: ClassVar[str] = JobName.BALANCE_RECONCILE
     run_id: str | None
     dry_run: bool
     customers: list[CustomerReport] = field(default_factory=list)

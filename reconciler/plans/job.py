@@ -14,6 +14,7 @@ from typing import ClassVar
 import structlog
 
 from reconciler.config import Config
+from reconciler.jobs import JobName
 from reconciler.plans.desired import Entitlement, desired_entitlements
 from reconciler.plans.ports import EntitlementsApp, PlanBook, Runs, StripeSubscriptions
 from reconciler.redact import redact
@@ -45,7 +46,7 @@ class PlanLine:
 
 @dataclass
 class PlanResult:
-    job: ClassVar[str] = "plan_sync"
+    job: ClassVar[str] = JobName.PLAN_SYNC
     run_id: str | None  # None: a dry run
     lines: list[PlanLine] = field(default_factory=list)
 
