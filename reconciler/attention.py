@@ -30,12 +30,12 @@ from reconciler.balances.money import to_units
 from reconciler.ledger.schema import (
     REJECTED_BY_STRIPE,
     BalanceObservation,
-    IntentState,
     LateDrift,
     MoesifTransaction,
     UsagePeriod,
     WebhookEvent,
 )
+from reconciler.usage.model import IntentState
 from reconciler.usage.readback import NEEDS_A_PERSON as READBACK_NEEDS_A_PERSON
 
 BALANCES, USAGE, WEBHOOKS = "balance_reconcile", "usage_sync", "webhooks"

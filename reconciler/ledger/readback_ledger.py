@@ -14,8 +14,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine, exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from reconciler.ledger.schema import REJECTED_BY_STRIPE, IntentState, PeriodStatus, UsagePeriod, UsageReport
-from reconciler.usage.model import StreamKind
+from reconciler.ledger.schema import REJECTED_BY_STRIPE, PeriodStatus, UsagePeriod, UsageReport
+from reconciler.usage.model import IntentState, StreamKind
 
 
 def _rejected_reports_of(period_id: object):

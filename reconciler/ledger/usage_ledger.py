@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,28 +21,23 @@ from sqlalchemy import Engine, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from reconciler.ledger.coordination import Fence
-from reconciler.ledger.schema import REJECTED_BY_STRIPE, IntentState, LateDrift, PeriodStatus, UsagePeriod, UsageReport
+from reconciler.ledger.coordination import check_fence
+from reconciler.ledger.schema import REJECTED_BY_STRIPE, LateDrift, PeriodStatus, UsagePeriod, UsageReport
 from reconciler.usage.decide import NEW_PERIOD, Action, Decision, LedgerState
-from reconciler.usage.model import BillingPeriod, Intent, Stream, StreamPeriod
+from reconciler.usage.model import (
+    BillingPeriod,
+    ContendedError,
+    Fence,
+    Intent,
+    IntentState,
+    Stream,
+    StreamEvent,
+    StreamPeriod,
+)
 from reconciler.usage.periods import epoch_seconds
 
 MAX_IDENTIFIER_LENGTH = 100  # Stripe's limit for meter event identifiers
 NONCE_BYTES = 6  # 12 hex characters in each identifier
-
-
-@dataclass(frozen=True)
-class StreamEvent:
-    """A report of a stream as `stream_events_between` lists it."""
-
-    report_id: int
-    state: str
-    quantity: int
-    last_sent_at: datetime  # its latest send (or resend) that may have landed, or when Stripe accepted it
-
-
-class ContendedError(Exception):
-    """Another process wrote the same intent first; this one backs off for the cycle."""
 
 
 def new_nonce() -> str:
@@ -418,7 +413,7 @@ class _FencedTransaction:
     def __enter__(self) -> Session:
         session = self._context.__enter__()
         if self._fence is not None:
-            self._fence.check(session)
+            check_fence(session, self._fence)
         return session
 
     def __exit__(self, *exc: Any) -> Any:

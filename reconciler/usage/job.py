@@ -20,12 +20,12 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from reconciler.config import Config
-from reconciler.ledger.coordination import Claim, Coordinator, Fence, LeaseLostError
+from reconciler.ledger.coordination import Coordinator
 from reconciler.ledger.meter_cache import MeterCache
 from reconciler.ledger.runs import RunLog
 from reconciler.ledger.schema import UsagePeriod
 from reconciler.ledger.unbilled import UnbilledLedger
-from reconciler.ledger.usage_ledger import ContendedError, UsageLedger, stream_period_from_row
+from reconciler.ledger.usage_ledger import UsageLedger, stream_period_from_row
 from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.redact import redact
 from reconciler.results import RunStatus, run_status
@@ -50,9 +50,13 @@ from reconciler.usage.history import periods_between
 from reconciler.usage.measure import SUBJECTS_PER_QUERY, Measurements, Need, UsageQueries, measure
 from reconciler.usage.model import (
     BillingPeriod,
+    Claim,
+    ContendedError,
     CycleSummary,
+    Fence,
     Intent,
     KnownMeter,
+    LeaseLostError,
     Meter,
     MeteredItem,
     Refusal,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 
@@ -217,3 +218,58 @@ class CycleSummary:
             "finalized": self.finalized,
             "late_drift": self.late_drift,
         }
+
+
+# -- what the ledger stores and loads ---------------------------------------------------------------------
+
+
+class IntentState:
+    """The state of a report (and of a Moesif transaction): what the ledger stores, and what recovery reads."""
+
+    PENDING = "pending"  # written, maybe sent: resend with the same identifier before anything new
+    SENT = "sent"  # Stripe accepted it
+    FAILED = "failed"  # Stripe refused it; it was not applied
+    REJECTED = "rejected"  # Stripe accepted it, then rejected it asynchronously (an error report; its summary agrees)
+    HELD = "held"  # Moesif transactions: money the job will not forward (e.g. another currency); a person decides
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """A report of a stream as the usage ledger's `stream_events_between` lists it."""
+
+    report_id: int
+    state: str
+    quantity: int
+    last_sent_at: datetime  # its latest send (or resend) that may have landed, or when Stripe accepted it
+
+
+class ContendedError(Exception):
+    """Another process wrote the same intent first; this one backs off for the cycle."""
+
+
+# -- sharing the work between replicas (reconciler.ledger.coordination) ----------------------------------
+
+
+class LeaseLostError(Exception):
+    """This replica's lease on a work item lapsed and another replica holds it now."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Proof of a live lease on a work item, checked inside every ledger transaction that writes for the item
+    (reconciler.ledger.coordination.check_fence)."""
+
+    item_id: int
+    token: int
+    owner: str
+    clock: Callable[[], datetime]
+    lease_ttl: timedelta
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A work item claimed under a lease: its payload (a stream period, reconciler.usage.codec) and its fence."""
+
+    item_id: int
+    payload: str
+    fence: Fence

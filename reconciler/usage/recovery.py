@@ -24,10 +24,9 @@ from typing import Protocol
 
 import structlog
 
-from reconciler.ledger.schema import IntentState
-from reconciler.ledger.usage_ledger import StreamEvent, UsageLedger
+from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.upstream.errors import OutcomeUnknownError, PermanentError
-from reconciler.usage.model import Intent, StreamKind, StreamPeriod
+from reconciler.usage.model import Intent, IntentState, StreamEvent, StreamKind, StreamPeriod
 
 log = structlog.get_logger(__name__)
 

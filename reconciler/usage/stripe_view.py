@@ -18,9 +18,9 @@ from decimal import Decimal
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from reconciler.ledger.schema import IntentState, UsagePeriod, UsageReport
+from reconciler.ledger.schema import UsagePeriod, UsageReport
 from reconciler.upstream.stripe_api import StripeGateway
-from reconciler.usage.model import StreamKind
+from reconciler.usage.model import IntentState, StreamKind
 
 
 @dataclass(frozen=True)
