@@ -25,11 +25,11 @@ from reconciler.ledger.coordination import check_fence
 from reconciler.ledger.schema import REJECTED_BY_STRIPE, LateDrift, PeriodStatus, UsagePeriod, UsageReport
 from reconciler.usage.decide import NEW_PERIOD, Action, Decision, LedgerState
 from reconciler.usage.model import (
-    BillingPeriod,
     ContendedError,
     Fence,
     Intent,
     IntentState,
+    RecordedPeriod,
     Stream,
     StreamEvent,
     StreamPeriod,
@@ -158,7 +158,7 @@ class UsageLedger:
 
     def periods_to_revisit(
         self, now: datetime, lookback: timedelta, skip: set[tuple[str, datetime]]
-    ) -> Iterator[UsagePeriod]:
+    ) -> Iterator[RecordedPeriod]:
         """Periods Stripe no longer lists as current that still need a final sync or a late-drift check:
         every provisional period that has ended, and final ones that ended within `lookback`."""
         with self._sessions() as session:
@@ -170,7 +170,7 @@ class UsageLedger:
             ).all()
         for row in rows:
             if (row.stream_key, row.period_start) not in skip:
-                yield row
+                yield recorded_period(row)
 
     # -- writing -------------------------------------------------------------------------------------
 
@@ -401,8 +401,26 @@ class UsageLedger:
         )
 
 
-def stream_period_from_row(row: UsagePeriod, stream: Stream) -> StreamPeriod:
-    return StreamPeriod(stream, BillingPeriod(row.period_start, row.period_end), is_current=False)
+def recorded_period(row: UsagePeriod) -> RecordedPeriod:
+    """The usage domain's value of a `usage_periods` row."""
+    return RecordedPeriod(
+        id=row.id,
+        stream_key=row.stream_key,
+        kind=row.kind,
+        customer_id=row.customer_id,
+        subscription_id=row.subscription_id,
+        subscription_item_id=row.subscription_item_id,
+        stripe_target=row.stripe_target,
+        meter_id=row.meter_id,
+        openmeter_meter=row.openmeter_meter,
+        subject=row.subject,
+        period_start=row.period_start,
+        period_end=row.period_end,
+        reported_total=row.reported_total,
+        next_sequence=row.next_sequence,
+        unit_amount=row.unit_amount,
+        currency=row.currency,
+    )
 
 
 class _FencedTransaction:

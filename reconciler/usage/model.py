@@ -243,6 +243,39 @@ class StreamEvent:
     last_sent_at: datetime  # its latest send (or resend) that may have landed, or when Stripe accepted it
 
 
+@dataclass(frozen=True)
+class RecordedPeriod:
+    """A stream period as the ledger holds it (a `usage_periods` row): what the cycle rebuilds a period Stripe no
+    longer lists from, and what the read-back and `verify` read back."""
+
+    id: int
+    stream_key: str
+    kind: str  # a StreamKind value
+    customer_id: str
+    subscription_id: str
+    subscription_item_id: str
+    stripe_target: str
+    meter_id: str | None
+    openmeter_meter: str
+    subject: str
+    period_start: datetime
+    period_end: datetime
+    reported_total: int
+    next_sequence: int
+    unit_amount: str | None
+    currency: str | None
+
+
+@dataclass(frozen=True)
+class SentEvent:
+    """A meter event Stripe accepted from us (and has not rejected since), as the ledger recorded it."""
+
+    period_id: int
+    timestamp: datetime
+    value: int
+    sent_at: datetime | None
+
+
 class ContendedError(Exception):
     """Another process wrote the same intent first; this one backs off for the cycle."""
 
