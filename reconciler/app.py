@@ -11,11 +11,12 @@ from sqlalchemy import Engine
 from reconciler.balances.job import BalanceSync
 from reconciler.clock import utc_now
 from reconciler.config import Config
+from reconciler.ledger.backfill_checkpoints import Checkpoints
 from reconciler.ledger.balance_ledger import BalanceLedger
 from reconciler.ledger.database import check_reachable, make_engine, require_migrated
 from reconciler.ledger.meter_cache import MeterCache
 from reconciler.ledger.plan_ledger import PlanLedger
-from reconciler.ledger.readback_ledger import ReadBackLedger
+from reconciler.ledger.readback_ledger import ReadBackLedger, SentEventLog
 from reconciler.ledger.runs import RunLog
 from reconciler.ledger.unbilled import UnbilledLedger
 from reconciler.ledger.usage_ledger import UsageLedger
@@ -27,6 +28,7 @@ from reconciler.upstream.openmeter_api import OpenMeterGateway
 from reconciler.upstream.rate_limit import RateLimiter
 from reconciler.upstream.stripe_api import StripeGateway
 from reconciler.upstream.stripe_budget import StripeBudget
+from reconciler.usage.backfill import Backfill
 from reconciler.usage.job import UsageSync
 from reconciler.usage.readback import ReadBack, ReadBackResult
 from reconciler.usage.stripe_view import StripeView
@@ -133,7 +135,7 @@ def build_app(
     )
     read_back = ReadBack(
         config,
-        StripeView(engine, stripe),
+        StripeView(SentEventLog(engine), stripe),
         ReadBackLedger(engine, utc_now),
         runs,
         utc_now,
@@ -172,3 +174,8 @@ def build_app(
         limiters=limiters,
         owns_engine=owns_engine,
     )
+
+
+def open_backfill(app: App) -> Backfill:
+    """The backfill on a built app's usage job and ledger."""
+    return Backfill(app.usage_sync, Checkpoints(app.engine, utc_now), RunLog(app.engine, utc_now))

@@ -31,12 +31,12 @@ from reconciler.jobs import JobName
 from reconciler.ledger.schema import (
     REJECTED_BY_STRIPE,
     BalanceObservation,
-    IntentState,
     LateDrift,
     MoesifTransaction,
     UsagePeriod,
     WebhookEvent,
 )
+from reconciler.usage.model import IntentState
 from reconciler.usage.readback import NEEDS_A_PERSON as READBACK_NEEDS_A_PERSON
 
 BALANCES, USAGE, WEBHOOKS = JobName.BALANCE_RECONCILE, JobName.USAGE_SYNC, "webhooks"

@@ -178,8 +178,8 @@ def backfill(
     config: opt.ConfigOption = None,
 ) -> None:
     """Re-drive past periods: report what Stripe can still bill, list what is out of reach (exit 3)."""
-    from reconciler.app import opened_app
-    from reconciler.usage.backfill import command_key, open_backfill
+    from reconciler.app import open_backfill, opened_app
+    from reconciler.usage.backfill import command_key
     from reconciler.usage.render import backfill_progress, backfill_view
 
     loaded = _load(config)

@@ -39,12 +39,13 @@ from reconciler.errors import SetupError
 from reconciler.jobs import JOBS, JobName, enabled_jobs
 from reconciler.ledger.coordination import Coordinator
 from reconciler.ledger.retention import prune_ledger
-from reconciler.ledger.schema import IntentState, MoesifTransaction, UsageReport
+from reconciler.ledger.schema import MoesifTransaction, UsageReport
 from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.logs import configure_logging
 from reconciler.metrics import GaugeCallback, Metrics
 from reconciler.schedule import parse_schedule, tick_key
 from reconciler.service.ops_server import Listener, Probes, WebhookEndpoint, build_ops_app, build_webhook_app
+from reconciler.usage.model import IntentState
 from reconciler.webhooks.inbox import WebhookInbox
 from reconciler.webhooks.worker import WebhookWorker
 

@@ -25,13 +25,13 @@ from reconciler.config import Config
 from reconciler.ledger.schema import (
     BalanceObservation,
     BalanceResolution,
-    IntentState,
     LateDrift,
     MoesifTransaction,
     UnbilledItem,
     UsagePeriod,
     UsageReport,
 )
+from reconciler.usage.model import IntentState
 
 # Marks a field the HTML page shows that JSON and CSV leave out: their shapes are what scripts already read.
 PAGE_ONLY = {"page_only": True}

@@ -19,7 +19,6 @@ from reconciler.config import Config
 from reconciler.jobs import job_schedules
 from reconciler.ledger.coordination import REPLICA_TIMEOUT
 from reconciler.ledger.schema import (
-    IntentState,
     MoesifTransaction,
     Replica,
     Run,
@@ -29,6 +28,7 @@ from reconciler.ledger.schema import (
 from reconciler.output import View, json_value, table
 from reconciler.results import RunStatus
 from reconciler.schedule import parse_schedule
+from reconciler.usage.model import IntentState
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,9 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from reconciler.config import Config
+from reconciler.ledger.readback_ledger import SentEventLog
 from reconciler.ledger.schema import UsagePeriod
+from reconciler.ledger.usage_ledger import recorded_period
 from reconciler.upstream.errors import UpstreamError
 from reconciler.upstream.openmeter_api import OpenMeterGateway
 from reconciler.upstream.stripe_api import StripeGateway
@@ -87,7 +89,7 @@ class Verifier:
     ):
         self._config = config
         self._engine = engine
-        self._view = StripeView(engine, stripe)
+        self._view = StripeView(SentEventLog(engine), stripe)
         self._openmeter = openmeter
         self._clock = clock
 
@@ -124,7 +126,7 @@ class Verifier:
         measured: int | None = None
         error = ""
         try:
-            holding = self._view.holding(row, now)
+            holding = self._view.holding(recorded_period(row), now)
             measured = self._measure(row, now)
         except UpstreamError as exc:
             error = str(exc)

@@ -17,7 +17,7 @@ from reconciler.clock import utc_now
 from reconciler.config import Config, parse_config
 from reconciler.ledger.database import make_engine, upgrade
 from reconciler.ledger.meter_cache import MeterCache
-from reconciler.ledger.readback_ledger import ReadBackLedger
+from reconciler.ledger.readback_ledger import ReadBackLedger, SentEventLog
 from reconciler.ledger.runs import RunLog
 from reconciler.ledger.unbilled import UnbilledLedger
 from reconciler.ledger.usage_ledger import UsageLedger
@@ -162,7 +162,7 @@ class Harness:
         )
         self.read_back = ReadBack(
             self.config,
-            StripeView(self.engine, self.stripe_gateway),
+            StripeView(SentEventLog(self.engine), self.stripe_gateway),
             ReadBackLedger(self.engine, utc_now),
             self.runs,
             utc_now,

@@ -33,10 +33,11 @@ from reconciler.balances.transactions import moesif_transaction
 from reconciler.config import Config
 from reconciler.errors import RefusedError, SetupError
 from reconciler.ledger.balance_ledger import BalanceLedger
-from reconciler.ledger.schema import BalanceObservation, BalanceResolution, IntentState, MoesifTransaction
+from reconciler.ledger.schema import BalanceObservation, BalanceResolution, MoesifTransaction
 from reconciler.redact import redact
 from reconciler.upstream.errors import PermanentError, UpstreamError
 from reconciler.upstream.moesif_api import MoesifGateway
+from reconciler.usage.model import IntentState
 
 APPLIED, NOT_APPLIED = "applied", "not_applied"
 

@@ -22,7 +22,8 @@ from reconciler.balances.model import (
 from reconciler.balances.money import to_units
 from reconciler.balances.sweep import LastObservation
 from reconciler.ledger.balance_lock import balance_job_lock
-from reconciler.ledger.schema import BalanceObservation, IntentState, MoesifTransaction, UsagePeriod
+from reconciler.ledger.schema import BalanceObservation, MoesifTransaction, UsagePeriod
+from reconciler.usage.model import IntentState
 
 
 class BalanceLedger:

@@ -5,7 +5,7 @@
   writes one `work_items` row per stream period; the others wait for the plan, then all of them execute it.
 - Work is claimed in batches with `SELECT … FOR UPDATE SKIP LOCKED` under a lease (owner, expiry) and a
   fencing token that grows with every claim. Ledger writes for an item check the token in the same
-  transaction (`Fence.check`), so a replica whose lease lapsed can no longer write. A crashed replica's
+  transaction (`check_fence`), so a replica whose lease lapsed can no longer write. A crashed replica's
   leases expire and its items are claimed again; their pending intents are resent with the same identifiers.
 """
 
@@ -15,7 +15,6 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, delete, func, or_, select, update
@@ -23,44 +22,25 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.ledger.schema import CycleTick, Replica, WorkItem
+from reconciler.usage.model import Claim, Fence, LeaseLostError
 
 REPLICA_TIMEOUT = timedelta(seconds=30)  # a replica without a heartbeat this long is not live
 
 
-class LeaseLostError(Exception):
-    """This replica's lease on a work item lapsed and another replica holds it now."""
-
-
-@dataclass(frozen=True)
-class Fence:
-    """Proof of a live lease, checked inside every ledger transaction that writes for the item."""
-
-    item_id: int
-    token: int
-    owner: str
-    clock: Callable[[], datetime]
-    lease_ttl: timedelta
-
-    def check(self, session: Session) -> None:
-        renewed = session.execute(
-            update(WorkItem)
-            .where(
-                WorkItem.id == self.item_id,
-                WorkItem.fencing_token == self.token,
-                WorkItem.lease_owner == self.owner,
-                WorkItem.state == "claimed",
-            )
-            .values(lease_expires_at=self.clock() + self.lease_ttl)
-        ).rowcount
-        if renewed != 1:
-            raise LeaseLostError(f"lost the lease on work item {self.item_id}")
-
-
-@dataclass(frozen=True)
-class Claim:
-    item_id: int
-    payload: str
-    fence: Fence
+def check_fence(session: Session, fence: Fence) -> None:
+    """Inside a transaction that writes for a work item: renew the lease, or raise LeaseLostError if it lapsed."""
+    renewed = session.execute(
+        update(WorkItem)
+        .where(
+            WorkItem.id == fence.item_id,
+            WorkItem.fencing_token == fence.token,
+            WorkItem.lease_owner == fence.owner,
+            WorkItem.state == "claimed",
+        )
+        .values(lease_expires_at=fence.clock() + fence.lease_ttl)
+    ).rowcount
+    if renewed != 1:
+        raise LeaseLostError(f"lost the lease on work item {fence.item_id}")
 
 
 class Coordinator:
@@ -185,7 +165,7 @@ class Coordinator:
 
     def complete(self, claim: Claim) -> None:
         with self._sessions.begin() as session:
-            claim.fence.check(session)
+            check_fence(session, claim.fence)
             session.get_one(WorkItem, claim.item_id).state = "done"
             session.get_one(WorkItem, claim.item_id).finished_at = self._clock()
 

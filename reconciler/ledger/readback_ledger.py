@@ -14,8 +14,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine, exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from reconciler.ledger.schema import REJECTED_BY_STRIPE, IntentState, PeriodStatus, UsagePeriod, UsageReport
-from reconciler.usage.model import StreamKind
+from reconciler.ledger.schema import REJECTED_BY_STRIPE, PeriodStatus, UsagePeriod, UsageReport
+from reconciler.ledger.usage_ledger import recorded_period
+from reconciler.usage.model import IntentState, RecordedPeriod, SentEvent, StreamKind
 
 
 def _rejected_reports_of(period_id: object):
@@ -42,22 +43,21 @@ class ReadBackLedger:
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._clock = clock
 
-    def due(self, now: datetime, lookback: timedelta) -> list[UsagePeriod]:
+    def due(self, now: datetime, lookback: timedelta) -> list[RecordedPeriod]:
         """Periods to read back now, those whose invoices close first first."""
         named_by_error_report = exists().where(*_rejected_reports_of(UsagePeriod.id))
         in_flight = exists().where(UsageReport.period_id == UsagePeriod.id, UsageReport.state == IntentState.PENDING)
         with self._sessions() as session:
-            return list(
-                session.scalars(
-                    select(UsagePeriod)
-                    .where(UsagePeriod.period_end > now - lookback, ~in_flight)
-                    .where(
-                        ((UsagePeriod.status == PeriodStatus.FINAL) & UsagePeriod.read_back_at.is_(None))
-                        | named_by_error_report
-                    )
-                    .order_by(UsagePeriod.period_end, UsagePeriod.id)
-                ).all()
-            )
+            rows = session.scalars(
+                select(UsagePeriod)
+                .where(UsagePeriod.period_end > now - lookback, ~in_flight)
+                .where(
+                    ((UsagePeriod.status == PeriodStatus.FINAL) & UsagePeriod.read_back_at.is_(None))
+                    | named_by_error_report
+                )
+                .order_by(UsagePeriod.period_end, UsagePeriod.id)
+            ).all()
+        return [recorded_period(row) for row in rows]
 
     def rejected_reports(self, period_id: int) -> int:
         """How many of the period's accepted events an error report named: evidence Stripe does not hold them."""
@@ -87,7 +87,7 @@ class ReadBackLedger:
                 )
             )
 
-    def reopen_for_resend(self, period: UsagePeriod, held: int, note: str) -> bool:
+    def reopen_for_resend(self, period: RecordedPeriod, held: int, note: str) -> bool:
         """Stripe holds `held` of the period, less than we sent, and error reports name the difference: write that
         down and reopen the period, so the next usage cycle sends what OpenMeter measured under a new identifier
         (a `sum` meter the shortfall, a `last` meter the total again). False, changing nothing, if an intent was
@@ -120,3 +120,38 @@ class ReadBackLedger:
             row.verified_at = now
             row.updated_at = now
             return True
+
+
+class SentEventLog:
+    """What the ledger says Stripe accepted from us, for reading Stripe's summaries (usage/stripe_view.py)."""
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+
+    def sent_events(self, customer_id: str, meter_id: str | None, start: datetime, end: datetime) -> list[SentEvent]:
+        """Every event of the customer and meter that Stripe accepted from us and no error report named, dated in
+        `[start, end)`."""
+        with Session(self._engine) as session:
+            rows = session.execute(
+                select(UsageReport.period_id, UsageReport.event_timestamp, UsageReport.quantity, UsageReport.sent_at)
+                .join(UsagePeriod, UsagePeriod.id == UsageReport.period_id)
+                .where(
+                    UsagePeriod.customer_id == customer_id,
+                    UsagePeriod.meter_id == meter_id,
+                    UsageReport.state == IntentState.SENT,
+                    UsageReport.rejected_at.is_(None),
+                    UsageReport.event_timestamp >= start,
+                    UsageReport.event_timestamp < end,
+                )
+            ).all()
+        return [SentEvent(*columns) for columns in rows]
+
+    def last_sent_at(self, period_id: int) -> datetime | None:
+        """When Stripe last accepted an event of ours for the period (recorded just after it answered)."""
+        with Session(self._engine) as session:
+            sent_at = session.scalar(
+                select(func.max(UsageReport.sent_at)).where(
+                    UsageReport.period_id == period_id, UsageReport.state == IntentState.SENT
+                )
+            )
+        return sent_at

@@ -9,7 +9,6 @@ from sqlalchemy import Engine, delete, select
 from reconciler.ledger.schema import (
     BalanceObservation,
     CycleTick,
-    IntentState,
     LateDrift,
     MoesifTransaction,
     PeriodStatus,
@@ -19,6 +18,7 @@ from reconciler.ledger.schema import (
     WebhookEvent,
     WorkItem,
 )
+from reconciler.usage.model import IntentState
 
 
 def prune_ledger(engine: Engine, cutoff: datetime, work_cutoff: datetime | None = None) -> dict[str, int]:

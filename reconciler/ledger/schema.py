@@ -32,6 +32,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from reconciler.usage.model import IntentState
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """Aware UTC datetimes in Python, naive UTC in the database, identically on SQLite and PostgreSQL."""
@@ -65,14 +67,6 @@ class Base(DeclarativeBase):
 class PeriodStatus:
     PROVISIONAL = "provisional"
     FINAL = "final"
-
-
-class IntentState:
-    PENDING = "pending"  # written, maybe sent: resend with the same identifier before anything new
-    SENT = "sent"  # Stripe accepted it
-    FAILED = "failed"  # Stripe refused it; it was not applied
-    REJECTED = "rejected"  # Stripe accepted it, then rejected it asynchronously (an error report; its summary agrees)
-    HELD = "held"  # Moesif transactions: money the job will not forward (e.g. another currency); a person decides
 
 
 # How `last_error` and a report's `error` begin when a Stripe error report named the event (attention.py tells

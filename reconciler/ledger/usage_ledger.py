@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,28 +21,23 @@ from sqlalchemy import Engine, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from reconciler.ledger.coordination import Fence
-from reconciler.ledger.schema import REJECTED_BY_STRIPE, IntentState, LateDrift, PeriodStatus, UsagePeriod, UsageReport
+from reconciler.ledger.coordination import check_fence
+from reconciler.ledger.schema import REJECTED_BY_STRIPE, LateDrift, PeriodStatus, UsagePeriod, UsageReport
 from reconciler.usage.decide import NEW_PERIOD, Action, Decision, LedgerState
-from reconciler.usage.model import BillingPeriod, Intent, Stream, StreamPeriod
+from reconciler.usage.model import (
+    ContendedError,
+    Fence,
+    Intent,
+    IntentState,
+    RecordedPeriod,
+    Stream,
+    StreamEvent,
+    StreamPeriod,
+)
 from reconciler.usage.periods import epoch_seconds
 
 MAX_IDENTIFIER_LENGTH = 100  # Stripe's limit for meter event identifiers
 NONCE_BYTES = 6  # 12 hex characters in each identifier
-
-
-@dataclass(frozen=True)
-class StreamEvent:
-    """A report of a stream as `stream_events_between` lists it."""
-
-    report_id: int
-    state: str
-    quantity: int
-    last_sent_at: datetime  # its latest send (or resend) that may have landed, or when Stripe accepted it
-
-
-class ContendedError(Exception):
-    """Another process wrote the same intent first; this one backs off for the cycle."""
 
 
 def new_nonce() -> str:
@@ -163,7 +158,7 @@ class UsageLedger:
 
     def periods_to_revisit(
         self, now: datetime, lookback: timedelta, skip: set[tuple[str, datetime]]
-    ) -> Iterator[UsagePeriod]:
+    ) -> Iterator[RecordedPeriod]:
         """Periods Stripe no longer lists as current that still need a final sync or a late-drift check:
         every provisional period that has ended, and final ones that ended within `lookback`."""
         with self._sessions() as session:
@@ -175,7 +170,7 @@ class UsageLedger:
             ).all()
         for row in rows:
             if (row.stream_key, row.period_start) not in skip:
-                yield row
+                yield recorded_period(row)
 
     # -- writing -------------------------------------------------------------------------------------
 
@@ -406,8 +401,26 @@ class UsageLedger:
         )
 
 
-def stream_period_from_row(row: UsagePeriod, stream: Stream) -> StreamPeriod:
-    return StreamPeriod(stream, BillingPeriod(row.period_start, row.period_end), is_current=False)
+def recorded_period(row: UsagePeriod) -> RecordedPeriod:
+    """The usage domain's value of a `usage_periods` row."""
+    return RecordedPeriod(
+        id=row.id,
+        stream_key=row.stream_key,
+        kind=row.kind,
+        customer_id=row.customer_id,
+        subscription_id=row.subscription_id,
+        subscription_item_id=row.subscription_item_id,
+        stripe_target=row.stripe_target,
+        meter_id=row.meter_id,
+        openmeter_meter=row.openmeter_meter,
+        subject=row.subject,
+        period_start=row.period_start,
+        period_end=row.period_end,
+        reported_total=row.reported_total,
+        next_sequence=row.next_sequence,
+        unit_amount=row.unit_amount,
+        currency=row.currency,
+    )
 
 
 class _FencedTransaction:
@@ -418,7 +431,7 @@ class _FencedTransaction:
     def __enter__(self) -> Session:
         session = self._context.__enter__()
         if self._fence is not None:
-            self._fence.check(session)
+            check_fence(session, self._fence)
         return session
 
     def __exit__(self, *exc: Any) -> Any:

@@ -11,27 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, ClassVar
-
-from sqlalchemy import Engine, select
-from sqlalchemy.orm import sessionmaker
+from typing import ClassVar
 
 from reconciler.balances.money import to_units
-from reconciler.clock import utc_now
-from reconciler.ledger.runs import RunLog
-from reconciler.ledger.schema import BackfillItem, BackfillRun
 from reconciler.results import RunStatus, run_status
 from reconciler.usage.decide import Action
 from reconciler.usage.job import CycleResult, PlannedReport, UsageSync
 from reconciler.usage.model import CycleSummary, MeteredItem, StreamPeriod
-
-if TYPE_CHECKING:
-    from reconciler.app import App
+from reconciler.usage.ports import BackfillCheckpoints, Runs
 
 
 @dataclass(frozen=True)
@@ -90,35 +81,6 @@ class BackfillResult:
         )
 
 
-class Checkpoints:
-    def __init__(self, engine: Engine, clock: Callable[[], datetime]):
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
-        self._clock = clock
-
-    def start_or_resume(self, key: str, total: int) -> tuple[str, set[str]]:
-        """The unfinished run of the same command, with the stream periods it finished; else a new run."""
-        with self._sessions.begin() as session:
-            run = session.scalars(
-                select(BackfillRun)
-                .where(BackfillRun.key == key, BackfillRun.finished_at.is_(None))
-                .order_by(BackfillRun.started_at.desc())
-            ).first()
-            if run is None:
-                run = BackfillRun(id=str(uuid.uuid4()), key=key, started_at=self._clock(), total=total)
-                session.add(run)
-                return run.id, set()
-            done = session.scalars(select(BackfillItem.unit_key).where(BackfillItem.run_id == run.id))
-            return run.id, set(done)
-
-    def done(self, run_id: str, unit_key: str) -> None:
-        with self._sessions.begin() as session:
-            session.add(BackfillItem(run_id=run_id, unit_key=unit_key, done_at=self._clock()))
-
-    def finish(self, run_id: str) -> None:
-        with self._sessions.begin() as session:
-            session.get_one(BackfillRun, run_id).finished_at = self._clock()
-
-
 def unit_key(work: StreamPeriod) -> str:
     return f"{work.stream.key}@{work.period.start.isoformat()}"
 
@@ -129,7 +91,7 @@ def command_key(since: datetime, until: datetime, customers: frozenset[str], met
 
 
 class Backfill:
-    def __init__(self, usage_sync: UsageSync, checkpoints: Checkpoints, runs: RunLog):
+    def __init__(self, usage_sync: UsageSync, checkpoints: BackfillCheckpoints, runs: Runs):
         self._usage_sync = usage_sync
         self._checkpoints = checkpoints
         self._runs = runs
@@ -171,11 +133,6 @@ class Backfill:
         """How many reports a run over `units` would send to Stripe (a dry run, counted): what the command asks
         a person to confirm above backfill.confirm_above."""
         return self.run(units, key, dry_run=True).count("would_report")
-
-
-def open_backfill(app: App) -> Backfill:
-    """The backfill on a built app's usage job and ledger."""
-    return Backfill(app.usage_sync, Checkpoints(app.engine, utc_now), RunLog(app.engine, utc_now))
 
 
 def _described(line: BackfillLine) -> str:

@@ -12,9 +12,9 @@ from typing import TypeVar
 
 import structlog
 
-from reconciler.ledger.meter_cache import MeterCache
 from reconciler.upstream.errors import UpstreamError
 from reconciler.usage.model import KnownMeter
+from reconciler.usage.ports import MeterStore
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 class CycleMeters:
     def __init__(
-        self, cache: MeterCache, list_meters: Callable[[], dict[str, KnownMeter]], *, keep_listing: bool
+        self, cache: MeterStore, list_meters: Callable[[], dict[str, KnownMeter]], *, keep_listing: bool
     ) -> None:
         """`keep_listing` False (a dry run): never write the cache, only read it."""
         self._cache = cache

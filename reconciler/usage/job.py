@@ -20,12 +20,6 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from reconciler.config import Config
-from reconciler.ledger.coordination import Claim, Coordinator, Fence, LeaseLostError
-from reconciler.ledger.meter_cache import MeterCache
-from reconciler.ledger.runs import RunLog
-from reconciler.ledger.schema import UsagePeriod
-from reconciler.ledger.unbilled import UnbilledLedger
-from reconciler.ledger.usage_ledger import ContendedError, UsageLedger, stream_period_from_row
 from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.redact import redact
 from reconciler.results import RunStatus, run_status
@@ -50,11 +44,16 @@ from reconciler.usage.history import periods_between
 from reconciler.usage.measure import SUBJECTS_PER_QUERY, Measurements, Need, UsageQueries, measure
 from reconciler.usage.model import (
     BillingPeriod,
+    Claim,
+    ContendedError,
     CycleSummary,
+    Fence,
     Intent,
     KnownMeter,
+    LeaseLostError,
     Meter,
     MeteredItem,
+    RecordedPeriod,
     Refusal,
     Stream,
     StreamKind,
@@ -64,6 +63,7 @@ from reconciler.usage.model import (
 from reconciler.usage.outcomes import SentMarks
 from reconciler.usage.periods import ONE_SECOND, usage_window
 from reconciler.usage.pipeline import KeyedLocks, WorkItem, run_pipeline
+from reconciler.usage.ports import Coordination, MeterStore, Runs, UnbilledBook, UsageBook
 from reconciler.usage.recovery import Recovery
 from reconciler.usage.rounding import round_quantity
 from reconciler.usage.streams import LIVE_STATUSES, build_work, meter_problem
@@ -160,14 +160,14 @@ class UsageSync:
         config: Config,
         stripe: StripePort,
         openmeter: OpenMeterPort,
-        ledger: UsageLedger,
-        runs: RunLog,
+        ledger: UsageBook,
+        runs: Runs,
         clock: Callable[[], datetime],
         *,
-        meter_cache: MeterCache,
+        meter_cache: MeterStore,
         stop_requested: Callable[[], bool] = lambda: False,
         metrics: Metrics = NO_METRICS,
-        unbilled: UnbilledLedger | None = None,
+        unbilled: UnbilledBook | None = None,
     ):
         self._config = config
         self._metrics = metrics
@@ -211,7 +211,7 @@ class UsageSync:
 
         return self._timed(dry_run, local_plan)
 
-    def run_shared_cycle(self, coordinator: Coordinator, tick_key: str) -> CycleResult:
+    def run_shared_cycle(self, coordinator: Coordination, tick_key: str) -> CycleResult:
         """One cycle shared by every live replica on PostgreSQL: the replica that wins the tick lists Stripe
         and writes the plan; all of them claim its items in batches under leases and sync them."""
 
@@ -246,7 +246,7 @@ class UsageSync:
         # Claimed items wait in the pipeline under a lease: batches of one claim keep that wait short.
         return self._timed(False, shared_plan, batch_size=CLAIM_BATCH)
 
-    def _await_plan(self, coordinator: Coordinator, tick_key: str) -> None:
+    def _await_plan(self, coordinator: Coordination, tick_key: str) -> None:
         deadline = time.monotonic() + PLAN_WAIT.total_seconds()
         while coordinator.plan_ready("usage_sync", tick_key) is False and time.monotonic() < deadline:
             if self._stop_requested():
@@ -335,7 +335,7 @@ class UsageSync:
                 work.append(revisit)
         return work, refusals
 
-    def _revisit(self, row: UsagePeriod, meters: dict[str, Meter]) -> StreamPeriod | Refusal:
+    def _revisit(self, row: RecordedPeriod, meters: dict[str, Meter]) -> StreamPeriod | Refusal:
         """A period only the ledger still remembers (the item moved on): rebuild its stream from the row."""
         mapping = self._config.usage.mapping_for(row.stripe_target)
         meter = meters.get(row.meter_id) if row.meter_id else None
@@ -361,7 +361,7 @@ class UsageSync:
             unit_amount=row.unit_amount,
             currency=row.currency,
         )
-        return stream_period_from_row(row, stream)
+        return StreamPeriod(stream, BillingPeriod(row.period_start, row.period_end), is_current=False)
 
     # -- one stream period ---------------------------------------------------------------------------
 
@@ -505,7 +505,7 @@ class UsageSync:
             result.next_final_sync = due
 
     def _apply(
-        self, ledger: UsageLedger, work: StreamPeriod, state: LedgerState, decision: Decision, run_id: str
+        self, ledger: UsageBook, work: StreamPeriod, state: LedgerState, decision: Decision, run_id: str
     ) -> None:
         if decision.action is Action.FAIL:
             raise PermanentError("reconciler", decision.reason)
@@ -536,7 +536,7 @@ class UsageSync:
         self._metrics.usage_quantity.labels(work.stream.stripe_target, direction).inc(abs(intent.quantity))
         self._send(ledger, work, intent, group_commit=True)
 
-    def _send(self, ledger: UsageLedger, work: StreamPeriod, intent: Intent, *, group_commit: bool = False) -> None:
+    def _send(self, ledger: UsageBook, work: StreamPeriod, intent: Intent, *, group_commit: bool = False) -> None:
         """Send an intent and record its outcome; `group_commit`: an acceptance is recorded with others, by the
         cycle's SentMarks (reconciler.usage.outcomes)."""
         send = self._stripe.send_usage_record if intent.kind is StreamKind.LEGACY else self._stripe.send_meter_event
@@ -587,7 +587,7 @@ class UsageSync:
         if decision.action is Action.LATE_DRIFT:
             summary.late_drift += 1
 
-    def _fail(self, ledger: UsageLedger, work: StreamPeriod, error: str, summary: CycleSummary, dry_run: bool) -> None:
+    def _fail(self, ledger: UsageBook, work: StreamPeriod, error: str, summary: CycleSummary, dry_run: bool) -> None:
         error = redact(error, self._config.secret_values())  # it goes to the ledger and the CLI's output
         summary.failed += 1
         summary.failures.append(f"{work.stream.customer_id} {work.stream.stripe_target}: {error}")

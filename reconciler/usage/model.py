@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 
@@ -217,3 +218,91 @@ class CycleSummary:
             "finalized": self.finalized,
             "late_drift": self.late_drift,
         }
+
+
+# -- what the ledger stores and loads ---------------------------------------------------------------------
+
+
+class IntentState:
+    """The state of a report (and of a Moesif transaction): what the ledger stores, and what recovery reads."""
+
+    PENDING = "pending"  # written, maybe sent: resend with the same identifier before anything new
+    SENT = "sent"  # Stripe accepted it
+    FAILED = "failed"  # Stripe refused it; it was not applied
+    REJECTED = "rejected"  # Stripe accepted it, then rejected it asynchronously (an error report; its summary agrees)
+    HELD = "held"  # Moesif transactions: money the job will not forward (e.g. another currency); a person decides
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """A report of a stream as the usage ledger's `stream_events_between` lists it."""
+
+    report_id: int
+    state: str
+    quantity: int
+    last_sent_at: datetime  # its latest send (or resend) that may have landed, or when Stripe accepted it
+
+
+@dataclass(frozen=True)
+class RecordedPeriod:
+    """A stream period as the ledger holds it (a `usage_periods` row): what the cycle rebuilds a period Stripe no
+    longer lists from, and what the read-back and `verify` read back."""
+
+    id: int
+    stream_key: str
+    kind: str  # a StreamKind value
+    customer_id: str
+    subscription_id: str
+    subscription_item_id: str
+    stripe_target: str
+    meter_id: str | None
+    openmeter_meter: str
+    subject: str
+    period_start: datetime
+    period_end: datetime
+    reported_total: int
+    next_sequence: int
+    unit_amount: str | None
+    currency: str | None
+
+
+@dataclass(frozen=True)
+class SentEvent:
+    """A meter event Stripe accepted from us (and has not rejected since), as the ledger recorded it."""
+
+    period_id: int
+    timestamp: datetime
+    value: int
+    sent_at: datetime | None
+
+
+class ContendedError(Exception):
+    """Another process wrote the same intent first; this one backs off for the cycle."""
+
+
+# -- sharing the work between replicas (reconciler.ledger.coordination) ----------------------------------
+
+
+class LeaseLostError(Exception):
+    """This replica's lease on a work item lapsed and another replica holds it now."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Proof of a live lease on a work item, checked inside every ledger transaction that writes for the item
+    (reconciler.ledger.coordination.check_fence)."""
+
+    item_id: int
+    token: int
+    owner: str
+    clock: Callable[[], datetime]
+    lease_ttl: timedelta
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A work item claimed under a lease: its payload (a stream period, reconciler.usage.codec) and its fence."""
+
+    item_id: int
+    payload: str
+    fence: Fence

@@ -12,8 +12,8 @@ import threading
 
 import structlog
 
-from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.usage.model import Intent
+from reconciler.usage.ports import UsageBook
 
 log = structlog.get_logger(__name__)
 
@@ -24,10 +24,10 @@ class SentMarks:
     def __init__(self, flush_at: int) -> None:
         self._flush_at = flush_at
         self._lock = threading.Lock()
-        self._buffered: dict[int, tuple[UsageLedger, list[Intent]]] = {}  # by ledger: each may hold its own fence
+        self._buffered: dict[int, tuple[UsageBook, list[Intent]]] = {}  # by ledger: each may hold its own fence
         self._count = 0
 
-    def add(self, ledger: UsageLedger, intent: Intent) -> None:
+    def add(self, ledger: UsageBook, intent: Intent) -> None:
         with self._lock:
             self._buffered.setdefault(id(ledger), (ledger, []))[1].append(intent)
             self._count += 1
@@ -41,14 +41,14 @@ class SentMarks:
             batches = self._take()
         self._write(batches)
 
-    def _take(self) -> list[tuple[UsageLedger, list[Intent]]]:
+    def _take(self) -> list[tuple[UsageBook, list[Intent]]]:
         batches = list(self._buffered.values())
         self._buffered.clear()
         self._count = 0
         return batches
 
     @staticmethod
-    def _write(batches: list[tuple[UsageLedger, list[Intent]]]) -> None:
+    def _write(batches: list[tuple[UsageBook, list[Intent]]]) -> None:
         for ledger, intents in batches:
             try:
                 ledger.mark_all_sent(intents)

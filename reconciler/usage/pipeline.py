@@ -17,8 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from reconciler.ledger.coordination import Fence
-from reconciler.usage.model import StreamPeriod
+from reconciler.usage.model import Fence, StreamPeriod
 
 M = TypeVar("M")
 

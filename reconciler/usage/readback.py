@@ -33,12 +33,11 @@ from typing import ClassVar
 import structlog
 
 from reconciler.config import Config
-from reconciler.ledger.readback_ledger import ReadBackLedger
-from reconciler.ledger.runs import RunLog
-from reconciler.ledger.schema import UsagePeriod
 from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.results import RunStatus, run_status
 from reconciler.upstream.errors import UpstreamError
+from reconciler.usage.model import RecordedPeriod
+from reconciler.usage.ports import ReadBackBook, Runs
 from reconciler.usage.stripe_view import StripeView, settled
 
 log = structlog.get_logger(__name__)
@@ -140,8 +139,8 @@ class ReadBack:
         self,
         config: Config,
         view: StripeView,
-        ledger: ReadBackLedger,
-        runs: RunLog,
+        ledger: ReadBackBook,
+        runs: Runs,
         clock: Callable[[], datetime],
         *,
         stop_requested: Callable[[], bool] = lambda: False,
@@ -173,7 +172,7 @@ class ReadBack:
         self._metrics.job_finished(result, time.perf_counter() - started)
         return result
 
-    def _read_back(self, period: UsagePeriod, now: datetime, result: ReadBackResult) -> bool:
+    def _read_back(self, period: RecordedPeriod, now: datetime, result: ReadBackResult) -> bool:
         """Reads one period back and records what it found; True if it was reopened for a resend."""
         if not settled(self._view.newest_send(period, now), now, self._config.stripe.summary_lag):
             result.not_yet += 1  # not yet known is never missing: read at a later run, no call spent now

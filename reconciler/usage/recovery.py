@@ -24,10 +24,9 @@ from typing import Protocol
 
 import structlog
 
-from reconciler.ledger.schema import IntentState
-from reconciler.ledger.usage_ledger import StreamEvent, UsageLedger
 from reconciler.upstream.errors import OutcomeUnknownError, PermanentError
-from reconciler.usage.model import Intent, StreamKind, StreamPeriod
+from reconciler.usage.model import Intent, IntentState, StreamEvent, StreamKind, StreamPeriod
+from reconciler.usage.ports import UsageBook
 
 log = structlog.get_logger(__name__)
 
@@ -68,7 +67,7 @@ class Recovery:
         *,
         invoice_grace_period: timedelta,
         summary_lag: timedelta,
-        send: Callable[[UsageLedger, StreamPeriod, Intent], None],
+        send: Callable[[UsageBook, StreamPeriod, Intent], None],
     ):
         self._stripe = stripe
         self._clock = clock
@@ -76,7 +75,7 @@ class Recovery:
         self._summary_lag = summary_lag
         self._send = send  # the job's: sends the intent and records its outcome
 
-    def resend_pending(self, ledger: UsageLedger, work: StreamPeriod, now: datetime) -> None:
+    def resend_pending(self, ledger: UsageBook, work: StreamPeriod, now: datetime) -> None:
         """Finish what a crashed or failed cycle started: resend it with the same identifier and idempotency key,
         or, where a resend can no longer be trusted, settle it from what Stripe holds."""
         intent = ledger.pending_intent(work)
@@ -104,7 +103,7 @@ class Recovery:
         ledger.note_resend(intent)  # `intent` keeps the previous time: a duplicate answer points before this resend
         self._send(ledger, work, intent)
 
-    def settle_from_meter_summary(self, ledger: UsageLedger, work: StreamPeriod, intent: Intent, why: str) -> None:
+    def settle_from_meter_summary(self, ledger: UsageBook, work: StreamPeriod, intent: Intent, why: str) -> None:
         """Stripe's aggregate for the one minute the intent's event was dated in settles whether it landed, when
         every other event we dated in that minute has a known outcome (`landed_per_summary`)."""
         assert intent.meter is not None
@@ -149,7 +148,7 @@ class Recovery:
             )
 
 
-def _settle(ledger: UsageLedger, intent: Intent, *, landed: bool, evidence: str) -> None:
+def _settle(ledger: UsageBook, intent: Intent, *, landed: bool, evidence: str) -> None:
     log.warning("settled a pending intent from Stripe", identifier=intent.identifier, landed=landed, why=evidence)
     if landed:
         ledger.mark_sent(intent)

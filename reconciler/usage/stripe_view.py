@@ -15,22 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import Engine, func, select
-from sqlalchemy.orm import Session
-
-from reconciler.ledger.schema import IntentState, UsagePeriod, UsageReport
-from reconciler.upstream.stripe_api import StripeGateway
-from reconciler.usage.model import StreamKind
-
-
-@dataclass(frozen=True)
-class SentEvent:
-    """A meter event Stripe accepted from us (and has not rejected since), as the ledger recorded it."""
-
-    period_id: int
-    timestamp: datetime
-    value: int
-    sent_at: datetime | None
+from reconciler.usage.model import RecordedPeriod, SentEvent, StreamKind
+from reconciler.usage.ports import SentEvents
+from reconciler.usage.recovery import StripeSummaries
 
 
 @dataclass(frozen=True)
@@ -77,7 +64,7 @@ def minute_ceil(instant: datetime) -> datetime:
     return floor if floor == instant else floor + timedelta(minutes=1)
 
 
-def _minutes(row: UsagePeriod, now: datetime) -> tuple[datetime, datetime]:
+def _minutes(row: RecordedPeriod, now: datetime) -> tuple[datetime, datetime]:
     """The whole minutes a summary of the period covers: minute-aligned, end exclusive, never in the future (a
     report in the current minute is within stripe.summary_lag anyway)."""
     return minute_floor(row.period_start), min(minute_ceil(row.period_end), minute_floor(now))
@@ -89,11 +76,11 @@ def _newest(own: datetime | None, sent: list[SentEvent]) -> datetime | None:
 
 
 class StripeView:
-    def __init__(self, engine: Engine, stripe: StripeGateway):
-        self._engine = engine
+    def __init__(self, sent: SentEvents, stripe: StripeSummaries):
+        self._sent = sent
         self._stripe = stripe
 
-    def holding(self, row: UsagePeriod, now: datetime) -> StripeHolding:
+    def holding(self, row: RecordedPeriod, now: datetime) -> StripeHolding:
         """What Stripe holds for the period by its summaries: one summary listing (meters) or one usage record
         summary listing (legacy). Raises UpstreamError."""
         if not row.meter_id:
@@ -108,36 +95,17 @@ class StripeView:
         total, note = attribute_to_period(summary, row.kind, row.id, sent)
         return StripeHolding(total, newest, note)
 
-    def newest_send(self, row: UsagePeriod, now: datetime) -> datetime | None:
+    def newest_send(self, row: RecordedPeriod, now: datetime) -> datetime | None:
         """When the newest event of ours that `holding` would read left, from the ledger alone: a reading sooner
         than stripe.summary_lag after it is not worth a call."""
         sent = self._sent_events(row, *_minutes(row, now)) if row.meter_id else []
         return _newest(self._last_sent_at(row.id), sent)
 
-    def _sent_events(self, row: UsagePeriod, start: datetime, end: datetime) -> list[SentEvent]:
+    def _sent_events(self, row: RecordedPeriod, start: datetime, end: datetime) -> list[SentEvent]:
         """Every event of the row's customer and meter that Stripe accepted from us and no error report named,
         dated in `[start, end)`."""
-        with Session(self._engine) as session:
-            rows = session.execute(
-                select(UsageReport.period_id, UsageReport.event_timestamp, UsageReport.quantity, UsageReport.sent_at)
-                .join(UsagePeriod, UsagePeriod.id == UsageReport.period_id)
-                .where(
-                    UsagePeriod.customer_id == row.customer_id,
-                    UsagePeriod.meter_id == row.meter_id,
-                    UsageReport.state == IntentState.SENT,
-                    UsageReport.rejected_at.is_(None),
-                    UsageReport.event_timestamp >= start,
-                    UsageReport.event_timestamp < end,
-                )
-            ).all()
-        return [SentEvent(*columns) for columns in rows]
+        return self._sent.sent_events(row.customer_id, row.meter_id, start, end)
 
     def _last_sent_at(self, period_id: int) -> datetime | None:
         """When Stripe last accepted an event of ours for the period (recorded just after it answered)."""
-        with Session(self._engine) as session:
-            sent_at = session.scalar(
-                select(func.max(UsageReport.sent_at)).where(
-                    UsageReport.period_id == period_id, UsageReport.state == IntentState.SENT
-                )
-            )
-        return sent_at
+        return self._sent.last_sent_at(period_id)

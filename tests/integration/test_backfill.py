@@ -12,7 +12,8 @@ from decimal import Decimal
 from freezegun import freeze_time
 
 from reconciler.clock import utc_now
-from reconciler.usage.backfill import Backfill, Checkpoints, command_key
+from reconciler.ledger.backfill_checkpoints import Checkpoints
+from reconciler.usage.backfill import Backfill, command_key
 from tests.conftest import ts, utc
 from tests.integration.helpers import (
     PATIENCE_SECONDS,

@@ -570,9 +570,8 @@ def test_the_cycle_names_the_next_final_sync_deadline(harness):
 def test_an_intent_decided_on_a_stale_read_is_refused(harness):
     """Two replicas syncing one stream at once: the one that read the period before the other's report
     must not send a difference computed from the stale total."""
-    from reconciler.ledger.usage_ledger import ContendedError
     from reconciler.usage.decide import Action, Decision
-    from reconciler.usage.model import BillingPeriod, Meter, Stream, StreamKind, StreamPeriod
+    from reconciler.usage.model import BillingPeriod, ContendedError, Meter, Stream, StreamKind, StreamPeriod
 
     h = harness
     meter = Meter("mtr_1", "api_calls", "sum", "active", None, "stripe_customer_id", "value")
@@ -588,9 +587,8 @@ def test_an_intent_decided_on_a_stale_read_is_refused(harness):
 
 
 def test_an_intent_is_refused_while_another_process_has_one_in_flight_or_just_sent_it(harness):
-    from reconciler.ledger.usage_ledger import ContendedError
     from reconciler.usage.decide import Action, Decision
-    from reconciler.usage.model import BillingPeriod, Meter, Stream, StreamKind, StreamPeriod
+    from reconciler.usage.model import BillingPeriod, ContendedError, Meter, Stream, StreamKind, StreamPeriod
 
     h = harness
     meter = Meter("mtr_1", "api_calls", "sum", "active", None, "stripe_customer_id", "value")

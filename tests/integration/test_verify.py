@@ -10,7 +10,8 @@ from freezegun import freeze_time
 
 from reconciler.clock import utc_now
 from reconciler.upstream.openmeter_api import OpenMeterGateway
-from reconciler.usage.stripe_view import SentEvent, attribute_to_period
+from reconciler.usage.model import SentEvent
+from reconciler.usage.stripe_view import attribute_to_period
 from reconciler.verify import Verifier, classify
 from tests.conftest import STRIPE_KEY, ts, utc
 from tests.integration.test_usage_sync import MID, PERIOD_END, PERIOD_START, seed, use

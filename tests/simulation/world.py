@@ -29,6 +29,7 @@ from sqlalchemy.pool import Pool
 from reconciler.app import App, build_app
 from reconciler.clock import utc_now
 from reconciler.config import Config, parse_config
+from reconciler.ledger.backfill_checkpoints import Checkpoints
 from reconciler.ledger.runs import RunLog
 from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.logs import configure_logging
@@ -38,7 +39,7 @@ from reconciler.upstream.moesif_api import MoesifGateway
 from reconciler.upstream.rate_limit import RateLimiter
 from reconciler.upstream.stripe_api import StripeGateway
 from reconciler.upstream.stripe_budget import StripeBudget
-from reconciler.usage.backfill import Backfill, Checkpoints, command_key
+from reconciler.usage.backfill import Backfill, command_key
 from reconciler.webhooks.inbox import WebhookInbox
 from reconciler.webhooks.worker import WebhookWorker
 from reconciler_sandbox.httpserver import DROP_CONNECTION, InjectedFault

@@ -1,5 +1,5 @@
 """The layering the architecture relies on (docs/architecture.md), read from the import statements: the pure cores
-import no I/O, the balance and plan domains import no ledger (they reach it through their ports), and the
+import no I/O, the usage, balance and plan domains import no ledger (they reach it through their ports), and the
 product never imports the sandbox."""
 
 from __future__ import annotations
@@ -27,11 +27,14 @@ PURE_CORES = [
 ]
 IO = ("reconciler.ledger", "reconciler.upstream", "sqlalchemy", "httpx", "requests", "stripe", "openmeter")
 
-# The domains that reach the ledger through Protocol ports only (resolve.py is the `balances resolve` command's
-# service, which works on the ledger's rows themselves).
+# The domains that reach the ledger through Protocol ports only (usage/ports.py, balances/ports.py, plans/ports.py;
+# the values the ledger stores and loads are declared in usage/model.py and balances/model.py). Every usage module
+# is one: the ledger's adapters, the backfill's checkpoints (ledger/backfill_checkpoints.py) and the reads of what
+# was sent (ledger/readback_ledger.py SentEventLog) included, are wired in by reconciler/app.py. The one exception
+# is resolve.py, the `balances resolve` command's service, which works on the ledger's rows themselves.
 PORTED_DOMAINS = [
     path
-    for domain in ("balances", "plans")
+    for domain in ("usage", "balances", "plans")
     for path in sorted((PACKAGE / domain).glob("*.py"))
     if path.name != "resolve.py"
 ]
@@ -57,7 +60,7 @@ def test_a_pure_core_imports_no_io(module):
 
 
 @pytest.mark.parametrize("path", PORTED_DOMAINS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_the_balance_and_plan_domains_import_no_ledger(path):
+def test_the_usage_balance_and_plan_domains_import_no_ledger(path):
     assert offending(path, ("reconciler.ledger",)) == []
 
 

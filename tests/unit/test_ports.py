@@ -10,15 +10,22 @@ from typing import Protocol
 import pytest
 
 from reconciler.balances import ports as balance_ports
+from reconciler.ledger.backfill_checkpoints import Checkpoints
 from reconciler.ledger.balance_ledger import BalanceLedger
+from reconciler.ledger.coordination import Coordinator
+from reconciler.ledger.meter_cache import MeterCache
 from reconciler.ledger.plan_ledger import PlanLedger
+from reconciler.ledger.readback_ledger import ReadBackLedger, SentEventLog
 from reconciler.ledger.runs import RunLog
+from reconciler.ledger.unbilled import UnbilledLedger
+from reconciler.ledger.usage_ledger import UsageLedger
 from reconciler.plans import ports as plan_ports
 from reconciler.upstream.app_api import EntitlementsGateway
 from reconciler.upstream.moesif_api import MoesifGateway
 from reconciler.upstream.openmeter_api import OpenMeterGateway
 from reconciler.upstream.stripe_api import StripeGateway
 from reconciler.usage import job as usage_job
+from reconciler.usage import ports as usage_ports
 from reconciler.usage import recovery
 
 PAIRS = [
@@ -33,6 +40,14 @@ PAIRS = [
     (usage_job.StripePort, StripeGateway),
     (usage_job.OpenMeterPort, OpenMeterGateway),
     (recovery.StripeSummaries, StripeGateway),
+    (usage_ports.UsageBook, UsageLedger),
+    (usage_ports.Runs, RunLog),
+    (usage_ports.MeterStore, MeterCache),
+    (usage_ports.UnbilledBook, UnbilledLedger),
+    (usage_ports.ReadBackBook, ReadBackLedger),
+    (usage_ports.SentEvents, SentEventLog),
+    (usage_ports.Coordination, Coordinator),
+    (usage_ports.BackfillCheckpoints, Checkpoints),
 ]
 
 

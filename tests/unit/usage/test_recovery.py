@@ -6,9 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from reconciler.ledger.schema import IntentState
-from reconciler.ledger.usage_ledger import StreamEvent
-from reconciler.usage.model import Intent, Meter, StreamKind
+from reconciler.usage.model import Intent, IntentState, Meter, StreamEvent, StreamKind
 from reconciler.usage.recovery import landed_per_summary
 from tests.conftest import utc
 
