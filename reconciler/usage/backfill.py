@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import ClassVar
 
 from reconciler.balances.money import to_units
+from reconciler.jobs import JobName
 from reconciler.results import RunStatus, run_status
 from reconciler.usage.decide import Action
 from reconciler.usage.job import CycleResult, PlannedReport, UsageSync
@@ -45,7 +46,7 @@ class BackfillResult:
     resumed_from: int = 0  # stream periods already done by the interrupted run this one continues
     lines: list[BackfillLine] = field(default_factory=list)
 
-    job: ClassVar[str] = "backfill"
+    job: ClassVar[str] = JobName.BACKFILL
 
     def count(self, action: str) -> int:
         return sum(1 for line in self.lines if line.action == action)
@@ -115,7 +116,7 @@ class Backfill:
         checkpoint_id = None
         if not dry_run:
             checkpoint_id, done = self._checkpoints.start_or_resume(key, len(units))
-            result.run_id = self._runs.start("backfill")
+            result.run_id = self._runs.start(JobName.BACKFILL)
             result.resumed_from = len(done)
         for position, (work, item) in enumerate(units, start=1):
             if unit_key(work) not in done:

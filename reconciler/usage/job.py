@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from reconciler.config import Config
+from reconciler.jobs import JobName
 from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.redact import redact
 from reconciler.results import RunStatus, run_status
@@ -111,7 +112,7 @@ class PlannedReport:
 
 @dataclass
 class CycleResult:
-    job: ClassVar[str] = "usage_sync"
+    job: ClassVar[str] = JobName.USAGE_SYNC
     run_id: str | None
     summary: CycleSummary
     plan: list[PlannedReport] = field(default_factory=list)
@@ -216,18 +217,18 @@ class UsageSync:
         and writes the plan; all of them claim its items in batches under leases and sync them."""
 
         def shared_plan(now: datetime, result: CycleResult) -> Iterator[WorkItem]:
-            tick_id = coordinator.claim_tick("usage_sync", tick_key)
+            tick_id = coordinator.claim_tick(JobName.USAGE_SYNC, tick_key)
             if tick_id is not None:
                 work, refusals = self._collect_work(now, frozenset())
                 for refusal in refusals:
                     self._refuse(refusal, result.summary)
                 self._record_unbilled(refusals, now, result.run_id, full=True)
-                coordinator.enqueue(tick_id, "usage_sync", [dump_work(unit) for unit in work])
+                coordinator.enqueue(tick_id, JobName.USAGE_SYNC, [dump_work(unit) for unit in work])
                 log.info("cycle planned for all replicas", tick=tick_key, items=len(work))
             else:
                 self._await_plan(coordinator, tick_key)
             while not self._stop_requested():
-                claims = coordinator.claim_batch("usage_sync", CLAIM_BATCH)
+                claims = coordinator.claim_batch(JobName.USAGE_SYNC, CLAIM_BATCH)
                 if not claims:
                     return
                 for position, claim in enumerate(claims):
@@ -248,7 +249,7 @@ class UsageSync:
 
     def _await_plan(self, coordinator: Coordination, tick_key: str) -> None:
         deadline = time.monotonic() + PLAN_WAIT.total_seconds()
-        while coordinator.plan_ready("usage_sync", tick_key) is False and time.monotonic() < deadline:
+        while coordinator.plan_ready(JobName.USAGE_SYNC, tick_key) is False and time.monotonic() < deadline:
             if self._stop_requested():
                 return
             time.sleep(0.2)
@@ -272,7 +273,7 @@ class UsageSync:
         self, dry_run: bool, plan: Callable[[datetime, CycleResult], Iterator[WorkItem]], batch_size: int
     ) -> CycleResult:
         now = self._clock()
-        run_id = None if dry_run else self._runs.start("usage_sync")
+        run_id = None if dry_run else self._runs.start(JobName.USAGE_SYNC)
         result = CycleResult(run_id=run_id, summary=CycleSummary(), dry_run=dry_run)
         with structlog.contextvars.bound_contextvars(run_id=run_id, dry_run=dry_run):
             log.info("usage sync started", now=now.isoformat())

@@ -33,6 +33,7 @@ from typing import ClassVar
 import structlog
 
 from reconciler.config import Config
+from reconciler.jobs import JobName
 from reconciler.metrics import NO_METRICS, Metrics
 from reconciler.results import RunStatus, run_status
 from reconciler.upstream.errors import UpstreamError
@@ -42,7 +43,7 @@ from reconciler.usage.stripe_view import StripeView, settled
 
 log = structlog.get_logger(__name__)
 
-JOB = "usage_readback"
+JOB = JobName.USAGE_READBACK
 
 
 class Finding(StrEnum):
