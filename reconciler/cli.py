@@ -110,7 +110,7 @@ def reconcile_balances(
 ) -> None:
     """Forward top-ups and refunds to Moesif, compare balances, correct drift (one cycle)."""
     from reconciler.app import opened_app
-    from reconciler.balances.report import exit_code, view
+    from reconciler.balances.render import exit_code, view
 
     loaded = _load(config)
     _require(

@@ -63,7 +63,7 @@ from reconciler.usage.model import (
 )
 from reconciler.usage.outcomes import SentMarks
 from reconciler.usage.periods import ONE_SECOND, usage_window
-from reconciler.usage.pipeline import KeyedLocks, WorkItem, run_pipeline
+from reconciler.usage.pipeline import KeyedLocks, SyncItem, run_pipeline
 from reconciler.usage.ports import Coordination, MeterStore, Runs, UnbilledBook, UsageBook
 from reconciler.usage.recovery import Recovery
 from reconciler.usage.rounding import round_quantity
@@ -201,14 +201,14 @@ class UsageSync:
     ) -> CycleResult:
         """One cycle over every stream (or only `customers`'; `include_legacy=False` leaves legacy prices out)."""
 
-        def local_plan(now: datetime, result: CycleResult) -> Iterator[WorkItem]:
+        def local_plan(now: datetime, result: CycleResult) -> Iterator[SyncItem]:
             work, refusals = self._collect_work(now, customers)
             for refusal in refusals:
                 self._refuse(refusal, result.summary)
             self._record_unbilled(refusals, now, result.run_id, full=not customers)
             for unit in work:
                 if include_legacy or unit.stream.kind is not StreamKind.LEGACY:
-                    yield WorkItem(unit)
+                    yield SyncItem(unit)
 
         return self._timed(dry_run, local_plan)
 
@@ -216,7 +216,7 @@ class UsageSync:
         """One cycle shared by every live replica on PostgreSQL: the replica that wins the tick lists Stripe
         and writes the plan; all of them claim its items in batches under leases and sync them."""
 
-        def shared_plan(now: datetime, result: CycleResult) -> Iterator[WorkItem]:
+        def shared_plan(now: datetime, result: CycleResult) -> Iterator[SyncItem]:
             tick_id = coordinator.claim_tick(JobName.USAGE_SYNC, tick_key)
             if tick_id is not None:
                 work, refusals = self._collect_work(now, frozenset())
@@ -233,7 +233,7 @@ class UsageSync:
                     return
                 for position, claim in enumerate(claims):
                     try:
-                        yield WorkItem(load_work(claim.payload), claim.fence, partial(complete, claim))
+                        yield SyncItem(load_work(claim.payload), claim.fence, partial(complete, claim))
                     except GeneratorExit:
                         coordinator.release(claims[position:])  # stopped: hand the rest back at once
                         raise
@@ -257,7 +257,7 @@ class UsageSync:
     def _timed(
         self,
         dry_run: bool,
-        plan: Callable[[datetime, CycleResult], Iterator[WorkItem]],
+        plan: Callable[[datetime, CycleResult], Iterator[SyncItem]],
         batch_size: int = SUBJECTS_PER_QUERY,
     ) -> CycleResult:
         started = time.perf_counter()
@@ -270,7 +270,7 @@ class UsageSync:
         return result
 
     def _cycle(
-        self, dry_run: bool, plan: Callable[[datetime, CycleResult], Iterator[WorkItem]], batch_size: int
+        self, dry_run: bool, plan: Callable[[datetime, CycleResult], Iterator[SyncItem]], batch_size: int
     ) -> CycleResult:
         now = self._clock()
         run_id = None if dry_run else self._runs.start(JobName.USAGE_SYNC)
@@ -282,7 +282,7 @@ class UsageSync:
             context = structlog.contextvars.get_contextvars()
             meters = CycleMeters(self._meter_cache, self._openmeter.meters, keep_listing=not dry_run)
 
-            def sync(item: WorkItem, prepared: PreparedBatch) -> None:
+            def sync(item: SyncItem, prepared: PreparedBatch) -> None:
                 own = CycleResult(run_id=run_id, summary=CycleSummary())
                 with structlog.contextvars.bound_contextvars(**context), self._streams.hold(item.unit.stream.key):
                     self._sync_one(item.unit, now, run_id, dry_run, own, item.fence, prepared=prepared)

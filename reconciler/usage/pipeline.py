@@ -23,7 +23,7 @@ M = TypeVar("M")
 
 
 @dataclass(frozen=True)
-class WorkItem:
+class SyncItem:
     unit: StreamPeriod
     fence: Fence | None = None  # a replica's lease on the item: every ledger write checks it
     done: Callable[[], None] | None = None  # called once the item is synced (completes the replica's claim)
@@ -55,10 +55,10 @@ class KeyedLocks:
 
 
 def run_pipeline(
-    items: Iterable[WorkItem],
+    items: Iterable[SyncItem],
     *,
-    measure: Callable[[list[WorkItem]], M],
-    sync: Callable[[WorkItem, M], None],
+    measure: Callable[[list[SyncItem]], M],
+    sync: Callable[[SyncItem, M], None],
     batch_size: int,
     workers: int,
     measurers: int,
@@ -77,7 +77,7 @@ def run_pipeline(
     return _Concurrent(measure, sync, workers, measurers, stop_requested).run(batches)
 
 
-def _batches(items: Iterable[WorkItem], size: int) -> Iterator[list[WorkItem]]:
+def _batches(items: Iterable[SyncItem], size: int) -> Iterator[list[SyncItem]]:
     iterator = iter(items)
     while batch := list(itertools.islice(iterator, size)):
         yield batch
@@ -86,8 +86,8 @@ def _batches(items: Iterable[WorkItem], size: int) -> Iterator[list[WorkItem]]:
 class _Concurrent:
     def __init__(
         self,
-        measure: Callable[[list[WorkItem]], M],
-        sync: Callable[[WorkItem, M], None],
+        measure: Callable[[list[SyncItem]], M],
+        sync: Callable[[SyncItem, M], None],
         workers: int,
         measurers: int,
         stop_requested: Callable[[], bool],
@@ -97,8 +97,8 @@ class _Concurrent:
         self._queued = threading.BoundedSemaphore(2 * workers)  # items handed to the pool, not yet synced
         self._fatal: list[BaseException] = []
 
-    def run(self, batches: Iterator[list[WorkItem]]) -> bool:
-        measuring: deque[tuple[list[WorkItem], Future[M]]] = deque()
+    def run(self, batches: Iterator[list[SyncItem]]) -> bool:
+        measuring: deque[tuple[list[SyncItem], Future[M]]] = deque()
         with (
             ThreadPoolExecutor(self._measurers, thread_name_prefix="measure") as measurers,
             ThreadPoolExecutor(self._workers, thread_name_prefix="sync") as syncers,
@@ -119,7 +119,7 @@ class _Concurrent:
                 if self._fatal:
                     raise self._fatal[0]
 
-    def _hand_over(self, batch: list[WorkItem], measured: Future[M], syncers: ThreadPoolExecutor) -> bool:
+    def _hand_over(self, batch: list[SyncItem], measured: Future[M], syncers: ThreadPoolExecutor) -> bool:
         """Queue a measured batch's items for syncing (blocking while the queue is full); True if stopped."""
         result = measured.result()
         for item in batch:
@@ -130,7 +130,7 @@ class _Concurrent:
             syncers.submit(self._start, item, result).add_done_callback(self._finished)
         return False
 
-    def _start(self, item: WorkItem, measured: M) -> None:
+    def _start(self, item: SyncItem, measured: M) -> None:
         if not (self._fatal or self._stop_requested()):  # queued when the stop came: left for the next cycle
             self._sync(item, measured)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from reconciler.app import build_app
-from reconciler.balances.report import balance_table
+from reconciler.balances.render import balance_table
 from reconciler.clock import utc_now
 from reconciler.config import parse_config
 from reconciler.ledger.database import make_engine, upgrade

@@ -10,14 +10,14 @@ from datetime import UTC, datetime
 import pytest
 
 from reconciler.usage.model import BillingPeriod, Stream, StreamKind, StreamPeriod
-from reconciler.usage.pipeline import KeyedLocks, WorkItem, run_pipeline
+from reconciler.usage.pipeline import KeyedLocks, SyncItem, run_pipeline
 
 PERIOD = BillingPeriod(datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC))
 
 
-def item(customer: str) -> WorkItem:
+def item(customer: str) -> SyncItem:
     stream = Stream(StreamKind.LEGACY, customer, "sub", f"si_{customer}", "price", "meter", customer, "ceil", None)
-    return WorkItem(StreamPeriod(stream, PERIOD, is_current=True))
+    return SyncItem(StreamPeriod(stream, PERIOD, is_current=True))
 
 
 class Recorder:
