@@ -49,6 +49,7 @@ class PlanResult:
     job: ClassVar[str] = JobName.PLAN_SYNC
     run_id: str | None  # None: a dry run
     lines: list[PlanLine] = field(default_factory=list)
+    aborted: bool = False  # Stripe's subscriptions could not be listed: nothing was synced
 
     @property
     def failed(self) -> int:
@@ -56,7 +57,12 @@ class PlanResult:
 
     @property
     def status(self) -> RunStatus:
-        return run_status(dry_run=self.run_id is None, failed=len(self.failures), left_for_a_person=self.failed)
+        return run_status(
+            dry_run=self.run_id is None,
+            failed=len(self.failures),
+            left_for_a_person=self.failed,
+            aborted=self.aborted,
+        )
 
     @property
     def failures(self) -> list[str]:
@@ -99,15 +105,16 @@ class PlanSync:
         self, *, dry_run: bool = False, customers: frozenset[str] = frozenset(), full: bool = False
     ) -> PlanResult:
         """One cycle; `full` re-sends every user's state (for an app that lost its data)."""
-        run_id = None if dry_run else self._runs.start("plan_sync")
+        run_id = None if dry_run else self._runs.start(JobName.PLAN_SYNC)
         result = PlanResult(run_id)
-        with structlog.contextvars.bound_contextvars(run_id=run_id, dry_run=dry_run, job="plan_sync"):
+        with structlog.contextvars.bound_contextvars(run_id=run_id, dry_run=dry_run, job=JobName.PLAN_SYNC):
             try:
                 entitlements, problems = desired_entitlements(
                     self._stripe.subscription_snapshots(customers), self._config.plans
                 )
             except UpstreamError as exc:
                 result.lines.append(PlanLine("*", None, None, None, PlanAction.FAILED, self._redact(str(exc))))
+                result.aborted = True
                 self._finish(result)
                 return result
             for problem in problems:

@@ -104,6 +104,7 @@ class ReadBackResult:
     # Customers with a period reopened for a resend: the caller runs a usage cycle for them at once, under whatever
     # keeps usage cycles apart, rather than leave the resend to the next scheduled one.
     resent_customers: frozenset[str] = frozenset()
+    interrupted: bool = False  # a stop was requested before every due period was read
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -121,7 +122,7 @@ class ReadBackResult:
 
     @property
     def status(self) -> RunStatus:
-        return run_status(dry_run=False, failed=len(self.failures))
+        return run_status(dry_run=False, failed=len(self.failures), interrupted=self.interrupted)
 
     @property
     def attention(self) -> list[str]:
@@ -164,6 +165,7 @@ class ReadBack:
             log.info("read-back started")
             for period in self._ledger.due(now, self._config.usage.lookback):
                 if self._stop_requested():
+                    result.interrupted = True
                     break  # SIGTERM: the rest is read at the next run
                 if self._read_back(period, now, result):
                     resend.add(period.customer_id)

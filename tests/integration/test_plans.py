@@ -15,6 +15,7 @@ from reconciler.ledger.plan_ledger import PlanLedger
 from reconciler.ledger.runs import RunLog
 from reconciler.logs import configure_logging
 from reconciler.plans.job import PlanSync
+from reconciler.results import RunStatus
 from reconciler.upstream.app_api import EntitlementsGateway
 from reconciler.upstream.stripe_api import StripeGateway
 from reconciler_sandbox.app_fake import SYNC_PATH, FakeApp
@@ -148,6 +149,17 @@ def test_an_unmapped_price_skips_that_customer_only(ph):
         ("cus_odd", "skipped")
     ]
     assert "price_mystery" in next(line.reason for line in result.lines if line.customer_id == "cus_odd")
+
+
+def test_a_listing_stripe_refuses_fails_the_run_and_sends_nothing(ph):
+    ph.customer()
+    ph.stripe.inject_fault("GET", "/v1/subscriptions", 500, times=10)
+    result = ph.cycle()
+    assert result.status is RunStatus.FAILED  # it could not list its work: not "partial"
+    assert result.failures and result.failures[0].startswith("*: ")
+    assert updates(ph) == []
+    with ph.engine.connect() as connection:
+        assert connection.execute(text("select status from runs where job = 'plan_sync'")).scalar_one() == "failed"
 
 
 def test_app_500_then_200_is_acknowledged_exactly_once_and_the_key_is_never_logged(ph, capsys):

@@ -16,6 +16,7 @@ from freezegun import freeze_time
 
 from reconciler.attention import items_needing_attention
 from reconciler.clock import utc_now
+from reconciler.results import RunStatus
 from reconciler.upstream.openmeter_api import OpenMeterGateway
 from reconciler.verify import Verifier
 from tests.conftest import STRIPE_KEY, Harness, ts
@@ -90,6 +91,24 @@ def test_an_event_stripe_rejected_later_is_resent_under_a_new_identifier_before_
         assert h.read_back.run_cycle().lines == [] and summary_reads(h) == 2  # once per period: done
     assert stripe_total(h) == 7
     assert items_needing_attention(h.engine) == []
+
+
+def test_a_read_back_stopped_before_every_due_period_is_read_is_interrupted(harness):
+    h = harness
+    seed(h)
+    use(h, PERIOD_START + timedelta(days=2), 7)
+    stop = False
+    h.read_back._stop_requested = lambda: stop  # what SIGTERM sets in the daemon
+    with freeze_time(AFTER_FINAL_SYNC) as clock:
+        h.cycle()
+        clock.tick(SUMMARY_LAG)
+        stop = True
+        stopped = h.read_back.run_cycle()
+        assert (stopped.status, stopped.checked, summary_reads(h)) == (RunStatus.INTERRUPTED, 0, 0)
+        assert h.rows("select status from runs where job = 'usage_readback'") == [("interrupted",)]
+        stop = False
+        resumed = h.read_back.run_cycle()  # the next run reads what the stopped one left
+        assert (resumed.status, [line.finding for line in resumed.lines]) == (RunStatus.SUCCEEDED, ["ok"])
 
 
 def test_a_last_meter_rejected_final_event_is_sent_again_as_the_newest(harness):
