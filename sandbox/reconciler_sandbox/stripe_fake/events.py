@@ -70,8 +70,7 @@ class EventDestination:
         """The v2 Event Destination object (https://docs.stripe.com/api/v2/core/event-destinations/object). The
         signing secret is never served back; the webhook URL only when the request asked to `include` it, as the
         list's parameters document ("include: Additional fields to include in the response. Currently supports
-        webhook_endpoint.url"); retrieving one destination is served the same way here (the docs are silent on
-        it: leaving the URL out is the worse case for a reader)."""
+        webhook_endpoint.url"). Only the list is served: nothing calls `GET /v2/core/event_destinations/{id}`."""
         created = datetime.fromtimestamp(self.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         return {
             "id": self.id,
