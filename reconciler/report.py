@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from reconciler.attention import AttentionItem, items_needing_attention
 from reconciler.balances.drift import UNCORRECTED
-from reconciler.balances.money import to_units
+from reconciler.balances.money import to_units, units_text
 from reconciler.balances.resolve import NOT_APPLIED
 from reconciler.config import Config
 from reconciler.ledger.schema import (
@@ -316,7 +316,7 @@ def _unbilled_rows(session: Session) -> Iterator[UnbilledRow]:
 
 
 def _in_units(t: MoesifTransaction) -> str:
-    return f"{t.type} {to_units(t.amount_minor, t.currency):,} {t.currency.upper()}"
+    return f"{t.type} {units_text(to_units(t.amount_minor, t.currency), t.currency)}"
 
 
 def report_json(report: Report) -> str:

@@ -18,7 +18,7 @@ from decimal import Decimal
 
 from reconciler.attention import PHRASES, AttentionItem
 from reconciler.balances.drift import UNCORRECTED, DriftAction
-from reconciler.balances.money import to_units
+from reconciler.balances.money import to_units, units_text
 from reconciler.report import AuditRow, DriftRow, Report
 
 # The section ids are a contract: links into the page and the browser test use them.
@@ -93,7 +93,7 @@ def _money(minor: int | None, currency: str, *, signed: bool = False) -> str:
 def _units(amount: Decimal | str | None, currency: str | None, *, signed: bool = False) -> str:
     if amount is None:
         return "unknown"
-    return f"{Decimal(amount):{'+' if signed else ''},} {(currency or '').upper()}".rstrip()
+    return units_text(Decimal(amount), currency or "", signed=signed).rstrip()
 
 
 def _count(value: int | None) -> str:

@@ -47,3 +47,8 @@ def exactly_representable(units: Decimal, currency: str) -> bool:
 def moesif_number(units: Decimal, currency: str) -> int | float:
     """The JSON number Moesif expects: 25.0 for $25.00, 500 for ¥500."""
     return int(units) if exponent(currency) == 0 else float(units)
+
+
+def units_text(amount: Decimal, currency: str, *, signed: bool = False) -> str:
+    """An amount in currency units as people read it: `1,234.50 USD` (`+1,234.50 USD` when `signed`)."""
+    return f"{amount:{'+' if signed else ''},} {currency.upper()}"
