@@ -122,11 +122,7 @@ class DaemonProcess:
                 if self.process.poll() is not None and self._lines.empty():
                     break
                 continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = {"event": line.strip()}
-            self.events.append(record)
+            record = self._record(line)
             if record.get("event") == event and fields.items() <= record.items():
                 return record
         raise AssertionError(f"no {event!r} log line; saw {[e.get('event') for e in self.events][-20:]}")
@@ -141,9 +137,26 @@ class DaemonProcess:
         port = self.wait_for("reconciler running")["ops_port"]
         return f"http://127.0.0.1:{port}{path}"
 
+    def _record(self, line: str) -> dict:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = {"event": line.strip()}
+        self.events.append(record)
+        return record
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = PATIENCE_SECONDS) -> int:
         self.process.send_signal(sig)
-        return self.process.wait(timeout=timeout)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # A daemon that will not stop: say where it got to (its last log lines), not only that it hung.
+            while not self._lines.empty():
+                self._record(self._lines.get_nowait())
+            last = [e.get("event") for e in self.events][-30:]
+            raise AssertionError(
+                f"still running {timeout:.0f} s after {signal.Signals(sig).name}; its last log lines: {last}"
+            ) from None
 
     def kill(self) -> None:
         if self.process.poll() is None:
