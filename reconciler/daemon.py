@@ -84,6 +84,7 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.stop = threading.Event()
+        self.stop_signal: str | None = None  # the signal that set `stop`, logged by the main loop
         self.reload_requested = threading.Event()
         self.metrics = Metrics()
         self._usage_lock = threading.Lock()  # one usage cycle at a time (ticks and deadline wake-ups)
@@ -314,13 +315,16 @@ class Daemon:
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
-    def run(self) -> int:
-        def request_stop(signum: int, _frame: object) -> None:
-            log.info("stop requested", signal=signal.Signals(signum).name)
-            self.stop.set()
+    def request_stop(self, signum: int, _frame: object = None) -> None:
+        """The SIGTERM/SIGINT handler. It must not log: a handler runs on the main thread between two of its
+        bytecodes, perhaps while that thread holds the log's write lock (structlog's PrintLogger takes a
+        non-reentrant lock per file), and logging here would then wait on that lock forever."""
+        self.stop_signal = signal.Signals(signum).name
+        self.stop.set()
 
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
 
         if self.config.server.enabled:
@@ -377,6 +381,7 @@ class Daemon:
                     self.reload()
                 while not self._deadline_requests.empty():
                     self.wake_for_deadline(self._deadline_requests.get())
+            log.info("stop requested", signal=self.stop_signal)
         finally:
             self._shut_down()
         log.info("reconciler stopped")

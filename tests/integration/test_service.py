@@ -5,18 +5,22 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+import structlog
 import yaml
 from sqlalchemy import create_engine, text
 
 from reconciler.clock import utc_now
-from reconciler.config import ServerConfig
+from reconciler.config import ServerConfig, parse_config
+from reconciler.daemon import Daemon
 from reconciler.ledger.database import make_engine, upgrade
 from reconciler.ledger.retention import prune_ledger
+from reconciler.logs import configure_logging
 from reconciler.metrics import Metrics
 from reconciler.service.ops_server import Probes, readiness_problems
 from reconciler_sandbox.server import SANDBOX_MOESIF_TOKEN, SANDBOX_OPENMETER_TOKEN, SANDBOX_STRIPE_KEY
@@ -343,3 +347,34 @@ def test_status_shows_a_run_whose_process_was_killed_as_interrupted(sandbox, ser
     daemon.process.wait()
     release.set()
     assert "interrupted" in usage_sync_outcome()
+
+
+def test_a_stop_signal_arriving_while_the_main_thread_writes_a_log_line_is_not_a_deadlock(tmp_path):
+    """Python runs a signal handler on the main thread between two of its bytecodes, perhaps while that thread
+    holds structlog's (non-reentrant) write lock on stderr. A handler that logged would wait on that lock forever:
+    the daemon then hung on SIGTERM sent just after it logged "reconciler running" (seen under full-suite load).
+    Here another thread stands in for the main one: while the lock is held, the handler must still return."""
+    config = parse_config(
+        {
+            "stripe": {"api_key": "sk_test_abc"},
+            "openmeter": {"token": "om_token"},
+            "database": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"},
+        }
+    )
+    upgrade(make_engine(config.database.url))
+    configure_logging("INFO", "json")  # the daemon's own logging: structlog's PrintLogger on stderr
+    daemon = Daemon(config, None)
+    handler = threading.Thread(target=daemon.request_stop, args=(signal.SIGTERM, None), daemon=True)
+    try:
+        with structlog._output._get_lock_for_file(sys.stderr):  # what PrintLogger.msg holds while it writes
+            handler.start()
+            handler.join(timeout=5)
+            assert not handler.is_alive(), "the SIGTERM handler waited on the log's write lock"
+        assert daemon.stop.is_set()
+        assert daemon.stop_signal == "SIGTERM"
+    finally:
+        handler.join()
+        structlog.reset_defaults()
+        daemon.app.close()
+        daemon.engine.dispose()
+        daemon._lock_file.close()
