@@ -8,6 +8,7 @@ pipeline can scrub them from anything it writes.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -36,6 +37,9 @@ from reconciler.durations import format_duration, parse_duration
 from reconciler.upstream.stripe_budget import StripeBudgets
 
 DEFAULT_CONFIG_PATH = Path("config.yaml")
+# What a Stripe write usually takes to answer, for sizing requests in flight to the budget (a meter event was
+# answered in 40-60 ms from a nearby region in our measurements; Stripe publishes no latency figure).
+ASSUMED_LATENCY_SECONDS = 0.05
 CONFIG_ENV_VAR = "RECONCILER_CONFIG"
 
 
@@ -98,8 +102,9 @@ class StripeConfig(_Section):
     max_requests_per_second_per_endpoint: float | None = Field(default=None, gt=0)
     max_meter_events_per_second: float | None = Field(default=None, gt=0)  # live mode only: sandboxes share the global
     endpoint_budgets: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)  # "GET /v1/…": 10
-    # Requests in flight at once, per replica: enough to fill the budget when each answer takes ~40-400 ms.
-    max_concurrency: int = Field(default=8, ge=1, le=64)
+    # Requests in flight at once, per replica (each is a worker thread with a database connection at hand).
+    # Unset: sized to fill the budget that writes count against at Stripe's usual latency (`concurrency()`).
+    max_concurrency: int | None = Field(default=None, ge=1, le=128)
     # Signing secret of the webhook endpoint (`whsec_…`); unset or empty: POST /webhooks/stripe is off.
     webhook_secret: SecretStr | None = None
     # Signing secret of the thin-payload event destination (its own `whsec_…`): Stripe sends the meter error
@@ -125,6 +130,16 @@ class StripeConfig(_Section):
             meter_events_per_second=meter_events if live else None,
             endpoints=dict(self.endpoint_budgets),
         )
+
+    def concurrency(self) -> int:
+        """Requests in flight at once, per replica. Unset, budget × latency (Little's law): the meter events' budget
+        (live: 800/s at 80%, outside the global one; a sandbox: the global 20/s) times ASSUMED_LATENCY_SECONDS, at
+        least 8 (reads and legacy usage records count against the slower budgets) and at most 64 threads."""
+        if self.max_concurrency is not None:
+            return self.max_concurrency
+        budgets = self.budgets()
+        writes_per_second = budgets.meter_events_per_second or budgets.global_per_second
+        return max(8, min(64, math.ceil(writes_per_second * ASSUMED_LATENCY_SECONDS)))
 
     @field_validator("webhook_secret", "thin_webhook_secret")
     @classmethod
@@ -380,6 +395,13 @@ class Config(_Section):
     ledger: LedgerConfig = LedgerConfig()
     backfill: BackfillConfig = BackfillConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    def connections_needed(self) -> int:
+        """Database connections one replica may use at once: one per usage worker, per OpenMeter query and per
+        balance worker in flight, and a few for the scheduler's jobs, the webhook worker, the probes and the
+        heartbeat."""
+        balance_workers = self.moesif.max_concurrency if self.moesif is not None else 0
+        return self.stripe.concurrency() + self.openmeter.max_concurrency + balance_workers + 4
 
     def cross_field_problems(self) -> list[str]:
         """Combinations of valid values that cannot work together, as `key.path: message` lines."""

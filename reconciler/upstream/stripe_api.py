@@ -189,7 +189,7 @@ class StripeGateway:
         self._config = config
         self._metrics = metrics
         self.budget = StripeBudget(config.budgets())
-        self._in_flight = threading.BoundedSemaphore(config.max_concurrency)
+        self._in_flight = threading.BoundedSemaphore(config.concurrency())
         self._http = _ClosableRequestsClient(timeout=config.timeout_seconds)
         self._client = stripe.StripeClient(
             config.api_key.get_secret_value(),

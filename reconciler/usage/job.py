@@ -297,7 +297,7 @@ class UsageSync:
                     measure=lambda batch: self._prepare_batch([item.unit for item in batch], now, meters),
                     sync=sync,
                     batch_size=batch_size,
-                    workers=self._config.stripe.max_concurrency,
+                    workers=self._config.stripe.concurrency(),
                     measurers=self._config.openmeter.max_concurrency,
                     stop_requested=self._stop_requested,
                 )
