@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reconciler.config import ConfigError, load_config, parse_config
 from reconciler.app import open_database
+from reconciler.config import ConfigError, load_config, parse_config
 from reconciler.ledger.database import make_engine, upgrade
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
