@@ -1,5 +1,5 @@
-"""The benchmark's floor and limiter checks (reconciler_sandbox/bench/floor.py), and how it names the endpoint of each
-request a fake served."""
+"""The benchmark's floor and limiter checks (reconciler_sandbox/bench/floor.py), and how the benchmark sets Stripe's
+fake to its limiters and names the endpoint of each request it served."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from reconciler_sandbox.bench.floor import (
     floor,
     limiter_use,
 )
+from reconciler_sandbox.bench.measure import Conditions, apply_stripe_conditions
 from reconciler_sandbox.stripe_fake import FakeStripe
 
 SUBSCRIPTIONS = "GET /v1/subscriptions"
@@ -211,9 +212,37 @@ def test_limiter_use_flags_a_limiter_over_its_limit():
     }
 
 
+def test_the_fake_enforces_the_conditions_structure_and_the_log_names_its_endpoints():
+    stripe = FakeStripe(api_key="sk_test_bench")
+    conditions = Conditions(
+        stripe_latency=0.0, stripe_global_per_second=5, stripe_endpoint_per_second=2, stripe_meter_events_per_second=4
+    )
+    apply_stripe_conditions(stripe, conditions)
+    log = ArrivalLog(stripe)
+    auth = {"Authorization": "Bearer sk_test_bench"}
+
+    def status(method: str, path: str) -> int:
+        return stripe.handle(method, path, {}, auth, b"")[0]
+
+    assert [status("GET", "/v1/subscriptions") for _ in range(3)] == [200, 200, 429]  # the endpoint's 2
+    # The global 5 (the refused request counted too, as the fake counts it).
+    assert [status("GET", "/v1/billing/meters"), status("GET", "/v1/prices"), status("GET", "/v1/prices")] == [
+        200,
+        200,
+        429,
+    ]
+    # Meter events are apart: four a second whatever the global limit holds (each a 400 here: no parameters).
+    assert [status("POST", "/v1/billing/meter_events") for _ in range(5)] == [400, 400, 400, 400, 429]
+    assert stripe.rate_limited == 3
+    served = [SUBSCRIPTIONS] * 2 + [METERS, "GET /v1/prices"] + [METER_EVENTS_ENDPOINT] * 4
+    assert [endpoint for _, endpoint in log.snapshot()] == served  # the 429s are not served
+    assert log.per_endpoint() == {METERS: 1, "GET /v1/prices": 1, METER_EVENTS_ENDPOINT: 4, SUBSCRIPTIONS: 2}
+    assert [at for at, _ in log.snapshot()] == stripe.arrivals  # the fake's own arrival times
+
+
 def test_the_fake_named_paths_as_the_routes_templates():
     stripe = FakeStripe(api_key="sk_test_bench")
     log = ArrivalLog(stripe)
     stripe.handle("GET", "/v1/billing/meters/mtr_1/event_summaries", {}, {"Authorization": "Bearer sk_test_bench"}, b"")
     assert log.per_endpoint() == {SUMMARIES: 1}
-    assert [at for at, _ in log.snapshot()] == stripe.arrivals  # the fake's own arrival times
+    assert ArrivalLog.of(stripe) is log  # one log a fake: a second run over the same fake shares it

@@ -28,6 +28,12 @@ class ArrivalLog:
         fake._record = self._record  # type: ignore[method-assign]
         fake.record_requests = True
 
+    @classmethod
+    def of(cls, fake: FakeService) -> ArrivalLog:
+        """The fake's log: the one attached to it already (a fake has one recording hook), else a new one."""
+        attached = getattr(fake._record, "__self__", None)
+        return attached if isinstance(attached, ArrivalLog) else cls(fake)
+
     def _record(self, request: RecordedRequest) -> None:
         arrivals = self._fake.arrivals
         self.entries.append((arrivals[-1], self._endpoint(request.method, request.path)))
