@@ -101,7 +101,9 @@ def bench(
             "0: meter events count against the global limit, as in a Stripe sandbox."
         ),
     ] = 1000,
-    stripe_concurrency: Annotated[int, typer.Option(help="The product's stripe.max_concurrency.")] = 8,
+    stripe_concurrency: Annotated[
+        int | None, typer.Option(help="The product's stripe.max_concurrency (default: the product's own).")
+    ] = None,
     openmeter_per_second: Annotated[float, typer.Option(help="OpenMeter request budget.")] = 50,
     moesif_per_minute: Annotated[float, typer.Option(help="Moesif request budget (its limit: 500).")] = 500,
     plot: Annotated[bool, typer.Option(help="Write bench.png (needs matplotlib).")] = True,

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from reconciler.config import StripeConfig
 from reconciler_sandbox.bench.arrivals import ArrivalLog
 from reconciler_sandbox.bench.dataset import EVENT_NAME, OPENMETER_METER, billed_totals, seed_openmeter, seed_stripe
 from reconciler_sandbox.bench.floor import (
@@ -51,7 +52,8 @@ class Conditions:
     moesif_latency: float = 0.080
     moesif_per_minute: float = 500  # Moesif's Management API budget, and the most the product may be configured to
     # Requests the product keeps in flight (its `*.max_concurrency`, the defaults): a latency-bound term of the floor.
-    stripe_concurrency: int = 8
+    # None: the product's own default for these limits (budget × latency, `StripeConfig.concurrency`).
+    stripe_concurrency: int | None = None
     openmeter_concurrency: int = 4
     moesif_concurrency: int = 4
 
@@ -88,11 +90,17 @@ class Conditions:
     def latency(self) -> dict[str, float]:
         return {"stripe": self.stripe_latency, "openmeter": self.openmeter_latency, "moesif": self.moesif_latency}
 
+    @property
+    def stripe_in_flight(self) -> int:
+        """The Stripe requests the product keeps in flight under these conditions."""
+        settings = stripe_config(self)
+        return StripeConfig(api_key=SANDBOX_STRIPE_KEY, **settings).concurrency()
+
     def usage_cycle_shape(self) -> Shape:
         """A usage cycle: the subscription listing page after page; Stripe and OpenMeter each with the product's
         requests in flight."""
         return Shape(
-            in_flight={"stripe": self.stripe_concurrency, "openmeter": self.openmeter_concurrency},
+            in_flight={"stripe": self.stripe_in_flight, "openmeter": self.openmeter_concurrency},
             paged=[("stripe", SUBSCRIPTIONS)],
         )
 
@@ -255,8 +263,9 @@ def stripe_config(conditions: Conditions) -> dict[str, Any]:
         "limits": "sandbox" if limits.meter_events_per_second is None else "live",
         "max_requests_per_second": limits.global_per_second,
         "max_requests_per_second_per_endpoint": limits.endpoint_per_second,
-        "max_concurrency": conditions.stripe_concurrency,
     }
+    if conditions.stripe_concurrency is not None:
+        settings["max_concurrency"] = conditions.stripe_concurrency
     if limits.meter_events_per_second is not None:
         settings["max_meter_events_per_second"] = limits.meter_events_per_second
     return settings
