@@ -154,10 +154,16 @@ def _per_unit_amount(price: dict[str, Any]) -> Decimal | None:
 class _ClosableRequestsClient(stripe.RequestsClient):
     """stripe's RequestsClient gives each thread a requests session of its own (requests does not promise that a
     session is safe to share) and its `close` closes only the calling thread's. This one also remembers every
-    session it made, weakly (a thread's goes with the thread), so `close_all` closes every pooled connection."""
+    session it made, weakly (a thread's goes with the thread), so `close_all` closes every pooled connection.
 
-    def __init__(self, **kwargs: Any):
-        super().__init__(**kwargs)
+    The proxy settings of the environment (HTTPS_PROXY, NO_PROXY, …) are read once, for `base`, the one address
+    every request goes to: requests would read and parse the whole environment twice per request otherwise (a
+    tenth of the usage cycle's CPU in the profile). stripe sets the CA bundle of each request itself."""
+
+    def __init__(self, base: str, **kwargs: Any):
+        proxies = requests.utils.get_environ_proxies(base)
+        proxy = {scheme: url for scheme, url in proxies.items() if scheme in ("http", "https")}
+        super().__init__(proxy=proxy or None, **kwargs)  # type: ignore[arg-type]
         self._sessions: weakref.WeakSet[requests.Session] = weakref.WeakSet()
         self._sessions_lock = threading.Lock()
 
@@ -165,6 +171,7 @@ class _ClosableRequestsClient(stripe.RequestsClient):
         # stripe keeps the session in `_thread_local.session` and makes one only when it finds none.
         if getattr(self._thread_local, "session", None) is None:
             session = requests.Session()
+            session.trust_env = False  # the environment's proxies were read once, above
             self._thread_local.session = session
             with self._sessions_lock:
                 self._sessions.add(session)
@@ -190,7 +197,7 @@ class StripeGateway:
         self._metrics = metrics
         self.budget = StripeBudget(config.budgets())
         self._in_flight = threading.BoundedSemaphore(config.concurrency())
-        self._http = _ClosableRequestsClient(timeout=config.timeout_seconds)
+        self._http = _ClosableRequestsClient(config.api_base, timeout=config.timeout_seconds)
         self._client = stripe.StripeClient(
             config.api_key.get_secret_value(),
             base_addresses={"api": config.api_base},
