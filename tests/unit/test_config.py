@@ -125,6 +125,23 @@ def test_stripe_summary_lag_defaults_to_ten_minutes_and_parses_durations():
         assert any(p.startswith("stripe.summary_lag:") for p in problems_of(raw)), problems_of(raw)
 
 
+def test_meter_events_go_through_v1_unless_the_v2_stream_is_chosen_with_its_own_host():
+    """`stripe.meter_events`: `v1` by default, or `v2_stream` (https://docs.stripe.com/api/v2/billing/meter-event-stream/create),
+    whose host is Stripe's meter events host unless `stripe.meter_events_base` names another (validated like
+    `stripe.api_base`: a trailing slash is dropped)."""
+    default = parse_config(MINIMAL).stripe
+    assert default.meter_events == "v1" and default.meter_events_base == "https://meter-events.stripe.com"
+    chosen = parse_config(
+        {**MINIMAL, "stripe": {"api_key": "k", "meter_events": "v2_stream", "meter_events_base": "http://127.0.0.1:9/"}}
+    ).stripe
+    assert chosen.meter_events == "v2_stream" and chosen.meter_events_base == "http://127.0.0.1:9"
+    assert parse_config(MINIMAL).masked()["stripe"]["meter_events"] == "v1"  # check-config shows it
+    raw = {**MINIMAL, "stripe": {"api_key": "k", "meter_events": "v2"}}
+    assert any(p.startswith("stripe.meter_events:") and "v2_stream" in p for p in problems_of(raw)), problems_of(raw)
+    raw = {**MINIMAL, "stripe": {"api_key": "k", "max_meter_event_stream_requests_per_second": 0}}
+    assert any(p.startswith("stripe.max_meter_event_stream_requests_per_second:") for p in problems_of(raw))
+
+
 def test_secrets_are_masked_in_the_effective_config():
     config = parse_config(MINIMAL)
     dumped = yaml.safe_dump(config.masked())
