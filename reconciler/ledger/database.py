@@ -59,6 +59,12 @@ def make_engine(url: str, pool_size: int = DEFAULT_POOL_SIZE) -> Engine:
         def _sqlite_pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA foreign_keys=ON")
+            # Write-ahead logging: a commit appends to one file and syncs it, where the default rollback journal
+            # creates, syncs and deletes a journal per transaction (a third of a cold cycle's wall time went to
+            # that); readers (status, probes) no longer wait for a writer. synchronous=FULL syncs the log at every
+            # commit, so an intent stays durable across a power cut before its send. The mode is kept in the file.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
             cursor.close()
 
         return engine

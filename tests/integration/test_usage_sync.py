@@ -797,7 +797,7 @@ def test_the_proxy_of_the_environment_is_used_for_stripe_though_read_only_once(s
 
     monkeypatch.setenv("HTTP_PROXY", dead_proxy)
     through_the_proxy = StripeGateway(config.stripe)
-    with pytest.raises(UpstreamError, match="(?i)proxy|connect"):
+    with pytest.raises(UpstreamError, match=r"(?i)proxy|connect"):
         through_the_proxy.list_meters()
     through_the_proxy.close()
 
