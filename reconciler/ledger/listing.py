@@ -11,7 +11,7 @@ chunk at a time, and meets every stream's periods together (`groups`). When its 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from itertools import groupby
 
@@ -19,8 +19,8 @@ from sqlalchemy import Engine, delete, insert, select
 from sqlalchemy.orm import sessionmaker
 
 from reconciler.ledger.schema import UsageListing
-from reconciler.usage.codec import dump_work, load_work
-from reconciler.usage.model import StreamPeriod
+from reconciler.usage.codec import dump_listed, load_listed
+from reconciler.usage.model import Meter, StreamPeriod
 
 READ_CHUNK = 1000  # rows read back in one query
 ABANDONED_AFTER = timedelta(days=1)  # a listing this old belongs to a process that died mid-cycle
@@ -48,18 +48,19 @@ class ListingLedger:
                 "listing_id": listing,
                 "stream_key": unit.stream.key,
                 "period_start": unit.period.start,
-                "payload": dump_work(unit),
+                "payload": dump_listed(unit),
                 "created_at": now,
             }
             for unit in units
         ]
         with self._sessions.begin() as session:
-            session.execute(insert(UsageListing), rows)
+            session.connection().execute(insert(UsageListing.__table__), rows)  # Core: no ORM bookkeeping a row
 
-    def groups(self, listing: str) -> Iterator[list[StreamPeriod]]:
-        """Every stream's periods in the listing, together, stream by stream (ordered by key, then period start).
-        Read a chunk at a time, each in its own short transaction; a stream whose periods straddle two chunks is
-        read again whole with the next one. Dropping the stream just yielded (`drop`) does not disturb it."""
+    def groups(self, listing: str, meters: Mapping[str, Meter]) -> Iterator[list[StreamPeriod]]:
+        """Every stream's periods in the listing, together, stream by stream (ordered by key, then period start),
+        with their meters from `meters` (those the listing was made with). Read a chunk at a time, each in its own
+        short transaction; a stream whose periods straddle two chunks is read again whole with the next one.
+        Dropping the stream just yielded (`drop`) does not disturb it."""
         after: str | None = None
         while True:
             query = select(UsageListing.stream_key, UsageListing.payload).where(UsageListing.listing_id == listing)
@@ -82,7 +83,7 @@ class ListingLedger:
                             .order_by(UsageListing.period_start, UsageListing.id)
                         ).all()
             for key, group in groupby(rows, key=lambda row: row.stream_key):
-                yield [load_work(row.payload) for row in group]
+                yield [load_listed(row.payload, meters) for row in group]
                 after = key
             if complete:
                 return

@@ -79,7 +79,7 @@ MAX_WAIT_FOR_EVENT_SLOT = timedelta(seconds=2)
 CLAIM_BATCH = 10  # work items a replica claims at once
 SENT_MARKS_PER_TRANSACTION = 50  # Stripe's acceptances recorded in one ledger transaction (reconciler.usage.outcomes)
 PLAN_WAIT = timedelta(seconds=60)  # how long the other replicas wait for the planning replica's plan
-LISTING_BATCH = 500  # stream periods written to the cycle's listing in one insert
+LISTING_BATCH = 2000  # stream periods written to the cycle's listing in one insert (and commit)
 REFUSALS_BATCH = 500  # refused items recorded (reconciler.ledger.unbilled) in one transaction
 REVISIT_BATCH = 1000  # ended periods the ledger remembers, checked against the listing in one query
 
@@ -346,7 +346,7 @@ class UsageSync:
             for batch in _batched(classify(items, meters, usage, now), LISTING_BATCH):
                 listings.add(listing, [unit for unit in batch if isinstance(unit, StreamPeriod)])
                 refused.add(unit for unit in batch if isinstance(unit, Refusal))
-            for group in listings.groups(listing):
+            for group in listings.groups(listing, meters):
                 clashing = clashes(group)
                 if clashing:
                     listings.drop(listing, group[0].stream.key)  # not listed, as far as revisiting goes

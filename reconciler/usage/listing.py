@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 
-from reconciler.usage.model import StreamPeriod
+from reconciler.usage.model import Meter, StreamPeriod
 
 
 class MemoryListing:
@@ -25,7 +25,7 @@ class MemoryListing:
         for unit in units:
             self._listings[listing][unit.stream.key].append(unit)
 
-    def groups(self, listing: str) -> Iterator[list[StreamPeriod]]:
+    def groups(self, listing: str, meters: Mapping[str, Meter]) -> Iterator[list[StreamPeriod]]:
         streams = self._listings[listing]
         for key in sorted(streams):
             if key in streams:

@@ -98,9 +98,9 @@ def test_the_listing_is_in_the_ledger_while_planning_and_deleted_after_the_cycle
     held_while_planning: list[int] = []
     real_groups = h.sync._listings.groups
 
-    def groups(listing):
+    def groups(listing, meters):
         held_while_planning.append(listing_rows(h))
-        yield from real_groups(listing)
+        yield from real_groups(listing, meters)
 
     h.sync._listings.groups = groups
     with freeze_time(MID):
@@ -132,14 +132,17 @@ def test_a_listing_abandoned_by_a_dead_process_is_deleted_a_day_later(database_u
         listings.add(abandoned, [unit("cus_1", 1)])
         now[0] += timedelta(hours=23)
         listings.add(listings.open(), [unit("cus_2", 1)])
-        assert sum(len(g) for g in listings.groups(abandoned)) == 1  # not yet: its cycle may still run
+        assert sum(len(g) for g in listings.groups(abandoned, METERS)) == 1  # not yet: its cycle may still run
         now[0] += timedelta(hours=2)
         listings.open()
-        assert list(listings.groups(abandoned)) == []
+        assert list(listings.groups(abandoned, METERS)) == []
         with engine.connect() as connection:
             assert connection.execute(select(func.count()).select_from(UsageListing)).scalar_one() == 1
     finally:
         engine.dispose()
+
+
+METERS = {m: Meter(m, "api_calls", "sum", "active", None, "stripe_customer_id", "value") for m in ("mtr_1", "mtr_2")}
 
 
 def unit(customer: str, day: int, *, meter: str = "mtr_1", days: int = 1) -> StreamPeriod:
@@ -152,7 +155,7 @@ def unit(customer: str, day: int, *, meter: str = "mtr_1", days: int = 1) -> Str
         openmeter_meter="api_requests",
         subject=customer,
         rounding="ceil",
-        meter=Meter(meter, "api_calls", "sum", "active", None, "stripe_customer_id", "value"),
+        meter=METERS[meter],
     )
     start = utc(2026, 3, day)
     return StreamPeriod(stream, BillingPeriod(start, start + timedelta(days=days)), is_current=True)
@@ -180,7 +183,7 @@ def test_the_ledgers_listing_reads_back_every_stream_whole_across_chunks_as_the_
 
         def read(listings):
             groups = []
-            for group in listings.groups(ids[listings]):
+            for group in listings.groups(ids[listings], METERS):
                 groups.append([(u.stream.key, u.period.start) for u in group])
                 if group[0].stream.customer_id == "cus_1":
                     listings.drop(ids[listings], group[0].stream.key)  # as a clash is: not disturbing the read
@@ -196,8 +199,8 @@ def test_the_ledgers_listing_reads_back_every_stream_whole_across_chunks_as_the_
         asked += [("meter:mtr_1:cus_3", utc(2026, 3, 4)), ("meter:mtr_1:cus_9", utc(2026, 3, 1))]
         assert ledger.listed(ids[ledger], asked) == memory.listed(ids[memory], asked) == {asked[0]}
         ledger.close(ids[ledger])
-        assert list(ledger.groups(ids[ledger])) == []
-        assert len(list(ledger.groups(other))) == 1
+        assert list(ledger.groups(ids[ledger], METERS)) == []
+        assert len(list(ledger.groups(other, METERS))) == 1
     finally:
         engine.dispose()
 
