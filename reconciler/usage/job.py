@@ -283,7 +283,7 @@ class UsageSync:
         result = CycleResult(run_id=run_id, summary=CycleSummary(), dry_run=dry_run)
         with structlog.contextvars.bound_contextvars(run_id=run_id, dry_run=dry_run):
             log.info("usage sync started", now=now.isoformat())
-            units = plan(now, result)  # counts its refusals into `result` before it yields the first item
+            units = plan(now, result)  # counts its refusals into `result` as it finds them, under result.merging
             merging = result.merging
             context = structlog.contextvars.get_contextvars()
             meters = CycleMeters(self._meter_cache, self._openmeter.meters, keep_listing=not dry_run)
@@ -365,7 +365,10 @@ class UsageSync:
                         yield revisit
             refused.finish()
         finally:
-            listings.close(listing)
+            try:
+                listings.close(listing)
+            except Exception:  # e.g. the database is briefly away: the rows go once abandoned (ledger/listing.py)
+                log.warning("could not delete the cycle's listing", exc_info=True)
 
     def _revisit(self, row: RecordedPeriod, meters: dict[str, Meter]) -> StreamPeriod | Refusal:
         """A period only the ledger still remembers (the item moved on): rebuild its stream from the row."""

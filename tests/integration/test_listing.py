@@ -85,7 +85,7 @@ def test_one_customers_two_items_on_a_meter_on_different_pages_are_refused_and_n
     assert listing_rows(h) == 0
 
 
-def test_the_listing_is_in_the_ledger_while_planning_and_deleted_after_the_cycle_or_a_failed_listing(harness):
+def test_the_listing_is_in_the_ledger_while_planning_and_deleted_after_a_cycle_stopped_or_not_or_a_failed_one(harness):
     h = harness
     meter = h.stripe.add_meter("api_calls", formula="sum")
     h.openmeter.add_meter("api_requests")
@@ -107,6 +107,12 @@ def test_the_listing_is_in_the_ledger_while_planning_and_deleted_after_the_cycle
         result = h.cycle()
     assert result.summary.failed == 0, result.summary.failures
     assert (held_while_planning, listing_rows(h)) == ([30], 0)
+
+    h.sync._stop_requested = lambda: True  # stopped after the plan began yielding
+    with freeze_time(MID + timedelta(minutes=5)):
+        stopped = h.cycle()
+    assert (stopped.interrupted, held_while_planning, listing_rows(h)) == (True, [30, 30], 0)
+    h.sync._stop_requested = lambda: False
 
     listing = h.stripe_gateway.metered_items
 
