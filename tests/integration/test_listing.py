@@ -292,3 +292,21 @@ def test_planning_a_cycle_takes_no_more_memory_for_ten_times_the_items(tmp_path)
     assert (small_yielded, large_yielded) == (2_000, 20_000)
     growth_per_item = (large - small) / 18_000
     assert growth_per_item < 64, f"{small / 1e6:.1f} MB at 2,000 items, {large / 1e6:.1f} MB at 20,000"
+
+
+def test_a_dry_run_keeps_its_listing_in_memory_and_still_refuses_overlapping_items(harness):
+    """A dry run writes nothing anywhere, not even a listing it would delete."""
+    h = harness
+    meter = h.stripe.add_meter("api_calls", formula="sum")
+    h.openmeter.add_meter("api_requests")
+    period = {"current_period_start": ts(PERIOD_START), "current_period_end": ts(PERIOD_END)}
+    for customer, prices in (("cus_A", 2), ("cus_B", 1)):
+        h.stripe.add_customer(id=customer)
+        for _ in range(prices):
+            h.stripe.add_subscription(customer, [h.stripe.add_price(meter=meter["id"])["id"]], **period)
+        h.openmeter.ingest("api_requests", customer, utc(2026, 3, 2), 3)
+    written = []
+    h.sync._listings.add = lambda listing, units: written.append(units)
+    with freeze_time(MID):
+        result = h.cycle(dry_run=True)
+    assert (written, [p.work.stream.customer_id for p in result.plan], result.summary.failed) == ([], ["cus_B"], 2)
