@@ -22,7 +22,6 @@ def upgrade() -> None:
         sa.Column("stream_key", sa.String(255), nullable=False),
         sa.Column("period_start", sa.DateTime(), nullable=False),
         sa.Column("payload", sa.Text(), nullable=False),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_usage_listing")),
     )
     op.create_index(

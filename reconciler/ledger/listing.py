@@ -33,23 +33,23 @@ class ListingLedger:
         self._read_chunk = read_chunk
 
     def open(self) -> str:
-        """A new, empty listing's id. Forgets listings abandoned long ago (their process died mid-cycle)."""
+        """A new, empty listing's id. Forgets listings abandoned long ago (their process died mid-cycle): an id begins
+        with when it was opened, so they are found through the index, however many rows other listings hold."""
+        now = self._clock()
         with self._sessions.begin() as session:
-            session.execute(delete(UsageListing).where(UsageListing.created_at < self._clock() - ABANDONED_AFTER))
-        return str(uuid.uuid4())
+            session.execute(delete(UsageListing).where(UsageListing.listing_id < _id_prefix(now - ABANDONED_AFTER)))
+        return f"{_id_prefix(now)}-{uuid.uuid4().hex[:23]}"
 
     def add(self, listing: str, units: Sequence[StreamPeriod]) -> None:
         """Add `units` to the listing, in one insert."""
         if not units:
             return
-        now = self._clock()
         rows = [
             {
                 "listing_id": listing,
                 "stream_key": unit.stream.key,
                 "period_start": unit.period.start,
                 "payload": dump_listed(unit),
-                "created_at": now,
             }
             for unit in units
         ]
@@ -113,3 +113,8 @@ class ListingLedger:
         """Delete the listing."""
         with self._sessions.begin() as session:
             session.execute(delete(UsageListing).where(UsageListing.listing_id == listing))
+
+
+def _id_prefix(moment: datetime) -> str:
+    """Listing ids sort by when they were opened: epoch seconds, zero-padded."""
+    return f"{int(moment.timestamp()):012d}"

@@ -392,11 +392,11 @@ class UsageListing(Base):
     rows when its planning ends; rows a crashed process left are deleted a day later."""
 
     __tablename__ = "usage_listing"
+    # listing_id: when the listing was opened (epoch seconds, zero-padded), then random; see ListingLedger.open.
     __table_args__ = (Index("ix_usage_listing_listing_stream", "listing_id", "stream_key", "period_start"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     listing_id: Mapped[str] = mapped_column(String(36))
     stream_key: Mapped[str] = mapped_column(String(255))
     period_start: Mapped[datetime] = mapped_column(UTCDateTime)
-    payload: Mapped[str] = mapped_column(Text)  # the stream period (reconciler.usage.codec)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    payload: Mapped[str] = mapped_column(Text)  # the stream period (reconciler.usage.codec.dump_listed)
