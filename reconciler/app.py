@@ -78,7 +78,7 @@ class App:
 def open_database(config: Config) -> Engine:
     """An engine on the configured database, refusing one that cannot be reached or that `reconciler db upgrade`
     has not migrated."""
-    engine = make_engine(config.database.url)
+    engine = make_engine(config.database.url, pool_size=config.connections_needed())
     try:
         check_reachable(engine)
         require_migrated(engine)

@@ -8,6 +8,7 @@ pipeline can scrub them from anything it writes.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -36,6 +37,9 @@ from reconciler.durations import format_duration, parse_duration
 from reconciler.upstream.stripe_budget import StripeBudgets
 
 DEFAULT_CONFIG_PATH = Path("config.yaml")
+# What a Stripe write usually takes to answer, for sizing requests in flight to the budget (a meter event was
+# answered in 40-60 ms from a nearby region in our measurements; Stripe publishes no latency figure).
+ASSUMED_LATENCY_SECONDS = 0.05
 CONFIG_ENV_VAR = "RECONCILER_CONFIG"
 
 
@@ -98,8 +102,17 @@ class StripeConfig(_Section):
     max_requests_per_second_per_endpoint: float | None = Field(default=None, gt=0)
     max_meter_events_per_second: float | None = Field(default=None, gt=0)  # live mode only: sandboxes share the global
     endpoint_budgets: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)  # "GET /v1/…": 10
-    # Requests in flight at once, per replica: enough to fill the budget when each answer takes ~40-400 ms.
-    max_concurrency: int = Field(default=8, ge=1, le=64)
+    # How meter events reach Stripe: `v1` (POST /v1/billing/meter_events, one request each) or `v2_stream` (the
+    # high-throughput v2 meter event stream, up to 100 events a request, authenticated by a 15-minute session:
+    # https://docs.stripe.com/api/v2/billing/meter-event-stream/create,
+    # https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api). Legacy usage records are not
+    # meter events: they always take their v1 path.
+    meter_events: Literal["v1", "v2_stream"] = "v1"
+    meter_events_base: str = "https://meter-events.stripe.com"  # the stream's own host
+    max_meter_event_stream_requests_per_second: float | None = Field(default=None, gt=0)  # live mode only
+    # Requests in flight at once, per replica (each is a worker thread with a database connection at hand).
+    # Unset: sized to fill the budget that writes count against at Stripe's usual latency (`concurrency()`).
+    max_concurrency: int | None = Field(default=None, ge=1, le=128)
     # Signing secret of the webhook endpoint (`whsec_…`); unset or empty: POST /webhooks/stripe is off.
     webhook_secret: SecretStr | None = None
     # Signing secret of the thin-payload event destination (its own `whsec_…`): Stripe sends the meter error
@@ -119,19 +132,33 @@ class StripeConfig(_Section):
         live = self.live
         share = 0.8
         meter_events = self.max_meter_events_per_second or 1000 * share
+        # The v2 stream: 10,000 requests/s live (https://docs.stripe.com/api/v2/billing/meter-event-stream/create);
+        # no sandbox figure is documented, so there it shares the global budget like any endpoint.
+        stream = self.max_meter_event_stream_requests_per_second or 10_000 * share
         return StripeBudgets(
             global_per_second=self.max_requests_per_second or (100 if live else 25) * share,
             endpoint_per_second=self.max_requests_per_second_per_endpoint or 25 * share,
             meter_events_per_second=meter_events if live else None,
             endpoints=dict(self.endpoint_budgets),
+            meter_event_stream_per_second=stream if live else None,
         )
+
+    def concurrency(self) -> int:
+        """Requests in flight at once, per replica. Unset, budget × latency (Little's law): the meter events' budget
+        (live: 800/s at 80%, outside the global one; a sandbox: the global 20/s) times ASSUMED_LATENCY_SECONDS, at
+        least 8 (reads and legacy usage records count against the slower budgets) and at most 64 threads."""
+        if self.max_concurrency is not None:
+            return self.max_concurrency
+        budgets = self.budgets()
+        writes_per_second = budgets.meter_events_per_second or budgets.global_per_second
+        return max(8, min(64, math.ceil(writes_per_second * ASSUMED_LATENCY_SECONDS)))
 
     @field_validator("webhook_secret", "thin_webhook_secret")
     @classmethod
     def _empty_means_off(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value().strip() else None
 
-    @field_validator("api_base")
+    @field_validator("api_base", "meter_events_base")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
@@ -380,6 +407,13 @@ class Config(_Section):
     ledger: LedgerConfig = LedgerConfig()
     backfill: BackfillConfig = BackfillConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    def connections_needed(self) -> int:
+        """Database connections one replica may use at once: one per usage worker, per OpenMeter query and per
+        balance worker in flight, and a few for the scheduler's jobs, the webhook worker, the probes and the
+        heartbeat."""
+        balance_workers = self.moesif.max_concurrency if self.moesif is not None else 0
+        return self.stripe.concurrency() + self.openmeter.max_concurrency + balance_workers + 4
 
     def cross_field_problems(self) -> list[str]:
         """Combinations of valid values that cannot work together, as `key.path: message` lines."""

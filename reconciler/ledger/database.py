@@ -41,10 +41,19 @@ def check_reachable(engine: Engine) -> None:
         raise DatabaseUnreachableError(f"cannot reach the database {url}: {one_line(exc.orig)}") from exc
 
 
-def make_engine(url: str) -> Engine:
+# SQLAlchemy's QueuePool keeps 5 connections (and 10 more at a time of need); a pool smaller than the threads that
+# use it makes workers wait for a connection (and fail after its 30 s timeout) instead of for Stripe.
+DEFAULT_POOL_SIZE = 5
+
+
+def make_engine(url: str, pool_size: int = DEFAULT_POOL_SIZE) -> Engine:
+    """An engine whose pool keeps `pool_size` connections, and as many again at a time of need."""
     parsed = make_url(url)
+    pool = {"pool_size": pool_size, "max_overflow": pool_size}
     if parsed.get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"timeout": 30})
+        # A file's pool (QueuePool) takes the sizes; `sqlite://` in memory has a pool of its own without them.
+        sized = pool if parsed.database not in (None, "", ":memory:") else {}
+        engine = create_engine(url, connect_args={"timeout": 30}, **sized)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
@@ -54,7 +63,7 @@ def make_engine(url: str) -> Engine:
 
         return engine
     connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
-    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **pool)
 
 
 def _alembic_config() -> AlembicConfig:

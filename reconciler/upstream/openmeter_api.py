@@ -10,6 +10,7 @@ import itertools
 import json
 import threading
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -75,6 +76,11 @@ def usage_number(value: object, meter: str, subject: str) -> Decimal:
     return number
 
 
+def _timestamp(value: str) -> datetime:
+    """An RFC 3339 timestamp of OpenMeter's ("2025-01-01T00:00:00Z"), aware."""
+    return datetime.fromisoformat(value)
+
+
 def _aggregation(meter: Any) -> str:
     return str(getattr(meter.aggregation, "value", meter.aggregation)).upper()
 
@@ -138,29 +144,37 @@ class OpenMeterGateway:
         Without `window_size`, OpenMeter aggregates the whole range, which is right for every aggregation (summing
         windows would be wrong for MAX, LATEST, UNIQUE_COUNT, ...). A value that cannot be billed is kept as the
         error that says so, for its subject alone."""
-        result = self._call(
-            "query",
-            lambda: self._client.meters.query_json(
+
+        def query() -> Any:
+            # The answer as plain JSON: the SDK's typed MeterQueryResult took half a warm cycle's CPU to build
+            # (one model per row, every field through its deserializer), and we read four fields of each row.
+            response = self._client.meters.query_json(
                 meter_id or meter,
                 from_parameter=window.start,
                 to=window.end,
                 subject=list(subjects),
                 group_by=["subject"],
+                stream=True,
+                cls=lambda pipeline_response, _body, _headers: pipeline_response.http_response,
                 **({"window_size": window_size, "window_time_zone": time_zone} if window_size else {}),
-            ),
-            meter,
-        )
+            )
+            try:
+                return json.loads(response.read())
+            except ValueError as exc:  # a proxy's error page, a cut-off body: worth asking again
+                raise TransientError(API, f"meter {meter!r}: the query's answer is not JSON ({exc})") from None
+
+        result = self._call("query", query, meter)
         only = subjects[0] if len(subjects) == 1 else None
         rows = []
-        for row in result.data or []:
-            subject = row.subject or only  # a single-subject answer may leave the subject out
+        for row in result.get("data") or []:
+            subject = row.get("subject") or only  # a single-subject answer may leave the subject out
             if subject is None:
                 continue
             try:
-                value: Decimal | PermanentError = usage_number(row.value, meter, subject)
+                value: Decimal | PermanentError = usage_number(row.get("value"), meter, subject)
             except PermanentError as exc:
                 value = exc
-            rows.append(UsageRow(subject, row.window_start, row.window_end, value))
+            rows.append(UsageRow(subject, _timestamp(row["windowStart"]), _timestamp(row["windowEnd"]), value))
         return rows
 
     def query_total(self, meter: str, subject: str, window: UsageWindow) -> Decimal:

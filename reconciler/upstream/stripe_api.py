@@ -11,15 +11,21 @@ SDK traps avoided here (see shared/api-notes.md):
 - `StripeObject` is not a dict: responses are converted with `to_dict()` at this edge.
 - The API version is pinned in the config, and legacy usage records go through `raw_request` with the old
   version they still exist in.
+- With `stripe.meter_events: v2_stream`, meter events go in batches of up to 100 to the v2 meter event stream
+  (`send_meter_event_batch`), on its own host (`stripe.meter_events_base`, the SDK's `meter_events` base address),
+  authenticated by a meter event session's token, which is valid for 15 minutes and renewed a minute before it
+  expires (https://docs.stripe.com/api/v2/billing/meter-event-stream/session/create,
+  https://docs.stripe.com/api/v2/billing/meter-event-stream/create).
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 import weakref
-from collections.abc import Callable, Iterator
-from datetime import datetime
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -36,10 +42,11 @@ from reconciler.upstream.errors import (
     OutcomeUnknownError,
     PermanentError,
     RateLimitedError,
+    TransientError,
     UpstreamError,
 )
 from reconciler.upstream.retry import call_with_retries
-from reconciler.upstream.stripe_budget import METER_EVENTS, StripeBudget
+from reconciler.upstream.stripe_budget import METER_EVENT_STREAM, METER_EVENTS, StripeBudget
 from reconciler.usage.model import BillingPeriod, CustomerCredit, Intent, Meter, MeteredItem
 from reconciler.usage.periods import epoch_seconds, from_epoch_seconds
 
@@ -48,6 +55,12 @@ PAGE_SIZE = 100
 T = TypeVar("T")
 # Commits a fresh idempotency key for a pending intent to the ledger and returns the intent carrying it.
 KeyRenewal = Callable[[Intent], Intent]
+# https://docs.stripe.com/api/v2/billing/meter-event-stream/create: "Supports up to 100 events per request".
+MAX_STREAM_EVENTS = 100
+METER_EVENT_SESSION = "POST /v2/billing/meter_event_session"
+# A session is renewed this long before it expires: a batch that waited on the budget, or a clock a little behind
+# Stripe's, must not reach the stream with a token that expired on the way.
+SESSION_RENEWAL_MARGIN_SECONDS = 60.0
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -93,6 +106,38 @@ def _is_replayed(exc: stripe.StripeError) -> bool:
     """Whether Stripe answered with the response saved to the request's idempotency key."""
     headers = exc.headers or {}
     return str(headers.get("Idempotent-Replayed") or headers.get("idempotent-replayed") or "").lower() == "true"
+
+
+def _is_session_refused(exc: stripe.StripeError) -> bool:
+    """The stream refused the session token: expired (documented: 401 `billing_meter_event_session_expired`, which
+    stripe-python raises as TemporarySessionExpiredError,
+    https://docs.stripe.com/api/v2/billing/meter-event-stream/create) or not known (any other 401 there: the docs are
+    silent). Nothing was applied: a new session and a resend are safe."""
+    return isinstance(exc, stripe.TemporarySessionExpiredError) or exc.http_status == 401
+
+
+def _v2_time(value: Any) -> datetime:
+    """A v2 timestamp (RFC 3339, "2024-06-01T12:15:00.000Z"), or a datetime the SDK made of it."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _stream_event(intent: Intent) -> dict[str, Any]:
+    """One meter event of the v2 stream (https://docs.stripe.com/api/v2/billing/meter-event-stream/create): its
+    identifier is the intent's, so a resent batch is deduplicated by Stripe."""
+    meter = intent.meter
+    assert meter is not None
+    return {
+        "event_name": meter.event_name,
+        "identifier": intent.identifier,
+        "timestamp": _rfc3339(intent.event_timestamp),
+        "payload": {meter.customer_key: intent.customer_id, meter.value_key: str(intent.quantity)},
+    }
 
 
 def _time(value: Any) -> datetime | None:
@@ -154,10 +199,25 @@ def _per_unit_amount(price: dict[str, Any]) -> Decimal | None:
 class _ClosableRequestsClient(stripe.RequestsClient):
     """stripe's RequestsClient gives each thread a requests session of its own (requests does not promise that a
     session is safe to share) and its `close` closes only the calling thread's. This one also remembers every
-    session it made, weakly (a thread's goes with the thread), so `close_all` closes every pooled connection."""
+    session it made, weakly (a thread's goes with the thread), so `close_all` closes every pooled connection.
 
-    def __init__(self, **kwargs: Any):
-        super().__init__(**kwargs)
+    The proxy settings of the environment (HTTPS_PROXY, NO_PROXY, …) are read once, for the `bases` every request
+    goes to (the API's and the meter event stream's): requests would read and parse the whole environment twice per
+    request otherwise (a tenth of the usage cycle's CPU in the profile). Should the two hosts be proxied differently
+    (NO_PROXY naming one of them), requests reads the environment per request as usual. stripe sets the CA bundle
+    of each request itself."""
+
+    def __init__(self, bases: tuple[str, ...], **kwargs: Any):
+        proxied = [
+            {
+                scheme: url
+                for scheme, url in requests.utils.get_environ_proxies(base).items()
+                if scheme in ("http", "https")
+            }
+            for base in bases
+        ]
+        self._proxies_read_once = all(proxies == proxied[0] for proxies in proxied)
+        super().__init__(proxy=(proxied[0] or None) if self._proxies_read_once else None, **kwargs)  # type: ignore[arg-type]
         self._sessions: weakref.WeakSet[requests.Session] = weakref.WeakSet()
         self._sessions_lock = threading.Lock()
 
@@ -165,6 +225,7 @@ class _ClosableRequestsClient(stripe.RequestsClient):
         # stripe keeps the session in `_thread_local.session` and makes one only when it finds none.
         if getattr(self._thread_local, "session", None) is None:
             session = requests.Session()
+            session.trust_env = not self._proxies_read_once
             self._thread_local.session = session
             with self._sessions_lock:
                 self._sessions.add(session)
@@ -189,11 +250,15 @@ class StripeGateway:
         self._config = config
         self._metrics = metrics
         self.budget = StripeBudget(config.budgets())
-        self._in_flight = threading.BoundedSemaphore(config.max_concurrency)
-        self._http = _ClosableRequestsClient(timeout=config.timeout_seconds)
+        self._in_flight = threading.BoundedSemaphore(config.concurrency())
+        self._http = _ClosableRequestsClient(
+            (config.api_base, config.meter_events_base), timeout=config.timeout_seconds
+        )
+        self._session_lock = threading.Lock()
+        self._session: tuple[str, float] | None = None  # the stream's token, and when (time.time()) to renew it
         self._client = stripe.StripeClient(
             config.api_key.get_secret_value(),
-            base_addresses={"api": config.api_base},
+            base_addresses={"api": config.api_base, "meter_events": config.meter_events_base},
             stripe_version=config.api_version,
             max_network_retries=0,
             http_client=self._http,
@@ -205,27 +270,34 @@ class StripeGateway:
     def _call(self, what: str, operation: Callable[[], T], *, endpoint: str) -> T:
         """One call to `endpoint` (a named operation, ids as `{id}`: the unit of Stripe's per-endpoint limits), within
         its budgets, retried as `call_with_retries` says."""
-        outcome_unknown = False
+        outcome_unknown = [False]
+        return call_with_retries(
+            lambda: self._call_once(what, operation, endpoint=endpoint, outcome_unknown=outcome_unknown),
+            max_retries=self._config.max_network_retries,
+            what=f"stripe {what}",
+        )
 
-        def attempt() -> T:
-            nonlocal outcome_unknown
-            self.budget.acquire(endpoint)
-            with self._in_flight, self._metrics.upstream_call(API):
-                try:
-                    return operation()
-                except stripe.StripeError as exc:
-                    error = translate_error(exc, (self._config.api_key.get_secret_value(),))
-                    if isinstance(error, RateLimitedError):
-                        # A 429 slows every call to Stripe down, not just this one.
-                        self.budget.hold_off(error.retry_after or 1.0)
-                    if isinstance(error, OutcomeUnknownError):
-                        outcome_unknown = True
-                    elif isinstance(error, PermanentError) and outcome_unknown:
-                        # Refused now, but an earlier attempt may have been applied: still unknown.
-                        error = OutcomeUnknownError(API, f"{error} (an earlier attempt's outcome is unknown)")
-                    raise error from None
-
-        return call_with_retries(attempt, max_retries=self._config.max_network_retries, what=f"stripe {what}")
+    def _call_once(
+        self, what: str, operation: Callable[[], T], *, endpoint: str, outcome_unknown: list[bool] | None = None
+    ) -> T:
+        """One try of a call, within its budgets; `outcome_unknown` carries across the tries of one call whether an
+        earlier one may have been applied."""
+        unknown = outcome_unknown if outcome_unknown is not None else [False]
+        self.budget.acquire(endpoint)
+        with self._in_flight, self._metrics.upstream_call(API):
+            try:
+                return operation()
+            except stripe.StripeError as exc:
+                error = translate_error(exc, (self._config.api_key.get_secret_value(),))
+                if isinstance(error, RateLimitedError):
+                    # A 429 slows every call to Stripe down, not just this one.
+                    self.budget.hold_off(error.retry_after or 1.0)
+                if isinstance(error, OutcomeUnknownError):
+                    unknown[0] = True
+                elif isinstance(error, PermanentError) and unknown[0]:
+                    # Refused now, but an earlier attempt may have been applied: still unknown.
+                    error = OutcomeUnknownError(API, f"{error} (an earlier attempt's outcome is unknown)")
+                raise error from None
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -551,6 +623,69 @@ class StripeGateway:
                 raise IdentifierTakenError(API, exc.user_message or "duplicate identifier", status=400) from None
 
         self._write("create meter event", METER_EVENTS, intent, renew_key, create)
+
+    def send_meter_event_batch(self, intents: Sequence[Intent]) -> None:
+        """Send up to 100 meter events in one request to the v2 meter event stream, retried as `call_with_retries`
+        says; raises like any call (reconciler.upstream.errors) when the batch's outcome is not a 200.
+
+        A retry resends the same events with the same identifiers: Stripe enforces their uniqueness "within a rolling
+        24 hour period" (https://docs.stripe.com/api/v2/billing/meter-event-stream/create), so a batch whose answer
+        was lost (a timeout, a 5xx: OutcomeUnknownError) counts once. The stream validates events asynchronously: a
+        200 says only that the batch was received. An invalid event, or one whose identifier Stripe already held, is
+        not refused here; the former is reported by the thin meter error events, and either is found by the read-back
+        (reconciler.usage.readback). The SDK sends each try under an idempotency key of its own; the identifiers, not
+        the key, are what make a resend safe."""
+        if not intents:
+            return
+        if len(intents) > MAX_STREAM_EVENTS:
+            raise ValueError(f"at most {MAX_STREAM_EVENTS} meter events go in one request, not {len(intents)}")
+        body: Any = {"events": [_stream_event(intent) for intent in intents]}
+        token = ""
+        outcome_unknown = [False]  # across the tries: an earlier one may have been applied
+
+        def post() -> None:
+            try:
+                self._client.v2.billing.meter_event_stream.create(body, options={"api_key": token})
+            except stripe.StripeError as exc:
+                if not _is_session_refused(exc):
+                    raise
+                self._forget_session(token)
+                raise TransientError(
+                    API, "the meter event session was refused (expired?); renewing it", status=401
+                ) from None
+
+        def attempt() -> None:
+            nonlocal token
+            # The session is read (made, if due) in each try but outside the try's own in-flight slot: made inside
+            # it, its request would wait for a second slot while holding the first.
+            token = self._stream_token()
+            self._call_once("meter event batch", post, endpoint=METER_EVENT_STREAM, outcome_unknown=outcome_unknown)
+
+        call_with_retries(attempt, max_retries=self._config.max_network_retries, what="stripe send meter event batch")
+
+    def _stream_token(self) -> str:
+        """The current meter event session's token, a new session's when it expires within the renewal margin
+        (https://docs.stripe.com/api/v2/billing/meter-event-stream/session/create: "Authentication tokens are only
+        valid for 15 minutes"). Its lifetime is Stripe's (`expires_at - created`), counted on our clock from before
+        the request, so a clock that differs from Stripe's cannot keep an expired token in use."""
+        with self._session_lock:
+            if self._session is not None and time.time() < self._session[1]:
+                return self._session[0]
+            asked_at = time.time()
+            session = self._call(
+                "create meter event session",
+                lambda: self._client.v2.billing.meter_event_session.create(),
+                endpoint=METER_EVENT_SESSION,
+            ).to_dict()
+            lifetime = (_v2_time(session["expires_at"]) - _v2_time(session["created"])).total_seconds()
+            margin = min(SESSION_RENEWAL_MARGIN_SECONDS, lifetime / 2)
+            self._session = (str(session["authentication_token"]), asked_at + lifetime - margin)
+            return self._session[0]
+
+    def _forget_session(self, token: str) -> None:
+        with self._session_lock:
+            if self._session is not None and self._session[0] == token:
+                self._session = None
 
     def send_usage_record(self, intent: Intent, renew_key: KeyRenewal) -> None:
         def create(idempotency_key: str) -> None:

@@ -5,10 +5,15 @@ limit of its endpoint (each named operation: `GET /v1/customers/{id}` is one end
 noted). Calls to the meter events endpoint in live mode have a limit of their own, 1,000/s, and do not count
 against the global one; in a sandbox they share it. Over any limit Stripe answers 429.
 
+The v2 meter event stream (its own host) is limited apart as well in live mode: "up to 10,000 requests per second in
+livemode" (https://docs.stripe.com/api/v2/billing/meter-event-stream/create). Neither that page nor the rate limits
+page gives it a sandbox figure: there it is budgeted like any endpoint, within the global budget (the stricter
+reading).
+
 So a request waits for a slot in every budget it counts against at once: its endpoint's, and the global one (or,
-live, the meter events budget alone). Slots are spaced evenly (`RateLimiter`'s rule), each budget's at its own
-interval, and a request's slot is the first instant free in all of them, so no budget is ever exceeded, whatever
-mix of endpoints the threads send.
+live, the meter events or meter event stream budget alone). Slots are spaced evenly (`RateLimiter`'s rule), each
+budget's at its own interval, and a request's slot is the first instant free in all of them, so no budget is ever
+exceeded, whatever mix of endpoints the threads send.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 from reconciler.upstream.rate_limit import JITTER_HEADROOM
 
 METER_EVENTS = "POST /v1/billing/meter_events"
+METER_EVENT_STREAM = "POST /v2/billing/meter_event_stream"
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,7 @@ class StripeBudgets:
     endpoint_per_second: float  # each endpoint's, unless `endpoints` names it
     meter_events_per_second: float | None  # live: a budget of its own, outside the global one; None: shares it
     endpoints: dict[str, float] = field(default_factory=dict)  # "GET /v1/billing/meters/{id}/event_summaries": 10
+    meter_event_stream_per_second: float | None = None  # live: the v2 stream's own budget; None: like any endpoint
 
 
 class _Pace:
@@ -64,12 +71,16 @@ class StripeBudget:
         self._meter_events = (
             _Pace(budgets.meter_events_per_second, self._stretch) if budgets.meter_events_per_second else None
         )
+        stream = budgets.meter_event_stream_per_second
+        self._meter_event_stream = _Pace(stream, self._stretch) if stream else None
         self._endpoints: dict[str, _Pace] = {}
 
     def _paces(self, endpoint: str) -> list[_Pace]:
         """The budgets a request to `endpoint` counts against (under the lock)."""
         if endpoint == METER_EVENTS and self._meter_events is not None:
             return [self._meter_events]
+        if endpoint == METER_EVENT_STREAM and self._meter_event_stream is not None:
+            return [self._meter_event_stream]
         pace = self._endpoints.get(endpoint)
         if pace is None:
             pace = _Pace(self.budgets.endpoints.get(endpoint, self.budgets.endpoint_per_second), self._stretch)
@@ -105,7 +116,8 @@ class StripeBudget:
                 pace.share(self._replicas)
 
     def _all(self) -> list[_Pace]:
-        return [self._global, *self._endpoints.values(), *([self._meter_events] if self._meter_events else [])]
+        apart = [pace for pace in (self._meter_events, self._meter_event_stream) if pace is not None]
+        return [self._global, *self._endpoints.values(), *apart]
 
     @property
     def global_per_second(self) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -70,6 +70,7 @@ from reconciler.usage.pipeline import KeyedLocks, SyncItem, run_pipeline
 from reconciler.usage.ports import Coordination, ListingBook, MeterStore, Runs, UnbilledBook, UsageBook
 from reconciler.usage.recovery import Recovery
 from reconciler.usage.rounding import round_quantity
+from reconciler.usage.stream_batches import StreamBatches
 from reconciler.usage.streams import LIVE_STATUSES, build_work, clashes, classify, meter_problem
 
 log = structlog.get_logger(__name__)
@@ -90,6 +91,8 @@ class StripePort(Protocol):
     # `renew_key` commits a fresh idempotency key for the intent before a resend after a 5xx answer.
     def send_meter_event(self, intent: Intent, renew_key: Callable[[Intent], Intent]) -> None: ...
     def send_usage_record(self, intent: Intent, renew_key: Callable[[Intent], Intent]) -> None: ...
+    # `stripe.meter_events: v2_stream`: up to 100 meter events in one request (reconciler.usage.stream_batches).
+    def send_meter_event_batch(self, intents: Sequence[Intent]) -> None: ...
     def meter_total(self, meter_id: str, customer: str, start: datetime, end: datetime) -> Decimal: ...
     def legacy_usage_total(self, item_id: str, period_start: datetime) -> int | None: ...
 
@@ -194,6 +197,15 @@ class UsageSync:
         self._zone = ZoneInfo(config.usage.window_time_zone)
         self._streams = KeyedLocks()
         self._sent_marks = SentMarks(flush_at=SENT_MARKS_PER_TRANSACTION)
+        self._stream_batches = (
+            StreamBatches(
+                send=lambda intents: self._stripe.send_meter_event_batch(intents),
+                accepted=self._sent_marks.add,
+                failed=self._batch_failed,
+            )
+            if config.stripe.meter_events == "v2_stream"
+            else None
+        )
         self._meter_cache = meter_cache
         self._timing = Timing(
             grace_period=config.usage.grace_period,
@@ -303,14 +315,16 @@ class UsageSync:
                     measure=lambda batch: self._prepare_batch([item.unit for item in batch], now, meters),
                     sync=sync,
                     batch_size=batch_size,
-                    workers=self._config.stripe.max_concurrency,
+                    workers=self._config.stripe.concurrency(),
                     measurers=self._config.openmeter.max_concurrency,
                     stop_requested=self._stop_requested,
                 )
+                self._flush_stream_batches(result)
                 self._sent_marks.flush()
                 if result.interrupted:
                     log.warning("stop requested: ending the cycle after the items in flight")
             except UpstreamError as exc:
+                self._flush_stream_batches(result)
                 self._sent_marks.flush()
                 log.error("usage sync could not list Stripe subscriptions or meters", error=str(exc))
                 result.summary.failed += 1
@@ -462,6 +476,7 @@ class UsageSync:
         try:
             return self._sync_one(work, self._clock(), run_id, run_id is None, result, reopen_final=True)
         finally:
+            self._flush_stream_batches(result)
             self._sent_marks.flush()
 
     def backfill_work(
@@ -573,11 +588,32 @@ class UsageSync:
 
     def _send(self, ledger: UsageBook, work: StreamPeriod, intent: Intent, *, group_commit: bool = False) -> None:
         """Send an intent and record its outcome; `group_commit`: an acceptance is recorded with others, by the
-        cycle's SentMarks (reconciler.usage.outcomes)."""
+        cycle's SentMarks (reconciler.usage.outcomes). With `stripe.meter_events: v2_stream` a meter event of the
+        cycle goes to the stream in a batch (reconciler.usage.stream_batches), which records its outcome when the
+        batch leaves; a resend of a pending one (recovery) goes at once, alone, as its outcome decides what follows."""
         send = self._stripe.send_usage_record if intent.kind is StreamKind.LEGACY else self._stripe.send_meter_event
+        if self._stream_batches is not None and intent.kind is not StreamKind.LEGACY:
+            if group_commit:
+                self._stream_batches.add(ledger, work, intent)
+                return
+            send = self._send_alone_to_stream
         try:
             send(intent, ledger.renew_idempotency_key)
-        except IdentifierTakenError as exc:
+        except UpstreamError as exc:
+            self._settle_failed_send(ledger, work, intent, exc)
+            return
+        if group_commit:
+            self._sent_marks.add(ledger, intent)
+        else:
+            ledger.mark_sent(intent)
+
+    def _send_alone_to_stream(self, intent: Intent, renew_key: Callable[[Intent], Intent]) -> None:
+        self._stripe.send_meter_event_batch([intent])  # identifiers, not idempotency keys, make a resend safe
+
+    def _settle_failed_send(self, ledger: UsageBook, work: StreamPeriod, intent: Intent, exc: UpstreamError) -> None:
+        """Record what a failed send means for the intent, and raise what the stream period failed with (nothing when
+        the intent waits for Stripe's summary)."""
+        if isinstance(exc, IdentifierTakenError):
             # The event Stripe holds under the identifier may carry another quantity than ours (a ledger restored
             # from a backup, or one with identifiers from before they had nonces): marking the intent sent could
             # lose or mis-bill usage. It stays pending, attempts unchanged, until Stripe's summary settles it.
@@ -585,7 +621,7 @@ class UsageSync:
                 ledger, work, intent, f"Stripe already holds its identifier: {exc}"
             )
             return
-        except PermanentError as exc:
+        if isinstance(exc, PermanentError):
             if intent.kind is StreamKind.METER_SUM and intent.attempts > 0:
                 # An earlier send of this difference may have been applied: refusing it now proves nothing, and a
                 # new intent could bill it twice. It stays pending for a person to resolve.
@@ -596,15 +632,35 @@ class UsageSync:
                     "check the meter's event summaries in Stripe",
                 ) from None
             ledger.mark_failed(intent, str(exc))
-            raise
-        except TransientError as exc:
+            raise exc
+        if isinstance(exc, TransientError):
             # Stays pending: resent next cycle, same identifier, under the key the ledger now holds for it.
             ledger.note_attempt(intent, str(exc))
-            raise
-        if group_commit:
-            self._sent_marks.add(ledger, intent)
-        else:
-            ledger.mark_sent(intent)
+        raise exc
+
+    def _batch_failed(self, ledger: UsageBook, work: StreamPeriod, intent: Intent, exc: UpstreamError) -> str | None:
+        """The outcome of an intent whose stream batch failed, recorded as `_send` records a failed send, and the
+        stream period's failure line for the cycle (None when the intent waits for Stripe's summary)."""
+        try:
+            self._settle_failed_send(ledger, work, intent, exc)
+        except UpstreamError as error:
+            failed = CycleSummary()
+            self._fail(ledger, work, str(error), failed, dry_run=False)
+            return failed.failures[0]
+        return None
+
+    def _flush_stream_batches(self, result: CycleResult) -> None:
+        """Send the meter events still buffered for the stream, and count the stream periods whose batches failed:
+        each was counted reported (and finalized) when its intent was recorded; like a failed single send, it is
+        failed instead."""
+        if self._stream_batches is None:
+            return
+        self._stream_batches.flush()
+        for failure in self._stream_batches.take_failures():
+            result.summary.reported -= 1
+            result.summary.finalized -= int(failure.intent.final)
+            result.summary.failed += 1
+            result.summary.failures.append(failure.error)
 
     # -- bookkeeping ---------------------------------------------------------------------------------
 

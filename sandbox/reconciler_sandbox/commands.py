@@ -88,21 +88,41 @@ def bench(
     stripe_latency_ms: Annotated[float, typer.Option(help="Stripe fake's answer latency.")] = 40,
     openmeter_latency_ms: Annotated[float, typer.Option(help="OpenMeter fake's answer latency.")] = 60,
     moesif_latency_ms: Annotated[float, typer.Option(help="Moesif fake's answer latency.")] = 80,
-    stripe_per_second: Annotated[float, typer.Option(help="Stripe request budget (live mode: 100).")] = 100,
+    stripe_global_per_second: Annotated[
+        float, typer.Option(help="Stripe's global limit, over every call but live meter events (live mode: 100).")
+    ] = 100,
+    stripe_endpoint_per_second: Annotated[
+        float, typer.Option(help="Stripe's limit per endpoint (method and path template; Stripe's default: 25).")
+    ] = 25,
+    stripe_meter_events_per_second: Annotated[
+        float,
+        typer.Option(
+            help="Stripe's live-mode limit of POST /v1/billing/meter_events, apart from the global one (1,000); "
+            "0: meter events count against the global limit, as in a Stripe sandbox."
+        ),
+    ] = 1000,
+    stripe_concurrency: Annotated[
+        int | None, typer.Option(help="The product's stripe.max_concurrency (default: the product's own).")
+    ] = None,
     openmeter_per_second: Annotated[float, typer.Option(help="OpenMeter request budget.")] = 50,
     moesif_per_minute: Annotated[float, typer.Option(help="Moesif request budget (its limit: 500).")] = 500,
     plot: Annotated[bool, typer.Option(help="Write bench.png (needs matplotlib).")] = True,
 ) -> None:
-    """Benchmark a usage sync cycle against the sandbox, with latency and enforced budgets, side by side with the
-    naive sequential loop, then the balance job; prints tables and writes bench.json and bench.png."""
+    """Benchmark a usage sync cycle against the sandbox, with latency and Stripe's limiter structure enforced, side by
+    side with the naive sequential loop, then the balance job; prints tables and writes bench.json and bench.png.
+    Exits 1 if the product and the naive loop billed differently, a cycle failed, or a run of the product exceeded
+    a limiter or was answered 429."""
     from reconciler_sandbox.bench.measure import Conditions
-    from reconciler_sandbox.bench.report import balance_rows, table_rows
+    from reconciler_sandbox.bench.report import balance_limiter_rows, balance_rows, limiter_rows, table_rows
     from reconciler_sandbox.bench.suite import run_benchmark
 
     conditions = Conditions(
         stripe_latency=stripe_latency_ms / 1000,
         openmeter_latency=openmeter_latency_ms / 1000,
-        stripe_per_second=stripe_per_second,
+        stripe_global_per_second=stripe_global_per_second,
+        stripe_endpoint_per_second=stripe_endpoint_per_second,
+        stripe_meter_events_per_second=stripe_meter_events_per_second or None,
+        stripe_concurrency=stripe_concurrency,
         openmeter_per_second=openmeter_per_second,
         moesif_latency=moesif_latency_ms / 1000,
         moesif_per_minute=moesif_per_minute,
@@ -120,15 +140,25 @@ def bench(
     if results:
         _print_rows(f"usage sync ({out_dir / 'bench.json'})", table_rows(results))
         out.print("requests are stripe/openmeter; * naive time extrapolated from the smaller size", markup=False)
+        _print_rows("usage sync against the limiters", limiter_rows(results))
     if balances:
         _print_rows("balance job", balance_rows(balances))
         out.print(
-            "requests are stripe/moesif; floor: every Moesif balance read within the budget; "
-            "changed: one customer in 100 topped up",
+            "requests are stripe/moesif; changed: one customer in 100 topped up",
             markup=False,
         )
+        _print_rows("balance job against the limiters", balance_limiter_rows(balances))
+    out.print(
+        "floor: the least time the limiters and the latency allow the run's requests; binding: the limiter or "
+        "latency term that sets it; most in one window: the most requests any window of the limiter's length held",
+        markup=False,
+    )
     cycles = [c for r in results for c in (r.cold, r.warm)] + [c for r in balances for c in (r.cold, r.warm, r.changed)]
-    failed = [r for r in results if r.naive_agrees is False] or [c for c in cycles if c.exit_code]
+    # The product must keep within every limiter (the naive loop is only reported).
+    over = [c for c in [*cycles, *(r.readback for r in results)] if not c.limits.within_limits]
+    if over:
+        err.print("a run exceeded a limiter or was answered 429: see the tables and bench.json", markup=False)
+    failed = [r for r in results if r.naive_agrees is False] or [c for c in cycles if c.exit_code] or over
     raise typer.Exit(EXIT_FAILURES if failed else EXIT_OK)
 
 

@@ -30,6 +30,7 @@ class Sandbox:
     openmeter_server: LoopbackServer
     moesif_server: LoopbackServer
     app_server: LoopbackServer
+    meter_events_server: LoopbackServer | None = None  # the Stripe fake's v2 meter event stream host
 
     @classmethod
     def start(
@@ -59,11 +60,15 @@ class Sandbox:
                 for server in servers:
                     server.stop()
                 raise SetupError(f"the fake {name} API cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        return cls(stripe, openmeter, moesif, app, *servers)
+        # Stripe serves the v2 meter event stream from a host of its own: here, any free port.
+        meter_events = LoopbackServer(stripe.meter_events_host(), host=host).start()
+        return cls(stripe, openmeter, moesif, app, *servers, meter_events_server=meter_events)
 
     def stop(self) -> None:
         for server in (self.stripe_server, self.openmeter_server, self.moesif_server, self.app_server):
             server.stop()
+        if self.meter_events_server is not None:
+            self.meter_events_server.stop()
 
     def config_dict(
         self, database_url: str, meters: list[dict[str, str]] = DEMO_METERS, *, plans: bool = False
@@ -72,7 +77,11 @@ class Sandbox:
         with the sandbox's plan prices."""
         raw: dict[str, Any] = {
             "database": {"url": database_url},
-            "stripe": {"api_key": SANDBOX_STRIPE_KEY, "api_base": self.stripe_server.url},
+            "stripe": {
+                "api_key": SANDBOX_STRIPE_KEY,
+                "api_base": self.stripe_server.url,
+                **({"meter_events_base": self.meter_events_server.url} if self.meter_events_server else {}),
+            },
             "openmeter": {"url": self.openmeter_server.url, "token": SANDBOX_OPENMETER_TOKEN},
             "usage": {"meters": meters},
             "moesif": {"url": self.moesif_server.url, "management_token": SANDBOX_MOESIF_TOKEN},

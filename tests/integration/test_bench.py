@@ -1,5 +1,6 @@
-"""CI's smoke run of `reconciler bench`: a small N, checking that the product and the naive loop bill the same and
-that the warm cycles make only the reads they must, for the usage sync and the balance job. Timings are the
+"""CI's smoke run of `reconciler bench`: a small N, checking that the product and the naive loop bill the same, that
+the warm cycles make only the reads they must, for the usage sync and the balance job, and that every run reports
+its floor, the limiter that binds it and each limiter's busiest second, and never exceeded one. Timings are the
 benchmark's business, not a test's."""
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ def test_bench_smoke_run_agrees_with_the_naive_loop_and_writes_its_results(tmp_p
         "5",
         "--openmeter-latency-ms",
         "5",
-        "--stripe-per-second",
-        "200",
+        # Stripe's live structure (global 100/s, 25/s per endpoint), with meter events apart at 100/s, so that they
+        # bind the cold cycle's floor.
+        "--stripe-meter-events-per-second",
+        "100",
         "--balance-customers",
         "40",
         "--moesif-latency-ms",
@@ -42,9 +45,39 @@ def test_bench_smoke_run_agrees_with_the_naive_loop_and_writes_its_results(tmp_p
     readback = size["readback"]  # every period final: one summary listing each, and nothing else
     assert readback["exit_code"] == 0 and readback["summary"]["ok"] == items
     assert readback["requests"] == {"stripe": items, "openmeter": 0}
-    assert cold["max_requests_in_one_second"]["stripe"] <= 200
+    assert cold["max_requests_in_one_second"]["stripe"] <= 100
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert "agrees" in result.stdout
+
+    # Against the limiters: each run's floor, the limiter that binds it, and every limiter's busiest second.
+    assert size["within_limits"] is True and size["naive_limits"]["within_limits"] is True
+    assert cold["limits"]["endpoint_requests"] == {
+        "stripe": {"GET /v1/billing/meters": 1, "GET /v1/subscriptions": 1, "POST /v1/billing/meter_events": items},
+        "openmeter": {"GET *": 2},
+    }
+    limiters = cold["limits"]["limiters"]
+    assert {name: (use["requests"], use["allowed"]) for name, use in limiters.items()} == {
+        "global": (2, 100),  # live: meter events are not counted against the global limit
+        "endpoint GET /v1/billing/meters": (1, 25),
+        "endpoint GET /v1/subscriptions": (1, 25),
+        "meter events": (items, 100),
+        "openmeter": (2, 50),
+    }
+    assert cold["limits"]["floor"]["binding"] == "meter events"
+    assert cold["limits"]["floor"]["seconds"] == size["cold_floor_seconds"] == items / 100
+    summaries = "endpoint GET /v1/billing/meters/{id}/event_summaries"
+    assert readback["limits"]["floor"]["binding"] == summaries  # one summary listing per period, 25 a second
+    assert readback["limits"]["floor"]["seconds"] == items / 25
+    assert size["naive_limits"]["floor"]["binding"] == "openmeter"  # a query per item, 50 a second
+    runs = [cold, warm, readback, size["naive_limits"]]
+    for run in runs:
+        checked = run.get("limits", run)
+        floor = checked["floor"]
+        assert floor["seconds"] == max(floor["terms"].values()) == floor["terms"][floor["binding"]]
+        assert checked["answered_429"] == 0 and checked["within_limits"] is True
+        for name, use in checked["limiters"].items():  # never over any limiter in any one-second window
+            assert 0 < use["busiest"] <= use["allowed"] and use["exceeded"] is False, name
+    assert "usage sync against the limiters" in result.stdout and "binding" in result.stdout
 
     # The balance job: every Moesif balance read once, then none while nothing changes, then only the changed one's.
     (balances,) = results["balance_sizes"]
@@ -58,4 +91,13 @@ def test_bench_smoke_run_agrees_with_the_naive_loop_and_writes_its_results(tmp_p
     assert (warm["summary"]["moesif_not_reread"], changed["summary"]["moesif_not_reread"]) == (40, 39)
     assert changed["summary"]["forwarded"] == 1 and changed["summary"]["in_sync"] == 40
     assert all(c["answered_429"] == {"stripe": 0, "moesif": 0} for c in (cold, warm, changed))
+    assert balances["within_limits"] is True
+    assert cold["limits"]["floor"]["binding"] == "moesif"  # 40 reads at 500 a minute
+    assert cold["limits"]["limiters"]["moesif"] == {
+        "requests": 40,
+        "allowed": 500,
+        "window_seconds": 60.0,
+        "busiest": 40,
+        "exceeded": False,
+    }
     assert "changed reqs" in result.stdout  # the table, with its headers whole

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from datetime import timedelta
 from decimal import Decimal
 
@@ -11,7 +12,9 @@ import stripe
 from freezegun import freeze_time
 from sqlalchemy import text
 
-from reconciler.upstream.errors import OutcomeUnknownError
+from reconciler.config import parse_config
+from reconciler.upstream.errors import OutcomeUnknownError, UpstreamError
+from reconciler.upstream.stripe_api import StripeGateway
 from tests.conftest import STRIPE_KEY, Harness, ts, utc
 
 PERIOD_START = utc(2026, 3, 1, 13, 45)
@@ -777,3 +780,28 @@ def test_a_pending_intent_is_settled_from_stripes_summary_only_once_the_summary_
     ]
     assert h.rows("select reported_total from usage_periods order by period_start")[0][0] == stripe_total(h)
     assert stripe_total(h) == (15 if stripe_applied_it else 10)
+
+
+def test_the_proxy_of_the_environment_is_used_for_stripe_though_read_only_once(sandbox, monkeypatch):
+    """The proxy settings are read once per client (requests would read the whole environment twice per request),
+    and still decide where the requests go: through HTTP_PROXY, unless NO_PROXY names Stripe's host."""
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as probe:  # a port nobody listens on: a proxy there refuses every connection
+        probe.bind(("127.0.0.1", 0))
+        dead_proxy = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    sandbox.stripe.add_meter("proxied_calls")
+    raw = sandbox.config_dict("sqlite://", meters=[])
+    raw["stripe"]["max_network_retries"] = 0
+    config = parse_config(raw)
+
+    monkeypatch.setenv("HTTP_PROXY", dead_proxy)
+    through_the_proxy = StripeGateway(config.stripe)
+    with pytest.raises(UpstreamError, match="(?i)proxy|connect"):
+        through_the_proxy.list_meters()
+    through_the_proxy.close()
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    direct = StripeGateway(config.stripe)
+    assert [m.event_name for m in direct.list_meters().values()] == ["proxied_calls"]  # fetched past the proxy
+    direct.close()

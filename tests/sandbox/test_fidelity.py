@@ -515,6 +515,183 @@ def test_stripe_limits_requests_globally_per_endpoint_and_live_meter_events_apar
     assert events == [200] * 150  # live meter events: their own 1,000/s, outside the global limit
 
 
+# -- Stripe: the v2 meter event stream ------------------------------------------------------------------------------
+# https://docs.stripe.com/api/v2/billing/meter-event-stream/session/create,
+# https://docs.stripe.com/api/v2/billing/meter-event-stream/create,
+# https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api (high-throughput ingestion)
+
+
+@pytest.fixture
+def meter_events_url(stripe_fake: FakeStripe) -> Iterator[str]:
+    """The stream's own host (Stripe's: https://meter-events.stripe.com), served on a port of its own."""
+    with LoopbackServer(stripe_fake.meter_events_host()) as srv:
+        yield srv.url
+
+
+@pytest.fixture
+def stream_client(stripe_server: LoopbackServer, meter_events_url: str) -> Iterator[stripe.StripeClient]:
+    http = stripe.RequestsClient()
+    try:
+        yield stripe.StripeClient(
+            "sk_test_sandbox",
+            base_addresses={"api": stripe_server.url, "meter_events": meter_events_url},
+            max_network_retries=0,
+            http_client=http,
+        )
+    finally:
+        http.close()
+
+
+def _stream_event(customer: str, value: str, identifier: str, *, at: int = NOW, name: str = "api_calls") -> dict:
+    return {
+        "event_name": name,
+        "identifier": identifier,
+        "timestamp": datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z"),
+        "payload": {"stripe_customer_id": customer, "value": value},
+    }
+
+
+def _stream(client: stripe.StripeClient, token: str, events: list[dict]) -> None:
+    client.v2.billing.meter_event_stream.create({"events": events}, options={"api_key": token})  # type: ignore[typeddict-item]
+
+
+def test_a_meter_event_session_token_is_valid_for_15_minutes(
+    stream_client: stripe.StripeClient, stripe_fake: FakeStripe, clock: Clock
+):
+    """https://docs.stripe.com/api/v2/billing/meter-event-stream/session/create: a v2.billing.meter_event_session with
+    `authentication_token`, `created` and `expires_at` (RFC 3339), "Authentication tokens are only valid for 15
+    minutes". https://docs.stripe.com/api/v2/billing/meter-event-stream/create: an expired one gets 401
+    `billing_meter_event_session_expired` ("The temporary session token has expired."; stripe-python raises
+    TemporarySessionExpiredError for its type). The stream takes the session token, never the secret key (which the
+    docs do not mention: refused, the worse case)."""
+    stripe_fake.add_customer(id="cus_1")
+    stripe_fake.add_meter("api_calls")
+    session = stream_client.v2.billing.meter_event_session.create().to_dict()
+    assert session["object"] == "v2.billing.meter_event_session" and session["livemode"] is False
+    created = datetime.fromisoformat(session["created"].replace("Z", "+00:00"))
+    expires = datetime.fromisoformat(session["expires_at"].replace("Z", "+00:00"))
+    assert expires - created == timedelta(minutes=15)
+    token = session["authentication_token"]
+    _stream(stream_client, token, [_stream_event("cus_1", "2", "s1")])
+    clock.now += 15 * 60 - 1
+    _stream(stream_client, token, [_stream_event("cus_1", "3", "s2", at=int(clock.now))])
+    clock.now += 1
+    with pytest.raises(stripe.TemporarySessionExpiredError) as expired:
+        _stream(stream_client, token, [_stream_event("cus_1", "5", "s3", at=int(clock.now))])
+    assert expired.value.http_status == 401 and expired.value.code == "billing_meter_event_session_expired"
+    with pytest.raises(stripe.AuthenticationError):
+        _stream(stream_client, "sk_test_sandbox", [_stream_event("cus_1", "7", "s4", at=int(clock.now))])
+    assert [e.identifier for e in stripe_fake.meter_events] == ["s1", "s2"]
+
+
+def test_the_stream_is_served_from_its_own_host(stripe_server: LoopbackServer, stripe_fake, stream_client):
+    """https://docs.stripe.com/api/v2/billing/meter-event-stream/create is served by https://meter-events.stripe.com,
+    the session by the API host (stripe-python's `base_address="meter_events"`). The fake refuses the stream on the
+    API host (what Stripe answers there is not documented): 401 to a session token, 404 to the secret key."""
+    token = stream_client.v2.billing.meter_event_session.create().authentication_token
+    for key, status in ((token, 401), ("sk_test_sandbox", 404)):
+        response = httpx.post(
+            f"{stripe_server.url}/v2/billing/meter_event_stream",
+            json={"events": [_stream_event("cus_1", "1", "x")]},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert response.status_code == status
+    assert stripe_fake.meter_events == []
+
+
+def test_the_stream_takes_up_to_100_events_and_validates_them_asynchronously(
+    stream_client: stripe.StripeClient, stripe_fake: FakeStripe
+):
+    """https://docs.stripe.com/api/v2/billing/meter-event-stream/create: "Supports up to 100 events per request" (what
+    a longer list gets is not documented: the fake refuses it whole, 400), "Events are processed asynchronously,
+    including validation": the answer is `{}` whatever the events hold; a repeated identifier ("uniqueness within a
+    rolling 24 hour period") is dropped without a word."""
+    stripe_fake.add_customer(id="cus_1")
+    stripe_fake.add_meter("api_calls")
+    token = stream_client.v2.billing.meter_event_session.create().authentication_token
+    _stream(stream_client, token, [_stream_event("cus_1", "1", f"b{n}") for n in range(100)])
+    assert len(stripe_fake.meter_events) == 100
+    with pytest.raises(stripe.InvalidRequestError):
+        _stream(stream_client, token, [_stream_event("cus_1", "1", f"c{n}") for n in range(101)])
+    assert len(stripe_fake.meter_events) == 100  # nothing of the refused request applied
+    _stream(stream_client, token, [_stream_event("cus_1", "9", "b0"), _stream_event("cus_1", "4", "new")])
+    assert stripe_fake.meter_total("cus_1", "api_calls", NOW - 60, NOW + 60) == 104  # b0 again: not counted
+
+
+def test_an_invalid_stream_event_is_accepted_and_reported_by_a_thin_meter_error_event(
+    stream_client: stripe.StripeClient, stripe_fake: FakeStripe, thin_receiver
+):
+    """https://docs.stripe.com/api/v2/billing/meter-event-stream/create ("validation" is asynchronous) and
+    https://docs.stripe.com/api/v2/core/events/event-types: an event for an unknown customer or naming no active meter
+    is answered like any other (200) and reported later as v1.billing.meter.error_report_triggered /
+    v1.billing.meter.no_meter_found, the same thin events as v1 meter events."""
+    url, received = thin_receiver
+    stripe_fake.add_customer(id="cus_1")
+    meter = stripe_fake.add_meter("api_calls")
+    stripe_fake.add_event_destination(url, "whsec_thin")
+    token = stream_client.v2.billing.meter_event_session.create().authentication_token
+    _stream(
+        stream_client,
+        token,
+        [
+            _stream_event("cus_ghost", "1", "ghost"),
+            _stream_event("cus_1", "1", "nometer", name="no_such_meter"),
+            _stream_event("cus_1", "1", "fine"),
+        ],
+    )
+    assert [e.identifier for e in stripe_fake.meter_events] == ["fine"]
+    pushed = stripe_fake.flush_meter_error_reports()
+    assert {p["type"] for p in pushed} == {"v1.billing.meter.error_report_triggered", "v1.billing.meter.no_meter_found"}
+    assert len(received) == 2
+    report = next(p for p in pushed if p["type"] == "v1.billing.meter.error_report_triggered")
+    assert report["related_object"]["id"] == meter["id"]
+    data = stream_client.v2.core.events.retrieve(report["id"]).to_dict()["data"]
+    assert data["reason"]["error_types"][0]["code"] == "meter_event_customer_not_found"
+    assert data["reason"]["error_types"][0]["sample_errors"][0]["request"]["identifier"] == "ghost"
+
+
+def test_the_stream_has_its_own_live_limit_and_shares_the_sandbox_limits(
+    stream_client: stripe.StripeClient, stripe_fake: FakeStripe
+):
+    """https://docs.stripe.com/api/v2/billing/meter-event-stream/create: "up to 10,000 requests per second in
+    livemode", apart from https://docs.stripe.com/rate-limits's global limit. Neither page gives a sandbox figure: the
+    fake counts the stream there like any endpoint (25/s, and against the global 25/s), the worse case; 429 over."""
+    stripe_fake.add_customer(id="cus_1")
+    stripe_fake.add_meter("api_calls")
+    token = stream_client.v2.billing.meter_event_session.create().authentication_token
+
+    def status(n: int) -> int:
+        try:
+            _stream(stream_client, token, [_stream_event("cus_1", "1", f"r{n}")])
+        except stripe.RateLimitError:
+            return 429
+        return 200
+
+    stripe_fake.limit_like_stripe(live=False, window=60)
+    assert [status(n) for n in range(26)] == [200] * 25 + [429]
+    stripe_fake.reset_counters()
+    stripe_fake.limit_like_stripe(live=True, window=60)
+    # Live, past the endpoint default and the global 100 alike: the stream's limit is its own.
+    assert [status(100 + n) for n in range(150)] == [200] * 150
+    stream_client.v1.billing.meters.list()  # and the global limit still has room
+
+
+def test_a_lost_stream_answer_is_resent_with_the_same_identifiers_and_counted_once(
+    stream_client: stripe.StripeClient, stripe_fake: FakeStripe
+):
+    """https://docs.stripe.com/api/v2/billing/meter-event-stream/create: identifiers are unique within 24 hours, so a
+    batch whose answer was lost (applied, then a 5xx or a dropped connection) can be sent again as it was."""
+    stripe_fake.add_customer(id="cus_1")
+    stripe_fake.add_meter("api_calls")
+    token = stream_client.v2.billing.meter_event_session.create().authentication_token
+    batch = [_stream_event("cus_1", "3", "l1"), _stream_event("cus_1", "4", "l2")]
+    stripe_fake.inject_fault("POST", "/v2/billing/meter_event_stream", 500, after_apply=True)
+    with pytest.raises(stripe.APIError):
+        _stream(stream_client, token, batch)
+    _stream(stream_client, token, batch)
+    assert stripe_fake.meter_total("cus_1", "api_calls", NOW - 60, NOW + 60) == 7
+
+
 def test_event_summaries_grouping_and_alignment(stripe_client: stripe.StripeClient, stripe_fake: FakeStripe):
     """https://docs.stripe.com/api/billing/meter-event-summary/list:
     start_time and end_time "must be aligned with minute boundaries" (with value_grouping_window=hour, with hour

@@ -38,6 +38,8 @@ ROUTES = {
     "GET /v2/core/events/{id}": "product",
     "GET /v1/webhook_endpoints": "product",
     "GET /v2/core/event_destinations": "product",
+    "POST /v2/billing/meter_event_session": "product",  # stripe.meter_events: v2_stream
+    "POST /v2/billing/meter_event_stream": "product",  # served by the meter events host
 }
 
 SOURCES = {

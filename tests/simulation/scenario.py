@@ -140,6 +140,9 @@ class Scenario:
     # Before these steps' jobs, the next valid meter event is set to be rejected asynchronously (step index ->
     # whether an error report names it).
     async_rejections: dict[int, bool] = field(default_factory=dict)
+    # stripe.meter_events: one seed in four reports meter events through the v2 meter event stream (chosen from the
+    # seed alone, so every other choice, and every seed's replay, is as before).
+    meter_events: str = "v1"
 
     @property
     def customers(self) -> list[str]:
@@ -165,6 +168,7 @@ class Scenario:
         lines.append(
             f"  stripe summaries lag {self.stripe_summary_lag} (product's stripe.summary_lag {self.summary_lag})"
         )
+        lines.append(f"  stripe.meter_events: {self.meter_events}")
         for number, reported in sorted(self.async_rejections.items()):
             lines.append(f"  step {number}: the next meter event rejected later, {'' if reported else 'not '}reported")
         for number, step in enumerate(self.steps):
@@ -323,6 +327,7 @@ def generate(seed: int) -> Scenario:
         summary_lag=summary_lag,
         stripe_summary_lag=stripe_summary_lag,
         async_rejections=async_rejections,
+        meter_events="v2_stream" if seed % 4 == 3 else "v1",
     )
 
 

@@ -94,6 +94,7 @@ def simulation_config(fakes: Sandbox, database_url: str, scenario: Scenario) -> 
         invoice_grace_period=f"{int(INVOICE_GRACE.total_seconds())}s",
         max_concurrency=1,
         summary_lag=f"{int(scenario.summary_lag.total_seconds())}s",
+        meter_events=scenario.meter_events,
     )
     raw["openmeter"].update(max_retries=2, timeout_seconds=CLIENT_TIMEOUT, max_concurrency=1)
     raw["moesif"].update(
@@ -457,6 +458,8 @@ class World:
 
     def _inject(self, fault: Fault) -> None:
         method, path = fault.target.split(" ", 1)
+        if path == "/v1/billing/meter_events" and self.scenario.meter_events == "v2_stream":
+            path = "/v2/billing/meter_event_stream"  # the same fault, where this seed's meter events go
         fake = {"stripe": self.fakes.stripe, "openmeter": self.fakes.openmeter, "moesif": self.fakes.moesif}[
             fault.kind.split("_", 1)[0]
         ]
@@ -509,6 +512,9 @@ class World:
         patches = [
             mock.patch.object(StripeGateway, "send_meter_event", around(StripeGateway.send_meter_event, "stripe")),
             mock.patch.object(StripeGateway, "send_usage_record", around(StripeGateway.send_usage_record, "stripe")),
+            mock.patch.object(
+                StripeGateway, "send_meter_event_batch", around(StripeGateway.send_meter_event_batch, "stripe")
+            ),
             mock.patch.object(MoesifGateway, "post_transaction", around(MoesifGateway.post_transaction, "moesif")),
             mock.patch.object(MoesifGateway, "_request", waiting_on_budget(MoesifGateway._request)),
         ]

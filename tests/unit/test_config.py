@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from reconciler.app import open_database
 from reconciler.config import ConfigError, load_config, parse_config
+from reconciler.ledger.database import make_engine, upgrade
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = {"stripe": {"api_key": "sk_test_abc"}, "openmeter": {"token": "om_token"}}
@@ -123,6 +125,23 @@ def test_stripe_summary_lag_defaults_to_ten_minutes_and_parses_durations():
         assert any(p.startswith("stripe.summary_lag:") for p in problems_of(raw)), problems_of(raw)
 
 
+def test_meter_events_go_through_v1_unless_the_v2_stream_is_chosen_with_its_own_host():
+    """`stripe.meter_events`: `v1` by default, or `v2_stream` (https://docs.stripe.com/api/v2/billing/meter-event-stream/create),
+    whose host is Stripe's meter events host unless `stripe.meter_events_base` names another (validated like
+    `stripe.api_base`: a trailing slash is dropped)."""
+    default = parse_config(MINIMAL).stripe
+    assert default.meter_events == "v1" and default.meter_events_base == "https://meter-events.stripe.com"
+    chosen = parse_config(
+        {**MINIMAL, "stripe": {"api_key": "k", "meter_events": "v2_stream", "meter_events_base": "http://127.0.0.1:9/"}}
+    ).stripe
+    assert chosen.meter_events == "v2_stream" and chosen.meter_events_base == "http://127.0.0.1:9"
+    assert parse_config(MINIMAL).masked()["stripe"]["meter_events"] == "v1"  # check-config shows it
+    raw = {**MINIMAL, "stripe": {"api_key": "k", "meter_events": "v2"}}
+    assert any(p.startswith("stripe.meter_events:") and "v2_stream" in p for p in problems_of(raw)), problems_of(raw)
+    raw = {**MINIMAL, "stripe": {"api_key": "k", "max_meter_event_stream_requests_per_second": 0}}
+    assert any(p.startswith("stripe.max_meter_event_stream_requests_per_second:") for p in problems_of(raw))
+
+
 def test_secrets_are_masked_in_the_effective_config():
     config = parse_config(MINIMAL)
     dumped = yaml.safe_dump(config.masked())
@@ -197,3 +216,36 @@ def test_the_operations_listener_is_loopback_unless_the_image_says_otherwise(mon
     assert problems_of({**MINIMAL, "server": same}) == [
         "server.ops_port: must differ from server.port (the webhook listener) on the same host"
     ]
+
+
+@pytest.mark.parametrize(
+    ("stripe", "expected"),
+    [
+        # Live: meter events have 800/s of their own (80% of 1,000); at 50 ms each, 40 in flight fill it.
+        pytest.param({"api_key": "sk_live_abc"}, 40, id="live key"),
+        # A sandbox's meter events share the global 20/s: one in flight would do, but reads want a few more.
+        pytest.param({"api_key": "sk_test_abc"}, 8, id="sandbox key"),
+        pytest.param({"api_key": "sk_live_abc", "max_meter_events_per_second": 5000}, 64, id="capped"),
+        pytest.param({"api_key": "sk_live_abc", "max_concurrency": 3}, 3, id="set"),
+    ],
+)
+def test_requests_in_flight_are_sized_to_the_write_budget_times_latency(stripe, expected):
+    config = parse_config({**MINIMAL, "stripe": stripe})
+    assert config.stripe.concurrency() == expected
+
+
+def test_the_database_pool_has_a_connection_for_every_thread_that_may_use_one(tmp_path):
+    raw = {
+        "stripe": {"api_key": "sk_live_abc"},
+        "openmeter": {"token": "om_token", "max_concurrency": 6},
+        "moesif": {"management_token": "m", "max_concurrency": 5},
+        "database": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"},
+    }
+    config = parse_config(raw)
+    assert config.connections_needed() == 40 + 6 + 5 + 4
+    upgrade(make_engine(config.database.url))
+    engine = open_database(config)  # the engine every command and the daemon use
+    try:
+        assert engine.pool.size() == config.connections_needed()  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()

@@ -14,14 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from reconciler_sandbox.bench.dataset import seed_balances, seed_stripe, top_up_some
+from reconciler_sandbox.bench.floor import Shape
 from reconciler_sandbox.bench.measure import (
+    SUBSCRIPTIONS,
     Conditions,
     CycleMeasurement,
+    Upstreams,
     apply_conditions,
+    apply_stripe_conditions,
     fresh_product,
     product_cycle,
+    stripe_config,
 )
-from reconciler_sandbox.httpserver import FakeService
 from reconciler_sandbox.server import Sandbox
 
 TOP_UP_EVERY = 100  # the changed cycle: one customer in a hundred bought credit
@@ -35,29 +39,34 @@ class BalanceSizeResult:
     cold: CycleMeasurement
     warm: CycleMeasurement
     changed: CycleMeasurement
-    cold_floor_seconds: float
-    changed_floor_seconds: float
+
+    @property
+    def cold_floor_seconds(self) -> float:
+        return self.cold.limits.floor.seconds
+
+    @property
+    def within_limits(self) -> bool:
+        return all(c.limits.within_limits for c in (self.cold, self.warm, self.changed))
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["cold_floor_ratio"] = round(self.cold.wall_seconds / self.cold_floor_seconds, 3)
+        data["cold_floor_seconds"] = self.cold_floor_seconds
+        data["changed_floor_seconds"] = self.changed.limits.floor.seconds
+        data["cold_floor_ratio"] = round(self.cold.floor_ratio, 3)
+        data["within_limits"] = self.within_limits
         return data
 
 
-def moesif_floor_seconds(requests: int, conditions: Conditions) -> float:
-    return requests / (conditions.moesif_per_minute / 60)
+def balance_shape(conditions: Conditions) -> Shape:
+    """A balance cycle: Stripe's subscriptions page after page, Moesif with the product's requests in flight."""
+    return Shape(in_flight={"moesif": conditions.moesif_concurrency}, paged=[("stripe", SUBSCRIPTIONS)])
 
 
 def _config(sandbox: Sandbox, database: Path, conditions: Conditions) -> dict[str, Any]:
     raw = sandbox.config_dict(f"sqlite:///{database}")
-    # One budget for every Stripe call, as the fake enforces here: Stripe's own structure (per endpoint, live meter
-    # events apart: upstream/stripe_budget.py) is not benchmarked yet.
-    raw["stripe"].update(
-        limits="sandbox",
-        max_requests_per_second=conditions.stripe_per_second,
-        max_requests_per_second_per_endpoint=conditions.stripe_per_second,
-    )
+    raw["stripe"].update(stripe_config(conditions))
     raw["moesif"]["max_requests_per_minute"] = conditions.moesif_per_minute
+    raw["moesif"]["max_concurrency"] = conditions.moesif_concurrency
     raw["balances"] = {"enabled": True, "stripe_source": "customer_balance", "auto_correct": False}
     raw["logging"] = {"level": "INFO", "format": "json"}
     return raw
@@ -67,7 +76,7 @@ def run_balance_size(customers: int, conditions: Conditions, workdir: Path) -> B
     now = datetime.now(UTC)
     sandbox = Sandbox.start()
     try:
-        apply_conditions(sandbox.stripe, conditions.stripe_latency, conditions.stripe_per_second)
+        apply_stripe_conditions(sandbox.stripe, conditions)
         apply_conditions(sandbox.moesif, conditions.moesif_latency, conditions.moesif_per_minute / 60, window=60.0)
         seed_stripe(sandbox.stripe, customers, now)
         seed_balances(sandbox.stripe, sandbox.moesif, customers)
@@ -75,12 +84,13 @@ def run_balance_size(customers: int, conditions: Conditions, workdir: Path) -> B
         config_path, log_path = fresh_product(
             workdir, f"bench-balances-{customers}", lambda db: _config(sandbox, db, conditions)
         )
-        fakes: dict[str, FakeService] = {"stripe": sandbox.stripe, "moesif": sandbox.moesif}
+        upstreams = Upstreams({"stripe": sandbox.stripe, "moesif": sandbox.moesif}, conditions)
+        shape = balance_shape(conditions)
 
-        cold = product_cycle(config_path, log_path, fakes, "reconcile-balances")
-        warm = product_cycle(config_path, log_path, fakes, "reconcile-balances")
+        cold = product_cycle(config_path, log_path, upstreams, shape, "reconcile-balances")
+        warm = product_cycle(config_path, log_path, upstreams, shape, "reconcile-balances")
         topped_up = top_up_some(sandbox.stripe, customers, TOP_UP_EVERY, now)
-        changed = product_cycle(config_path, log_path, fakes, "reconcile-balances")
+        changed = product_cycle(config_path, log_path, upstreams, shape, "reconcile-balances")
         return BalanceSizeResult(
             customers=customers,
             topped_up=topped_up,
@@ -88,8 +98,6 @@ def run_balance_size(customers: int, conditions: Conditions, workdir: Path) -> B
             cold=cold,
             warm=warm,
             changed=changed,
-            cold_floor_seconds=round(moesif_floor_seconds(customers, conditions), 3),
-            changed_floor_seconds=round(moesif_floor_seconds(2 * topped_up, conditions), 3),  # a read and a POST
         )
     finally:
         sandbox.stop()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler_sandbox.bench.balances import BalanceSizeResult
-from reconciler_sandbox.bench.measure import SizeResult
+from reconciler_sandbox.bench.measure import LimitsCheck, SizeResult
 
 APIS = ("stripe", "openmeter")
 
@@ -47,32 +47,84 @@ def table_rows(results: list[SizeResult]) -> list[dict[str, Any]]:
                 "cold s": f"{r.cold.wall_seconds:.1f}",
                 "floor s": f"{r.cold_floor_seconds:.1f}",
                 "/floor": f"{r.floor_ratio:.2f}",
+                "binding": r.cold.limits.floor.binding,
                 "naive s": naive,
                 "speedup": "-" if r.naive_ratio is None else f"{r.naive_ratio:.1f}x",
                 "warm s": f"{r.warm.wall_seconds:.1f}",
                 "warm reqs": "/".join(str(r.warm.requests[api]) for api in APIS),
                 "read-back s": f"{r.readback.wall_seconds:.1f}",
                 "read-back reqs": str(r.readback.requests["stripe"]),
-                "max/s": "/".join(str(r.cold.max_requests_in_one_second[api]) for api in APIS),
-                "429s": str(sum(r.cold.answered_429.values()) + sum(r.warm.answered_429.values())),
+                "429s": str(sum(sum(c.answered_429.values()) for c in (r.cold, r.warm, r.readback))),
                 "RSS MB": f"{max(r.cold.peak_rss_mb, r.warm.peak_rss_mb):.0f}",
                 "agrees": {None: "-", True: "yes", False: "NO"}[r.naive_agrees],
+                "limits": "kept" if r.within_limits else "EXCEEDED",
             }
         )
     return rows
+
+
+def limiter_rows(results: list[SizeResult]) -> list[dict[str, Any]]:
+    """One row per run (cold, warm, read-back, naive) of every size: its time, its floor and the term that sets it,
+    and each limiter's busiest window against its limit."""
+    rows = []
+    for r in results:
+        runs: list[tuple[str, float | None, LimitsCheck]] = [
+            ("cold", r.cold.wall_seconds, r.cold.limits),
+            ("warm", r.warm.wall_seconds, r.warm.limits),
+            ("read-back", r.readback.wall_seconds, r.readback.limits),
+        ]
+        if r.naive_limits is not None:
+            runs.append(("naive", r.naive_seconds, r.naive_limits))
+        for name, seconds, check in runs:
+            rows.append(run_row(f"{r.items:,}", name, seconds, check))
+    return rows
+
+
+def run_row(size: str, name: str, seconds: float | None, check: LimitsCheck) -> dict[str, str]:
+    run_floor = check.floor.seconds
+    return {
+        "N": size,
+        "run": name,
+        "s": "-" if seconds is None else f"{seconds:.1f}",
+        "floor s": f"{run_floor:.2f}",
+        "/floor": f"{seconds / run_floor:.2f}" if seconds is not None and run_floor else "-",
+        "binding": check.floor.binding,
+        "most in one window / limit": "\n".join(
+            f"{limiter} {use.busiest}/{use.allowed}"
+            + (f" per {use.window_seconds:g} s" if use.window_seconds != 1 else "")
+            + (" OVER" if use.exceeded else "")
+            for limiter, use in check.limiters.items()
+        ),
+        "429s": str(check.answered_429),
+        "limits": "kept" if check.within_limits else "EXCEEDED",
+    }
+
+
+def balance_limiter_rows(results: list[BalanceSizeResult]) -> list[dict[str, Any]]:
+    """One row per balance cycle, as `limiter_rows`."""
+    return [
+        run_row(f"{r.customers:,}", name, cycle.wall_seconds, cycle.limits)
+        for r in results
+        for name, cycle in (("cold", r.cold), ("warm", r.warm), ("changed", r.changed))
+    ]
 
 
 def balance_rows(results: list[BalanceSizeResult]) -> list[dict[str, Any]]:
     """One row per balance size: each of the three cycles' wall time and stripe/moesif requests."""
     rows = []
     for r in results:
-        row = {"customers": f"{r.customers:,}", "floor s": f"{r.cold_floor_seconds:.0f}"}
+        row = {
+            "customers": f"{r.customers:,}",
+            "floor s": f"{r.cold_floor_seconds:.0f}",
+            "binding": r.cold.limits.floor.binding,
+        }
         for name, cycle in (("cold", r.cold), ("warm", r.warm), ("changed", r.changed)):
             row[f"{name} s"] = f"{cycle.wall_seconds:.1f}"
             row[f"{name} reqs"] = f"{cycle.requests['stripe']}/{cycle.requests['moesif']}"
         cycles = (r.cold, r.warm, r.changed)
         row["429s"] = str(sum(sum(c.answered_429.values()) for c in cycles))
         row["RSS MB"] = f"{max(c.peak_rss_mb for c in cycles):.0f}"
+        row["limits"] = "kept" if r.within_limits else "EXCEEDED"
         rows.append(row)
     return rows
 
@@ -89,7 +141,7 @@ def write_plot(results: list[SizeResult], path: Path) -> None:
     times.plot(sizes, [r.warm.wall_seconds for r in results], "o-", label="reconciler, warm cycle")
     budgeted = [r for r in results if r.conditions.stripe_latency]  # lifted sizes have no meaningful floor
     times.plot(
-        [r.items for r in budgeted], [r.cold_floor_seconds for r in budgeted], "k--", label="floor set by the budgets"
+        [r.items for r in budgeted], [r.cold_floor_seconds for r in budgeted], "k--", label="floor set by the limiters"
     )
     for r in results:
         if not r.conditions.stripe_latency:

@@ -24,7 +24,8 @@ All timestamps come from ``self.clock()`` (``time.time`` looked up at call time,
 
 One module per concern: ``params`` (form decoding, errors, ids), ``state`` (the objects held, pagination),
 ``catalog`` and ``seeding`` (customers, prices, subscriptions, meters), ``meters``, ``legacy_usage``,
-``payments``, ``credits``, ``events`` (thin events, destinations, webhook endpoints) and ``fake`` (the HTTP
+``payments``, ``credits``, ``events`` (thin events, destinations, webhook endpoints), ``meter_event_stream`` (the v2
+meter event stream, on a host of its own) and ``fake`` (the HTTP
 entry point: authentication, routing, idempotency, rate limits).
 """
 

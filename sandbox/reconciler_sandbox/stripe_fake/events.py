@@ -51,7 +51,9 @@ def _rejection_message(event: MeterEvent) -> str:
     # these two are the fake's own wording.
     if event.reason == "no_meter":
         return f"No active meter was found for event_name {event.event_name}."
-    return f"No customer with id {event.customer} was found."
+    if event.reason == "meter_event_customer_not_found":
+        return f"No customer with id {event.customer} was found."
+    return f"The meter event is invalid ({event.reason})."
 
 
 @dataclass

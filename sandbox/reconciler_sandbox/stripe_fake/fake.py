@@ -16,7 +16,7 @@ from reconciler_sandbox.httpserver import GLOBAL_LIMITER, InjectedFault, Respons
 from reconciler_sandbox.stripe_fake.credits import CreditMixin
 from reconciler_sandbox.stripe_fake.events import EventMixin
 from reconciler_sandbox.stripe_fake.legacy_usage import LegacyUsageMixin
-from reconciler_sandbox.stripe_fake.meters import MeterMixin
+from reconciler_sandbox.stripe_fake.meter_event_stream import SESSION_PATH, STREAM_PATH, MeterEventStreamMixin
 from reconciler_sandbox.stripe_fake.params import StripeError, _new_id, _query_pairs, parse_stripe_params
 from reconciler_sandbox.stripe_fake.payments import PaymentMixin
 from reconciler_sandbox.stripe_fake.seeding import SeedingMixin
@@ -26,6 +26,8 @@ _IDEMPOTENCY_TTL = 24 * 3600
 _ENDPOINT_DEFAULT = "endpoint *"
 _METER_EVENTS_ENDPOINT = "POST /v1/billing/meter_events"
 _METER_EVENTS_LIMITER = "live meter events"
+_METER_EVENT_STREAM_ENDPOINT = f"POST {STREAM_PATH}"
+_METER_EVENT_STREAM_LIMITER = "live meter event stream"
 _ROUTE_ID = re.compile(r"\(\?P<\w+>\[\^/\]\+\)")
 
 
@@ -61,7 +63,7 @@ def _reached_the_endpoint(fault: InjectedFault) -> bool:
     return fault.status >= 500 and not held_back_before_execution
 
 
-class FakeStripe(SeedingMixin, MeterMixin, LegacyUsageMixin, PaymentMixin, CreditMixin, EventMixin):
+class FakeStripe(SeedingMixin, MeterEventStreamMixin, LegacyUsageMixin, PaymentMixin, CreditMixin, EventMixin):
     """Stateful Stripe fake. See the package docstring; the seeding API returns dicts as served."""
 
     def __init__(self, api_key: str = "sk_test_sandbox", clock: Callable[[], float] | None = None) -> None:
@@ -93,12 +95,16 @@ class FakeStripe(SeedingMixin, MeterMixin, LegacyUsageMixin, PaymentMixin, Credi
             ("GET", re.compile(r"/v2/core/events/(?P<id>[^/]+)"), self._h_get_v2_event),
             ("GET", re.compile(r"/v1/webhook_endpoints"), self._h_list_webhook_endpoints),
             ("GET", re.compile(r"/v2/core/event_destinations"), self._h_list_event_destinations),
+            ("POST", re.compile(SESSION_PATH), self._h_create_meter_event_session),
         ]
+        # Served by the meter events host only (`meter_events_host()`, meter_event_stream.py); listed with the others.
+        self._meter_events_host_routes = [("POST", re.compile(STREAM_PATH))]
         self._init_state()
 
     def routes(self) -> list[str]:
         """Every route served, as ``"GET /v1/customers/{id}"`` (each path id written ``{id}``)."""
-        return [f"{method} {_ROUTE_ID.sub('{id}', pattern.pattern)}" for method, pattern, _ in self._routes]
+        every = [(method, pattern) for method, pattern, _ in self._routes] + self._meter_events_host_routes
+        return [f"{method} {_ROUTE_ID.sub('{id}', pattern.pattern)}" for method, pattern in every]
 
     # -- HTTP entry point -------------------------------------------------------------------------
 
@@ -292,11 +298,16 @@ class FakeStripe(SeedingMixin, MeterMixin, LegacyUsageMixin, PaymentMixin, Credi
             self.budgets = {GLOBAL_LIMITER: (100 if live else 25, window), _ENDPOINT_DEFAULT: (25, window)}
             if live:
                 self.budgets[_METER_EVENTS_LIMITER] = (1000, window)
+                # https://docs.stripe.com/api/v2/billing/meter-event-stream/create: "up to 10,000 requests per
+                # second in livemode". The docs give no sandbox figure: there it counts like any endpoint.
+                self.budgets[_METER_EVENT_STREAM_LIMITER] = (10_000, window)
 
     def _limiters(self, method: str, path: str) -> list[str]:
         endpoint = self._endpoint_of(method, path)
         if endpoint == _METER_EVENTS_ENDPOINT and _METER_EVENTS_LIMITER in self.budgets:
             return [_METER_EVENTS_LIMITER]
+        if endpoint == _METER_EVENT_STREAM_ENDPOINT and _METER_EVENT_STREAM_LIMITER in self.budgets:
+            return [_METER_EVENT_STREAM_LIMITER]
         return [GLOBAL_LIMITER, f"endpoint {endpoint}"]
 
     def _budget_of(self, limiter: str) -> tuple[int, float] | None:
@@ -307,7 +318,8 @@ class FakeStripe(SeedingMixin, MeterMixin, LegacyUsageMixin, PaymentMixin, Credi
 
     def _endpoint_of(self, method: str, path: str) -> str:
         """The named operation a request is, its ids written `{id}` (`GET /v1/customers/{id}`)."""
-        for route_method, pattern, _ in self._routes:
+        every = [(m, p) for m, p, _ in self._routes] + self._meter_events_host_routes
+        for route_method, pattern in every:
             if route_method == method and pattern.fullmatch(path):
                 return f"{method} {_ROUTE_ID.sub('{id}', pattern.pattern)}"
         return f"{method} {path}"

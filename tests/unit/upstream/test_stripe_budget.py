@@ -6,10 +6,12 @@ from __future__ import annotations
 import bisect
 
 from reconciler.config import parse_config
-from reconciler.upstream.stripe_budget import METER_EVENTS, StripeBudget, StripeBudgets
+from reconciler.upstream.stripe_budget import METER_EVENT_STREAM, METER_EVENTS, StripeBudget, StripeBudgets
 
 SANDBOX = StripeBudgets(global_per_second=20, endpoint_per_second=20, meter_events_per_second=None)
-LIVE = StripeBudgets(global_per_second=80, endpoint_per_second=20, meter_events_per_second=800)
+LIVE = StripeBudgets(
+    global_per_second=80, endpoint_per_second=20, meter_events_per_second=800, meter_event_stream_per_second=8000
+)
 PAGES, SUMMARIES = "GET /v1/subscriptions", "GET /v1/billing/meters/{id}/event_summaries"
 
 
@@ -48,6 +50,20 @@ def test_in_a_sandbox_meter_events_count_against_the_global_budget():
     assert most_in_one_second(slots) <= 20
 
 
+def test_the_live_meter_event_stream_has_its_own_budget_and_in_a_sandbox_counts_like_any_endpoint():
+    """https://docs.stripe.com/api/v2/billing/meter-event-stream/create: "up to 10,000 requests per second in
+    livemode" (80% of it by default); no sandbox figure is documented, so there the stream is one more endpoint
+    within the global budget."""
+    live = budget(LIVE)
+    pages = [live.acquire(PAGES) for _ in range(20)]
+    batches = [live.acquire(METER_EVENT_STREAM) for _ in range(8000)]
+    assert max(batches) < 1.0 and max(pages) < 1.0 and most_in_one_second(batches) <= 8000
+    sandbox = budget(SANDBOX)
+    slots = [sandbox.acquire(METER_EVENT_STREAM if n % 2 else PAGES) for n in range(60)]
+    assert most_in_one_second(slots) <= 20
+    assert most_in_one_second([sandbox.acquire(METER_EVENT_STREAM) for _ in range(60)]) <= 20
+
+
 def test_replicas_split_every_budget_and_a_429_holds_every_request_off():
     b = budget(LIVE)
     b.share(2)
@@ -62,8 +78,13 @@ def test_defaults_follow_the_key_mode_at_80_percent_of_stripes_limits():
         raw = {"stripe": stripe, "openmeter": {"url": "http://om", "token": "t"}, "database": {"url": "sqlite://"}}
         return parse_config(raw).stripe.budgets()
 
-    assert budgets(api_key="sk_live_x") == StripeBudgets(80, 20, 800)
-    assert budgets(api_key="rk_live_x") == StripeBudgets(80, 20, 800)
+    assert budgets(api_key="sk_live_x") == StripeBudgets(80, 20, 800, meter_event_stream_per_second=8000)
+    assert budgets(api_key="rk_live_x") == StripeBudgets(80, 20, 800, meter_event_stream_per_second=8000)
     assert budgets(api_key="sk_test_x") == StripeBudgets(20, 20, None)
-    assert budgets(api_key="sk_test_x", limits="live", max_meter_events_per_second=100) == StripeBudgets(80, 20, 100)
+    assert budgets(api_key="sk_test_x", limits="live", max_meter_events_per_second=100) == StripeBudgets(
+        80, 20, 100, meter_event_stream_per_second=8000
+    )
+    assert (
+        budgets(api_key="sk_live_x", max_meter_event_stream_requests_per_second=50).meter_event_stream_per_second == 50
+    )
     assert budgets(api_key="sk_live_x", endpoint_budgets={SUMMARIES: 5}).endpoints == {SUMMARIES: 5}
