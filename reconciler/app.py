@@ -14,6 +14,7 @@ from reconciler.config import Config
 from reconciler.ledger.backfill_checkpoints import Checkpoints
 from reconciler.ledger.balance_ledger import BalanceLedger
 from reconciler.ledger.database import check_reachable, make_engine, require_migrated
+from reconciler.ledger.listing import ListingLedger
 from reconciler.ledger.meter_cache import MeterCache
 from reconciler.ledger.plan_ledger import PlanLedger
 from reconciler.ledger.readback_ledger import ReadBackLedger, SentEventLog
@@ -132,6 +133,7 @@ def build_app(
         stop_requested=stop_requested,
         metrics=metrics,
         unbilled=UnbilledLedger(engine, utc_now),
+        listings=ListingLedger(engine, utc_now),
     )
     read_back = ReadBack(
         config,

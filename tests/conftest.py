@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 from reconciler.clock import utc_now
 from reconciler.config import Config, parse_config
 from reconciler.ledger.database import make_engine, upgrade
+from reconciler.ledger.listing import ListingLedger
 from reconciler.ledger.meter_cache import MeterCache
 from reconciler.ledger.readback_ledger import ReadBackLedger, SentEventLog
 from reconciler.ledger.runs import RunLog
@@ -159,6 +160,7 @@ class Harness:
             clock=utc_now,
             meter_cache=MeterCache(self.engine, utc_now),
             unbilled=UnbilledLedger(self.engine, utc_now),
+            listings=ListingLedger(self.engine, utc_now),
         )
         self.read_back = ReadBack(
             self.config,

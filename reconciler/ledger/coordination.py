@@ -11,13 +11,14 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, delete, func, or_, select, update
+from sqlalchemy import Engine, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,6 +26,7 @@ from reconciler.ledger.schema import CycleTick, Replica, WorkItem
 from reconciler.usage.model import Claim, Fence, LeaseLostError
 
 REPLICA_TIMEOUT = timedelta(seconds=30)  # a replica without a heartbeat this long is not live
+ENQUEUE_BATCH = 500  # work items written in one insert
 
 
 def check_fence(session: Session, fence: Fence) -> None:
@@ -111,20 +113,34 @@ class Coordinator:
         except IntegrityError:
             return None
 
-    def enqueue(self, tick_id: int, job: str, payloads: list[str]) -> None:
-        """Write the tick's plan. Items of earlier ticks nobody has started are dropped: this plan covers them."""
+    def enqueue(self, tick_id: int, job: str, payloads: Iterable[str]) -> int:
+        """Write the tick's plan, in one transaction, a batch of inserts at a time (`payloads` may be a generator: the
+        plan is never held whole); how many items it holds. Items of earlier ticks nobody has started are dropped:
+        this plan covers them."""
         now = self._clock()
+        written = 0
         with self._sessions.begin() as session:
             session.execute(
                 delete(WorkItem).where(WorkItem.job == job, WorkItem.state == "pending", WorkItem.tick_id != tick_id)
             )
-            session.add_all(
-                WorkItem(
-                    tick_id=tick_id, job=job, payload=p, state="pending", fencing_token=0, attempts=0, created_at=now
-                )
-                for p in payloads
-            )
+            iterator = iter(payloads)
+            while batch := list(itertools.islice(iterator, ENQUEUE_BATCH)):
+                rows = [
+                    {
+                        "tick_id": tick_id,
+                        "job": job,
+                        "payload": payload,
+                        "state": "pending",
+                        "fencing_token": 0,
+                        "attempts": 0,
+                        "created_at": now,
+                    }
+                    for payload in batch
+                ]
+                session.execute(insert(WorkItem), rows)
+                written += len(batch)
             session.get_one(CycleTick, tick_id).enqueued_at = now
+        return written
 
     def plan_ready(self, job: str, tick_key: str) -> bool | None:
         """True once the tick's plan is written; False while it is being planned; None if nobody planned it."""

@@ -10,6 +10,8 @@
 - `late_drift`: totals that changed after a period could no longer be reported.
 - `runs`: one row per cycle, with its outcome and counts.
 - `openmeter_meters`: OpenMeter's meters (id, aggregation) as last listed.
+- `usage_listing`: a running usage cycle's stream periods as Stripe listed them, read back grouped by stream;
+  emptied when the cycle's planning ends.
 """
 
 from __future__ import annotations
@@ -381,3 +383,20 @@ class OpenMeterMeter(Base):
     meter_id: Mapped[str] = mapped_column(String(64))
     aggregation: Mapped[str] = mapped_column(String(32))
     listed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class UsageListing(Base):
+    """One stream period of a running usage cycle's listing (reconciler.ledger.listing): the cycle writes Stripe's
+    listing here a batch at a time and reads it back ordered by stream, so one customer's items on one meter are
+    seen together however far apart Stripe listed them, without holding the listing in memory. A cycle deletes its
+    rows when its planning ends; rows a crashed process left are deleted a day later."""
+
+    __tablename__ = "usage_listing"
+    # listing_id: when the listing was opened (epoch seconds, zero-padded), then random; see ListingLedger.open.
+    __table_args__ = (Index("ix_usage_listing_listing_stream", "listing_id", "stream_key", "period_start"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    listing_id: Mapped[str] = mapped_column(String(36))
+    stream_key: Mapped[str] = mapped_column(String(255))
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    payload: Mapped[str] = mapped_column(Text)  # the stream period (reconciler.usage.codec.dump_listed)

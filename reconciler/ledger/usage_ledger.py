@@ -38,6 +38,7 @@ from reconciler.usage.periods import epoch_seconds
 
 MAX_IDENTIFIER_LENGTH = 100  # Stripe's limit for meter event identifiers
 NONCE_BYTES = 6  # 12 hex characters in each identifier
+REVISIT_CHUNK = 1000  # ended periods read in one query (periods_to_revisit)
 
 
 def new_nonce() -> str:
@@ -179,20 +180,27 @@ class UsageLedger:
             ]
 
     def periods_to_revisit(
-        self, now: datetime, lookback: timedelta, skip: set[tuple[str, datetime]]
+        self, now: datetime, lookback: timedelta, customers: frozenset[str] = frozenset()
     ) -> Iterator[RecordedPeriod]:
-        """Periods Stripe no longer lists as current that still need a final sync or a late-drift check:
-        every provisional period that has ended, and final ones that ended within `lookback`."""
-        with self._sessions() as session:
-            rows = session.scalars(
+        """Ended periods that still need a final sync or a late-drift check (every provisional period that has ended,
+        and final ones that ended within `lookback`; only `customers`' if given), a chunk at a time in short reads.
+        The cycle skips those Stripe still lists."""
+        after = 0
+        while True:
+            query = (
                 select(UsagePeriod)
-                .where(UsagePeriod.period_end <= now)
+                .where(UsagePeriod.id > after, UsagePeriod.period_end <= now)
                 .where((UsagePeriod.status == PeriodStatus.PROVISIONAL) | (UsagePeriod.period_end > now - lookback))
-                .order_by(UsagePeriod.id)
-            ).all()
-        for row in rows:
-            if (row.stream_key, row.period_start) not in skip:
-                yield recorded_period(row)
+            )
+            if customers:
+                query = query.where(UsagePeriod.customer_id.in_(sorted(customers)))
+            with self._sessions() as session:
+                rows = session.scalars(query.order_by(UsagePeriod.id).limit(REVISIT_CHUNK)).all()
+                periods = [recorded_period(row) for row in rows]
+            yield from periods
+            if len(periods) < REVISIT_CHUNK:
+                return
+            after = periods[-1].id
 
     # -- writing -------------------------------------------------------------------------------------
 

@@ -7,14 +7,16 @@ stream's failure is logged with its context and counted; the cycle goes on.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -42,6 +44,7 @@ from reconciler.usage.decide import (
     reopen_for_backfill,
 )
 from reconciler.usage.history import periods_between
+from reconciler.usage.listing import MemoryListing
 from reconciler.usage.measure import SUBJECTS_PER_QUERY, Measurements, Need, UsageQueries, measure
 from reconciler.usage.model import (
     BillingPeriod,
@@ -64,18 +67,22 @@ from reconciler.usage.model import (
 from reconciler.usage.outcomes import SentMarks
 from reconciler.usage.periods import ONE_SECOND, usage_window
 from reconciler.usage.pipeline import KeyedLocks, SyncItem, run_pipeline
-from reconciler.usage.ports import Coordination, MeterStore, Runs, UnbilledBook, UsageBook
+from reconciler.usage.ports import Coordination, ListingBook, MeterStore, Runs, UnbilledBook, UsageBook
 from reconciler.usage.recovery import Recovery
 from reconciler.usage.rounding import round_quantity
 from reconciler.usage.stream_batches import StreamBatches
-from reconciler.usage.streams import LIVE_STATUSES, build_work, meter_problem
+from reconciler.usage.streams import LIVE_STATUSES, build_work, clashes, classify, meter_problem
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 MAX_WAIT_FOR_EVENT_SLOT = timedelta(seconds=2)
 CLAIM_BATCH = 10  # work items a replica claims at once
 SENT_MARKS_PER_TRANSACTION = 50  # Stripe's acceptances recorded in one ledger transaction (reconciler.usage.outcomes)
 PLAN_WAIT = timedelta(seconds=60)  # how long the other replicas wait for the planning replica's plan
+LISTING_BATCH = 2000  # stream periods written to the cycle's listing in one insert (and commit)
+REFUSALS_BATCH = 500  # refused items recorded (reconciler.ledger.unbilled) in one transaction
+REVISIT_BATCH = 1000  # ended periods the ledger remembers, checked against the listing in one query
 
 
 class StripePort(Protocol):
@@ -123,6 +130,9 @@ class CycleResult:
     next_final_sync: datetime | None = None  # the earliest upcoming final-sync deadline seen this cycle
     aborted: bool = False  # Stripe's subscriptions or meters could not be listed: nothing was synced
     dry_run: bool = False
+    # Held while counting into the result: the workers fold their items' results in while the plan may still count
+    # refusals (those it finds after it began yielding work).
+    merging: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -170,10 +180,12 @@ class UsageSync:
         *,
         meter_cache: MeterStore,
         stop_requested: Callable[[], bool] = lambda: False,
+        listings: ListingBook,
         metrics: Metrics = NO_METRICS,
         unbilled: UnbilledBook | None = None,
     ):
         self._config = config
+        self._listings = listings
         self._metrics = metrics
         self._unbilled = unbilled
         self._stripe = stripe
@@ -214,13 +226,10 @@ class UsageSync:
         """One cycle over every stream (or only `customers`'; `include_legacy=False` leaves legacy prices out)."""
 
         def local_plan(now: datetime, result: CycleResult) -> Iterator[SyncItem]:
-            work, refusals = self._collect_work(now, customers)
-            for refusal in refusals:
-                self._refuse(refusal, result.summary)
-            self._record_unbilled(refusals, now, result.run_id, full=not customers)
-            for unit in work:
-                if include_legacy or unit.stream.kind is not StreamKind.LEGACY:
-                    yield SyncItem(unit)
+            with closing(self._planned_work(now, customers, result)) as work:
+                for unit in work:
+                    if include_legacy or unit.stream.kind is not StreamKind.LEGACY:
+                        yield SyncItem(unit)
 
         return self._timed(dry_run, local_plan)
 
@@ -231,12 +240,9 @@ class UsageSync:
         def shared_plan(now: datetime, result: CycleResult) -> Iterator[SyncItem]:
             tick_id = coordinator.claim_tick(JobName.USAGE_SYNC, tick_key)
             if tick_id is not None:
-                work, refusals = self._collect_work(now, frozenset())
-                for refusal in refusals:
-                    self._refuse(refusal, result.summary)
-                self._record_unbilled(refusals, now, result.run_id, full=True)
-                coordinator.enqueue(tick_id, JobName.USAGE_SYNC, [dump_work(unit) for unit in work])
-                log.info("cycle planned for all replicas", tick=tick_key, items=len(work))
+                with closing(self._planned_work(now, frozenset(), result)) as work:
+                    planned = coordinator.enqueue(tick_id, JobName.USAGE_SYNC, (dump_work(unit) for unit in work))
+                log.info("cycle planned for all replicas", tick=tick_key, items=planned)
             else:
                 self._await_plan(coordinator, tick_key)
             while not self._stop_requested():
@@ -289,8 +295,8 @@ class UsageSync:
         result = CycleResult(run_id=run_id, summary=CycleSummary(), dry_run=dry_run)
         with structlog.contextvars.bound_contextvars(run_id=run_id, dry_run=dry_run):
             log.info("usage sync started", now=now.isoformat())
-            units = plan(now, result)  # counts its refusals into `result` before it yields the first item
-            merging = threading.Lock()
+            units = plan(now, result)  # counts its refusals into `result` as it finds them, under result.merging
+            merging = result.merging
             context = structlog.contextvars.get_contextvars()
             meters = CycleMeters(self._meter_cache, self._openmeter.meters, keep_listing=not dry_run)
 
@@ -334,21 +340,49 @@ class UsageSync:
 
     # -- collecting ----------------------------------------------------------------------------------
 
-    def _collect_work(self, now: datetime, customers: frozenset[str]) -> tuple[list[StreamPeriod], list[Refusal]]:
+    def _planned_work(self, now: datetime, customers: frozenset[str], result: CycleResult) -> Iterator[StreamPeriod]:
+        """The cycle's stream periods (only `customers`' if given), with memory that does not grow with their number.
+
+        Stripe's listing goes into the cycle's listing in the ledger a batch at a time (a dry run's stays in memory:
+        it writes nothing anywhere) and is read back stream by stream, so that nothing is yielded before every item of
+        a (customer, meter) is known: two items that bill it in overlapping periods are refused together, however far
+        apart Stripe listed them. Then the ended periods only the ledger still remembers. Refused items are counted
+        and recorded as they are found."""
+        usage = self._config.usage
+        listings: ListingBook = MemoryListing() if result.dry_run else self._listings
+        refused = _Refused(self, now, result, full=not customers)
         meters = self._stripe.list_meters()
-        with_customer = self._config.usage.subject_metadata_key is not None
-        items = self._stripe.metered_items(with_customer=with_customer, customers=customers)
-        work, refusals = build_work(items, meters, self._config.usage, now)
-        listed = {(sp.stream.key, sp.period.start) for sp in work}
-        for row in self._ledger.periods_to_revisit(now, self._config.usage.lookback, listed):
-            if customers and row.customer_id not in customers:
-                continue
-            revisit = self._revisit(row, meters)
-            if isinstance(revisit, Refusal):
-                refusals.append(revisit)
-            else:
-                work.append(revisit)
-        return work, refusals
+        listing = listings.open()
+        try:
+            items = self._stripe.metered_items(
+                with_customer=usage.subject_metadata_key is not None, customers=customers
+            )
+            for batch in _batched(classify(items, meters, usage, now), LISTING_BATCH):
+                listings.add(listing, [unit for unit in batch if isinstance(unit, StreamPeriod)])
+                refused.add(unit for unit in batch if isinstance(unit, Refusal))
+            for group in listings.groups(listing, meters):
+                clashing = clashes(group)
+                if clashing:
+                    listings.drop(listing, group[0].stream.key)  # not listed, as far as revisiting goes
+                    refused.add(clashing)
+                else:
+                    yield from group
+            for rows in _batched(self._ledger.periods_to_revisit(now, usage.lookback, customers), REVISIT_BATCH):
+                listed = listings.listed(listing, [(row.stream_key, row.period_start) for row in rows])
+                for row in rows:
+                    if (row.stream_key, row.period_start) in listed:
+                        continue
+                    revisit = self._revisit(row, meters)
+                    if isinstance(revisit, Refusal):
+                        refused.add([revisit])
+                    else:
+                        yield revisit
+            refused.finish()
+        finally:
+            try:
+                listings.close(listing)
+            except Exception:  # e.g. the database is briefly away: the rows go once abandoned (ledger/listing.py)
+                log.warning("could not delete the cycle's listing", exc_info=True)
 
     def _revisit(self, row: RecordedPeriod, meters: dict[str, Meter]) -> StreamPeriod | Refusal:
         """A period only the ledger still remembers (the item moved on): rebuild its stream from the row."""
@@ -655,23 +689,27 @@ class UsageSync:
             except Exception:  # e.g. the lease lapsed: the item's new owner records its own outcome
                 log.warning("could not record the failure on the ledger", exc_info=True)
 
-    def _refuse(self, refusal: Refusal, summary: CycleSummary) -> None:
+    def _refuse(self, refusal: Refusal, result: CycleResult) -> None:
         fields = {
             "customer": refusal.customer_id,
             "subscription_item": refusal.item_id,
             "meter": refusal.stripe_target,
             "reason": refusal.reason,
         }
-        summary.seen += 1
+        summary = result.summary
+        with result.merging:
+            summary.seen += 1
+            if refusal.unmapped:
+                summary.unmapped += 1
+            else:
+                summary.failed += 1
+                summary.failures.append(f"{refusal.customer_id} {refusal.stripe_target}: {refusal.reason}")
         if refusal.unmapped:
-            summary.unmapped += 1
             log.warning("unmapped metered item skipped", **fields)
         else:
-            summary.failed += 1
-            summary.failures.append(f"{refusal.customer_id} {refusal.stripe_target}: {refusal.reason}")
             log.error("metered item refused", **fields)
 
-    def _record_unbilled(self, refusals: list[Refusal], now: datetime, run_id: str | None, *, full: bool) -> None:
+    def _record_unbilled(self, refusals: list[Refusal], now: datetime, run_id: str | None) -> None:
         """What nobody bills, for `report`: each refused item's usage measured where the mapping and subject are
         known (one query each: refused items are few, and each is a problem to fix), unknown otherwise."""
         if self._unbilled is None or run_id is None:  # a dry run writes nothing
@@ -687,9 +725,46 @@ class UsageSync:
                 except UpstreamError as exc:
                     log.warning("could not measure a refused item", item=refusal.item_id, error=str(exc))
             measured.append((refusal, quantity))
-        self._unbilled.record(measured, run_id, full=full)
+        self._unbilled.record(measured, run_id)
+
+    def _forget_unbilled(self, since: datetime, run_id: str | None) -> None:
+        """After a full cycle recorded what it refused: forget the items it did not refuse."""
+        if self._unbilled is not None and run_id is not None:
+            self._unbilled.forget_unseen(since)
 
     def _finish(self, result: CycleResult) -> None:
         log.info("usage sync finished", status=result.status.value, **result.summary.as_dict())
         if result.run_id is not None:
             self._runs.finish(result.run_id, result.status, result.counts())
+
+
+class _Refused:
+    """A cycle's refused items as its plan finds them: each counted (and logged) at once, and recorded for `report` a
+    batch at a time; once the plan is complete, a full cycle forgets the items it no longer refuses."""
+
+    def __init__(self, sync: UsageSync, now: datetime, result: CycleResult, *, full: bool):
+        self._sync, self._now, self._result, self._full = sync, now, result, full
+        self._pending: list[Refusal] = []
+
+    def add(self, refusals: Iterable[Refusal]) -> None:
+        for refusal in refusals:
+            self._sync._refuse(refusal, self._result)
+            self._pending.append(refusal)
+            if len(self._pending) >= REFUSALS_BATCH:
+                self._record()
+
+    def finish(self) -> None:
+        self._record()
+        if self._full:
+            self._sync._forget_unbilled(self._now, self._result.run_id)
+
+    def _record(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending:
+            self._sync._record_unbilled(pending, self._now, self._result.run_id)
+
+
+def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch

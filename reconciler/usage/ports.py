@@ -3,15 +3,15 @@ the calls they make, as structural ports.
 
 The concrete adapters (reconciler.ledger.usage_ledger.UsageLedger, reconciler.ledger.runs.RunLog,
 reconciler.ledger.meter_cache.MeterCache, reconciler.ledger.unbilled.UnbilledLedger,
-reconciler.ledger.readback_ledger.ReadBackLedger and SentEventLog, reconciler.ledger.coordination.Coordinator,
-reconciler.ledger.backfill_checkpoints.Checkpoints) satisfy them without inheriting from them; a test double needs
-only these methods. The Stripe and OpenMeter ports are declared where they are used (usage/job.py StripePort and
-OpenMeterPort, usage/recovery.py StripeSummaries).
+reconciler.ledger.listing.ListingLedger, reconciler.ledger.readback_ledger.ReadBackLedger and SentEventLog,
+reconciler.ledger.coordination.Coordinator, reconciler.ledger.backfill_checkpoints.Checkpoints) satisfy them
+without inheriting from them; a test double needs only these methods. The Stripe and OpenMeter ports are declared
+where they are used (usage/job.py StripePort and OpenMeterPort, usage/recovery.py StripeSummaries).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -21,6 +21,7 @@ from reconciler.usage.model import (
     Fence,
     Intent,
     KnownMeter,
+    Meter,
     RecordedPeriod,
     Refusal,
     SentEvent,
@@ -41,7 +42,7 @@ class UsageBook(Protocol):
     def pending_intent(self, work: StreamPeriod) -> Intent | None: ...
     def stream_events_between(self, stream_key: str, start: datetime, end: datetime) -> list[StreamEvent]: ...
     def periods_to_revisit(
-        self, now: datetime, lookback: timedelta, skip: set[tuple[str, datetime]]
+        self, now: datetime, lookback: timedelta, customers: frozenset[str] = ...
     ) -> Iterator[RecordedPeriod]: ...
 
     # writing
@@ -72,9 +73,23 @@ class MeterStore(Protocol):
 
 
 class UnbilledBook(Protocol):
-    """The metered items a cycle refused, with what each measures (None: unknown), for `report`."""
+    """The metered items a cycle refused, with what each measures (None: unknown), for `report`: recorded a batch at a
+    time; a full cycle then forgets the items it did not refuse (not seen since it began)."""
 
-    def record(self, refusals: list[tuple[Refusal, int | None]], run_id: str, *, full: bool) -> None: ...
+    def record(self, refusals: Sequence[tuple[Refusal, int | None]], run_id: str) -> None: ...
+    def forget_unseen(self, since: datetime) -> None: ...
+
+
+class ListingBook(Protocol):
+    """A cycle's listing of stream periods, out of memory (reconciler.ledger.listing.ListingLedger; a dry run's is
+    reconciler.usage.listing.MemoryListing): written a batch at a time, read back stream by stream, then deleted."""
+
+    def open(self) -> str: ...
+    def add(self, listing: str, units: Sequence[StreamPeriod]) -> None: ...
+    def groups(self, listing: str, meters: Mapping[str, Meter]) -> Iterator[list[StreamPeriod]]: ...
+    def drop(self, listing: str, stream_key: str) -> None: ...
+    def listed(self, listing: str, periods: Sequence[tuple[str, datetime]]) -> set[tuple[str, datetime]]: ...
+    def close(self, listing: str) -> None: ...
 
 
 class ReadBackBook(Protocol):
@@ -99,7 +114,7 @@ class Coordination(Protocol):
     """A cycle shared by the replicas on PostgreSQL: one plans each tick, all claim its items under leases."""
 
     def claim_tick(self, job: str, tick_key: str) -> int | None: ...
-    def enqueue(self, tick_id: int, job: str, payloads: list[str]) -> None: ...
+    def enqueue(self, tick_id: int, job: str, payloads: Iterable[str]) -> int: ...
     def plan_ready(self, job: str, tick_key: str) -> bool | None: ...
     def claim_batch(self, job: str, size: int) -> list[Claim]: ...
     def complete(self, claim: Claim) -> None: ...

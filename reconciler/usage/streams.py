@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import sys
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -117,50 +117,69 @@ def meter_problem(meter: Meter) -> str | None:
     return None
 
 
-def build_work(
+def classify(
     items: Iterable[MeteredItem], meters: dict[str, Meter], usage: UsageConfig, now: datetime
-) -> tuple[list[StreamPeriod], list[Refusal]]:
-    """The stream periods to sync this cycle, and the items refused with a reason."""
-    refusals: list[Refusal] = []
-    by_key: dict[str, list[StreamPeriod]] = defaultdict(list)
+) -> Iterator[StreamPeriod | Refusal]:
+    """Each metered item in scope as a stream period to sync this cycle, or refused with a reason; one at a time.
+    Whether two of them clash (`clashes`) is known only once every period of their stream is seen."""
     for item in items:
         if item.subscription_status not in KNOWN_STATUSES:
             reason = f"subscription status {item.subscription_status!r} is unknown to reconciler: not billed"
-            refusals.append(Refusal(item.customer_id, item.item_id, item.meter_id or item.price_id, reason))
+            yield Refusal(item.customer_id, item.item_id, item.meter_id or item.price_id, reason)
             continue
         if not is_in_scope(item, now, usage.lookback):
             continue
         stream = _stream_for(item, meters, usage)
         if isinstance(stream, Refusal):
-            refusals.append(_priced(stream, item))
+            yield _priced(stream, item)
             continue
         is_current = item.subscription_status in LIVE_STATUSES
-        by_key[stream.key].append(StreamPeriod(stream, item_period(item), is_current=is_current))
+        yield StreamPeriod(stream, item_period(item), is_current=is_current)
 
+
+def clashes(group: Sequence[StreamPeriod]) -> list[Refusal]:
+    """For every period of one stream (a customer's items on one meter) the refusal of each, if two of them overlap:
+    meter events belong to the customer and meter, so whose usage an event is could not be told. Else none."""
+    if not _overlapping(group):
+        return []
+    first = group[0].stream
+    return [
+        Refusal(
+            sp.stream.customer_id,
+            sp.stream.item_id,
+            first.stripe_target,
+            f"customer has {len(group)} subscription items on meter {first.stripe_target!r} in "
+            f"overlapping periods ({', '.join(sorted(s.stream.item_id for s in group))}); meter "
+            "events belong to the customer and meter, so their usage cannot be told apart",
+            period=sp.period,
+            unit_amount=sp.stream.unit_amount,
+            currency=sp.stream.currency,
+        )
+        for sp in group
+    ]
+
+
+def build_work(
+    items: Iterable[MeteredItem], meters: dict[str, Meter], usage: UsageConfig, now: datetime
+) -> tuple[list[StreamPeriod], list[Refusal]]:
+    """The stream periods to sync this cycle, and the items refused with a reason, held in memory: for a few items
+    (a backfill's, one at a time). A cycle streams its listing through the ledger instead (reconciler.usage.job)."""
+    refusals: list[Refusal] = []
+    by_key: dict[str, list[StreamPeriod]] = defaultdict(list)
+    for unit in classify(items, meters, usage, now):
+        if isinstance(unit, Refusal):
+            refusals.append(unit)
+        else:
+            by_key[unit.stream.key].append(unit)
     work: list[StreamPeriod] = []
     for group in by_key.values():
-        clash = _overlapping(group)
-        if clash:
-            first = group[0].stream
-            refusals += [
-                Refusal(
-                    sp.stream.customer_id,
-                    sp.stream.item_id,
-                    first.stripe_target,
-                    f"customer has {len(group)} subscription items on meter {first.stripe_target!r} in "
-                    f"overlapping periods ({', '.join(sorted(s.stream.item_id for s in group))}); meter "
-                    "events belong to the customer and meter, so their usage cannot be told apart",
-                    period=sp.period,
-                    unit_amount=sp.stream.unit_amount,
-                    currency=sp.stream.currency,
-                )
-                for sp in group
-            ]
-        else:
+        refused = clashes(group)
+        refusals += refused
+        if not refused:
             work += group
     return work, refusals
 
 
-def _overlapping(group: list[StreamPeriod]) -> bool:
+def _overlapping(group: Sequence[StreamPeriod]) -> bool:
     ordered = sorted(group, key=lambda sp: sp.period.start)
     return any(later.period.start < earlier.period.end for earlier, later in itertools.pairwise(ordered))

@@ -13,6 +13,7 @@ from reconciler.balances import ports as balance_ports
 from reconciler.ledger.backfill_checkpoints import Checkpoints
 from reconciler.ledger.balance_ledger import BalanceLedger
 from reconciler.ledger.coordination import Coordinator
+from reconciler.ledger.listing import ListingLedger
 from reconciler.ledger.meter_cache import MeterCache
 from reconciler.ledger.plan_ledger import PlanLedger
 from reconciler.ledger.readback_ledger import ReadBackLedger, SentEventLog
@@ -27,6 +28,7 @@ from reconciler.upstream.stripe_api import StripeGateway
 from reconciler.usage import job as usage_job
 from reconciler.usage import ports as usage_ports
 from reconciler.usage import recovery
+from reconciler.usage.listing import MemoryListing
 
 PAIRS = [
     (balance_ports.StripeBalanceReads, StripeGateway),
@@ -44,6 +46,8 @@ PAIRS = [
     (usage_ports.Runs, RunLog),
     (usage_ports.MeterStore, MeterCache),
     (usage_ports.UnbilledBook, UnbilledLedger),
+    (usage_ports.ListingBook, ListingLedger),
+    (usage_ports.ListingBook, MemoryListing),
     (usage_ports.ReadBackBook, ReadBackLedger),
     (usage_ports.SentEvents, SentEventLog),
     (usage_ports.Coordination, Coordinator),
