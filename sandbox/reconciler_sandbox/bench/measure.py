@@ -403,19 +403,24 @@ def fresh_product(workdir: Path, name: str, config: Callable[[Path], dict[str, A
     return config_path, log_path
 
 
+def seeded_sandbox(items: int, conditions: Conditions, now: datetime) -> Sandbox:
+    """A sandbox under `conditions`, with `items` customers of one metered item each and their usage."""
+    sandbox = Sandbox.start()
+    apply_stripe_conditions(sandbox.stripe, conditions)
+    apply_conditions(sandbox.openmeter, conditions.openmeter_latency, conditions.openmeter_per_second)
+    seed_stripe(sandbox.stripe, items, now)
+    seed_openmeter(sandbox.openmeter, items, now)
+    return sandbox
+
+
 def run_size(
     items: int, conditions: Conditions, workdir: Path, *, naive: bool, naive_seconds_per_item: float | None
 ) -> SizeResult:
     """Benchmark `items` metered items; `naive` runs the baseline at this size, else its time is extrapolated
     from `naive_seconds_per_item` (when known)."""
     now = datetime.now(UTC)
-    sandbox = Sandbox.start()
+    sandbox = seeded_sandbox(items, conditions, now)
     try:
-        apply_stripe_conditions(sandbox.stripe, conditions)
-        apply_conditions(sandbox.openmeter, conditions.openmeter_latency, conditions.openmeter_per_second)
-        seed_stripe(sandbox.stripe, items, now)
-        seed_openmeter(sandbox.openmeter, items, now)
-
         config_path, log_path = fresh_product(workdir, f"bench-{items}", lambda db: _config(sandbox, db, conditions))
         upstreams = Upstreams({"stripe": sandbox.stripe, "openmeter": sandbox.openmeter}, conditions)
         cold = product_cycle(config_path, log_path, upstreams, conditions.usage_cycle_shape())

@@ -21,15 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from reconciler_sandbox.bench.dataset import seed_openmeter, seed_stripe
-from reconciler_sandbox.bench.measure import (
-    Conditions,
-    _config,
-    apply_conditions,
-    apply_stripe_conditions,
-    fresh_product,
-)
-from reconciler_sandbox.server import Sandbox
+from reconciler_sandbox.bench.measure import Conditions, _config, fresh_product, seeded_sandbox
 
 TOP = 35  # functions per table
 # `reconciler <args>` under cProfile timed by the process's CPU clock: the time the product spends waiting (for
@@ -52,13 +44,8 @@ def profile_cycles(items: int, out: Path) -> list[Path]:
     """Profile a cold and a warm cycle over `items` items; returns the summaries written."""
     out.mkdir(parents=True, exist_ok=True)
     conditions = Conditions().lifted()
-    now = datetime.now(UTC)
-    sandbox = Sandbox.start()
+    sandbox = seeded_sandbox(items, conditions, datetime.now(UTC))
     try:
-        apply_stripe_conditions(sandbox.stripe, conditions)
-        apply_conditions(sandbox.openmeter, conditions.openmeter_latency, conditions.openmeter_per_second)
-        seed_stripe(sandbox.stripe, items, now)
-        seed_openmeter(sandbox.openmeter, items, now)
         workdir = out / f"profile-{items}"
         workdir.mkdir(exist_ok=True)
 
