@@ -640,10 +640,9 @@ class StripeGateway:
         if len(intents) > MAX_STREAM_EVENTS:
             raise ValueError(f"at most {MAX_STREAM_EVENTS} meter events go in one request, not {len(intents)}")
         body: Any = {"events": [_stream_event(intent) for intent in intents]}
-        token = ""
         outcome_unknown = [False]  # across the tries: an earlier one may have been applied
 
-        def post() -> None:
+        def post(token: str) -> None:
             try:
                 self._client.v2.billing.meter_event_stream.create(body, options={"api_key": token})
             except stripe.StripeError as exc:
@@ -655,11 +654,12 @@ class StripeGateway:
                 ) from None
 
         def attempt() -> None:
-            nonlocal token
             # The session is read (made, if due) in each try but outside the try's own in-flight slot: made inside
             # it, its request would wait for a second slot while holding the first.
             token = self._stream_token()
-            self._call_once("meter event batch", post, endpoint=METER_EVENT_STREAM, outcome_unknown=outcome_unknown)
+            self._call_once(
+                "meter event batch", lambda: post(token), endpoint=METER_EVENT_STREAM, outcome_unknown=outcome_unknown
+            )
 
         call_with_retries(attempt, max_retries=self._config.max_network_retries, what="stripe send meter event batch")
 
