@@ -7,7 +7,6 @@ stream's failure is logged with its context and counted; the cycle goes on.
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
-from typing import ClassVar, Protocol, TypeVar
+from typing import ClassVar, Protocol
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -66,7 +65,7 @@ from reconciler.usage.model import (
 )
 from reconciler.usage.outcomes import SentMarks
 from reconciler.usage.periods import ONE_SECOND, usage_window
-from reconciler.usage.pipeline import KeyedLocks, SyncItem, run_pipeline
+from reconciler.usage.pipeline import KeyedLocks, SyncItem, batched, run_pipeline
 from reconciler.usage.ports import Coordination, ListingBook, MeterStore, Runs, UnbilledBook, UsageBook
 from reconciler.usage.recovery import Recovery
 from reconciler.usage.rounding import round_quantity
@@ -74,7 +73,6 @@ from reconciler.usage.stream_batches import StreamBatches
 from reconciler.usage.streams import LIVE_STATUSES, build_work, clashes, classify, meter_problem
 
 log = structlog.get_logger(__name__)
-T = TypeVar("T")
 
 MAX_WAIT_FOR_EVENT_SLOT = timedelta(seconds=2)
 CLAIM_BATCH = 10  # work items a replica claims at once
@@ -357,7 +355,7 @@ class UsageSync:
             items = self._stripe.metered_items(
                 with_customer=usage.subject_metadata_key is not None, customers=customers
             )
-            for batch in _batched(classify(items, meters, usage, now), LISTING_BATCH):
+            for batch in batched(classify(items, meters, usage, now), LISTING_BATCH):
                 listings.add(listing, [unit for unit in batch if isinstance(unit, StreamPeriod)])
                 refused.add(unit for unit in batch if isinstance(unit, Refusal))
             for group in listings.groups(listing, meters):
@@ -367,7 +365,7 @@ class UsageSync:
                     refused.add(clashing)
                 else:
                     yield from group
-            for rows in _batched(self._ledger.periods_to_revisit(now, usage.lookback, customers), REVISIT_BATCH):
+            for rows in batched(self._ledger.periods_to_revisit(now, usage.lookback, customers), REVISIT_BATCH):
                 listed = listings.listed(listing, [(row.stream_key, row.period_start) for row in rows])
                 for row in rows:
                     if (row.stream_key, row.period_start) in listed:
@@ -762,9 +760,3 @@ class _Refused:
         pending, self._pending = self._pending, []
         if pending:
             self._sync._record_unbilled(pending, self._now, self._result.run_id)
-
-
-def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    iterator = iter(items)
-    while batch := list(itertools.islice(iterator, size)):
-        yield batch

@@ -20,6 +20,7 @@ from typing import TypeVar
 from reconciler.usage.model import Fence, StreamPeriod
 
 M = TypeVar("M")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def run_pipeline(
     stop_requested: Callable[[], bool],
 ) -> bool:
     """Measure `items` in batches and sync each; True if a stop request ended it early."""
-    batches = _batches(items, batch_size)
+    batches = batched(items, batch_size)
     if workers == 1:
         for batch in batches:
             measured = measure(batch)
@@ -77,7 +78,8 @@ def run_pipeline(
     return _Concurrent(measure, sync, workers, measurers, stop_requested).run(batches)
 
 
-def _batches(items: Iterable[SyncItem], size: int) -> Iterator[list[SyncItem]]:
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """`items` in lists of `size` (the last one shorter), taken as they come: memory holds one list at a time."""
     iterator = iter(items)
     while batch := list(itertools.islice(iterator, size)):
         yield batch
