@@ -272,17 +272,14 @@ class StripeGateway:
         its budgets, retried as `call_with_retries` says."""
         outcome_unknown = [False]
         return call_with_retries(
-            lambda: self._call_once(what, operation, endpoint=endpoint, outcome_unknown=outcome_unknown),
+            lambda: self._call_once(operation, endpoint=endpoint, outcome_unknown=outcome_unknown),
             max_retries=self._config.max_network_retries,
             what=f"stripe {what}",
         )
 
-    def _call_once(
-        self, what: str, operation: Callable[[], T], *, endpoint: str, outcome_unknown: list[bool] | None = None
-    ) -> T:
+    def _call_once(self, operation: Callable[[], T], *, endpoint: str, outcome_unknown: list[bool]) -> T:
         """One try of a call, within its budgets; `outcome_unknown` carries across the tries of one call whether an
         earlier one may have been applied."""
-        unknown = outcome_unknown if outcome_unknown is not None else [False]
         self.budget.acquire(endpoint)
         with self._in_flight, self._metrics.upstream_call(API):
             try:
@@ -293,8 +290,8 @@ class StripeGateway:
                     # A 429 slows every call to Stripe down, not just this one.
                     self.budget.hold_off(error.retry_after or 1.0)
                 if isinstance(error, OutcomeUnknownError):
-                    unknown[0] = True
-                elif isinstance(error, PermanentError) and unknown[0]:
+                    outcome_unknown[0] = True
+                elif isinstance(error, PermanentError) and outcome_unknown[0]:
                     # Refused now, but an earlier attempt may have been applied: still unknown.
                     error = OutcomeUnknownError(API, f"{error} (an earlier attempt's outcome is unknown)")
                 raise error from None
@@ -657,9 +654,7 @@ class StripeGateway:
             # The session is read (made, if due) in each try but outside the try's own in-flight slot: made inside
             # it, its request would wait for a second slot while holding the first.
             token = self._stream_token()
-            self._call_once(
-                "meter event batch", lambda: post(token), endpoint=METER_EVENT_STREAM, outcome_unknown=outcome_unknown
-            )
+            self._call_once(lambda: post(token), endpoint=METER_EVENT_STREAM, outcome_unknown=outcome_unknown)
 
         call_with_retries(attempt, max_retries=self._config.max_network_retries, what="stripe send meter event batch")
 
