@@ -7,6 +7,7 @@ stream's failure is logged with its context and counted; the cycle goes on.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -31,6 +32,7 @@ from reconciler.upstream.errors import (
     TransientError,
     UpstreamError,
 )
+from reconciler.usage.batch_log import BatchTally
 from reconciler.usage.codec import dump_work, load_work
 from reconciler.usage.cycle_meters import CycleMeters
 from reconciler.usage.decide import (
@@ -107,6 +109,7 @@ class PreparedBatch:
 
     measurements: Measurements
     states: dict[tuple[str, datetime], LedgerState]
+    tally: BatchTally  # the batch's one INFO line, once its last item is synced
 
 
 @dataclass(frozen=True)
@@ -297,6 +300,7 @@ class UsageSync:
             merging = result.merging
             context = structlog.contextvars.get_contextvars()
             meters = CycleMeters(self._meter_cache, self._openmeter.meters, keep_listing=not dry_run)
+            batches = itertools.count(1)  # numbers the batch lines
 
             def sync(item: SyncItem, prepared: PreparedBatch) -> None:
                 own = CycleResult(run_id=run_id, summary=CycleSummary())
@@ -306,11 +310,14 @@ class UsageSync:
                     item.done()
                 with merging:
                     result.add(own)
+                prepared.tally.add(own.summary)
 
             try:
                 result.interrupted = run_pipeline(
                     units,
-                    measure=lambda batch: self._prepare_batch([item.unit for item in batch], now, meters),
+                    measure=lambda batch: self._prepare_batch(
+                        [item.unit for item in batch], now, meters, number=next(batches)
+                    ),
                     sync=sync,
                     batch_size=batch_size,
                     workers=self._config.stripe.concurrency(),
@@ -522,7 +529,9 @@ class UsageSync:
         window = usage_window(work.period, now, self._config.usage.window_size, self._zone)
         return None if window.is_empty else Need(work.stream.openmeter_meter, work.stream.subject, window)
 
-    def _prepare_batch(self, units: list[StreamPeriod], now: datetime, cycle_meters: CycleMeters) -> PreparedBatch:
+    def _prepare_batch(
+        self, units: list[StreamPeriod], now: datetime, cycle_meters: CycleMeters, number: int
+    ) -> PreparedBatch:
         needs = [need for need in (self._need(unit, now) for unit in units) if need is not None]
         usage = self._config.usage
         meters = cycle_meters.covering({need.meter for need in needs})
@@ -533,7 +542,7 @@ class UsageSync:
         except Exception:  # e.g. the database is briefly away: each item reads its own state instead
             log.warning("could not read the batch's ledger states; reading them one by one", exc_info=True)
             states = {}
-        return PreparedBatch(measured, states)
+        return PreparedBatch(measured, states, BatchTally(number, len(units)))
 
     def _measure(self, work: StreamPeriod, now: datetime, measured: Measurements | None = None) -> int:
         need = self._need(work, now)
@@ -569,10 +578,10 @@ class UsageSync:
                     reason=decision.reason,
                 )
             elif decision.action is Action.FINALIZE:
-                log.info("period final", total=decision.target)
+                log.debug("period final", total=decision.target)
             return
         intent = ledger.record_intent(work, decision, run_id, based_on=state)
-        log.info(
+        log.debug(
             "reporting",
             identifier=intent.identifier,
             quantity=intent.quantity,
