@@ -8,6 +8,8 @@ import pytest
 from reconciler_sandbox.bench.arrivals import ArrivalLog
 from reconciler_sandbox.bench.floor import (
     GLOBAL,
+    METER_EVENT_STREAM,
+    METER_EVENT_STREAM_ENDPOINT,
     METER_EVENTS,
     METER_EVENTS_ENDPOINT,
     Floor,
@@ -62,6 +64,27 @@ def cold(items: int) -> dict[str, dict[str, int]]:
             1011 / 25,
             GLOBAL,
             id="sandbox-global-binds",
+        ),
+        # Live, the v2 stream (https://docs.stripe.com/api/v2/billing/meter-event-stream/create): 100 meter events a
+        # request, on a limiter of their own (10,000/s): the subscription pages' endpoint binds instead.
+        pytest.param(
+            {"stripe": {METER_EVENT_STREAM_ENDPOINT: 100, SUBSCRIPTIONS: 100, METERS: 1}},
+            {"stripe": LIVE},
+            {},
+            Shape(),
+            100 / 25,
+            endpoint_limiter(SUBSCRIPTIONS),
+            id="live-stream-apart",
+        ),
+        # A sandbox: the stream's requests count against the global limit and their endpoint's, like any call.
+        pytest.param(
+            {"stripe": {METER_EVENT_STREAM_ENDPOINT: 100, SUBSCRIPTIONS: 10}},
+            {"stripe": SANDBOX},
+            {},
+            Shape(),
+            110 / 25,
+            GLOBAL,
+            id="sandbox-stream-global",
         ),
         # Live, many calls over many endpoints each under 25/s, together over the global 100/s.
         pytest.param(
@@ -246,3 +269,15 @@ def test_the_fake_named_paths_as_the_routes_templates():
     stripe.handle("GET", "/v1/billing/meters/mtr_1/event_summaries", {}, {"Authorization": "Bearer sk_test_bench"}, b"")
     assert log.per_endpoint() == {SUMMARIES: 1}
     assert ArrivalLog.of(stripe) is log  # one log a fake: a second run over the same fake shares it
+
+
+def test_the_meter_event_stream_has_its_own_limiter_live_and_shares_the_global_one_in_a_sandbox():
+    # https://docs.stripe.com/api/v2/billing/meter-event-stream/create: 10,000 requests/s in live mode; the docs
+    # give no sandbox figure, so there the stream counts like any endpoint (the fake does the same).
+    assert [(lim.name, lim.allowed) for lim in LIVE.limiters_of(METER_EVENT_STREAM_ENDPOINT)] == [
+        (METER_EVENT_STREAM, 10_000)
+    ]
+    assert [lim.name for lim in SANDBOX.limiters_of(METER_EVENT_STREAM_ENDPOINT)] == [
+        GLOBAL,
+        endpoint_limiter(METER_EVENT_STREAM_ENDPOINT),
+    ]

@@ -41,7 +41,8 @@ class StripeState(FakeService):
         self.subscription_items: dict[str, dict[str, Any]] = {}  # stored with "price" as an id
         self._sub_items: dict[str, list[str]] = {}
         self._order: dict[str, int] = {}
-        self._subscription_order: tuple[tuple[int, int], list[str]] = ((-1, -1), [])
+        # Subscriptions newest first, and each one's place in that order, as of a (sequence, count) version.
+        self._subscription_order: tuple[tuple[int, int], list[dict[str, Any]], dict[str, int]] = ((-1, -1), [], {})
         self.meter_events: list[MeterEvent] = []
         self.rejected_meter_events: list[MeterEvent] = []
         self._rejections_reported = 0  # rejected_meter_events[:n] are in an error report already
@@ -92,7 +93,10 @@ class StripeState(FakeService):
         url: str,
         kind: str,
         render: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        positions: Mapping[str, int] | None = None,
     ) -> dict[str, Any]:
+        """A page of `objs` as Stripe lists it. `positions`: each object's index in `objs`, when the caller keeps
+        one (else it is built here, a pass over `objs` per page)."""
         limit = _int_param(params, "limit")
         if limit is None:
             limit = 10
@@ -103,19 +107,20 @@ class StripeState(FakeService):
                 param="limit",
                 code="parameter_invalid_integer",
             )
-        ids = [o["id"] for o in objs]
+        if positions is None:
+            positions = {o["id"]: i for i, o in enumerate(objs)}
         starting_after = params.get("starting_after")
         ending_before = params.get("ending_before")
         if starting_after:
-            if starting_after not in ids:
+            if starting_after not in positions:
                 raise _no_such(kind, starting_after, param="starting_after", status=400)
-            window = objs[ids.index(starting_after) + 1 :]
-            page, has_more = window[:limit], len(window) > limit
+            first = positions[starting_after] + 1
+            page, has_more = objs[first : first + limit], len(objs) > first + limit
         elif ending_before:
-            if ending_before not in ids:
+            if ending_before not in positions:
                 raise _no_such(kind, ending_before, param="ending_before", status=400)
-            window = objs[: ids.index(ending_before)]
-            page, has_more = window[-limit:], len(window) > limit
+            end = positions[ending_before]
+            page, has_more = objs[max(0, end - limit) : end], end > limit
         else:
             page, has_more = objs[:limit], len(objs) > limit
         data = [render(o) if render else json.loads(json.dumps(o)) for o in page]
