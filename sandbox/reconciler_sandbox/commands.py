@@ -106,6 +106,14 @@ def bench(
     ] = None,
     openmeter_per_second: Annotated[float, typer.Option(help="OpenMeter request budget.")] = 50,
     moesif_per_minute: Annotated[float, typer.Option(help="Moesif request budget (its limit: 500).")] = 500,
+    meter_events: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--meter-events",
+            help="The product's stripe.meter_events paths to run side by side at each size (repeatable; "
+            "default: v1 and v2_stream).",
+        ),
+    ] = None,
     plot: Annotated[bool, typer.Option(help="Write bench.png (needs matplotlib).")] = True,
 ) -> None:
     """Benchmark a usage sync cycle against the sandbox, with latency and Stripe's limiter structure enforced, side by
@@ -116,6 +124,10 @@ def bench(
     from reconciler_sandbox.bench.report import balance_limiter_rows, balance_rows, limiter_rows, table_rows
     from reconciler_sandbox.bench.suite import run_benchmark
 
+    paths = meter_events or ["v1", "v2_stream"]
+    unknown = sorted(set(paths) - {"v1", "v2_stream"})
+    if unknown:
+        raise typer.BadParameter(f"{', '.join(unknown)}: not v1 or v2_stream", param_hint="--meter-events")
     conditions = Conditions(
         stripe_latency=stripe_latency_ms / 1000,
         openmeter_latency=openmeter_latency_ms / 1000,
@@ -134,6 +146,7 @@ def bench(
         naive_up_to=naive_up_to,
         lift_above=lift_above,
         balance_sizes=[n for n in (balance_customers or [10_000]) if n > 0],
+        meter_events=paths,
         plot=plot,
         progress=lambda line: err.print(line, markup=False),
     )

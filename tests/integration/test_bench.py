@@ -34,7 +34,8 @@ def test_bench_smoke_run_agrees_with_the_naive_loop_and_writes_its_results(tmp_p
     )
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads((tmp_path / "bench.json").read_text())
-    (size,) = results["sizes"]
+    size, streamed = results["sizes"]  # v1 and v2_stream side by side, by default
+    assert [s["conditions"]["meter_events"] for s in (size, streamed)] == ["v1", "v2_stream"]
     assert size["items"] == items and size["naive_agrees"] is True
     cold, warm = size["cold"], size["warm"]
     assert (cold["exit_code"], warm["exit_code"]) == (0, 0)
@@ -78,6 +79,22 @@ def test_bench_smoke_run_agrees_with_the_naive_loop_and_writes_its_results(tmp_p
         for name, use in checked["limiters"].items():  # never over any limiter in any one-second window
             assert 0 < use["busiest"] <= use["allowed"] and use["exceeded"] is False, name
     assert "usage sync against the limiters" in result.stdout and "binding" in result.stdout
+
+    # The v2 stream: the same items billed in one stream request (up to 100 events each) and a session, counted
+    # against the stream's own live limiter, which no longer binds the cycle; the naive loop ran beside v1 only.
+    cold, warm = streamed["cold"], streamed["warm"]
+    assert cold["summary"]["reported"] == items and warm["summary"]["unchanged"] == items
+    assert cold["limits"]["endpoint_requests"]["stripe"] == {
+        "GET /v1/billing/meters": 1,
+        "GET /v1/subscriptions": 1,
+        "POST /v2/billing/meter_event_session": 1,
+        "POST /v2/billing/meter_event_stream": 1,
+    }
+    assert cold["limits"]["limiters"]["meter event stream"]["requests"] == 1
+    assert cold["limits"]["floor"]["binding"] not in ("meter events", "meter event stream")
+    assert streamed["within_limits"] is True and streamed["naive_seconds"] is None
+    assert streamed["readback"]["summary"]["ok"] == items
+    assert "v2_stream" in result.stdout
 
     # The balance job: every Moesif balance read once, then none while nothing changes, then only the changed one's.
     (balances,) = results["balance_sizes"]

@@ -5,7 +5,9 @@ Stripe's limiters (https://docs.stripe.com/rate-limits; the product's `upstream/
 every request counts against a global limit (live 100/s, a sandbox 25/s) and against its endpoint's (an endpoint
 is a method and a path template, `GET /v1/subscriptions`, `GET /v1/billing/meters/{id}/event_summaries`; 25/s
 unless noted); in live mode meter events (`POST /v1/billing/meter_events`) have a limit of their own (1,000/s) and
-do not count against the global one. OpenMeter and Moesif have one limiter each, named after the API.
+do not count against the global one, and so does the v2 meter event stream (`POST /v2/billing/meter_event_stream`,
+10,000 requests/s of up to 100 events each: https://docs.stripe.com/api/v2/billing/meter-event-stream/create).
+OpenMeter and Moesif have one limiter each, named after the API.
 
 The floor of a run is the least time its requests could have taken: the largest of
 
@@ -30,6 +32,8 @@ from typing import Protocol
 GLOBAL = "global"
 METER_EVENTS = "meter events"
 METER_EVENTS_ENDPOINT = "POST /v1/billing/meter_events"
+METER_EVENT_STREAM = "meter event stream"
+METER_EVENT_STREAM_ENDPOINT = "POST /v2/billing/meter_event_stream"
 
 
 def endpoint_limiter(endpoint: str) -> str:
@@ -59,16 +63,24 @@ class ApiLimits(Protocol):
 @dataclass(frozen=True)
 class StripeLimits:
     """Stripe's limiter structure. `meter_events_per_second`: live mode's own limit for meter events, outside the
-    global one; None for a sandbox, where meter events count against the global limit and their endpoint's."""
+    global one; None for a sandbox, where meter events, and the meter event stream's requests, count against the
+    global limit and their endpoint's. `meter_event_stream_per_second`: the stream's own limit, live."""
 
     global_per_second: float = 100
     endpoint_per_second: float = 25
     meter_events_per_second: float | None = 1000
+    meter_event_stream_per_second: float = 10_000
     endpoints: Mapping[str, float] = field(default_factory=dict)  # an endpoint with a limit of its own
+
+    @property
+    def live(self) -> bool:
+        return self.meter_events_per_second is not None
 
     def limiters_of(self, endpoint: str) -> list[Limiter]:
         if endpoint == METER_EVENTS_ENDPOINT and self.meter_events_per_second is not None:
             return [Limiter(METER_EVENTS, _allowed(self.meter_events_per_second))]
+        if endpoint == METER_EVENT_STREAM_ENDPOINT and self.live:
+            return [Limiter(METER_EVENT_STREAM, _allowed(self.meter_event_stream_per_second))]
         rate = self.endpoints.get(endpoint, self.endpoint_per_second)
         return [Limiter(GLOBAL, _allowed(self.global_per_second)), Limiter(endpoint_limiter(endpoint), _allowed(rate))]
 

@@ -56,6 +56,8 @@ class Conditions:
     stripe_concurrency: int | None = None
     openmeter_concurrency: int = 4
     moesif_concurrency: int = 4
+    # The product's `stripe.meter_events`: v1 (a request per meter event) or v2_stream (up to 100 per request).
+    meter_events: str = "v1"
 
     def lifted(self) -> Conditions:
         """No latency and limits far above the loopback's speed: measures memory and CPU, not waiting."""
@@ -274,6 +276,7 @@ def stripe_config(conditions: Conditions) -> dict[str, Any]:
 def _config(sandbox: Sandbox, database: Path, conditions: Conditions) -> dict[str, Any]:
     raw = sandbox.config_dict(f"sqlite:///{database}", [{"stripe": EVENT_NAME, "openmeter": OPENMETER_METER}])
     raw["stripe"].update(stripe_config(conditions))
+    raw["stripe"]["meter_events"] = conditions.meter_events
     raw["openmeter"]["max_requests_per_second"] = conditions.openmeter_per_second
     raw["openmeter"]["max_concurrency"] = conditions.openmeter_concurrency
     raw["balances"] = {"enabled": False}
@@ -421,7 +424,8 @@ def run_size(
     now = datetime.now(UTC)
     sandbox = seeded_sandbox(items, conditions, now)
     try:
-        config_path, log_path = fresh_product(workdir, f"bench-{items}", lambda db: _config(sandbox, db, conditions))
+        name = f"bench-{items}-{conditions.meter_events}"
+        config_path, log_path = fresh_product(workdir, name, lambda db: _config(sandbox, db, conditions))
         upstreams = Upstreams({"stripe": sandbox.stripe, "openmeter": sandbox.openmeter}, conditions)
         cold = product_cycle(config_path, log_path, upstreams, conditions.usage_cycle_shape())
         warm = product_cycle(config_path, log_path, upstreams, conditions.usage_cycle_shape())
@@ -432,7 +436,7 @@ def run_size(
         elif naive_seconds_per_item is not None:
             naive_seconds, extrapolated = round(naive_seconds_per_item * items, 3), True
         # After the naive loop, which the wait for the reports' minute to pass then mostly overlaps.
-        readback = readback_run(config_path, workdir / f"bench-{items}.db", log_path, upstreams)
+        readback = readback_run(config_path, workdir / f"{name}.db", log_path, upstreams)
         return SizeResult(
             items=items,
             conditions=conditions,

@@ -44,6 +44,7 @@ def table_rows(results: list[SizeResult]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "N": f"{r.items:,}",
+                "meter events": r.conditions.meter_events,
                 "cold s": f"{r.cold.wall_seconds:.1f}",
                 "floor s": f"{r.cold_floor_seconds:.1f}",
                 "/floor": f"{r.floor_ratio:.2f}",
@@ -76,7 +77,7 @@ def limiter_rows(results: list[SizeResult]) -> list[dict[str, Any]]:
         if r.naive_limits is not None:
             runs.append(("naive", r.naive_seconds, r.naive_limits))
         for name, seconds, check in runs:
-            rows.append(run_row(f"{r.items:,}", name, seconds, check))
+            rows.append(run_row(f"{r.items:,}", f"{name}, {r.conditions.meter_events}", seconds, check))
     return rows
 
 
@@ -135,14 +136,20 @@ def write_plot(results: list[SizeResult], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [r.items for r in results]
     figure, (times, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
-    times.plot(sizes, [r.cold.wall_seconds for r in results], "o-", label="reconciler, cold cycle")
-    times.plot(sizes, [r.warm.wall_seconds for r in results], "o-", label="reconciler, warm cycle")
-    budgeted = [r for r in results if r.conditions.stripe_latency]  # lifted sizes have no meaningful floor
-    times.plot(
-        [r.items for r in budgeted], [r.cold_floor_seconds for r in budgeted], "k--", label="floor set by the limiters"
-    )
+    for events in dict.fromkeys(r.conditions.meter_events for r in results):
+        runs = [r for r in results if r.conditions.meter_events == events]
+        sizes = [r.items for r in runs]
+        times.plot(sizes, [r.cold.wall_seconds for r in runs], "o-", label=f"reconciler, cold cycle, {events}")
+        times.plot(sizes, [r.warm.wall_seconds for r in runs], "o-", label=f"reconciler, warm cycle, {events}")
+        budgeted = [r for r in runs if r.conditions.stripe_latency]  # lifted sizes have no meaningful floor
+        times.plot(
+            [r.items for r in budgeted],
+            [r.cold_floor_seconds for r in budgeted],
+            "--",
+            label=f"floor set by the limiters, {events}",
+        )
+        memory.plot(sizes, [max(r.cold.peak_rss_mb, r.warm.peak_rss_mb) for r in runs], "o-", label=events)
     for r in results:
         if not r.conditions.stripe_latency:
             times.annotate(
@@ -153,7 +160,7 @@ def write_plot(results: list[SizeResult], path: Path) -> None:
         times.plot(*zip(*naive, strict=True), "s:", color="tab:red", label="naive loop (extrapolated beyond measured)")
     times.set(xscale="log", yscale="log", xlabel="metered items (N)", ylabel="seconds", title="Cycle wall time")
     times.legend(fontsize=8)
-    memory.plot(sizes, [max(r.cold.peak_rss_mb, r.warm.peak_rss_mb) for r in results], "o-", color="tab:purple")
+    memory.legend(fontsize=8)
     memory.set(xscale="log", xlabel="metered items (N)", ylabel="MB", title="Peak RSS of the product")
     memory.set_ylim(bottom=0)
     figure.tight_layout()

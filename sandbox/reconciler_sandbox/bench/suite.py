@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from reconciler_sandbox.bench.balances import BalanceSizeResult, run_balance_size
@@ -18,30 +19,35 @@ def run_benchmark(
     naive_up_to: int,
     lift_above: int,
     balance_sizes: list[int] = [],  # noqa: B006 (never mutated)
+    meter_events: Sequence[str] = ("v1",),
     plot: bool = True,
     progress: Callable[[str], None] = lambda _: None,
 ) -> tuple[list[SizeResult], list[BalanceSizeResult]]:
-    """Benchmark every usage size (sizes above `lift_above` run under `conditions.lifted()`), then the balance job
+    """Benchmark every usage size (sizes above `lift_above` run under `conditions.lifted()`) on each of the product's
+    `meter_events` paths side by side (the naive loop, which has one path, beside the first), then the balance job
     at every balance size. Writes bench.json (and bench.png) to `out_dir` as it goes."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[SizeResult] = []
     balance_results: list[BalanceSizeResult] = []
     per_item: float | None = None
     for items in sorted(sizes):
-        run_naive = items <= naive_up_to
-        lifted = items > lift_above
-        result = run_size(
-            items,
-            conditions.lifted() if lifted else conditions,
-            out_dir,
-            naive=run_naive,
-            naive_seconds_per_item=None if lifted else per_item,
-        )
-        if run_naive and result.naive_seconds is not None:
-            per_item = result.naive_seconds / items
-        results.append(result)
-        progress(f"usage sync, N={items:,}: cold {result.cold.wall_seconds:.1f} s")
-        write_json(results, balance_results, out_dir / "bench.json")
+        for path in meter_events:
+            first = path == meter_events[0]
+            run_naive = first and items <= naive_up_to
+            lifted = items > lift_above
+            path_conditions = replace(conditions, meter_events=path)
+            result = run_size(
+                items,
+                path_conditions.lifted() if lifted else path_conditions,
+                out_dir,
+                naive=run_naive,
+                naive_seconds_per_item=None if lifted or not first else per_item,
+            )
+            if run_naive and result.naive_seconds is not None:
+                per_item = result.naive_seconds / items
+            results.append(result)
+            progress(f"usage sync, N={items:,}, {path}: cold {result.cold.wall_seconds:.1f} s")
+            write_json(results, balance_results, out_dir / "bench.json")
     for customers in sorted(balance_sizes):
         balance_results.append(run_balance_size(customers, conditions, out_dir))
         progress(f"balance job, N={customers:,}: cold {balance_results[-1].cold.wall_seconds:.1f} s")
