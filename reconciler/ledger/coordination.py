@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,7 +29,7 @@ REPLICA_TIMEOUT = timedelta(seconds=30)  # a replica without a heartbeat this lo
 ENQUEUE_BATCH = 500  # work items written in one insert
 
 
-def check_fence(session: Session, fence: Fence) -> None:
+def check_fence(session: Session | Connection, fence: Fence) -> None:
     """Inside a transaction that writes for a work item: renew the lease, or raise LeaseLostError if it lapsed."""
     renewed = session.execute(
         update(WorkItem)
