@@ -30,7 +30,7 @@ class Sandbox:
     openmeter_server: LoopbackServer
     moesif_server: LoopbackServer
     app_server: LoopbackServer
-    meter_events_server: LoopbackServer | None = None  # the Stripe fake's v2 meter event stream host
+    meter_events_server: LoopbackServer  # the Stripe fake's v2 meter event stream host
 
     @classmethod
     def start(
@@ -67,8 +67,7 @@ class Sandbox:
     def stop(self) -> None:
         for server in (self.stripe_server, self.openmeter_server, self.moesif_server, self.app_server):
             server.stop()
-        if self.meter_events_server is not None:
-            self.meter_events_server.stop()
+        self.meter_events_server.stop()
 
     def config_dict(
         self, database_url: str, meters: list[dict[str, str]] = DEMO_METERS, *, plans: bool = False
@@ -80,7 +79,7 @@ class Sandbox:
             "stripe": {
                 "api_key": SANDBOX_STRIPE_KEY,
                 "api_base": self.stripe_server.url,
-                **({"meter_events_base": self.meter_events_server.url} if self.meter_events_server else {}),
+                "meter_events_base": self.meter_events_server.url,
             },
             "openmeter": {"url": self.openmeter_server.url, "token": SANDBOX_OPENMETER_TOKEN},
             "usage": {"meters": meters},

@@ -196,8 +196,9 @@ class SizeResult:
     conditions: Conditions
     cold: CycleMeasurement
     warm: CycleMeasurement
-    # Every period read back once, as after a billing period's close: its own job, timed apart from the cycles.
-    readback: CycleMeasurement
+    # Every period read back once, as after a billing period's close: its own job, timed apart from the cycles
+    # (None: not run, `--no-read-back`).
+    readback: CycleMeasurement | None
     naive_seconds: float | None = None
     naive_extrapolated: bool = False
     naive_agrees: bool | None = None  # None: the naive loop did not run at this size
@@ -218,7 +219,12 @@ class SizeResult:
     @property
     def within_limits(self) -> bool:
         """Whether every run the product made here kept within every limiter, with no 429."""
-        return all(c.limits.within_limits for c in (self.cold, self.warm, self.readback))
+        return all(c.limits.within_limits for c in self.product_runs)
+
+    @property
+    def product_runs(self) -> list[CycleMeasurement]:
+        """Every run the product made at this size."""
+        return [self.cold, self.warm, *([self.readback] if self.readback else [])]
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -417,10 +423,16 @@ def seeded_sandbox(items: int, conditions: Conditions, now: datetime) -> Sandbox
 
 
 def run_size(
-    items: int, conditions: Conditions, workdir: Path, *, naive: bool, naive_seconds_per_item: float | None
+    items: int,
+    conditions: Conditions,
+    workdir: Path,
+    *,
+    naive: bool,
+    naive_seconds_per_item: float | None,
+    read_back: bool = True,
 ) -> SizeResult:
     """Benchmark `items` metered items; `naive` runs the baseline at this size, else its time is extrapolated
-    from `naive_seconds_per_item` (when known)."""
+    from `naive_seconds_per_item` (when known); `read_back` runs the read-back after."""
     now = datetime.now(UTC)
     sandbox = seeded_sandbox(items, conditions, now)
     try:
@@ -436,7 +448,7 @@ def run_size(
         elif naive_seconds_per_item is not None:
             naive_seconds, extrapolated = round(naive_seconds_per_item * items, 3), True
         # After the naive loop, which the wait for the reports' minute to pass then mostly overlaps.
-        readback = readback_run(config_path, workdir / f"{name}.db", log_path, upstreams)
+        readback = readback_run(config_path, workdir / f"{name}.db", log_path, upstreams) if read_back else None
         return SizeResult(
             items=items,
             conditions=conditions,

@@ -53,9 +53,9 @@ def table_rows(results: list[SizeResult]) -> list[dict[str, Any]]:
                 "speedup": "-" if r.naive_ratio is None else f"{r.naive_ratio:.1f}x",
                 "warm s": f"{r.warm.wall_seconds:.1f}",
                 "warm reqs": "/".join(str(r.warm.requests[api]) for api in APIS),
-                "read-back s": f"{r.readback.wall_seconds:.1f}",
-                "read-back reqs": str(r.readback.requests["stripe"]),
-                "429s": str(sum(sum(c.answered_429.values()) for c in (r.cold, r.warm, r.readback))),
+                "read-back s": f"{r.readback.wall_seconds:.1f}" if r.readback else "-",
+                "read-back reqs": str(r.readback.requests["stripe"]) if r.readback else "-",
+                "429s": str(sum(sum(c.answered_429.values()) for c in r.product_runs)),
                 "RSS MB": f"{max(r.cold.peak_rss_mb, r.warm.peak_rss_mb):.0f}",
                 "agrees": {None: "-", True: "yes", False: "NO"}[r.naive_agrees],
                 "limits": "kept" if r.within_limits else "EXCEEDED",
@@ -72,8 +72,9 @@ def limiter_rows(results: list[SizeResult]) -> list[dict[str, Any]]:
         runs: list[tuple[str, float | None, LimitsCheck]] = [
             ("cold", r.cold.wall_seconds, r.cold.limits),
             ("warm", r.warm.wall_seconds, r.warm.limits),
-            ("read-back", r.readback.wall_seconds, r.readback.limits),
         ]
+        if r.readback is not None:
+            runs.append(("read-back", r.readback.wall_seconds, r.readback.limits))
         if r.naive_limits is not None:
             runs.append(("naive", r.naive_seconds, r.naive_limits))
         for name, seconds, check in runs:

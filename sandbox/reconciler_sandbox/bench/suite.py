@@ -20,6 +20,7 @@ def run_benchmark(
     lift_above: int,
     balance_sizes: list[int] = [],  # noqa: B006 (never mutated)
     meter_events: Sequence[str] = ("v1",),
+    read_back: bool = True,
     plot: bool = True,
     progress: Callable[[str], None] = lambda _: None,
 ) -> tuple[list[SizeResult], list[BalanceSizeResult]]:
@@ -42,6 +43,7 @@ def run_benchmark(
                 out_dir,
                 naive=run_naive,
                 naive_seconds_per_item=None if lifted or not first else per_item,
+                read_back=read_back,
             )
             if run_naive and result.naive_seconds is not None:
                 per_item = result.naive_seconds / items
