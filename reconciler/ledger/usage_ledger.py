@@ -14,7 +14,7 @@ import hashlib
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -300,8 +300,10 @@ class UsageLedger:
         key = {"stream_key": work.stream.key, "period_start": work.period.start}
         row = connection.execute(_HotPath.LOCK_PERIOD, key).first()
         if row is None:
-            connection.execute(_HotPath.INSERT_PERIOD, _new_period(work, now))
-            row = connection.execute(_HotPath.LOCK_PERIOD, key).one()
+            # The new row is ours alone until the transaction ends: its fields are the ones just written.
+            new = _new_period(work, now)
+            inserted = connection.execute(_HotPath.INSERT_PERIOD, new)
+            return _NewPeriodRow(inserted.inserted_primary_key[0], **{name: new[name] for name in _NEW_ROW_FIELDS})
         return row
 
     def mark_sent(self, intent: Intent) -> None:
@@ -484,6 +486,20 @@ class UsageLedger:
             key_number=report.idempotency_key_number,
             attempted_at=report.attempted_at,
         )
+
+
+_NEW_ROW_FIELDS = ("next_sequence", "reported_total", "unit_amount", "currency")  # what `_lock_period` returns
+
+
+@dataclass(frozen=True)
+class _NewPeriodRow:
+    """`_lock_period`'s answer for a row it has just inserted, shaped like the row `LOCK_PERIOD` selects."""
+
+    id: int
+    next_sequence: int
+    reported_total: int
+    unit_amount: str | None
+    currency: str | None
 
 
 def _new_period(work: StreamPeriod, now: datetime) -> dict[str, Any]:
