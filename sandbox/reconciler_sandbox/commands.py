@@ -115,6 +115,13 @@ def bench(
             "default: v1 and v2_stream).",
         ),
     ] = None,
+    usage_every_hour: Annotated[
+        bool,
+        typer.Option(
+            help="Seed usage in every hour of each customer's period (as an API's customers have), not three events: "
+            "OpenMeter's windowed answers then hold a row per customer per hour."
+        ),
+    ] = False,
     read_back: Annotated[
         bool, typer.Option(help="Time the read-back of every period after the cycles (summaries: 25 a second live).")
     ] = True,
@@ -142,6 +149,7 @@ def bench(
         openmeter_per_second=openmeter_per_second,
         moesif_latency=moesif_latency_ms / 1000,
         moesif_per_minute=moesif_per_minute,
+        usage_every_hour=usage_every_hour,
     )
     results, balances = run_benchmark(
         [n for n in (items or [1000, 10_000, 100_000]) if n > 0],

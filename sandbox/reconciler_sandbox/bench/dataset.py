@@ -48,13 +48,18 @@ def seed_stripe(stripe: FakeStripe, items: int, now: datetime) -> None:
         )
 
 
-def seed_openmeter(openmeter: FakeOpenMeter, items: int, now: datetime) -> None:
-    """A few events per customer inside its current period, all before `now`'s hour so the totals are whole."""
+def seed_openmeter(openmeter: FakeOpenMeter, items: int, now: datetime, *, every_hour: bool = False) -> None:
+    """A few events per customer inside its current period, all before `now`'s hour so the totals are whole; with
+    `every_hour`, also one in every hour of the period so far, as an API's customers have usage every hour: a
+    windowed query then answers a row per customer per hour."""
     openmeter.record_requests = False
     openmeter.add_meter(OPENMETER_METER, aggregation="SUM", value_property="$.count")
     for index in range(items):
         start = period_start(index, now)
         hours = max(1, int((now - start).total_seconds() // 3600))
+        if every_hour:
+            for hour in range(hours):
+                openmeter.ingest(OPENMETER_METER, customer_id(index), start + timedelta(hours=hour, minutes=5), 2)
         for event in range(EVENTS_PER_CUSTOMER):
             at = start + timedelta(hours=(index + event * 5) % hours, minutes=17)
             if at < now.replace(minute=0, second=0, microsecond=0):

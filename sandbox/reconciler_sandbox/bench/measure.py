@@ -58,6 +58,8 @@ class Conditions:
     moesif_concurrency: int = 4
     # The product's `stripe.meter_events`: v1 (a request per meter event) or v2_stream (up to 100 per request).
     meter_events: str = "v1"
+    # Usage in every hour of each customer's period (dataset.seed_openmeter), not only a few events.
+    usage_every_hour: bool = False
 
     def lifted(self) -> Conditions:
         """No latency and limits far above the loopback's speed: measures memory and CPU, not waiting."""
@@ -418,7 +420,7 @@ def seeded_sandbox(items: int, conditions: Conditions, now: datetime) -> Sandbox
     apply_stripe_conditions(sandbox.stripe, conditions)
     apply_conditions(sandbox.openmeter, conditions.openmeter_latency, conditions.openmeter_per_second)
     seed_stripe(sandbox.stripe, items, now)
-    seed_openmeter(sandbox.openmeter, items, now)
+    seed_openmeter(sandbox.openmeter, items, now, every_hour=conditions.usage_every_hour)
     return sandbox
 
 
