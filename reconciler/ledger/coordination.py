@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
 import uuid
@@ -24,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.ledger.schema import CycleTick, Replica, WorkItem
 from reconciler.usage.model import Claim, Fence, LeaseLostError
+from reconciler.usage.pipeline import batched
 
 REPLICA_TIMEOUT = timedelta(seconds=30)  # a replica without a heartbeat this long is not live
 ENQUEUE_BATCH = 500  # work items written in one insert
@@ -123,8 +123,7 @@ class Coordinator:
             session.execute(
                 delete(WorkItem).where(WorkItem.job == job, WorkItem.state == "pending", WorkItem.tick_id != tick_id)
             )
-            iterator = iter(payloads)
-            while batch := list(itertools.islice(iterator, ENQUEUE_BATCH)):
+            for batch in batched(payloads, ENQUEUE_BATCH):
                 rows = [
                     {
                         "tick_id": tick_id,
