@@ -303,7 +303,13 @@ class UsageLedger:
             # The new row is ours alone until the transaction ends: its fields are the ones just written.
             new = _new_period(work, now)
             inserted = connection.execute(_HotPath.INSERT_PERIOD, new)
-            return _NewPeriodRow(inserted.inserted_primary_key[0], **{name: new[name] for name in _NEW_ROW_FIELDS})
+            return _NewPeriodRow(
+                id=inserted.inserted_primary_key[0],
+                next_sequence=new["next_sequence"],
+                reported_total=new["reported_total"],
+                unit_amount=new["unit_amount"],
+                currency=new["currency"],
+            )
         return row
 
     def mark_sent(self, intent: Intent) -> None:
@@ -486,9 +492,6 @@ class UsageLedger:
             key_number=report.idempotency_key_number,
             attempted_at=report.attempted_at,
         )
-
-
-_NEW_ROW_FIELDS = ("next_sequence", "reported_total", "unit_amount", "currency")  # what `_lock_period` returns
 
 
 @dataclass(frozen=True)
