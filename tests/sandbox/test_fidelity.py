@@ -36,7 +36,15 @@ from reconciler_sandbox.stripe_fake import FakeStripe
 from tests.sandbox.conftest import NOW, Clock, openmeter_sdk, stripe_sdk
 from tests.sandbox.test_moesif_fake import TXN_PATH, _balance, _txn
 from tests.sandbox.test_openmeter_fake import T0, _raw
-from tests.sandbox.test_stripe_fake import LEGACY, _legacy_item, _meter_event, _seed_subscriptions, _usage
+from tests.sandbox.test_stripe_fake import (
+    LEGACY,
+    PERIOD_END,
+    PERIOD_START,
+    _legacy_item,
+    _meter_event,
+    _seed_subscriptions,
+    _usage,
+)
 
 DAY = 86400
 
@@ -901,6 +909,40 @@ def test_subscription_pagination(stripe_client: stripe.StripeClient, stripe_fake
     assert gets[1].params["starting_after"] == created[15]
     page = stripe_client.v1.subscriptions.list(params={"limit": 100})
     assert len(page.data) == 25 and page.has_more is False and page.url == "/v1/subscriptions"
+
+
+def test_subscription_pagination_backwards_filtered_and_across_a_new_subscription(
+    stripe_client: stripe.StripeClient, stripe_fake: FakeStripe
+):
+    """https://docs.stripe.com/api/pagination: `ending_before` "returns objects listed before the named object" (the
+    previous page), `starting_after` those after it, newest first. The fake keeps its newest-first order between
+    pages for speed: a page asked for after a subscription was created, or of a filtered list, must still be
+    exactly the objects before or after the cursor."""
+    created = _seed_subscriptions(stripe_fake, 25)
+    newest_first = list(reversed(created))
+
+    def page(**params: object) -> tuple[list[str], bool]:
+        listed = stripe_client.v1.subscriptions.list(params={"limit": 10, **params})  # type: ignore[arg-type]
+        return [s.id for s in listed.data], listed.has_more
+
+    first, _ = page()
+    second, more = page(starting_after=first[-1])
+    assert (first, second, more) == (newest_first[:10], newest_first[10:20], True)
+    assert page(ending_before=second[0]) == (newest_first[:10], False)
+    assert page(ending_before=second[-1]) == (newest_first[9:19], True)
+
+    price = next(iter(stripe_fake.subscription_items.values()))["price"]
+    newer = stripe_fake.add_subscription(
+        "cus_1",
+        [price],
+        current_period_start=PERIOD_START,
+        current_period_end=PERIOD_END,
+        created=stripe_fake.subscriptions[created[-1]]["created"] + 1,
+    )["id"]
+    assert page(starting_after=second[-1]) == (newest_first[20:], False)
+    assert page()[0] == [newer, *newest_first[:9]]
+    assert page(status="active", starting_after=second[-1]) == (newest_first[20:], False)  # a filtered list
+    assert page(status="active", ending_before=newest_first[0]) == ([newer], False)
 
 
 def test_limit_bounds(stripe_client: stripe.StripeClient, stripe_fake: FakeStripe):
