@@ -65,7 +65,7 @@ from reconciler.usage.model import (
     StreamPeriod,
     UsageWindow,
 )
-from reconciler.usage.outcomes import SentMarks
+from reconciler.usage.outcomes import SentMarks, Settlement
 from reconciler.usage.periods import ONE_SECOND, usage_window
 from reconciler.usage.pipeline import KeyedLocks, SyncItem, batched, run_pipeline
 from reconciler.usage.ports import Coordination, ListingBook, MeterStore, Runs, UnbilledBook, UsageBook
@@ -262,6 +262,8 @@ class UsageSync:
                 coordinator.complete(claim)
             except LeaseLostError:
                 log.warning("lease lost before completing a work item; its new owner finishes it")
+            except Exception:  # e.g. the database went away: the lease lapses and another replica syncs it again
+                log.exception("could not complete a work item; once its lease lapses it is synced again")
 
         # Claimed items wait in the pipeline under a lease: batches of one claim keep that wait short.
         return self._timed(False, shared_plan, batch_size=CLAIM_BATCH)
@@ -304,10 +306,16 @@ class UsageSync:
 
             def sync(item: SyncItem, prepared: PreparedBatch) -> None:
                 own = CycleResult(run_id=run_id, summary=CycleSummary())
-                with structlog.contextvars.bound_contextvars(**context), self._streams.hold(item.unit.stream.key):
-                    self._sync_one(item.unit, now, run_id, dry_run, own, item.fence, prepared=prepared)
-                if item.done is not None:
-                    item.done()
+                # A replica's claim completes once the outcomes this sync left buffered are written, not before.
+                settlement = Settlement(item.done) if item.done is not None else None
+                try:
+                    with structlog.contextvars.bound_contextvars(**context), self._streams.hold(item.unit.stream.key):
+                        self._sync_one(
+                            item.unit, now, run_id, dry_run, own, item.fence, prepared=prepared, settlement=settlement
+                        )
+                finally:
+                    if settlement is not None:
+                        settlement.synced()
                 with merging:
                     result.add(own)
                 prepared.tally.add(own.summary)
@@ -429,8 +437,10 @@ class UsageSync:
         fence: Fence | None = None,
         reopen_final: bool = False,
         prepared: PreparedBatch | None = None,
+        settlement: Settlement | None = None,
     ) -> PlannedReport | None:
-        """Sync one stream period; its decision, or None if it failed or another process holds it."""
+        """Sync one stream period; its decision, or None if it failed or another process holds it. Outcomes it
+        leaves buffered are each expected by `settlement` (a replica's claim on the item), when given."""
         stream, summary = work.stream, result.summary
         ledger = self._ledger.fenced(fence)
         summary.seen += 1
@@ -459,7 +469,7 @@ class UsageSync:
                     self._count(decision, summary)
                     return planned
                 assert run_id is not None
-                self._apply(ledger, work, state, decision, run_id)
+                self._apply(ledger, work, state, decision, run_id, settlement)
                 self._count(decision, summary)
                 return planned
             except ContendedError as exc:
@@ -562,7 +572,13 @@ class UsageSync:
             result.next_final_sync = due
 
     def _apply(
-        self, ledger: UsageBook, work: StreamPeriod, state: LedgerState, decision: Decision, run_id: str
+        self,
+        ledger: UsageBook,
+        work: StreamPeriod,
+        state: LedgerState,
+        decision: Decision,
+        run_id: str,
+        settlement: Settlement | None = None,
     ) -> None:
         if decision.action is Action.FAIL:
             raise PermanentError("reconciler", decision.reason)
@@ -591,17 +607,26 @@ class UsageSync:
         )
         direction = "up" if intent.quantity >= 0 else "down"
         self._metrics.usage_quantity.labels(work.stream.stripe_target, direction).inc(abs(intent.quantity))
-        self._send(ledger, work, intent, group_commit=True)
+        self._send(ledger, work, intent, group_commit=True, settlement=settlement)
 
-    def _send(self, ledger: UsageBook, work: StreamPeriod, intent: Intent, *, group_commit: bool = False) -> None:
+    def _send(
+        self,
+        ledger: UsageBook,
+        work: StreamPeriod,
+        intent: Intent,
+        *,
+        group_commit: bool = False,
+        settlement: Settlement | None = None,
+    ) -> None:
         """Send an intent and record its outcome; `group_commit`: an acceptance is recorded with others, by the
         cycle's SentMarks (reconciler.usage.outcomes). With `stripe.meter_events: v2_stream` a meter event of the
         cycle goes to the stream in a batch (reconciler.usage.stream_batches), which records its outcome when the
-        batch leaves; a resend of a pending one (recovery) goes at once, alone, as its outcome decides what follows."""
+        batch leaves; a resend of a pending one (recovery) goes at once, alone, as its outcome decides what follows.
+        `settlement` expects each outcome left buffered."""
         send = self._stripe.send_usage_record if intent.kind is StreamKind.LEGACY else self._stripe.send_meter_event
         if self._stream_batches is not None and intent.kind is not StreamKind.LEGACY:
             if group_commit:
-                self._stream_batches.add(ledger, work, intent)
+                self._stream_batches.add(ledger, work, intent, settlement.expect() if settlement else None)
                 return
             send = self._send_alone_to_stream
         try:
@@ -610,7 +635,7 @@ class UsageSync:
             self._settle_failed_send(ledger, work, intent, exc)
             return
         if group_commit:
-            self._sent_marks.add(ledger, intent)
+            self._sent_marks.add(ledger, intent, settlement.expect() if settlement else None)
         else:
             ledger.mark_sent(intent)
 

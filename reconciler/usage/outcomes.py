@@ -4,11 +4,16 @@ Only the outcome waits; the intent is always written, in its own transaction, be
 mark is still buffered when the process dies stays pending, exactly as if the process had died between the send
 and the mark: the next cycle resends it with the same identifier and idempotency key, which Stripe deduplicates.
 So buffering costs no safety, and saves a transaction (and on SQLite an fsync) per reported item.
+
+A replica's claimed work item (reconciler.ledger.coordination) is completed only once the outcomes its sync left
+buffered are written (`Settlement`): completing ends the lease, and with it the right to write for the item, so a
+mark written after it would be refused and its intent left pending.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import structlog
 
@@ -18,18 +23,52 @@ from reconciler.usage.ports import UsageBook
 log = structlog.get_logger(__name__)
 
 
+Written = Callable[[], None]  # called once a buffered outcome has been written (or its write failed)
+
+
+class Settlement:
+    """A claimed work item's completion (`done`), held back until the sync has returned and every outcome it left
+    buffered has been written."""
+
+    def __init__(self, done: Callable[[], None]) -> None:
+        self._done = done
+        self._open = 1  # the sync itself
+        self._lock = threading.Lock()
+
+    def expect(self) -> Written:
+        """One more buffered outcome; returns what to call once it has been written."""
+        with self._lock:
+            self._open += 1
+        return self._settle
+
+    def synced(self) -> None:
+        """The sync has returned."""
+        self._settle()
+
+    def _settle(self) -> None:
+        with self._lock:
+            self._open -= 1
+            complete = self._open == 0
+        if complete:
+            self._done()
+
+
 class SentMarks:
     """Thread-safe buffer of accepted intents, written `flush_at` at a time and on `flush()`."""
 
     def __init__(self, flush_at: int) -> None:
         self._flush_at = flush_at
         self._lock = threading.Lock()
-        self._buffered: dict[int, tuple[UsageBook, list[Intent]]] = {}  # by ledger: each may hold its own fence
+        # By ledger (each may hold its own fence): its intents, and what to call once they are written.
+        self._buffered: dict[int, tuple[UsageBook, list[Intent], list[Written]]] = {}
         self._count = 0
 
-    def add(self, ledger: UsageBook, intent: Intent) -> None:
+    def add(self, ledger: UsageBook, intent: Intent, written: Written | None = None) -> None:
         with self._lock:
-            self._buffered.setdefault(id(ledger), (ledger, []))[1].append(intent)
+            _, intents, callbacks = self._buffered.setdefault(id(ledger), (ledger, [], []))
+            intents.append(intent)
+            if written is not None:
+                callbacks.append(written)
             self._count += 1
             if self._count < self._flush_at:
                 return
@@ -41,15 +80,15 @@ class SentMarks:
             batches = self._take()
         self._write(batches)
 
-    def _take(self) -> list[tuple[UsageBook, list[Intent]]]:
+    def _take(self) -> list[tuple[UsageBook, list[Intent], list[Written]]]:
         batches = list(self._buffered.values())
         self._buffered.clear()
         self._count = 0
         return batches
 
     @staticmethod
-    def _write(batches: list[tuple[UsageBook, list[Intent]]]) -> None:
-        for ledger, intents in batches:
+    def _write(batches: list[tuple[UsageBook, list[Intent], list[Written]]]) -> None:
+        for ledger, intents, callbacks in batches:
             try:
                 ledger.mark_all_sent(intents)
             except Exception:  # e.g. the database went away, or a replica's lease lapsed
@@ -59,3 +98,5 @@ class SentMarks:
                     identifiers=[intent.identifier for intent in intents],
                     exc_info=True,
                 )
+            for written in callbacks:
+                written()

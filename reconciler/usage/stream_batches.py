@@ -27,6 +27,7 @@ import structlog
 
 from reconciler.upstream.errors import TransientError, UpstreamError
 from reconciler.usage.model import Intent, StreamPeriod
+from reconciler.usage.outcomes import Written
 from reconciler.usage.ports import UsageBook
 
 log = structlog.get_logger(__name__)
@@ -39,6 +40,7 @@ class Queued:
     ledger: UsageBook  # the item's (fenced, for a replica's claim)
     work: StreamPeriod
     intent: Intent
+    written: Written | None  # called once its outcome is recorded (a replica's claim completes then)
 
 
 @dataclass
@@ -55,11 +57,12 @@ class StreamBatches:
     """Thread-safe buffer of meter-event intents, sent `batch_size` at a time by `send` and on `flush()`.
 
     `send` posts one batch (raising reconciler.upstream.errors); `accepted` records an intent Stripe took (the group
-    commit); `failed` records the outcome of an intent whose batch failed and returns the stream period's failure
-    line, or None when the intent was settled without one."""
+    commit, which calls the intent's `written` once it has); `failed` records the outcome of an intent whose batch
+    failed and returns the stream period's failure line, or None when the intent was settled without one (its
+    `written` is called after)."""
 
     send: Callable[[Sequence[Intent]], None]
-    accepted: Callable[[UsageBook, Intent], None]
+    accepted: Callable[[UsageBook, Intent, Written | None], None]
     failed: Callable[[UsageBook, StreamPeriod, Intent, UpstreamError], str | None]
     batch_size: int = BATCH_SIZE
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -67,9 +70,9 @@ class StreamBatches:
     _failures: list[BatchFailure] = field(default_factory=list)
     requests: int = 0  # batches sent, for tests and logs
 
-    def add(self, ledger: UsageBook, work: StreamPeriod, intent: Intent) -> None:
+    def add(self, ledger: UsageBook, work: StreamPeriod, intent: Intent, written: Written | None = None) -> None:
         with self._lock:
-            self._queued.append(Queued(ledger, work, intent))
+            self._queued.append(Queued(ledger, work, intent, written))
             if len(self._queued) < self.batch_size:
                 return
             batch, self._queued = self._queued[: self.batch_size], self._queued[self.batch_size :]
@@ -103,7 +106,7 @@ class StreamBatches:
             self._record_failure(batch, TransientError("reconciler", f"unexpected error: {type(exc).__name__}: {exc}"))
             return
         for queued in batch:
-            self.accepted(queued.ledger, queued.intent)
+            self.accepted(queued.ledger, queued.intent, queued.written)
 
     def _record_failure(self, batch: list[Queued], exc: UpstreamError) -> None:
         log.warning("a meter event batch failed", events=len(batch), error=str(exc))
@@ -124,5 +127,7 @@ class StreamBatches:
                     error = f"{stream.customer_id} {stream.stripe_target}: {exc}; not recorded: {recording}"
             if error is not None:
                 failures.append(BatchFailure(queued.work, queued.intent, error))
+            if queued.written is not None:
+                queued.written()
         with self._lock:
             self._failures += failures
