@@ -14,10 +14,10 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -31,18 +31,35 @@ ENQUEUE_BATCH = 500  # work items written in one insert
 
 def check_fence(session: Session | Connection, fence: Fence) -> None:
     """Inside a transaction that writes for a work item: renew the lease, or raise LeaseLostError if it lapsed."""
+    check_fences(session, [fence])
+
+
+def check_fences(session: Session | Connection, fences: Sequence[Fence]) -> None:
+    """`check_fence` for every one of `fences` (a transaction writing for several work items), in one statement;
+    LeaseLostError if any lease lapsed. Rows are locked in id order, as `Coordinator.complete_all` locks them: two
+    transactions locking several work items must not lock them in orders that deadlock."""
+    if not fences:
+        return
+    table = WorkItem.__table__
     renewed = session.execute(
-        update(WorkItem)
+        update(table)
         .where(
-            WorkItem.id == fence.item_id,
-            WorkItem.fencing_token == fence.token,
-            WorkItem.lease_owner == fence.owner,
-            WorkItem.state == "claimed",
+            table.c.id == bindparam("b_id"),
+            table.c.fencing_token == bindparam("b_token"),
+            table.c.lease_owner == bindparam("b_owner"),
+            table.c.state == "claimed",
         )
-        .values(lease_expires_at=fence.clock() + fence.lease_ttl)
+        .values(lease_expires_at=bindparam("b_expires")),
+        [
+            {"b_id": f.item_id, "b_token": f.token, "b_owner": f.owner, "b_expires": f.clock() + f.lease_ttl}
+            for f in sorted(fences, key=lambda f: f.item_id)
+        ],
     ).rowcount
-    if renewed != 1:
-        raise LeaseLostError(f"lost the lease on work item {fence.item_id}")
+    if renewed != len(fences):
+        items = ", ".join(str(f.item_id) for f in fences)
+        raise LeaseLostError(
+            f"lost the lease on work item {items}" if len(fences) == 1 else f"lost a lease among work items {items}"
+        )
 
 
 class Coordinator:
@@ -68,10 +85,18 @@ class Coordinator:
         now = self._clock()
         with self._sessions.begin() as session:
             session.execute(update(Replica).where(Replica.id == self.replica_id).values(heartbeat_at=now))
+            # Rows locked right now are being written for, by transactions that renew their lease themselves
+            # (`check_fences`): skipped, the heartbeat never waits on them, so it cannot deadlock with them.
+            held = (
+                select(WorkItem.id)
+                .where(WorkItem.lease_owner == self.replica_id, WorkItem.state == "claimed")
+                .with_for_update(skip_locked=True)
+            )
             session.execute(
                 update(WorkItem)
-                .where(WorkItem.lease_owner == self.replica_id, WorkItem.state == "claimed")
+                .where(WorkItem.id.in_(held.scalar_subquery()))
                 .values(lease_expires_at=now + self._lease_ttl)
+                .execution_options(synchronize_session=False)
             )
             session.execute(delete(Replica).where(Replica.heartbeat_at < now - 10 * REPLICA_TIMEOUT))
 
@@ -152,37 +177,69 @@ class Coordinator:
     # -- executing -----------------------------------------------------------------------------------
 
     def claim_batch(self, job: str, size: int) -> list[Claim]:
+        """Up to `size` items under a new lease each: first any a dead replica's lapsed lease left behind, then
+        pending ones in plan order. Each claim is one UPDATE … RETURNING over rows picked with FOR UPDATE SKIP
+        LOCKED, and each pick walks the (job, state, id) index in order: a million-item plan costs no more per
+        claim than a small one (one ORDER BY over "pending OR lapsed" sorted every pending row, every claim)."""
         now = self._clock()
+        claims: list[Claim] = []
         with self._sessions.begin() as session:
-            rows = session.scalars(
-                select(WorkItem)
-                .where(
-                    WorkItem.job == job,
-                    or_(
-                        WorkItem.state == "pending",
-                        (WorkItem.state == "claimed") & (WorkItem.lease_expires_at < now),  # a dead replica's
-                    ),
+            for lapsed in (True, False):
+                if len(claims) == size:
+                    break
+                picked = (
+                    select(WorkItem.id)
+                    .where(WorkItem.job == job)
+                    .where(
+                        (WorkItem.state == "claimed") & (WorkItem.lease_expires_at < now)
+                        if lapsed
+                        else WorkItem.state == "pending"
+                    )
+                    .order_by(WorkItem.id)
+                    .limit(size - len(claims))
+                    .with_for_update(skip_locked=True)
                 )
-                .order_by(WorkItem.id)
-                .limit(size)
-                .with_for_update(skip_locked=True)
-            ).all()
-            claims = []
-            for row in rows:
-                row.state = "claimed"
-                row.lease_owner = self.replica_id
-                row.lease_expires_at = now + self._lease_ttl
-                row.fencing_token += 1
-                row.attempts += 1
-                fence = Fence(row.id, row.fencing_token, self.replica_id, self._clock, self._lease_ttl)
-                claims.append(Claim(row.id, row.payload, fence))
-            return claims
+                rows = session.execute(
+                    update(WorkItem)
+                    .where(WorkItem.id.in_(picked.scalar_subquery()))
+                    .values(
+                        state="claimed",
+                        lease_owner=self.replica_id,
+                        lease_expires_at=now + self._lease_ttl,
+                        fencing_token=WorkItem.fencing_token + 1,
+                        attempts=WorkItem.attempts + 1,
+                    )
+                    .returning(WorkItem.id, WorkItem.payload, WorkItem.fencing_token)
+                    .execution_options(synchronize_session=False)
+                ).all()
+                claims += [
+                    Claim(item_id, payload, Fence(item_id, token, self.replica_id, self._clock, self._lease_ttl))
+                    for item_id, payload, token in sorted(rows)
+                ]
+        return claims
 
-    def complete(self, claim: Claim) -> None:
+    def complete_all(self, claims: list[Claim]) -> int:
+        """Mark every claim done in one transaction, each only while its lease still holds; how many were."""
+        if not claims:
+            return 0
+        now = self._clock()
+        table = WorkItem.__table__
         with self._sessions.begin() as session:
-            check_fence(session, claim.fence)
-            session.get_one(WorkItem, claim.item_id).state = "done"
-            session.get_one(WorkItem, claim.item_id).finished_at = self._clock()
+            done = session.execute(
+                update(table)
+                .where(
+                    table.c.id == bindparam("b_id"),
+                    table.c.fencing_token == bindparam("b_token"),
+                    table.c.lease_owner == self.replica_id,
+                    table.c.state == "claimed",
+                )
+                .values(state="done", finished_at=now),
+                [
+                    {"b_id": claim.item_id, "b_token": claim.fence.token}
+                    for claim in sorted(claims, key=lambda c: c.item_id)  # in id order, as `check_fences`
+                ],
+            ).rowcount
+        return done
 
     def release(self, claims: list[Claim]) -> None:
         """Give back claims not worked on (stop requested), for another replica to take at once."""

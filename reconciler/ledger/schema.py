@@ -320,6 +320,8 @@ class WorkItem(Base):
     """
 
     __tablename__ = "work_items"
+    # Claims walk a job's pending (or lapsed) items in plan order (reconciler.ledger.coordination.claim_batch).
+    __table_args__ = (Index("ix_work_items_job_state_id", "job", "state", "id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     tick_id: Mapped[int] = mapped_column(ForeignKey("cycle_ticks.id"), index=True)

@@ -22,7 +22,7 @@ from sqlalchemy import Connection, Engine, Row, bindparam, insert, select, updat
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from reconciler.ledger.coordination import check_fence
+from reconciler.ledger.coordination import check_fence, check_fences
 from reconciler.ledger.schema import REJECTED_BY_STRIPE, LateDrift, PeriodStatus, UsagePeriod, UsageReport
 from reconciler.usage.decide import NEW_PERIOD, Action, Decision, LedgerState
 from reconciler.usage.model import (
@@ -116,13 +116,18 @@ class UsageLedger:
         """A write transaction; with a fence, it fails (LeaseLostError) unless our lease still holds."""
         return _FencedTransaction(self._sessions, self._fence)
 
+    @property
+    def fence(self) -> Fence | None:
+        """The lease every write of this ledger checks (None: unfenced)."""
+        return self._fence
+
     @contextmanager
-    def _write_core(self) -> Iterator[Connection]:
+    def _write_core(self, also_fenced_by: Sequence[Fence] = ()) -> Iterator[Connection]:
         """`_write` on a bare connection, for the statements every reported item runs (`_HotPath`): a Session's
-        own begin and commit cost more CPU than those statements."""
+        own begin and commit cost more CPU than those statements. `also_fenced_by`: other work items' leases the
+        transaction must hold too (it writes for them)."""
         with self._engine.begin() as connection:
-            if self._fence is not None:
-                check_fence(connection, self._fence)
+            check_fences(connection, [*([self._fence] if self._fence else []), *also_fenced_by])
             yield connection
 
     # -- reading -------------------------------------------------------------------------------------
@@ -316,13 +321,15 @@ class UsageLedger:
         """Stripe accepted the intent: it now holds `total_after` for the period."""
         self.mark_all_sent([intent])
 
-    def mark_all_sent(self, intents: Sequence[Intent]) -> None:
+    def mark_all_sent(self, intents: Sequence[Intent], also_fenced_by: Sequence[Fence] = ()) -> None:
         """Stripe accepted every one of `intents`: one transaction for all (a group commit), in Core with one
-        statement per table and kind of change (the ORM's unit of work cost most of this path's CPU)."""
+        statement per table and kind of change (the ORM's unit of work cost most of this path's CPU). Intents of
+        other claimed work items than this ledger's may come along with their leases (`also_fenced_by`): a
+        replica's marks for a batch of claims are one transaction too, which fails whole if any lease lapsed."""
         if not intents:
             return
         now = self._clock()
-        with self._write_core() as connection:
+        with self._write_core(also_fenced_by) as connection:
             unsent = {
                 report_id: (period_id, last_event_at)
                 for report_id, period_id, last_event_at in connection.execute(

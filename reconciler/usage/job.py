@@ -49,7 +49,6 @@ from reconciler.usage.listing import MemoryListing
 from reconciler.usage.measure import SUBJECTS_PER_QUERY, Measurements, Need, UsageQueries, measure
 from reconciler.usage.model import (
     BillingPeriod,
-    Claim,
     ContendedError,
     CycleSummary,
     Fence,
@@ -65,7 +64,7 @@ from reconciler.usage.model import (
     StreamPeriod,
     UsageWindow,
 )
-from reconciler.usage.outcomes import SentMarks, Settlement
+from reconciler.usage.outcomes import Completions, SentMarks, Settlement
 from reconciler.usage.periods import ONE_SECOND, usage_window
 from reconciler.usage.pipeline import KeyedLocks, SyncItem, batched, run_pipeline
 from reconciler.usage.ports import Coordination, ListingBook, MeterStore, Runs, UnbilledBook, UsageBook
@@ -77,7 +76,7 @@ from reconciler.usage.streams import LIVE_STATUSES, build_work, clashes, classif
 log = structlog.get_logger(__name__)
 
 MAX_WAIT_FOR_EVENT_SLOT = timedelta(seconds=2)
-CLAIM_BATCH = 10  # work items a replica claims at once
+CLAIM_BATCH = SUBJECTS_PER_QUERY  # work items a replica claims at once: one OpenMeter query's worth
 SENT_MARKS_PER_TRANSACTION = 50  # Stripe's acceptances recorded in one ledger transaction (reconciler.usage.outcomes)
 PLAN_WAIT = timedelta(seconds=60)  # how long the other replicas wait for the planning replica's plan
 LISTING_BATCH = 2000  # stream periods written to the cycle's listing in one insert (and commit)
@@ -252,21 +251,17 @@ class UsageSync:
                     return
                 for position, claim in enumerate(claims):
                     try:
-                        yield SyncItem(load_work(claim.payload), claim.fence, partial(complete, claim))
+                        yield SyncItem(load_work(claim.payload), claim.fence, partial(completions.add, claim))
                     except GeneratorExit:
                         coordinator.release(claims[position:])  # stopped: hand the rest back at once
                         raise
 
-        def complete(claim: Claim) -> None:
-            try:
-                coordinator.complete(claim)
-            except LeaseLostError:
-                log.warning("lease lost before completing a work item; its new owner finishes it")
-            except Exception:  # e.g. the database went away: the lease lapses and another replica syncs it again
-                log.exception("could not complete a work item; once its lease lapses it is synced again")
-
-        # Claimed items wait in the pipeline under a lease: batches of one claim keep that wait short.
-        return self._timed(False, shared_plan, batch_size=CLAIM_BATCH)
+        completions = Completions(coordinator.complete_all, flush_at=CLAIM_BATCH)
+        try:
+            # A claim is one batch of the pipeline: its items wait there under leases the heartbeat renews.
+            return self._timed(False, shared_plan, batch_size=CLAIM_BATCH)
+        finally:
+            completions.flush()
 
     def _await_plan(self, coordinator: Coordination, tick_key: str) -> None:
         deadline = time.monotonic() + PLAN_WAIT.total_seconds()

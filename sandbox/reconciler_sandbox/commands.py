@@ -126,19 +126,45 @@ def bench(
         bool, typer.Option(help="Time the read-back of every period after the cycles (summaries: 25 a second live).")
     ] = True,
     plot: Annotated[bool, typer.Option(help="Write bench.png (needs matplotlib).")] = True,
+    replica_items: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--replica-items",
+            help="Metered items for a cold cycle shared by --replicas `reconciler run` replicas on PostgreSQL, no "
+            "latency, lifted budgets (repeatable; e.g. 1000000). Needs --postgres-url.",
+        ),
+    ] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="Replicas sharing each --replica-items cycle.")] = 2,
+    postgres_url: Annotated[
+        str | None,
+        typer.Option(
+            help="PostgreSQL for the replica runs (each in a schema of its own, dropped after), e.g. "
+            "postgresql+psycopg://postgres@127.0.0.1:5432/test.",
+            envvar="RECONCILER_BENCH_POSTGRES_URL",
+        ),
+    ] = None,
 ) -> None:
     """Benchmark a usage sync cycle against the sandbox, with latency and Stripe's limiter structure enforced, side by
     side with the naive sequential loop, then the balance job; prints tables and writes bench.json and bench.png.
     Exits 1 if the product and the naive loop billed differently, a cycle failed, or a run of the product exceeded
     a limiter or was answered 429."""
     from reconciler_sandbox.bench.measure import Conditions
-    from reconciler_sandbox.bench.report import balance_limiter_rows, balance_rows, limiter_rows, table_rows
+    from reconciler_sandbox.bench.report import (
+        balance_limiter_rows,
+        balance_rows,
+        limiter_rows,
+        replica_rows,
+        table_rows,
+    )
     from reconciler_sandbox.bench.suite import run_benchmark
 
     paths = meter_events or ["v1", "v2_stream"]
     unknown = sorted(set(paths) - {"v1", "v2_stream"})
     if unknown:
         raise typer.BadParameter(f"{', '.join(unknown)}: not v1 or v2_stream", param_hint="--meter-events")
+    replica_sizes = [n for n in (replica_items or []) if n > 0]
+    if replica_sizes and not postgres_url:
+        raise typer.BadParameter("replica runs need a PostgreSQL database", param_hint="--postgres-url")
     conditions = Conditions(
         stripe_latency=stripe_latency_ms / 1000,
         openmeter_latency=openmeter_latency_ms / 1000,
@@ -151,7 +177,7 @@ def bench(
         moesif_per_minute=moesif_per_minute,
         usage_every_hour=usage_every_hour,
     )
-    results, balances = run_benchmark(
+    results, balances, replica_results = run_benchmark(
         [n for n in (items or [1000, 10_000, 100_000]) if n > 0],
         conditions,
         out_dir,
@@ -161,6 +187,9 @@ def bench(
         meter_events=paths,
         read_back=read_back,
         plot=plot,
+        replica_sizes=replica_sizes,
+        replicas=replicas,
+        postgres_url=postgres_url,
         progress=lambda line: err.print(line, markup=False),
     )
     if results:
@@ -174,6 +203,9 @@ def bench(
             markup=False,
         )
         _print_rows("balance job against the limiters", balance_limiter_rows(balances))
+    if replica_results:
+        _print_rows("usage sync shared by replicas on PostgreSQL", replica_rows(replica_results))
+        out.print("wrong totals: customers billed other than what OpenMeter holds", markup=False)
     out.print(
         "floor: the least time the limiters and the latency allow the run's requests; binding: the limiter or "
         "latency term that sets it; most in one window: the most requests any window of the limiter's length held",
@@ -184,7 +216,12 @@ def bench(
     over = [c for c in [*cycles, *(r.readback for r in results if r.readback)] if not c.limits.within_limits]
     if over:
         err.print("a run exceeded a limiter or was answered 429: see the tables and bench.json", markup=False)
-    failed = [r for r in results if r.naive_agrees is False] or [c for c in cycles if c.exit_code] or over
+    failed = (
+        [r for r in results if r.naive_agrees is False]
+        or [c for c in cycles if c.exit_code]
+        or over
+        or [r for r in replica_results if not r.ok]
+    )
     raise typer.Exit(EXIT_FAILURES if failed else EXIT_OK)
 
 

@@ -6,8 +6,13 @@ benchmark's business, not a test's."""
 from __future__ import annotations
 
 import json
+import os
+
+import pytest
 
 from tests.integration.helpers import reconciler
+
+POSTGRES_URL = os.environ.get("RECONCILER_TEST_POSTGRES_URL")
 
 
 def test_bench_smoke_run_agrees_with_the_naive_loop_and_writes_its_results(tmp_path):
@@ -118,3 +123,27 @@ def test_bench_smoke_run_agrees_with_the_naive_loop_and_writes_its_results(tmp_p
         "exceeded": False,
     }
     assert "changed reqs" in result.stdout  # the table, with its headers whole
+
+
+@pytest.mark.postgres
+def test_bench_replica_run_shares_one_cycle_between_two_replicas_and_bills_every_total(tmp_path):
+    if not POSTGRES_URL:
+        pytest.skip("RECONCILER_TEST_POSTGRES_URL is not set: the replica benchmark needs PostgreSQL")
+    items = 300
+    result = reconciler(
+        *("bench", "--items", "0", "--balance-customers", "0", "--no-plot", "--out", str(tmp_path)),
+        *("--replica-items", str(items), "--replicas", "2", "--meter-events", "v2_stream"),
+        *("--postgres-url", POSTGRES_URL),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    [run] = json.loads((tmp_path / "bench.json").read_text())["replica_sizes"]
+    assert (run["items"], run["ok"], run["wrong_totals"]) == (items, True, 0)
+    assert len(run["replicas"]) == 2
+    for replica in run["replicas"]:
+        assert replica["exit_code"] == 0 and replica["started"] and replica["finished"]
+        assert replica["cpu_seconds"] > 0 and replica["peak_rss_mb"] > 0
+    # One listing of Stripe (by the replica that planned the tick) and ⌈N/100⌉ stream batches, whoever sent them.
+    stripe = run["limits"]["endpoint_requests"]["stripe"]
+    assert stripe["GET /v1/subscriptions"] == 3 and stripe["POST /v2/billing/meter_event_stream"] <= items // 100 + 2
+    assert "shared by replicas" in result.stdout

@@ -281,8 +281,8 @@ def stripe_config(conditions: Conditions) -> dict[str, Any]:
     return settings
 
 
-def _config(sandbox: Sandbox, database: Path, conditions: Conditions) -> dict[str, Any]:
-    raw = sandbox.config_dict(f"sqlite:///{database}", [{"stripe": EVENT_NAME, "openmeter": OPENMETER_METER}])
+def product_config(sandbox: Sandbox, database_url: str, conditions: Conditions) -> dict[str, Any]:
+    raw = sandbox.config_dict(database_url, [{"stripe": EVENT_NAME, "openmeter": OPENMETER_METER}])
     raw["stripe"].update(stripe_config(conditions))
     raw["stripe"]["meter_events"] = conditions.meter_events
     raw["openmeter"]["max_requests_per_second"] = conditions.openmeter_per_second
@@ -439,7 +439,9 @@ def run_size(
     sandbox = seeded_sandbox(items, conditions, now)
     try:
         name = f"bench-{items}-{conditions.meter_events}"
-        config_path, log_path = fresh_product(workdir, name, lambda db: _config(sandbox, db, conditions))
+        config_path, log_path = fresh_product(
+            workdir, name, lambda db: product_config(sandbox, f"sqlite:///{db}", conditions)
+        )
         upstreams = Upstreams({"stripe": sandbox.stripe, "openmeter": sandbox.openmeter}, conditions)
         cold = product_cycle(config_path, log_path, upstreams, conditions.usage_cycle_shape())
         warm = product_cycle(config_path, log_path, upstreams, conditions.usage_cycle_shape())

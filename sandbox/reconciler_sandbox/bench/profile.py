@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from reconciler_sandbox.bench.measure import Conditions, _config, fresh_product, seeded_sandbox
+from reconciler_sandbox.bench.measure import Conditions, fresh_product, product_config, seeded_sandbox
 
 TOP = 35  # functions per table
 # `reconciler <args>` under cProfile timed by the process's CPU clock: the time the product spends waiting (for
@@ -50,7 +50,7 @@ def profile_cycles(items: int, out: Path) -> list[Path]:
         workdir.mkdir(exist_ok=True)
 
         def config(database: Path) -> dict[str, Any]:
-            raw = _config(sandbox, database, conditions)
+            raw = product_config(sandbox, f"sqlite:///{database}", conditions)
             raw["stripe"]["max_concurrency"] = 1
             raw["openmeter"]["max_concurrency"] = 1
             return raw

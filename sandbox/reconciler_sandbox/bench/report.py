@@ -10,6 +10,7 @@ from typing import Any
 
 from reconciler_sandbox.bench.balances import BalanceSizeResult
 from reconciler_sandbox.bench.measure import LimitsCheck, SizeResult
+from reconciler_sandbox.bench.replicas import ReplicaRunResult
 
 APIS = ("stripe", "openmeter")
 
@@ -25,11 +26,14 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_json(results: list[SizeResult], balances: list[BalanceSizeResult], path: Path) -> None:
+def write_json(
+    results: list[SizeResult], balances: list[BalanceSizeResult], replicas: list[ReplicaRunResult], path: Path
+) -> None:
     document = {
         "machine": machine(),
         "sizes": [r.as_dict() for r in results],
         "balance_sizes": [r.as_dict() for r in balances],
+        "replica_sizes": [r.as_dict() for r in replicas],
     }
     path.write_text(json.dumps(document, indent=2))
 
@@ -100,6 +104,27 @@ def run_row(size: str, name: str, seconds: float | None, check: LimitsCheck) -> 
         "429s": str(check.answered_429),
         "limits": "kept" if check.within_limits else "EXCEEDED",
     }
+
+
+def replica_rows(results: list[ReplicaRunResult]) -> list[dict[str, Any]]:
+    """One row per replica run: the shared cycle's time, and each replica's CPU and peak RSS."""
+    return [
+        {
+            "N": f"{r.items:,}",
+            "meter events": r.conditions.meter_events,
+            "replicas": str(len(r.replicas)),
+            "cold s": f"{r.wall_seconds:.1f}",
+            "CPU s per replica": " / ".join(f"{m.cpu_seconds:.0f}" for m in r.replicas),
+            "RSS MB per replica": " / ".join(f"{m.peak_rss_mb:.0f}" for m in r.replicas),
+            "stripe/openmeter reqs": "/".join(
+                str(sum(r.limits.endpoint_requests.get(api, {}).values())) for api in APIS
+            ),
+            "wrong totals": str(r.wrong_totals),
+            "limits": "kept" if r.limits.within_limits else "EXCEEDED",
+            "ok": "yes" if r.ok else "NO",
+        }
+        for r in results
+    ]
 
 
 def balance_limiter_rows(results: list[BalanceSizeResult]) -> list[dict[str, Any]]:

@@ -1,0 +1,45 @@
+"""Claiming and completing work items (reconciler.ledger.coordination) on SQLite and PostgreSQL: claims take a dead
+replica's lapsed leases first, then pending items in plan order, each under a new fencing token; completing in bulk
+completes only the claims whose lease still holds."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from reconciler.ledger.coordination import Coordinator
+from reconciler.ledger.database import make_engine, upgrade
+from tests.conftest import utc
+
+TTL = timedelta(seconds=30)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = utc(2026, 3, 10, 12)
+
+    def __call__(self):
+        return self.now
+
+
+def test_claims_take_lapsed_leases_first_then_pending_items_in_plan_order(database_url):
+    engine = make_engine(database_url)
+    upgrade(engine)
+    clock = Clock()
+    first, second = Coordinator(engine, clock, TTL), Coordinator(engine, clock, TTL)
+    tick = first.claim_tick("usage_sync", "tick-1")
+    assert tick is not None and second.claim_tick("usage_sync", "tick-1") is None
+    assert first.enqueue(tick, "usage_sync", [f"item-{n}" for n in range(5)]) == 5
+
+    held = first.claim_batch("usage_sync", 2)
+    assert [(c.payload, c.fence.token) for c in held] == [("item-0", 1), ("item-1", 1)]
+    assert [c.payload for c in second.claim_batch("usage_sync", 1)] == ["item-2"]  # what is held is not offered
+
+    clock.now += TTL + timedelta(seconds=1)  # the first replica died: its leases lapse; the second's are renewed
+    second.heartbeat()
+    taken = second.claim_batch("usage_sync", 3)
+    assert [(c.payload, c.fence.token) for c in taken] == [("item-0", 2), ("item-1", 2), ("item-3", 1)]
+    assert first.complete_all(held) == 0  # its tokens are stale: the item is the second replica's now
+    assert second.complete_all(taken) == 3
+    assert [c.payload for c in second.claim_batch("usage_sync", 10)] == ["item-4"]
+    assert second.claim_batch("usage_sync", 10) == []
+    engine.dispose()
