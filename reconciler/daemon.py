@@ -35,9 +35,11 @@ from reconciler.app import App, build_app, open_database
 from reconciler.attention import AttentionCollector
 from reconciler.clock import utc_now
 from reconciler.config import Config, ConfigError, load_config
+from reconciler.doctor import Outcome, assess_connections
 from reconciler.errors import SetupError
 from reconciler.jobs import JOBS, JobName, enabled_jobs
 from reconciler.ledger.coordination import Coordinator
+from reconciler.ledger.database import connections_allowed
 from reconciler.ledger.retention import prune_ledger
 from reconciler.ledger.schema import MoesifTransaction, UsageReport
 from reconciler.ledger.usage_ledger import UsageLedger
@@ -240,8 +242,20 @@ class Daemon:
                     replicas=live,
                     stripe_global_per_second=round(self.app.stripe.budget.global_per_second, 2),
                 )
+                self._warn_if_connections_run_out(live)
         except Exception:
             log.exception("heartbeat failed")
+
+    def _warn_if_connections_run_out(self, live: int) -> None:
+        """Replicas added one by one can outgrow PostgreSQL's max_connections: say so when they do (`doctor` checks
+        the same), before workers are refused connections mid-cycle."""
+        try:
+            check = assess_connections(self.config.connections_needed(), live, connections_allowed(self.engine))
+        except Exception:
+            log.warning("could not read PostgreSQL's max_connections", exc_info=True)
+            return
+        if check.outcome is not Outcome.OK:
+            log.warning("database connections may run out", detail=check.detail, fix=check.fix)
 
     def _schedule_jobs(self, *, first_run_now: bool) -> None:
         """Every job the registry (reconciler.jobs) says is on, on its schedule, and ledger pruning; a job switched

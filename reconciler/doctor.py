@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
+from reconciler.clock import utc_now
 from reconciler.config import Config, MeterMapping
 from reconciler.durations import format_duration
 from reconciler.errors import one_line
@@ -282,7 +283,10 @@ def _stripe_problem(name: str, exc: Exception) -> Check:
 
 def diagnose(config: Config, *, max_items: int = 10_000) -> Diagnosis:
     """Every check against the configured database and accounts; reads only."""
-    checks = [_database_check(config), assess_stripe_key(config), assess_grace_periods(config)]
+    checks = [_database_check(config)]
+    connections = _connections_check(config)
+    checks += [connections] if connections else []
+    checks += [assess_stripe_key(config), assess_grace_periods(config)]
     checks += _stripe_checks(config, max_items)
     checks += _openmeter_checks(config)
     return Diagnosis(checks)
@@ -304,6 +308,45 @@ def _database_check(config: Config) -> Check:
         state = "has no reconciler tables" if current is None else f"is at revision {current}, not {head}"
         return fail(name, f"the database {state}", "run `reconciler db upgrade`")
     return ok(name, f"reachable, at revision {head} (the latest)")
+
+
+def assess_connections(needed: int, replicas: int, available: int) -> Check:
+    """Whether `replicas` replicas, each opening up to `needed` connections (Config.connections_needed), fit in
+    the `available` ones (PostgreSQL's max_connections less the superuser's reserved ones). Past it, a worker's
+    connection is refused ("too many clients") and its item fails for the cycle."""
+    name = "database connections"
+    total = needed * replicas
+    detail = (
+        f"each replica may open {needed} connections (stripe.max_concurrency workers, OpenMeter queries, balance "
+        f"workers and 4 more); {replicas} live replica(s) × {needed} = {total} of the {available} PostgreSQL allows "
+        f"(room for {available // needed} replicas)"
+    )
+    if total > available:
+        return warn(
+            name,
+            detail,
+            "lower stripe.max_concurrency (and openmeter/moesif max_concurrency), run fewer replicas, or raise "
+            "PostgreSQL's max_connections (or put a pooler such as PgBouncer in front)",
+        )
+    return ok(name, detail)
+
+
+def _connections_check(config: Config) -> Check | None:
+    """On PostgreSQL, `assess_connections` for the replicas live now (at least this one); None elsewhere."""
+    from reconciler.ledger.coordination import Coordinator
+    from reconciler.ledger.database import connections_allowed, make_engine
+
+    engine = make_engine(config.database.url)
+    try:
+        if engine.dialect.name != "postgresql":
+            return None
+        available = connections_allowed(engine)
+        live = Coordinator(engine, utc_now).live_replicas()  # at least 1: this one, about to run
+    except Exception as exc:  # the database check names why it cannot be read
+        return warn("database connections", f"could not be read: {one_line(exc)}", "see the database check")
+    finally:
+        engine.dispose()
+    return assess_connections(config.connections_needed(), live, available)
 
 
 def _stripe_checks(config: Config, max_items: int) -> list[Check]:

@@ -163,7 +163,7 @@ class Coordinator:
                 ]
                 session.execute(insert(WorkItem), rows)
                 written += len(batch)
-            session.get_one(CycleTick, tick_id).enqueued_at = now
+            session.get_one(CycleTick, tick_id).enqueued_at = self._clock()  # when the plan was whole
         return written
 
     def plan_ready(self, job: str, tick_key: str) -> bool | None:
@@ -173,6 +173,16 @@ class Coordinator:
                 select(CycleTick).where(CycleTick.job == job, CycleTick.tick_key == tick_key)
             ).one_or_none()
         return None if tick is None else tick.enqueued_at is not None
+
+    def planner_live(self, job: str, tick_key: str) -> bool:
+        """Whether the replica planning the tick still heartbeats (a plan that never comes is not waited for)."""
+        with self._sessions() as session:
+            planner = session.execute(
+                select(Replica.heartbeat_at)
+                .join(CycleTick, CycleTick.planned_by == Replica.id)
+                .where(CycleTick.job == job, CycleTick.tick_key == tick_key)
+            ).scalar_one_or_none()
+        return planner is not None and planner >= self._clock() - REPLICA_TIMEOUT
 
     # -- executing -----------------------------------------------------------------------------------
 

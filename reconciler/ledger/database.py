@@ -8,7 +8,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
@@ -39,6 +39,13 @@ def check_reachable(engine: Engine) -> None:
     except DBAPIError as exc:
         url = engine.url.render_as_string(hide_password=True)
         raise DatabaseUnreachableError(f"cannot reach the database {url}: {one_line(exc.orig)}") from exc
+
+
+def connections_allowed(engine: Engine) -> int:
+    """PostgreSQL's max_connections less those reserved for superusers: what all replicas' pools must fit in."""
+    with engine.connect() as connection:
+        allowed = int(connection.execute(text("SHOW max_connections")).scalar_one())
+        return allowed - int(connection.execute(text("SHOW superuser_reserved_connections")).scalar_one())
 
 
 # SQLAlchemy's QueuePool keeps 5 connections (and 10 more at a time of need); a pool smaller than the threads that

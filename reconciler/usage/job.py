@@ -78,7 +78,7 @@ log = structlog.get_logger(__name__)
 MAX_WAIT_FOR_EVENT_SLOT = timedelta(seconds=2)
 CLAIM_BATCH = SUBJECTS_PER_QUERY  # work items a replica claims at once: one OpenMeter query's worth
 SENT_MARKS_PER_TRANSACTION = 50  # Stripe's acceptances recorded in one ledger transaction (reconciler.usage.outcomes)
-PLAN_WAIT = timedelta(seconds=60)  # how long the other replicas wait for the planning replica's plan
+PLAN_WAIT = timedelta(seconds=30)  # how often replicas waiting for a plan check its planner is still live
 LISTING_BATCH = 2000  # stream periods written to the cycle's listing in one insert (and commit)
 REFUSALS_BATCH = 500  # refused items recorded (reconciler.ledger.unbilled) in one transaction
 REVISIT_BATCH = 1000  # ended periods the ledger remembers, checked against the listing in one query
@@ -264,10 +264,17 @@ class UsageSync:
             completions.flush()
 
     def _await_plan(self, coordinator: Coordination, tick_key: str) -> None:
+        """Wait for the planning replica's plan for as long as that replica is live: listing a large account takes
+        minutes, and a replica that stopped waiting would find nothing to claim and sit the cycle out."""
         deadline = time.monotonic() + PLAN_WAIT.total_seconds()
-        while coordinator.plan_ready(JobName.USAGE_SYNC, tick_key) is False and time.monotonic() < deadline:
+        while coordinator.plan_ready(JobName.USAGE_SYNC, tick_key) is False:
             if self._stop_requested():
                 return
+            if time.monotonic() >= deadline:
+                if not coordinator.planner_live(JobName.USAGE_SYNC, tick_key):
+                    log.warning("the replica planning this cycle stopped; its plan is not waited for", tick=tick_key)
+                    return
+                deadline = time.monotonic() + PLAN_WAIT.total_seconds()
             time.sleep(0.2)
 
     def _timed(

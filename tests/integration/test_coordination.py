@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from reconciler.ledger.coordination import Coordinator
+from reconciler.ledger.coordination import REPLICA_TIMEOUT, Coordinator
 from reconciler.ledger.database import make_engine, upgrade
 from tests.conftest import utc
 
@@ -42,4 +42,22 @@ def test_claims_take_lapsed_leases_first_then_pending_items_in_plan_order(databa
     assert second.complete_all(taken) == 3
     assert [c.payload for c in second.claim_batch("usage_sync", 10)] == ["item-4"]
     assert second.claim_batch("usage_sync", 10) == []
+    engine.dispose()
+
+
+def test_a_plan_is_awaited_only_while_its_planner_heartbeats(database_url):
+    engine = make_engine(database_url)
+    upgrade(engine)
+    clock = Clock()
+    planner, waiter = Coordinator(engine, clock, TTL), Coordinator(engine, clock, TTL)
+    assert waiter.planner_live("usage_sync", "tick-1") is False  # nobody plans it
+    planner.register()
+    assert planner.claim_tick("usage_sync", "tick-1") is not None
+    assert waiter.plan_ready("usage_sync", "tick-1") is False and waiter.planner_live("usage_sync", "tick-1")
+    clock.now += REPLICA_TIMEOUT / 2
+    planner.heartbeat()
+    clock.now += REPLICA_TIMEOUT / 2 + timedelta(seconds=1)
+    assert waiter.planner_live("usage_sync", "tick-1")  # it heartbeat since
+    clock.now += REPLICA_TIMEOUT
+    assert waiter.planner_live("usage_sync", "tick-1") is False  # it died planning
     engine.dispose()

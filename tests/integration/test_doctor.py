@@ -4,8 +4,11 @@ the webhook endpoints and event destinations as Stripe documents them."""
 from __future__ import annotations
 
 import json
+import os
+import uuid
 
 import pytest
+from sqlalchemy import create_engine, make_url, text
 
 from reconciler.clock import utc_now
 from reconciler.webhooks.events import THIN_METER_ERROR_EVENTS, snapshot_events_needed
@@ -13,6 +16,7 @@ from reconciler_sandbox.seed import seed_sandbox
 from tests.integration.helpers import reconciler, write_config
 
 PUBLIC_URL = "https://billing.example.com"
+POSTGRES_URL = os.environ.get("RECONCILER_TEST_POSTGRES_URL")
 
 
 @pytest.fixture
@@ -140,3 +144,33 @@ def test_endpoints_that_post_elsewhere_are_not_taken_for_ours(sandbox, prepared)
         in (checks["stripe webhook endpoint"]["detail"])
     )
     assert "https://other.example.com/webhooks/stripe/thin" in checks["stripe thin event destination"]["detail"]
+
+
+@pytest.mark.postgres
+def test_on_postgresql_replicas_that_would_outgrow_max_connections_are_warned(sandbox, prepared, tmp_path):
+    if not POSTGRES_URL:
+        pytest.skip("RECONCILER_TEST_POSTGRES_URL is not set")
+    _, raw = prepared
+    schema = f"doctor_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_URL)
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+        allowed = connection.execute(text("SHOW max_connections")).scalar_one()
+    try:
+        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+        raw["database"] = {"url": url.render_as_string(hide_password=False)}
+        config = write_config(tmp_path / "pg.yaml", raw)
+        assert reconciler("db", "upgrade", "--config", str(config)).returncode == 0
+        _, checks = doctor_json(config)
+        assert checks["database connections"]["outcome"] == "ok"
+
+        if int(allowed) > 120:
+            pytest.skip(f"max_connections is {allowed}: more than one replica's 128 workers at most can outgrow")
+        raw["stripe"]["max_concurrency"] = int(allowed)  # one replica's workers alone would take every connection
+        _, checks = doctor_json(write_config(tmp_path / "pg.yaml", raw))
+        crowded = checks["database connections"]
+        assert crowded["outcome"] == "warn" and "stripe.max_concurrency" in crowded["fix"], crowded
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()

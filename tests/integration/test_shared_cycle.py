@@ -6,13 +6,17 @@ sent it again (found by `reconciler bench`'s replica runs, docs/bench)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from contextlib import ExitStack
+from datetime import timedelta
 
 import pytest
 from freezegun import freeze_time
 
 from reconciler.clock import utc_now
 from reconciler.ledger.coordination import Coordinator
+from reconciler.usage import job
 from reconciler_sandbox.httpserver import LoopbackServer
 from tests.conftest import Harness
 from tests.integration.test_meter_event_stream import seed_customers
@@ -43,3 +47,26 @@ def test_a_shared_cycle_records_every_outcome_before_it_completes_the_claim(harn
             assert (second.summary.reported, second.summary.unchanged) == (0, 130)
             resends = [r for r in harness.stripe.requests[requests_before:] if r.method == "POST"]
             assert resends == []
+
+
+def test_a_replica_waits_for_a_plan_as_long_as_its_planner_is_live(harness: Harness, monkeypatch):
+    if harness.engine.dialect.name != "postgresql":
+        pytest.skip("replicas share a cycle only on PostgreSQL (reconciler.daemon); SQLite runs it locally")
+    seed_customers(harness, 5)
+    monkeypatch.setattr(job, "PLAN_WAIT", timedelta(seconds=0.2))  # the liveness check, long before the plan is done
+    harness.stripe.latency_seconds = 0.5  # listing Stripe (the meters, then subscriptions) takes the planner a while
+    planner_sync = harness.sync
+    harness.configure()  # a second replica's usage sync, on the same database
+    with freeze_time(MID, tick=True):
+        planner, waiter = Coordinator(harness.engine, utc_now), Coordinator(harness.engine, utc_now)
+        planner.register()
+        planning = threading.Thread(target=planner_sync.run_shared_cycle, args=(planner, "tick-1"))
+        planning.start()
+        while waiter.plan_ready("usage_sync", "tick-1") is None:
+            time.sleep(0.01)
+        harness.sync.run_shared_cycle(waiter, "tick-1")
+        waited_until = utc_now()
+        planning.join()
+    [(enqueued_at,)] = harness.rows("select enqueued_at from cycle_ticks where tick_key = 'tick-1'")
+    assert enqueued_at is not None and waited_until.replace(tzinfo=None) >= enqueued_at
+    assert harness.rows("select state, count(*) from work_items group by state") == [("done", 5)]

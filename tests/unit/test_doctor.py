@@ -7,6 +7,7 @@ import pytest
 from reconciler.config import parse_config
 from reconciler.doctor import (
     Outcome,
+    assess_connections,
     assess_event_destination,
     assess_grace_periods,
     assess_stripe_key,
@@ -125,3 +126,12 @@ def test_public_url_must_be_an_http_url():
 
     with pytest.raises(ConfigError, match=r"server\.public_url"):
         parse_config({**BASE, "server": {"public_url": "billing.example.com"}})
+
+
+def test_replicas_whose_connections_outgrow_postgresql_are_warned_with_what_to_change():
+    fits = assess_connections(needed=28, replicas=3, available=97)
+    assert fits.outcome is Outcome.OK and "3 live replica(s) × 28 = 84 of the 97" in fits.detail
+    outgrown = assess_connections(needed=76, replicas=2, available=97)
+    assert outgrown.outcome is Outcome.WARN
+    assert "152 of the 97" in outgrown.detail and "room for 1 replicas" in outgrown.detail
+    assert "stripe.max_concurrency" in outgrown.fix and "max_connections" in outgrown.fix
