@@ -205,7 +205,11 @@ def bench(
         _print_rows("balance job against the limiters", balance_limiter_rows(balances))
     if replica_results:
         _print_rows("usage sync shared by replicas on PostgreSQL", replica_rows(replica_results))
-        out.print("wrong totals: customers billed other than what OpenMeter holds", markup=False)
+        out.print(
+            "wrong totals: customers billed other than what OpenMeter holds; left pending: intents Stripe accepted "
+            "that the ledger does not record as sent; unfinished: planned items no replica completed",
+            markup=False,
+        )
     out.print(
         "floor: the least time the limiters and the latency allow the run's requests; binding: the limiter or "
         "latency term that sets it; most in one window: the most requests any window of the limiter's length held",

@@ -139,6 +139,7 @@ def test_bench_replica_run_shares_one_cycle_between_two_replicas_and_bills_every
     assert result.returncode == 0, result.stdout + result.stderr
     [run] = json.loads((tmp_path / "bench.json").read_text())["replica_sizes"]
     assert (run["items"], run["ok"], run["wrong_totals"]) == (items, True, 0)
+    assert (run["pending_intents"], run["unfinished_items"]) == (0, 0)  # every acceptance recorded, every item done
     assert len(run["replicas"]) == 2
     for replica in run["replicas"]:
         assert replica["exit_code"] == 0 and replica["started"] and replica["finished"]

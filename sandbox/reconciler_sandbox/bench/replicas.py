@@ -53,12 +53,17 @@ class ReplicaRunResult:
     replicas: list[ReplicaMeasurement]
     wall_seconds: float  # the first replica's cycle start to the last one's finish
     wrong_totals: int  # customers whose billed total is not what OpenMeter holds
+    # The ledger after the cycle: intents Stripe accepted that it does not record as sent (the next cycle would
+    # send them again), and planned items no replica completed.
+    pending_intents: int
+    unfinished_items: int
     limits: LimitsCheck
 
     @property
     def ok(self) -> bool:
         finished = all(r.finished is not None and r.exit_code == 0 for r in self.replicas)
-        return finished and self.wrong_totals == 0 and self.limits.within_limits
+        settled = self.pending_intents == self.unfinished_items == 0
+        return finished and settled and self.wrong_totals == 0 and self.limits.within_limits
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -103,12 +108,19 @@ def run_replicas(
         billed = billed_totals(sandbox.stripe)
         expected = measured_totals(sandbox.openmeter)
         wrong = sum(1 for customer in expected.keys() | billed.keys() if billed.get(customer) != expected.get(customer))
+        ledger = create_engine(url)
+        with ledger.connect() as connection:
+            pending = connection.execute(text("SELECT count(*) FROM usage_reports WHERE state = 'pending'")).scalar()
+            unfinished = connection.execute(text("SELECT count(*) FROM work_items WHERE state != 'done'")).scalar()
+        ledger.dispose()
         return ReplicaRunResult(
             items=items,
             conditions=conditions,
             replicas=measured,
             wall_seconds=round(wall, 3),
             wrong_totals=wrong,
+            pending_intents=int(pending or 0),
+            unfinished_items=int(unfinished or 0),
             limits=upstreams.check(conditions.usage_cycle_shape()),
         )
     finally:

@@ -120,6 +120,7 @@ def replica_rows(results: list[ReplicaRunResult]) -> list[dict[str, Any]]:
                 str(sum(r.limits.endpoint_requests.get(api, {}).values())) for api in APIS
             ),
             "wrong totals": str(r.wrong_totals),
+            "left pending / unfinished": f"{r.pending_intents} / {r.unfinished_items}",
             "limits": "kept" if r.limits.within_limits else "EXCEEDED",
             "ok": "yes" if r.ok else "NO",
         }
