@@ -28,6 +28,19 @@ from reconciler.usage.pipeline import batched
 REPLICA_TIMEOUT = timedelta(seconds=30)  # a replica without a heartbeat this long is not live
 ENQUEUE_BATCH = 500  # work items written in one insert
 
+_work_items = WorkItem.__table__
+# A claim's lease, renewed inside a transaction that writes for it; refused (0 rows) once it lapsed.
+_RENEW_LEASE = (
+    update(_work_items)
+    .where(
+        _work_items.c.id == bindparam("b_id"),
+        _work_items.c.fencing_token == bindparam("b_token"),
+        _work_items.c.lease_owner == bindparam("b_owner"),
+        _work_items.c.state == "claimed",
+    )
+    .values(lease_expires_at=bindparam("b_expires"))
+)
+
 
 def check_fence(session: Session | Connection, fence: Fence) -> None:
     """Inside a transaction that writes for a work item: renew the lease, or raise LeaseLostError if it lapsed."""
@@ -40,21 +53,11 @@ def check_fences(session: Session | Connection, fences: Sequence[Fence]) -> None
     transactions locking several work items must not lock them in orders that deadlock."""
     if not fences:
         return
-    table = WorkItem.__table__
-    renewed = session.execute(
-        update(table)
-        .where(
-            table.c.id == bindparam("b_id"),
-            table.c.fencing_token == bindparam("b_token"),
-            table.c.lease_owner == bindparam("b_owner"),
-            table.c.state == "claimed",
-        )
-        .values(lease_expires_at=bindparam("b_expires")),
-        [
-            {"b_id": f.item_id, "b_token": f.token, "b_owner": f.owner, "b_expires": f.clock() + f.lease_ttl}
-            for f in sorted(fences, key=lambda f: f.item_id)
-        ],
-    ).rowcount
+    params = [
+        {"b_id": f.item_id, "b_token": f.token, "b_owner": f.owner, "b_expires": f.clock() + f.lease_ttl}
+        for f in sorted(fences, key=lambda f: f.item_id)
+    ]
+    renewed = session.execute(_RENEW_LEASE, params).rowcount
     if renewed != len(fences):
         items = ", ".join(str(f.item_id) for f in fences)
         raise LeaseLostError(
@@ -252,11 +255,33 @@ class Coordinator:
         return done
 
     def release(self, claims: list[Claim]) -> None:
-        """Give back claims not worked on (stop requested), for another replica to take at once."""
+        """Give back claims not worked on (stop requested), for another replica to take at once; one already
+        completed stays done."""
         with self._sessions.begin() as session:
             for claim in claims:
                 session.execute(
                     update(WorkItem)
-                    .where(WorkItem.id == claim.item_id, WorkItem.fencing_token == claim.fence.token)
+                    .where(
+                        WorkItem.id == claim.item_id,
+                        WorkItem.fencing_token == claim.fence.token,
+                        WorkItem.lease_owner == self.replica_id,
+                        WorkItem.state == "claimed",
+                    )
                     .values(state="pending", lease_owner=None, lease_expires_at=None)
                 )
+
+    def release_held(self, job: str) -> int:
+        """Give back every claim of `job` this replica still holds (at a cycle's end: ones it never synced, e.g. the
+        cycle failed); how many."""
+        with self._sessions.begin() as session:
+            return session.execute(
+                update(WorkItem)
+                .where(WorkItem.job == job, WorkItem.lease_owner == self.replica_id, WorkItem.state == "claimed")
+                .values(state="pending", lease_owner=None, lease_expires_at=None)
+            ).rowcount
+
+    def abandon_tick(self, tick_id: int) -> None:
+        """The tick's plan will not come (planning failed): forget the tick, so that the replicas waiting for its
+        plan stop waiting (and a replica starting within the tick may plan it afresh)."""
+        with self._sessions.begin() as session:
+            session.execute(delete(CycleTick).where(CycleTick.id == tick_id, CycleTick.enqueued_at.is_(None)))

@@ -11,7 +11,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -240,8 +240,14 @@ class UsageSync:
         def shared_plan(now: datetime, result: CycleResult) -> Iterator[SyncItem]:
             tick_id = coordinator.claim_tick(JobName.USAGE_SYNC, tick_key)
             if tick_id is not None:
-                with closing(self._planned_work(now, frozenset(), result)) as work:
-                    planned = coordinator.enqueue(tick_id, JobName.USAGE_SYNC, (dump_work(unit) for unit in work))
+                try:
+                    with closing(self._planned_work(now, frozenset(), result)) as work:
+                        planned = coordinator.enqueue(tick_id, JobName.USAGE_SYNC, (dump_work(unit) for unit in work))
+                except Exception:
+                    # No plan is coming (e.g. Stripe's listing failed): the replicas waiting for it stop waiting.
+                    with suppress_logged("could not abandon the tick; the others wait until this replica stops"):
+                        coordinator.abandon_tick(tick_id)
+                    raise
                 log.info("cycle planned for all replicas", tick=tick_key, items=planned)
             else:
                 self._await_plan(coordinator, tick_key)
@@ -262,6 +268,9 @@ class UsageSync:
             return self._timed(False, shared_plan, batch_size=CLAIM_BATCH)
         finally:
             completions.flush()
+            # Whatever ended the cycle, claims it never synced go back at once (the heartbeat would keep them).
+            with suppress_logged("could not give back unsynced claims; they go back when this replica stops"):
+                coordinator.release_held(JobName.USAGE_SYNC)
 
     def _await_plan(self, coordinator: Coordination, tick_key: str) -> None:
         """Wait for the planning replica's plan for as long as that replica is live: listing a large account takes
@@ -323,24 +332,25 @@ class UsageSync:
                 prepared.tally.add(own.summary)
 
             try:
-                result.interrupted = run_pipeline(
-                    units,
-                    measure=lambda batch: self._prepare_batch(
-                        [item.unit for item in batch], now, meters, number=next(batches)
-                    ),
-                    sync=sync,
-                    batch_size=batch_size,
-                    workers=self._config.stripe.concurrency(),
-                    measurers=self._config.openmeter.max_concurrency,
-                    stop_requested=self._stop_requested,
-                )
-                self._flush_stream_batches(result)
-                self._sent_marks.flush()
+                try:
+                    result.interrupted = run_pipeline(
+                        units,
+                        measure=lambda batch: self._prepare_batch(
+                            [item.unit for item in batch], now, meters, number=next(batches)
+                        ),
+                        sync=sync,
+                        batch_size=batch_size,
+                        workers=self._config.stripe.concurrency(),
+                        measurers=self._config.openmeter.max_concurrency,
+                        stop_requested=self._stop_requested,
+                    )
+                finally:
+                    # Whatever ended the cycle: the buffers outlive it, and a claim completes once its outcomes do.
+                    self._flush_stream_batches(result)
+                    self._sent_marks.flush()
                 if result.interrupted:
                     log.warning("stop requested: ending the cycle after the items in flight")
             except UpstreamError as exc:
-                self._flush_stream_batches(result)
-                self._sent_marks.flush()
                 log.error("usage sync could not list Stripe subscriptions or meters", error=str(exc))
                 result.summary.failed += 1
                 result.summary.failures.append(f"listing: {exc}")
@@ -770,6 +780,15 @@ class UsageSync:
         log.info("usage sync finished", status=result.status.value, **result.summary.as_dict())
         if result.run_id is not None:
             self._runs.finish(result.run_id, result.status, result.counts())
+
+
+@contextmanager
+def suppress_logged(what: str) -> Iterator[None]:
+    """Housekeeping that must not hide the error (or the result) at hand: its own failure is logged as `what`."""
+    try:
+        yield
+    except Exception:
+        log.warning(what, exc_info=True)
 
 
 class _Refused:

@@ -119,7 +119,7 @@ class SentMarks:
                 also_fenced_by=[fence for fence in fences[1:] if fence is not None],
             )
         except Exception as exc:  # e.g. one lease lapsed: marked one claim at a time, the others still are
-            log.debug("marks for several claims could not go together", error=str(exc))
+            log.info("marks for several claims could not go together; marking them claim by claim", error=str(exc))
             return False
         return True
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import ExitStack
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -70,3 +71,57 @@ def test_a_replica_waits_for_a_plan_as_long_as_its_planner_is_live(harness: Harn
     [(enqueued_at,)] = harness.rows("select enqueued_at from cycle_ticks where tick_key = 'tick-1'")
     assert enqueued_at is not None and waited_until.replace(tzinfo=None) >= enqueued_at
     assert harness.rows("select state, count(*) from work_items group by state") == [("done", 5)]
+
+
+def test_when_planning_fails_the_waiting_replicas_stop_waiting(harness: Harness, monkeypatch):
+    if harness.engine.dialect.name != "postgresql":
+        pytest.skip("replicas share a cycle only on PostgreSQL (reconciler.daemon); SQLite runs it locally")
+    seed_customers(harness, 3)
+    monkeypatch.setattr(job, "PLAN_WAIT", timedelta(seconds=0.2))
+    harness.stripe.latency_seconds = 0.5
+    harness.stripe.inject_fault("GET", "/v1/subscriptions", 400, times=10)  # the planner's listing fails for good
+    planner_sync = harness.sync
+    harness.configure()
+    with freeze_time(MID, tick=True):
+        planner, waiter = Coordinator(harness.engine, utc_now), Coordinator(harness.engine, utc_now)
+        planner.register()  # and stays live: only its failed plan may end the wait
+        outcome: list = []
+        planning = threading.Thread(target=lambda: outcome.append(planner_sync.run_shared_cycle(planner, "tick-1")))
+        planning.start()
+        while waiter.plan_ready("usage_sync", "tick-1") is None:
+            time.sleep(0.01)
+        waited = threading.Thread(target=harness.sync.run_shared_cycle, args=(waiter, "tick-1"), daemon=True)
+        waited.start()
+        planning.join()
+        waited.join(timeout=15)
+        assert not waited.is_alive()  # it stopped waiting for a plan that is not coming
+    assert outcome[0].aborted
+    assert harness.rows("select count(*) from cycle_ticks") == [(0,)]  # the next replica to start may plan it
+
+
+def test_a_cycle_that_fails_midway_records_its_outcomes_and_gives_back_what_it_did_not_sync(
+    harness: Harness, monkeypatch
+):
+    if harness.engine.dialect.name != "postgresql":
+        pytest.skip("replicas share a cycle only on PostgreSQL (reconciler.daemon); SQLite runs it locally")
+    seed_customers(harness, 250)
+    monkeypatch.setattr(job, "SENT_MARKS_PER_TRANSACTION", 30)  # 10 of the first claim's acceptances still buffered
+    harness.configure(stripe={"max_concurrency": 1})  # in order: the first claim is synced when the second fails
+    with freeze_time(MID):
+        coordinator = Coordinator(harness.engine, utc_now)
+        coordinator.register()
+        claim_batch = coordinator.claim_batch
+
+        def second_claim_with_a_corrupt_item(*args):
+            claims = claim_batch(*args)
+            if claims and claims[0].item_id > 100:
+                claims[50] = replace(claims[50], payload="{not a stream period")
+            return claims
+
+        coordinator.claim_batch = second_claim_with_a_corrupt_item
+        with pytest.raises(ValueError):
+            harness.sync.run_shared_cycle(coordinator, "tick-1")
+    # The first claim's reports are recorded as sent (acceptances still buffered included) and its items done; the
+    # second claim's items, fetched but never synced, are given back with the unclaimed rest: none is left held.
+    assert dict(harness.rows("select state, count(*) from work_items group by state")) == {"done": 100, "pending": 150}
+    assert harness.rows("select state, count(*) from usage_reports group by state") == [("sent", 100)]
