@@ -189,25 +189,25 @@ class Coordinator:
 
     # -- executing -----------------------------------------------------------------------------------
 
-    def claim_batch(self, job: str, size: int) -> list[Claim]:
-        """Up to `size` items under a new lease each: first any a dead replica's lapsed lease left behind, then
-        pending ones in plan order. Each claim is one UPDATE … RETURNING over rows picked with FOR UPDATE SKIP
-        LOCKED, and each pick walks the (job, state, id) index in order: a million-item plan costs no more per
-        claim than a small one (one ORDER BY over "pending OR lapsed" sorted every pending row, every claim)."""
+    def claim_batch(self, job: str, size: int, after: int = 0) -> list[Claim]:
+        """Up to `size` items under a new lease each: pending ones in plan order from just past `after` (the last
+        item this replica claimed), then any pending before it (given back by a replica that stopped), then once
+        none is pending any a dead replica's lapsed lease left behind. Each claim is one UPDATE … RETURNING over rows
+        picked with FOR UPDATE SKIP LOCKED along the (job, state, id) index, starting at `after`: a claim costs the
+        same in a plan of a million, even where PostgreSQL's statistics lag (autovacuum off, or a first big cycle)
+        and the index still holds every claimed item's old 'pending' entry."""
         now = self._clock()
         claims: list[Claim] = []
+        pending_after = (WorkItem.state == "pending") & (WorkItem.id > after)
+        pending_before = (WorkItem.state == "pending") & (WorkItem.id <= after)
+        lapsed = (WorkItem.state == "claimed") & (WorkItem.lease_expires_at < now)
         with self._sessions.begin() as session:
-            for lapsed in (True, False):
+            for condition in (pending_after, pending_before, lapsed) if after else (pending_after, lapsed):
                 if len(claims) == size:
                     break
                 picked = (
                     select(WorkItem.id)
-                    .where(WorkItem.job == job)
-                    .where(
-                        (WorkItem.state == "claimed") & (WorkItem.lease_expires_at < now)
-                        if lapsed
-                        else WorkItem.state == "pending"
-                    )
+                    .where(WorkItem.job == job, condition)
                     .order_by(WorkItem.id)
                     .limit(size - len(claims))
                     .with_for_update(skip_locked=True)

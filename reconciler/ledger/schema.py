@@ -119,7 +119,11 @@ class UsagePeriod(Base):
 
 class UsageReport(Base):
     __tablename__ = "usage_reports"
-    __table_args__ = (UniqueConstraint("period_id", "sequence", name="uq_usage_reports_period_sequence"),)
+    __table_args__ = (
+        UniqueConstraint("period_id", "sequence", name="uq_usage_reports_period_sequence"),
+        # A period's pending intent, whatever the planner's statistics say (migration 0018).
+        Index("ix_usage_reports_period_state", "period_id", "state"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     period_id: Mapped[int] = mapped_column(ForeignKey("usage_periods.id"), index=True)

@@ -251,10 +251,12 @@ class UsageSync:
                 log.info("cycle planned for all replicas", tick=tick_key, items=planned)
             else:
                 self._await_plan(coordinator, tick_key)
+            after = 0  # the plan is claimed in order: each claim starts where this replica's last one ended
             while not self._stop_requested():
-                claims = coordinator.claim_batch(JobName.USAGE_SYNC, CLAIM_BATCH)
+                claims = coordinator.claim_batch(JobName.USAGE_SYNC, CLAIM_BATCH, after)
                 if not claims:
                     return
+                after = max(after, max(claim.item_id for claim in claims))
                 for position, claim in enumerate(claims):
                     try:
                         yield SyncItem(load_work(claim.payload), claim.fence, partial(completions.add, claim))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from reconciler.ledger.coordination import REPLICA_TIMEOUT, Coordinator
 from reconciler.ledger.database import make_engine, upgrade
 from tests.conftest import utc
@@ -21,9 +23,15 @@ class Clock:
         return self.now
 
 
-def test_claims_take_lapsed_leases_first_then_pending_items_in_plan_order(database_url):
+@pytest.fixture
+def engine(database_url):
     engine = make_engine(database_url)
     upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+def test_claims_take_pending_items_in_plan_order_then_what_was_given_back_then_lapsed_leases(engine):
     clock = Clock()
     first, second = Coordinator(engine, clock, TTL), Coordinator(engine, clock, TTL)
     tick = first.claim_tick("usage_sync", "tick-1")
@@ -32,22 +40,27 @@ def test_claims_take_lapsed_leases_first_then_pending_items_in_plan_order(databa
 
     held = first.claim_batch("usage_sync", 2)
     assert [(c.payload, c.fence.token) for c in held] == [("item-0", 1), ("item-1", 1)]
-    assert [c.payload for c in second.claim_batch("usage_sync", 1)] == ["item-2"]  # what is held is not offered
+    [mine] = second.claim_batch("usage_sync", 1)  # what is held is not offered
+    assert mine.payload == "item-2"
 
     clock.now += TTL + timedelta(seconds=1)  # the first replica died: its leases lapse; the second's are renewed
     second.heartbeat()
-    taken = second.claim_batch("usage_sync", 3)
-    assert [(c.payload, c.fence.token) for c in taken] == [("item-0", 2), ("item-1", 2), ("item-3", 1)]
-    assert first.complete_all(held) == 0  # its tokens are stale: the item is the second replica's now
+    taken = second.claim_batch("usage_sync", 3, after=mine.item_id)
+    # The plan's pending items first, from where this replica's last claim ended; then a dead replica's lapsed ones.
+    assert [(c.payload, c.fence.token) for c in taken] == [("item-3", 1), ("item-4", 1), ("item-0", 2)]
+    assert first.complete_all(held[:1]) == 0  # its token is stale: item-0 is the second replica's now
     assert second.complete_all(taken) == 3
-    assert [c.payload for c in second.claim_batch("usage_sync", 10)] == ["item-4"]
-    assert second.claim_batch("usage_sync", 10) == []
-    engine.dispose()
+    [lapsed] = second.claim_batch("usage_sync", 10, after=taken[1].item_id)
+    assert (lapsed.payload, lapsed.fence.token) == ("item-1", 2)
+
+    second.release([lapsed])  # given back (a stop): pending again, before where the claims have got to
+    [again] = second.claim_batch("usage_sync", 10, after=taken[1].item_id)
+    assert (again.payload, again.fence.token) == ("item-1", 3)
+    assert second.complete_all([again, mine]) == 2
+    assert second.claim_batch("usage_sync", 10, after=taken[1].item_id) == []
 
 
-def test_a_plan_is_awaited_only_while_its_planner_heartbeats(database_url):
-    engine = make_engine(database_url)
-    upgrade(engine)
+def test_a_plan_is_awaited_only_while_its_planner_heartbeats(engine):
     clock = Clock()
     planner, waiter = Coordinator(engine, clock, TTL), Coordinator(engine, clock, TTL)
     assert waiter.planner_live("usage_sync", "tick-1") is False  # nobody plans it
@@ -60,4 +73,3 @@ def test_a_plan_is_awaited_only_while_its_planner_heartbeats(database_url):
     assert waiter.planner_live("usage_sync", "tick-1")  # it heartbeat since
     clock.now += REPLICA_TIMEOUT
     assert waiter.planner_live("usage_sync", "tick-1") is False  # it died planning
-    engine.dispose()
