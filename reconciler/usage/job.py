@@ -264,15 +264,21 @@ class UsageSync:
                         coordinator.release(claims[position:])  # stopped: hand the rest back at once
                         raise
 
+        def end_claims() -> None:
+            completions.flush()
+            # Claims the cycle never synced (it failed) go back at once: the heartbeat would keep them.
+            with suppress_logged("could not give back unsynced claims; they go back when this replica stops"):
+                coordinator.release_held(JobName.USAGE_SYNC)
+
         completions = Completions(coordinator.complete_all, flush_at=CLAIM_BATCH)
         try:
             # A claim is one batch of the pipeline: its items wait there under leases the heartbeat renews.
-            return self._timed(False, shared_plan, batch_size=CLAIM_BATCH)
-        finally:
-            completions.flush()
-            # Whatever ended the cycle, claims it never synced go back at once (the heartbeat would keep them).
-            with suppress_logged("could not give back unsynced claims; they go back when this replica stops"):
-                coordinator.release_held(JobName.USAGE_SYNC)
+            result = self._timed(False, shared_plan, batch_size=CLAIM_BATCH)
+        except Exception:
+            end_claims()
+            raise
+        end_claims()
+        return result
 
     def _await_plan(self, coordinator: Coordination, tick_key: str) -> None:
         """Wait for the planning replica's plan for as long as that replica is live: listing a large account takes
@@ -346,10 +352,12 @@ class UsageSync:
                         measurers=self._config.openmeter.max_concurrency,
                         stop_requested=self._stop_requested,
                     )
-                finally:
-                    # Whatever ended the cycle: the buffers outlive it, and a claim completes once its outcomes do.
-                    self._flush_stream_batches(result)
-                    self._sent_marks.flush()
+                except Exception:
+                    # A failed cycle still writes what it buffered (the buffers outlive it, and a replica's claim
+                    # completes once its outcomes are written); a BaseException is the process going down: nothing.
+                    self._flush_outcomes(result)
+                    raise
+                self._flush_outcomes(result)
                 if result.interrupted:
                     log.warning("stop requested: ending the cycle after the items in flight")
             except UpstreamError as exc:
@@ -505,8 +513,7 @@ class UsageSync:
         try:
             return self._sync_one(work, self._clock(), run_id, run_id is None, result, reopen_final=True)
         finally:
-            self._flush_stream_batches(result)
-            self._sent_marks.flush()
+            self._flush_outcomes(result)
 
     def backfill_work(
         self, since: datetime, until: datetime, customers: frozenset[str], meters: frozenset[str]
@@ -694,6 +701,11 @@ class UsageSync:
             self._fail(ledger, work, str(error), failed, dry_run=False)
             return failed.failures[0]
         return None
+
+    def _flush_outcomes(self, result: CycleResult) -> None:
+        """Send what the stream's buffer holds, then record every buffered acceptance."""
+        self._flush_stream_batches(result)
+        self._sent_marks.flush()
 
     def _flush_stream_batches(self, result: CycleResult) -> None:
         """Send the meter events still buffered for the stream, and count the stream periods whose batches failed:

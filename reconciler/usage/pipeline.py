@@ -27,7 +27,8 @@ T = TypeVar("T")
 class SyncItem:
     unit: StreamPeriod
     fence: Fence | None = None  # a replica's lease on the item: every ledger write checks it
-    done: Callable[[], None] | None = None  # called once the item is synced (completes the replica's claim)
+    # Called once the item is synced and its outcomes recorded (completes the replica's claim).
+    done: Callable[[], None] | None = None
 
 
 class KeyedLocks:
