@@ -236,15 +236,14 @@ class Coordinator:
         if not claims:
             return 0
         now = self._clock()
-        table = WorkItem.__table__
         with self._sessions.begin() as session:
             done = session.execute(
-                update(table)
+                update(_work_items)
                 .where(
-                    table.c.id == bindparam("b_id"),
-                    table.c.fencing_token == bindparam("b_token"),
-                    table.c.lease_owner == self.replica_id,
-                    table.c.state == "claimed",
+                    _work_items.c.id == bindparam("b_id"),
+                    _work_items.c.fencing_token == bindparam("b_token"),
+                    _work_items.c.lease_owner == self.replica_id,
+                    _work_items.c.state == "claimed",
                 )
                 .values(state="done", finished_at=now),
                 [

@@ -345,17 +345,23 @@ def _wait_watching_peak(pid: int) -> tuple[int, int, Any]:
     forked from (this process, holding the fakes) across exec."""
     peak = 0
     while True:
-        try:
-            with open(f"/proc/{pid}/status") as status_file:
-                for line in status_file:
-                    if line.startswith("VmHWM:"):
-                        peak = max(peak, int(line.split()[1]))
-        except (OSError, ValueError):
-            pass
+        peak = max(peak, peak_rss_kib(pid))
         reaped, status, usage = os.wait4(pid, os.WNOHANG)
         if reaped:
             return peak, status, usage
         time.sleep(0.1)
+
+
+def peak_rss_kib(pid: int) -> int:
+    """A running process's own peak RSS so far (its VmHWM, KiB); 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _cycle_seconds(log_path: Path, offset: int, events: tuple[str, str]) -> float:

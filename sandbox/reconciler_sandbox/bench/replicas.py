@@ -23,10 +23,12 @@ from sqlalchemy import create_engine, make_url, text
 
 from reconciler_sandbox.bench.dataset import OPENMETER_METER, billed_totals
 from reconciler_sandbox.bench.measure import (
+    CYCLE_EVENTS,
     Conditions,
     LimitsCheck,
     Upstreams,
     fresh_product,
+    peak_rss_kib,
     product_config,
     seeded_sandbox,
 )
@@ -159,7 +161,7 @@ def _run_until_cycle_done(config_path: Path, logs: list[Path]) -> list[ReplicaMe
         while any(usage is None for usage in usages):
             for position, child in enumerate(children):
                 if usages[position] is None:
-                    peaks[position] = max(peaks[position], _peak_kib(child.pid))
+                    peaks[position] = max(peaks[position], peak_rss_kib(child.pid))
                     reaped, status, usage = os.wait4(child.pid, os.WNOHANG)
                     if reaped:
                         child.returncode = os.waitstatus_to_exitcode(status)
@@ -190,18 +192,6 @@ def _run_until_cycle_done(config_path: Path, logs: list[Path]) -> list[ReplicaMe
     ]
 
 
-def _peak_kib(pid: int) -> int:
-    """The process's own peak RSS (VmHWM), 0 once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
 class CycleLog:
     """A replica's JSON log, read as it grows: its first usage cycle's "started" and "finished" timestamps."""
 
@@ -227,7 +217,8 @@ class CycleLog:
         except ValueError:
             return
         stamp = str(event.get("timestamp", "")).replace("Z", "+00:00")
-        if event.get("event") == "usage sync started" and self.started is None:
+        started, finished = CYCLE_EVENTS["sync-usage"]  # a replica's cycle logs as `reconciler sync-usage`'s does
+        if event.get("event") == started and self.started is None:
             self.started = stamp
-        elif event.get("event") == "usage sync finished":
+        elif event.get("event") == finished:
             self.finished = stamp
