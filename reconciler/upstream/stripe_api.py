@@ -20,11 +20,13 @@ SDK traps avoided here (see shared/api-notes.md):
 
 from __future__ import annotations
 
+import contextvars
 import json
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -397,26 +399,48 @@ class StripeGateway:
         move the cursor on (a list that claims `has_more` forever) is an error, not an endless loop.
 
         Pages are read as plain JSON (`raw_request`), not as StripeObjects: building those cost ~2 ms of CPU per
-        subscription, the largest single cost of a cycle (measured with `reconciler bench`)."""
-        cursor: str | None = None
-        while True:
+        subscription, the largest single cost of a cycle (measured with `reconciler bench`). The next page is asked
+        for while the caller works through this one: a cursor can only be followed one page after another, and
+        without this a listing of 1,000 pages waited for each answer (Stripe's latency) and then for its own work on
+        it, one after the other."""
+        endpoint = endpoint or f"GET {path}"
+
+        def fetch(cursor: str | None) -> list[dict[str, Any]] | tuple[list[dict[str, Any]], str]:
+            """One page's data, with the cursor of the page after it if there is one."""
             page_params = {**params, "limit": PAGE_SIZE, **({"starting_after": cursor} if cursor else {})}
             page = self._call(
-                what,
-                lambda p=page_params: self._client.raw_request("get", path, **p).data,  # type: ignore[misc]
-                endpoint=endpoint or f"GET {path}",
+                what, lambda: self._client.raw_request("get", path, **page_params).data, endpoint=endpoint
             )
             data = page.get("data")
             if not isinstance(data, list):
                 raise PermanentError(API, f"{what}: the answer has no list of data: {str(page)[:200]}")
-            yield from data
             if not page.get("has_more") or not data:
-                return
+                return data
             if data[-1].get("id") in (None, cursor):
                 raise PermanentError(
                     API, f"{what}: has_more is true but the page after {cursor or 'the first'} does not move on"
                 )
-            cursor = data[-1]["id"]
+            return data, data[-1]["id"]
+
+        page = fetch(None)
+        if isinstance(page, list):  # one page: no thread for the lists that fit in one (meters, endpoints)
+            yield from page
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="stripe-pages") as ahead:
+            try:
+                while isinstance(page, tuple):
+                    data, cursor = page
+                    # The context (the run's ids in log lines) goes with the request; each submit gets its own copy.
+                    following = ahead.submit(contextvars.copy_context().run, fetch, cursor)
+                    try:
+                        yield from data
+                    except GeneratorExit:  # the caller stopped: the page asked for is not wanted
+                        following.cancel()
+                        raise
+                    page = following.result()
+                yield from page
+            finally:
+                ahead.submit(self._http.close)  # the thread's own connection, which would outlive it otherwise
 
     # -- preflight (`reconciler doctor`) --------------------------------------------------------------
 

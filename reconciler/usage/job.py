@@ -319,7 +319,6 @@ class UsageSync:
             log.info("usage sync started", now=now.isoformat())
             units = plan(now, result)  # counts its refusals into `result` as it finds them, under result.merging
             merging = result.merging
-            context = structlog.contextvars.get_contextvars()
             meters = CycleMeters(self._meter_cache, self._openmeter.meters, keep_listing=not dry_run)
             batches = itertools.count(1)  # numbers the batch lines
 
@@ -328,7 +327,7 @@ class UsageSync:
                 # A replica's claim completes once the outcomes this sync left buffered are written, not before.
                 settlement = Settlement(item.done) if item.done is not None else None
                 try:
-                    with structlog.contextvars.bound_contextvars(**context), self._streams.hold(item.unit.stream.key):
+                    with self._streams.hold(item.unit.stream.key):  # the pipeline's workers run in the cycle's context
                         self._sync_one(
                             item.unit, now, run_id, dry_run, own, item.fence, prepared=prepared, settlement=settlement
                         )

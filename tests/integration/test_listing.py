@@ -5,6 +5,7 @@ PostgreSQL."""
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -83,6 +84,30 @@ def test_one_customers_two_items_on_a_meter_on_different_pages_are_refused_and_n
     rows = h.rows("select subscription_item_id from unbilled_items order by subscription_item_id")
     assert [r.subscription_item_id for r in rows] == sorted([first_item, second_item])
     assert listing_rows(h) == 0
+
+
+def test_stripes_next_page_is_asked_for_while_the_caller_works_through_this_one(harness):
+    h = harness
+    meter = h.stripe.add_meter("api_calls", formula="sum")
+    price = h.stripe.add_price(meter=meter["id"])["id"]
+    period = {"current_period_start": ts(PERIOD_START), "current_period_end": ts(PERIOD_END)}
+    for i in range(OTHERS):
+        h.stripe.add_customer(id=f"cus_{i:03d}")
+        h.stripe.add_subscription(f"cus_{i:03d}", [price], **period)
+
+    def page_requests() -> list[dict]:
+        return [r.query for r in h.stripe.requests if r.method == "GET" and r.path == "/v1/subscriptions"]
+
+    listing = h.stripe_gateway.metered_items(with_customer=False, customers=frozenset())
+    next(listing)  # the caller holds the first item of page one
+    deadline = time.monotonic() + 30
+    while len(page_requests()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(page_requests()) == 2 and "starting_after" in page_requests()[1]
+    listing.close()  # a caller that stops early: nothing more is asked for, nothing is left open
+    assert len(page_requests()) == 2
+
+    assert len(list(h.stripe_gateway.metered_items(with_customer=False, customers=frozenset()))) == OTHERS
 
 
 def test_the_listing_is_in_the_ledger_while_planning_and_deleted_after_a_cycle_stopped_or_not_or_a_failed_one(harness):

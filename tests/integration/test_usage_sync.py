@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 from datetime import timedelta
@@ -9,10 +10,12 @@ from decimal import Decimal
 
 import pytest
 import stripe
+import structlog
 from freezegun import freeze_time
 from sqlalchemy import text
 
 from reconciler.config import parse_config
+from reconciler.logs import configure_logging
 from reconciler.upstream.errors import OutcomeUnknownError, UpstreamError
 from reconciler.upstream.stripe_api import StripeGateway
 from tests.conftest import STRIPE_KEY, Harness, ts, utc
@@ -805,3 +808,24 @@ def test_the_proxy_of_the_environment_is_used_for_stripe_though_read_only_once(s
     direct = StripeGateway(config.stripe)
     assert [m.event_name for m in direct.list_meters().values()] == ["proxied_calls"]  # fetched past the proxy
     direct.close()
+
+
+def test_every_line_the_workers_log_carries_the_cycles_run_id(harness, capsys):
+    """The pipeline's workers (measuring and syncing threads) run in the cycle's context: an item's lines name the run
+    they belong to, as the cycle's own lines do."""
+    h = harness
+    saved = structlog.get_config()
+    for index in range(12):
+        seed(h, customer=f"cus_{index:02d}")
+        use(h, MID - timedelta(days=1), index + 1, customer=f"cus_{index:02d}")
+    h.configure(stripe={"max_concurrency": 4})
+    configure_logging("DEBUG", "json")
+    try:
+        with freeze_time(MID):
+            result = h.cycle()
+    finally:
+        structlog.configure(**saved)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    reporting = {line["customer"] for line in lines if line["event"] == "reporting"}
+    assert result.summary.reported == 12 and reporting == {f"cus_{i:02d}" for i in range(12)}
+    assert {line.get("run_id") for line in lines} == {result.run_id}

@@ -3,10 +3,10 @@ billing period lives on each item), and their read endpoints."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
+from reconciler_sandbox import wire
 from reconciler_sandbox.stripe_fake.params import StripeError, _missing, _no_such
 from reconciler_sandbox.stripe_fake.state import StripeState
 
@@ -40,7 +40,7 @@ class CatalogMixin(StripeState):
     # -- rendering --------------------------------------------------------------------------------
 
     def _render_price(self, price_id: str) -> dict[str, Any]:
-        return json.loads(json.dumps(self.prices[price_id]))
+        return wire.copy(self.prices[price_id])
 
     def _render_plan(self, price: dict[str, Any]) -> dict[str, Any]:
         rec = price["recurring"]
@@ -67,7 +67,7 @@ class CatalogMixin(StripeState):
         }
 
     def _render_item(self, item: dict[str, Any]) -> dict[str, Any]:
-        out = json.loads(json.dumps(item))
+        out = wire.copy(item)
         price = self._render_price(item["price"])
         out["price"] = price
         out["plan"] = self._render_plan(price)
@@ -76,7 +76,7 @@ class CatalogMixin(StripeState):
         return dict(sorted(out.items()))
 
     def _render_subscription(self, sub: dict[str, Any], expand: set[str]) -> dict[str, Any]:
-        out = json.loads(json.dumps(sub))
+        out = wire.copy(sub)
         item_ids = self._sub_items[sub["id"]]
         items = self._newest_first_items(item_ids)
         out["items"] = {
@@ -87,7 +87,7 @@ class CatalogMixin(StripeState):
             "url": f"/v1/subscription_items?subscription={sub['id']}",
         }
         if "customer" in expand:
-            out["customer"] = json.loads(json.dumps(self.customers[sub["customer"]]))
+            out["customer"] = wire.copy(self.customers[sub["customer"]])
         return dict(sorted(out.items()))
 
     def _newest_first_items(self, item_ids: list[str]) -> list[str]:
@@ -103,7 +103,7 @@ class CatalogMixin(StripeState):
         self._expand(params, set())
         if id not in self.customers:
             raise _no_such("customer", id)
-        return json.loads(json.dumps(self.customers[id]))
+        return wire.copy(self.customers[id])
 
     def _h_list_prices(self, params: dict[str, Any], hdrs: Mapping[str, str]) -> dict[str, Any]:
         self._expand(params, set())

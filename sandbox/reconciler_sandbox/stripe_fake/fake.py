@@ -12,6 +12,7 @@ from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
 
+from reconciler_sandbox import wire
 from reconciler_sandbox.httpserver import GLOBAL_LIMITER, InjectedFault, Response
 from reconciler_sandbox.stripe_fake.credits import CreditMixin
 from reconciler_sandbox.stripe_fake.events import EventMixin
@@ -161,7 +162,7 @@ class FakeStripe(SeedingMixin, MeterEventStreamMixin, LegacyUsageMixin, PaymentM
 
     @staticmethod
     def _json(status: int, payload: Any) -> Response:
-        return status, {"Content-Type": "application/json"}, json.dumps(payload, indent=2).encode()
+        return status, {"Content-Type": "application/json"}, wire.dumps(payload, pretty=True)
 
     def _authenticate(self, hdrs: Mapping[str, str]) -> None:
         auth = hdrs.get("authorization", "")

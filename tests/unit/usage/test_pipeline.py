@@ -73,6 +73,31 @@ def test_every_item_is_measured_in_batches_and_synced_exactly_once(workers):
         assert 1 < recorder.most_in_flight <= workers
 
 
+def test_many_workers_take_shares_of_at_least_min_share_items_and_are_all_kept_busy_across_batches():
+    """Fifty workers on batches of 100 take 10 items a task, not 2 (the futures and thread switches were a tenth of a
+    warm cycle's CPU), and still all wait on upstream at once: the shares of the following batches are queued."""
+    recorder = Recorder(delay=0.02)
+    threads: dict[str, set[int]] = {}
+
+    def sync(work, measured):
+        threads.setdefault(threading.current_thread().name, set()).add(id(measured))
+        recorder.sync(work, measured)
+
+    run_pipeline(
+        (item(f"cus_{i}") for i in range(2000)),
+        measure=lambda batch: {**recorder.measure(batch)},  # a new object per batch
+        sync=sync,
+        batch_size=100,
+        workers=50,
+        measurers=2,
+        stop_requested=lambda: False,
+    )
+    assert sum(recorder.synced.values()) == 2000
+    assert recorder.most_in_flight == 50
+    # Each batch in at most 10 tasks: at most 10 (thread, batch) pairs a batch, where shares of 2 made up to 50.
+    assert len(recorder.batches) == 20 and sum(len(batches) for batches in threads.values()) <= 20 * 10
+
+
 def test_a_stop_request_ends_the_cycle_after_the_items_in_flight():
     recorder = Recorder(delay=0.01)
     stop = threading.Event()
