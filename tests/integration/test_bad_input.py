@@ -58,7 +58,7 @@ def test_an_unbillable_openmeter_answer_fails_that_customer_only(harness, body):
         h.cycle()  # both synced: 10 and 7
         clock.tick(900)
         use(h, utc(2026, 3, 3), 5, customer="cus_bad")
-        h.openmeter.inject_fault("GET", query_path(h), 200, body=body, times=10)
+        h.openmeter.inject_fault("POST", query_path(h), 200, body=body, times=10)
         result = h.cycle()
     assert result.summary.failed == 1
     assert "cus_bad" in result.summary.failures[0] and "api_requests" in result.summary.failures[0]
@@ -126,7 +126,7 @@ def test_an_openmeter_meter_deleted_mid_cycle_fails_its_customers_and_keeps_thei
     two_customers(h)
     with freeze_time(MID):
         h.cycle()
-        h.openmeter.inject_fault("GET", query_path(h), 404, times=10)
+        h.openmeter.inject_fault("POST", query_path(h), 404, times=10)
         result = h.cycle()
     assert result.summary.failed == 1
     assert "meter 'api_requests' not found" in result.summary.failures[0]

@@ -301,7 +301,7 @@ def test_rate_limit_and_server_errors_are_retried_within_the_cycle(harness):
     use(h, utc(2026, 3, 2), 3)
     h.stripe.inject_fault("POST", "/v1/billing/meter_events", 429, headers={"Retry-After": "0"})
     meter_id = h.openmeter.meters["api_requests"]["id"]
-    unavailable = h.openmeter.inject_fault("GET", f"/api/v1/meters/{meter_id}/query", 503)
+    unavailable = h.openmeter.inject_fault("POST", f"/api/v1/meters/{meter_id}/query", 503)
     with freeze_time(MID):
         result = h.cycle()
     assert unavailable.hits == 1

@@ -335,7 +335,7 @@ def _target(kind: str, rng: random.Random) -> str:
     if kind.startswith("stripe"):
         return rng.choice(["POST /v1/billing/meter_events", "GET /v1/subscriptions", "POST /v1/subscription_items"])
     if kind.startswith("openmeter"):
-        return "GET /api/v1/meters"
+        return "* /api/v1/meters"  # the meters' listing (GET) and the usage queries (POST) alike
     if kind.startswith("moesif"):
         return rng.choice(["POST /v1/~/billing/reports/balance_transactions", "GET /v1/search/~/subscriptions"])
     if kind in ("crash_before_send", "crash_after_send"):
