@@ -405,8 +405,8 @@ class StripeGateway:
         it, one after the other."""
         endpoint = endpoint or f"GET {path}"
 
-        def fetch(cursor: str | None) -> list[dict[str, Any]] | tuple[list[dict[str, Any]], str]:
-            """One page's data, with the cursor of the page after it if there is one."""
+        def fetch(cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
+            """One page's data, and the cursor of the page after it (None on the last page)."""
             page_params = {**params, "limit": PAGE_SIZE, **({"starting_after": cursor} if cursor else {})}
             page = self._call(
                 what, lambda: self._client.raw_request("get", path, **page_params).data, endpoint=endpoint
@@ -415,21 +415,20 @@ class StripeGateway:
             if not isinstance(data, list):
                 raise PermanentError(API, f"{what}: the answer has no list of data: {str(page)[:200]}")
             if not page.get("has_more") or not data:
-                return data
+                return data, None
             if data[-1].get("id") in (None, cursor):
                 raise PermanentError(
                     API, f"{what}: has_more is true but the page after {cursor or 'the first'} does not move on"
                 )
             return data, data[-1]["id"]
 
-        page = fetch(None)
-        if isinstance(page, list):  # one page: no thread for the lists that fit in one (meters, endpoints)
-            yield from page
+        data, cursor = fetch(None)
+        if cursor is None:  # one page: no thread for the lists that fit in one (meters, endpoints)
+            yield from data
             return
         with ThreadPoolExecutor(1, thread_name_prefix="stripe-pages") as ahead:
             try:
-                while isinstance(page, tuple):
-                    data, cursor = page
+                while cursor is not None:
                     # The context (the run's ids in log lines) goes with the request; each submit gets its own copy.
                     following = ahead.submit(contextvars.copy_context().run, fetch, cursor)
                     try:
@@ -437,8 +436,8 @@ class StripeGateway:
                     except GeneratorExit:  # the caller stopped: the page asked for is not wanted
                         following.cancel()
                         raise
-                    page = following.result()
-                yield from page
+                    data, cursor = following.result()
+                yield from data
             finally:
                 ahead.submit(self._http.close)  # the thread's own connection, which would outlive it otherwise
 

@@ -271,7 +271,7 @@ class FakeOpenMeter(FakeService):
         page, size = _positive(query, "page", 1, None), _positive(query, "pageSize", 100, 1000)
         return meters[(page - 1) * size : page * size]
 
-    def _route(self, method: str, path: str, query: dict[str, list[str]], body: bytes = b"") -> Any:
+    def _route(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> Any:
         parts = [unquote(p) for p in path.strip("/").split("/")]
         if parts[:3] != ["api", "v1", "meters"]:
             raise Problem(404, f"no route for {method} {path}")

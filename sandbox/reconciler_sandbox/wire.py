@@ -3,7 +3,9 @@
 
 Stripe answers pretty-printed JSON with two-space indents; rendering a page of 100 subscriptions that way took
 the standard library's pure-Python encoder ~14 ms (its C encoder does not indent), orjson ~0.3 ms for the same
-bytes. What orjson refuses (a type it does not know) falls back to the standard library, so answers never change."""
+bytes. What orjson refuses (a type it does not know) falls back to the standard library. One difference remains:
+a non-ASCII character is written as itself in UTF-8, where json.dumps wrote a \\u escape; both are the same JSON
+text (RFC 8259), and Stripe's documentation does not say which it sends, so no client may depend on either."""
 
 from __future__ import annotations
 
