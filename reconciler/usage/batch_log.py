@@ -23,10 +23,11 @@ class BatchTally:
         self._summary = CycleSummary()
         self._lock = threading.Lock()
 
-    def add(self, item: CycleSummary) -> None:
+    def add(self, summary: CycleSummary, items: int = 1) -> None:
+        """Count `items` synced items, whose outcomes `summary` holds."""
         with self._lock:
-            self._summary.add(item)
-            self._left -= 1
+            self._summary.add(summary)
+            self._left -= items
             done = self._left == 0
         if done:
             counts = {name: n for name, n in self._summary.as_dict().items() if n}

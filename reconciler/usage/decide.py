@@ -119,6 +119,11 @@ def decide(work: StreamPeriod, ledger: LedgerState, target: int, now: datetime, 
     )
 
 
+def writes_nothing(ledger: LedgerState, decision: Decision) -> bool:
+    """True when the decision leaves the ledger as it is: unchanged, and the measured total already recorded."""
+    return decision.action is Action.UNCHANGED and ledger.recorded_target == decision.target and not ledger.has_error
+
+
 def reopen_for_backfill(work: StreamPeriod, ledger: LedgerState, now: datetime, timing: Timing) -> LedgerState:
     """A backfill may still correct a final `sum` period while Stripe bills its events (before the invoice
     finalizes). Differences are order-independent there, so the correction may share the final event's

@@ -43,6 +43,7 @@ from reconciler.usage.decide import (
     decide,
     final_sync_due_at,
     reopen_for_backfill,
+    writes_nothing,
 )
 from reconciler.usage.history import periods_between
 from reconciler.usage.listing import MemoryListing
@@ -342,9 +343,7 @@ class UsageSync:
                 try:
                     result.interrupted = run_pipeline(
                         units,
-                        measure=lambda batch: self._prepare_batch(
-                            [item.unit for item in batch], now, meters, number=next(batches)
-                        ),
+                        measure=lambda batch: self._prepare_batch(batch, now, meters, next(batches), result),
                         sync=sync,
                         batch_size=batch_size,
                         workers=self._config.stripe.concurrency(),
@@ -560,19 +559,73 @@ class UsageSync:
         return None if window.is_empty else Need(work.stream.openmeter_meter, work.stream.subject, window)
 
     def _prepare_batch(
-        self, units: list[StreamPeriod], now: datetime, cycle_meters: CycleMeters, number: int
-    ) -> PreparedBatch:
-        needs = [need for need in (self._need(unit, now) for unit in units) if need is not None]
+        self, batch: list[SyncItem], now: datetime, cycle_meters: CycleMeters, number: int, result: CycleResult
+    ) -> tuple[PreparedBatch, list[SyncItem]]:
+        """Measure a batch, read its ledger states and settle the items that leave Stripe and the ledger as they are;
+        returns the batch's measurements and states, and the items left to sync."""
+        units = [item.unit for item in batch]
+        needs = [self._need(unit, now) for unit in units]  # None for an empty window
+        asked = [need for need in needs if need is not None]
         usage = self._config.usage
-        meters = cycle_meters.covering({need.meter for need in needs})
-        measured = measure(self._openmeter, needs, meters, usage.window_size, usage.window_time_zone)
+        meters = cycle_meters.covering({need.meter for need in asked})
+        measured = measure(self._openmeter, asked, meters, usage.window_size, usage.window_time_zone)
         cycle_meters.failed(measured.failed_meters & meters.keys())
         try:
             states = self._ledger.settled_states(units)
         except Exception:  # e.g. the database is briefly away: each item reads its own state instead
             log.warning("could not read the batch's ledger states; reading them one by one", exc_info=True)
             states = {}
-        return PreparedBatch(measured, states, BatchTally(number, len(units)))
+        prepared = PreparedBatch(measured, states, BatchTally(number, len(units)))
+        return prepared, self._settle_quiet(batch, needs, prepared, now, result)
+
+    def _settle_quiet(
+        self,
+        batch: list[SyncItem],
+        needs: list[Need | None],
+        prepared: PreparedBatch,
+        now: datetime,
+        result: CycleResult,
+    ) -> list[SyncItem]:
+        """Settle, here and now, the batch's items whose decision writes nothing (a warm cycle's unchanged items, most
+        of a cycle's): the same `decide` as in `_sync_one`, without a worker, a stream lock or a result of its own
+        each, which cost more than deciding. Returns the items left for the workers."""
+        quiet = CycleResult(run_id=result.run_id, summary=CycleSummary())
+        left: list[SyncItem] = []
+        for item, need in zip(batch, needs, strict=True):
+            work = item.unit
+            settled = self._quiet_decision(work, need, prepared, now)
+            if settled is None:
+                left.append(item)
+                continue
+            state, decision = settled
+            quiet.summary.seen += 1
+            self._count(decision, quiet.summary)
+            self._note_deadline(work, state, decision, now, quiet)
+            if result.dry_run:
+                quiet.plan.append(PlannedReport(work, decision, state.reported_total))
+            if item.done is not None:
+                item.done()  # a replica's claim: nothing is left buffered for it
+        if quiet.summary.seen:
+            with result.merging:
+                result.add(quiet)
+            prepared.tally.add(quiet.summary, items=quiet.summary.seen)
+        return left
+
+    def _quiet_decision(
+        self, work: StreamPeriod, need: Need | None, prepared: PreparedBatch, now: datetime
+    ) -> tuple[LedgerState, Decision] | None:
+        """The item's state and decision if that decision writes nothing; None when it may write, or when anything
+        about it is not plain (nothing read for it with the batch, a failed query, the stream's last meter event
+        less than a second ago): `_sync_one` then takes it, as it takes every item."""
+        state = prepared.states.get((work.stream.key, work.period.start))
+        if state is None or (state.last_event_at is not None and now < state.last_event_at + ONE_SECOND):
+            return None
+        try:
+            target = 0 if need is None else self._target_of(work, prepared.measurements.total(need))
+        except Exception:  # not measured with the batch, or the error its measuring found: `_sync_one` reports it
+            return None
+        decision = decide(work, state, target, now, self._timing)
+        return (state, decision) if writes_nothing(state, decision) else None
 
     def _measure(self, work: StreamPeriod, now: datetime, measured: Measurements | None = None) -> int:
         need = self._need(work, now)
@@ -582,6 +635,10 @@ class UsageSync:
             total = measured.total(need)
         else:
             total = self._openmeter.query_total(need.meter, need.subject, need.window)
+        return self._target_of(work, total)
+
+    @staticmethod
+    def _target_of(work: StreamPeriod, total: Decimal) -> int:
         return round_quantity(total, work.stream.rounding)
 
     def _note_deadline(
@@ -602,8 +659,8 @@ class UsageSync:
     ) -> None:
         if decision.action is Action.FAIL:
             raise PermanentError("reconciler", decision.reason)
-        if decision.action is Action.UNCHANGED and state.recorded_target == decision.target and not state.has_error:
-            return  # nothing new to record: no write at all
+        if writes_nothing(state, decision):
+            return
         if decision.action is not Action.REPORT:
             ledger.observe(work, decision, run_id)
             if decision.action is Action.LATE_DRIFT:

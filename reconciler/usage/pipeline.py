@@ -1,5 +1,6 @@
 """Runs a cycle's stream periods concurrently: batches are measured in OpenMeter (a few queries each) while earlier
-batches are synced with Stripe by a pool of workers. Work waiting in either stage is bounded, so memory does not
+batches are synced with Stripe by a pool of workers. Measuring a batch may settle some of its items itself (those
+with nothing to do); only the rest go to the workers. Work waiting in either stage is bounded, so memory does not
 grow with the number of items. With one worker everything runs in the calling thread, in order: what the
 deterministic simulation relies on.
 
@@ -66,19 +67,22 @@ class KeyedLocks:
 def run_pipeline(
     items: Iterable[SyncItem],
     *,
-    measure: Callable[[list[SyncItem]], M],
+    measure: Callable[[list[SyncItem]], tuple[M, list[SyncItem]]],
     sync: Callable[[SyncItem, M], None],
     batch_size: int,
     workers: int,
     measurers: int,
     stop_requested: Callable[[], bool],
 ) -> bool:
-    """Measure `items` in batches and sync each; True if a stop request ended it early."""
+    """Measure `items` in batches and sync each item that measuring left to sync (`measure` returns the batch's
+    measurement and those items); True if a stop request ended it early."""
     batches = batched(items, batch_size)
     if workers == 1:
         for batch in batches:
-            measured = measure(batch)
-            for item in batch:
+            if stop_requested():  # before measuring, too: measuring may settle a whole batch without a sync
+                return True
+            measured, left = measure(batch)
+            for item in left:
                 if stop_requested():
                     return True
                 sync(item, measured)
@@ -96,7 +100,7 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
 class _Concurrent:
     def __init__(
         self,
-        measure: Callable[[list[SyncItem]], M],
+        measure: Callable[[list[SyncItem]], tuple[M, list[SyncItem]]],
         sync: Callable[[SyncItem, M], None],
         workers: int,
         measurers: int,
@@ -108,31 +112,33 @@ class _Concurrent:
         self._fatal: list[BaseException] = []
 
     def run(self, batches: Iterator[list[SyncItem]]) -> bool:
-        measuring: deque[tuple[list[SyncItem], Future[M]]] = deque()
+        measuring: deque[Future[tuple[M, list[SyncItem]]]] = deque()
         with (
             ThreadPoolExecutor(self._measurers, thread_name_prefix="measure") as measurers,
             ThreadPoolExecutor(self._workers, thread_name_prefix="sync") as syncers,
         ):
             try:
                 for batch in batches:
-                    measuring.append((batch, _submit_in_context(measurers, self._measure, batch)))
-                    if len(measuring) > self._measurers and self._hand_over(*measuring.popleft(), syncers):
+                    if self._fatal or self._stop_requested():
+                        return True
+                    measuring.append(_submit_in_context(measurers, self._measure, batch))
+                    if len(measuring) > self._measurers and self._hand_over(measuring.popleft(), syncers):
                         return True
                 while measuring:
-                    if self._hand_over(*measuring.popleft(), syncers):
+                    if self._hand_over(measuring.popleft(), syncers):
                         return True
                 return False
             finally:
-                for _, future in measuring:
+                for future in measuring:
                     future.cancel()
                 syncers.shutdown(wait=True)
                 if self._fatal:
                     raise self._fatal[0]
 
-    def _hand_over(self, batch: list[SyncItem], measured: Future[M], syncers: ThreadPoolExecutor) -> bool:
-        """Queue a measured batch's items for syncing, a share of the batch per worker, of at least MIN_SHARE items
+    def _hand_over(self, measuring: Future[tuple[M, list[SyncItem]]], syncers: ThreadPoolExecutor) -> bool:
+        """Queue a measured batch's items left to sync, a share of them per worker, of at least MIN_SHARE items
         (blocking while the queue is full); True if stopped."""
-        result = measured.result()
+        result, batch = measuring.result()
         share = max(-(-len(batch) // self._workers), MIN_SHARE)
         for first in range(0, len(batch), share):
             self._queued.acquire()

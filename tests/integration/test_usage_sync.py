@@ -573,6 +573,30 @@ def test_the_cycle_names_the_next_final_sync_deadline(harness):
     assert result.next_final_sync == PERIOD_END - timedelta(minutes=5)
 
 
+def test_a_warm_cycle_counts_plans_and_schedules_its_unchanged_items_as_the_first_did(harness):
+    """A warm cycle settles its unchanged items where their batch is measured, without a worker each
+    (reconciler.usage.job.UsageSync._settle_quiet): they are still counted, listed in a dry run's plan, and still
+    name the next final sync."""
+    from reconciler.usage.decide import Action
+
+    h = harness
+    seed(h, formula="sum")
+    seed(h, customer="cus_L", legacy=True, event_name="price_legacy")
+    use(h, utc(2026, 3, 2), 3)
+    use(h, utc(2026, 3, 2), 4, customer="cus_L")
+    with freeze_time(MID):
+        first = h.cycle()
+    with freeze_time(MID + timedelta(minutes=15)):
+        warm = h.cycle()
+        planned = h.cycle(dry_run=True)
+    assert (first.summary.reported, warm.summary.seen, warm.summary.unchanged, warm.summary.reported) == (2, 2, 2, 0)
+    assert warm.next_final_sync == first.next_final_sync == PERIOD_END - timedelta(minutes=5)
+    assert sorted((p.work.stream.customer_id, p.decision.action, p.reported_total) for p in planned.plan) == [
+        ("cus_A", Action.UNCHANGED, 3),
+        ("cus_L", Action.UNCHANGED, 4),
+    ]
+
+
 def test_an_intent_decided_on_a_stale_read_is_refused(harness):
     """Two replicas syncing one stream at once: the one that read the period before the other's report
     must not send a difference computed from the stale total."""

@@ -35,7 +35,7 @@ class Recorder:
 
     def measure(self, batch):
         self.batches.append(len(batch))
-        return {i.unit.stream.customer_id: len(batch) for i in batch}
+        return {i.unit.stream.customer_id: len(batch) for i in batch}, batch
 
     def sync(self, work, measured):
         assert work.unit.stream.customer_id in measured  # synced with its own batch's measurements
@@ -73,6 +73,28 @@ def test_every_item_is_measured_in_batches_and_synced_exactly_once(workers):
         assert 1 < recorder.most_in_flight <= workers
 
 
+@pytest.mark.parametrize("workers", [1, 4])
+def test_items_their_measuring_settled_go_to_no_worker(workers):
+    """A warm cycle's unchanged items are settled where their batch is measured: only the others are synced."""
+    recorder = Recorder()
+
+    def measure(batch):
+        measured, _ = recorder.measure(batch)
+        return measured, [i for i in batch if int(i.unit.stream.customer_id.removeprefix("cus_")) % 3 == 0]
+
+    run_pipeline(
+        (item(f"cus_{i}") for i in range(250)),
+        measure=measure,
+        sync=recorder.sync,
+        batch_size=100,
+        workers=workers,
+        measurers=2,
+        stop_requested=lambda: False,
+    )
+    assert sorted(recorder.batches) == [50, 100, 100]
+    assert recorder.synced == Counter({f"cus_{i}": 1 for i in range(0, 250, 3)})
+
+
 def test_many_workers_take_shares_of_at_least_min_share_items_and_are_all_kept_busy_across_batches():
     """Fifty workers on batches of 100 take 10 items a task, not 2 (the futures and thread switches were a tenth of a
     warm cycle's CPU), and still all wait on upstream at once: the shares of the following batches are queued."""
@@ -85,7 +107,7 @@ def test_many_workers_take_shares_of_at_least_min_share_items_and_are_all_kept_b
 
     run_pipeline(
         (item(f"cus_{i}") for i in range(2000)),
-        measure=lambda batch: {**recorder.measure(batch)},  # a new object per batch
+        measure=recorder.measure,
         sync=sync,
         batch_size=100,
         workers=50,
