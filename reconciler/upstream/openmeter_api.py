@@ -15,6 +15,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 import openmeter
+import orjson
 from corehttp.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
 
 from reconciler.config import OpenMeterConfig
@@ -167,7 +168,7 @@ class OpenMeterGateway:
                 cls=lambda pipeline_response, _body, _headers: pipeline_response.http_response,
             )
             try:
-                return json.loads(response.read())
+                return orjson.loads(response.read())
             except ValueError as exc:  # a proxy's error page, a cut-off body: worth asking again
                 raise TransientError(API, f"meter {meter!r}: the query's answer is not JSON ({exc})") from None
 

@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
+import orjson
 import requests
 import stripe
 
@@ -398,7 +399,7 @@ class StripeGateway:
         """Page through a list endpoint with `starting_after`, one retried request per page. A page that does not
         move the cursor on (a list that claims `has_more` forever) is an error, not an endless loop.
 
-        Pages are read as plain JSON (`raw_request`), not as StripeObjects: building those cost ~2 ms of CPU per
+        Pages are read as plain JSON (`_get_json`), not as StripeObjects: building those cost ~2 ms of CPU per
         subscription, the largest single cost of a cycle (measured with `reconciler bench`). The next page is asked
         for while the caller works through this one: a cursor can only be followed one page after another, and
         without this a listing of 1,000 pages waited for each answer (Stripe's latency) and then for its own work on
@@ -408,9 +409,7 @@ class StripeGateway:
         def fetch(cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
             """One page's data, and the cursor of the page after it (None on the last page)."""
             page_params = {**params, "limit": PAGE_SIZE, **({"starting_after": cursor} if cursor else {})}
-            page = self._call(
-                what, lambda: self._client.raw_request("get", path, **page_params).data, endpoint=endpoint
-            )
+            page = self._call(what, lambda: self._get_json(path, page_params), endpoint=endpoint)
             data = page.get("data")
             if not isinstance(data, list):
                 raise PermanentError(API, f"{what}: the answer has no list of data: {str(page)[:200]}")
@@ -440,6 +439,24 @@ class StripeGateway:
                 yield from data
             finally:
                 ahead.submit(self._http.close)  # the thread's own connection, which would outlive it otherwise
+
+    def _get_json(self, path: str, params: dict[str, Any]) -> Any:
+        """GET `path` through the SDK's requestor (its authentication, headers and errors), a successful answer decoded
+        by orjson. `raw_request` decodes every answer into OrderedDicts: 5.1 ms for a page of 100 subscriptions
+        (~420 KB), against 1.2 ms, which at 100,000 items is 4 s of a warm cycle's CPU. The requestor is the
+        StripeClient's private `_requestor`, as of stripe 16 (pinned below 17); every listing test goes through it.
+        An answer that is not a success, or not JSON, goes to the SDK's own reading, which raises its error as
+        `raw_request` would."""
+        requestor = self._client._requestor
+        body, status, headers = requestor.request_raw(
+            "get", path, params, base_address="api", api_mode="V1", usage=["raw_request"]
+        )
+        if 200 <= status < 300:
+            try:
+                return orjson.loads(body)  # type: ignore[arg-type]
+            except orjson.JSONDecodeError:
+                pass
+        return requestor._interpret_response(body, status, headers, "V1").data
 
     # -- preflight (`reconciler doctor`) --------------------------------------------------------------
 

@@ -121,6 +121,40 @@ def test_a_stripe_page_without_data_is_named(harness):
     assert "no list of data" in result.summary.failures[0]
 
 
+@pytest.mark.parametrize(
+    "status, body, named",
+    [
+        (200, b"<html>502 Bad Gateway</html>", "Invalid response body from API"),
+        (
+            401,
+            {"error": {"type": "invalid_request_error", "message": "Invalid API Key provided: sk_test_***"}},
+            "Invalid API Key",
+        ),
+        (400, {"error": {"type": "invalid_request_error", "message": "No such price"}}, "No such price"),
+    ],
+    ids=["200-not-json", "401", "400"],
+)
+def test_a_stripe_page_that_is_not_json_or_not_a_success_is_named_as_the_sdk_names_it(harness, status, body, named):
+    """Pages are decoded by orjson, not by the SDK (reconciler.upstream.stripe_api.StripeGateway._get_json); an
+    answer that is not a success, or not JSON, still fails the listing with the SDK's own error and words."""
+    seed(harness)
+    harness.stripe.inject_fault("GET", "/v1/subscriptions", status, body=body, times=1000)
+    with freeze_time(MID):
+        result = harness.cycle()
+    assert result.aborted and result.summary.failed == 1
+    assert named in result.summary.failures[0], result.summary.failures
+
+
+def test_a_stripe_page_is_read_whole_after_a_server_error(harness):
+    seed(harness)
+    use(harness, utc(2026, 3, 2), 5)
+    harness.stripe.inject_fault("GET", "/v1/subscriptions", 500, times=1)
+    with freeze_time(MID):
+        result = harness.cycle()
+    assert (result.aborted, result.summary.reported) == (False, 1)
+    assert stripe_total(harness) == 5
+
+
 def test_an_openmeter_meter_deleted_mid_cycle_fails_its_customers_and_keeps_their_ledger(harness):
     h = harness
     two_customers(h)
