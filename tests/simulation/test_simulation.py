@@ -1,4 +1,4 @@
-"""CI's share of the fault simulation: 100 seeds plus every seed that ever failed, all invariants kept, every fault
+"""CI's share of the fault simulation: 60 seeds plus every seed that ever failed, all invariants kept, every fault
 class hit; and 24 of them again on PostgreSQL, the production ledger. `python -m tests.simulation --seeds N` runs
 more; a failure prints the command that replays it."""
 
@@ -13,7 +13,9 @@ from tests.conftest import POSTGRES_URL
 from tests.simulation.runner import SeedResult, run_seeds
 from tests.simulation.scenario import FAULT_CLASSES
 
-CI_SEEDS = range(100)  # the long runs (tests/simulation/long-run.tsv) carry the statistics; CI checks the harness
+# The long runs (tests/simulation/long-run.tsv) carry the statistics; CI checks the harness, and these seeds still hit
+# every fault class (the rarest, crash_before_send, in two of them: 2026-12-02). 100 seeds took a third of the suite.
+CI_SEEDS = range(60)
 POSTGRES_SEEDS = range(24)
 # Seeds that failed while the harness was built, and what they found (fixed, each with an integration test too).
 REGRESSIONS = {
