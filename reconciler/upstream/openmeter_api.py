@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any, TypeVar
 
 import openmeter
@@ -77,6 +78,7 @@ def usage_number(value: object, meter: str, subject: str) -> Decimal:
     return number
 
 
+@lru_cache(maxsize=4096)  # every subject's rows of a query share their windows' bounds: parsed once each
 def _timestamp(value: str) -> datetime:
     """An RFC 3339 timestamp of OpenMeter's ("2025-01-01T00:00:00Z"), aware."""
     return datetime.fromisoformat(value)
